@@ -1,0 +1,66 @@
+"""Decision v1: what the engine tells the shop to show one user.
+
+>>> d = Decision(decision_id="d1", user_id="u1", ts=5, trigger_event_id="e1",
+...              offer=Offer(offer_id="none", kind="none"), propensity=1.0)
+>>> d.to_dict()["offer"]
+{'offer_id': 'none', 'kind': 'none', 'value': 0.0, 'min_spend': 0.0, 'expires_at': None}
+>>> Decision.from_dict(d.to_dict()) == d
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+OFFER_KINDS: tuple[str, ...] = ("none", "coupon", "percent_off", "threshold", "gift")
+GROUPS: tuple[str, ...] = ("treatment", "holdout")
+
+
+@dataclass(slots=True)
+class Offer:
+    offer_id: str
+    kind: str
+    value: float = 0.0
+    min_spend: float = 0.0
+    expires_at: int | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    decision_id: str
+    user_id: str
+    ts: int
+    trigger_event_id: str
+    offer: Offer
+    items: list[str] = field(default_factory=list)
+    propensity: float = 1.0
+    scores: dict[str, float] = field(default_factory=dict)
+    group: str = "treatment"
+    model_version: str = "rules-1"
+    reasons: list[str] = field(default_factory=list)
+    latency_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        d = dict(d)
+        d["offer"] = Offer(**d["offer"])
+        return cls(**d)
+
+
+def decision_id_for(trigger_event_id: str) -> str:
+    """Deterministic decision id: a redelivered trigger yields the same id.
+
+    >>> decision_id_for("e1") == decision_id_for("e1")
+    True
+    >>> len(decision_id_for("e1"))
+    32
+    """
+    return hashlib.blake2b(f"decision|{trigger_event_id}".encode(), digest_size=16).hexdigest()

@@ -1,0 +1,201 @@
+"""The ``promo`` command line. One entry point; each command's body lives in its own module.
+
+Conventions (contract): commands that report print one JSON object on stdout with ``--json``; progress goes
+to stderr; an error is one line on stderr (``promo: error: ...``) and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from stream.settings import Settings
+
+
+class PromoError(Exception):
+    """An error with a message fit for the user: what happened, to which input, what to do."""
+
+
+def emit(report: dict, as_json: bool) -> None:
+    """Print a command's report: one JSON object with ``--json``, else indented JSON for people."""
+    if as_json:
+        click.echo(json.dumps(report, separators=(",", ":"), default=str))
+    else:
+        click.echo(json.dumps(report, indent=2, default=str))
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic ValidationError: name the env var
+        raise PromoError(f"invalid PROMO_* setting: {' '.join(str(exc).split())}") from exc
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PromoError as exc:
+            click.echo(f"promo: error: {exc}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("promo: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # last resort: still one line, never a traceback wall
+            click.echo(f"promo: error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+def cli() -> None:
+    """Streaming, real-time promotion engine."""
+
+
+# --- embedded stack ---------------------------------------------------------------------------
+@cli.group(cls=_Group)
+def stack() -> None:
+    """Start / stop / check the embedded Kafka-protocol broker and Redis (127.0.0.1 only)."""
+
+
+@stack.command("up")
+@click.option("--durable", is_flag=True, help="Redis with AOF (appendfsync always).")
+@click.option("--json", "as_json", is_flag=True)
+def stack_up(durable: bool, as_json: bool) -> None:
+    from stream import stack as st
+
+    s = _settings()
+    if durable:
+        s = s.model_copy(update={"durable": True})
+    emit(st.up(s), as_json)
+
+
+@stack.command("down")
+@click.option("--json", "as_json", is_flag=True)
+def stack_down(as_json: bool) -> None:
+    from stream import stack as st
+
+    emit(st.down(_settings()), as_json)
+
+
+@stack.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def stack_status(as_json: bool) -> None:
+    from stream import stack as st
+
+    report = st.status(_settings())
+    emit(report, as_json)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+# --- worker, producer, demo --------------------------------------------------------------------
+@cli.command()
+def worker() -> None:
+    """Run one Faust worker in the foreground (/metrics, /livez, /readyz on PROMO_WEB_PORT)."""
+    from stream.app import run_worker
+
+    run_worker(_settings())
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "rees46", "taobao"]), required=True)
+@click.option("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+@click.option("--limit", type=int, default=None, help="stop after N source rows")
+@click.option("--json", "as_json", is_flag=True)
+def produce(file: Path, fmt: str, rate: float | None, limit: int | None, as_json: bool) -> None:
+    """Replay FILE as event v1 to the events topic, keyed by user_id."""
+    from stream.produce import produce_file
+
+    emit(produce_file(_settings(), file, fmt, rate=rate, limit=limit), as_json)
+
+
+@cli.command()
+@click.option("--rate", type=float, default=200.0, help="replay rate, events per second")
+@click.option("--file", "file", type=click.Path(path_type=Path), default=None, help="replay this file instead")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "rees46", "taobao"]), default="rees46")
+def demo(rate: float, file: Path | None, fmt: str) -> None:
+    """Stack up, one worker, replay of the bundled REES46 sample, live summary. Ctrl-C stops everything."""
+    from stream.demo import run_demo
+
+    run_demo(_settings(), rate=rate, file=file, fmt=fmt)
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("--json", "as_json", is_flag=True)
+def forget(user_id: str, as_json: bool) -> None:
+    """Delete everything the engine holds about USER_ID."""
+    from stream.forget import forget_user
+
+    emit(forget_user(_settings(), user_id), as_json)
+
+
+# --- offline: evaluation and benchmarks ---------------------------------------------------------
+@cli.group(cls=_Group)
+def evaluate() -> None:
+    """Offline evaluation (no broker)."""
+
+
+@evaluate.command("stream")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "rees46", "taobao"]), required=True)
+@click.option("--limit", type=int, default=None)
+@click.option("--horizon-h", type=float, default=None, help="purchase-within-H horizon in hours")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | None, as_json: bool) -> None:
+    """Prequential (predict-then-learn) evaluation of models/ on an event log, vs baselines."""
+    from models.prequential import evaluate_file
+
+    emit(evaluate_file(file, fmt, limit=limit, horizon_h=horizon_h), as_json)
+
+
+@evaluate.command("policy")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "obd"]), default="jsonl")
+@click.option("--seed", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_policy(file: Path, fmt: str, seed: int, as_json: bool) -> None:
+    """Off-policy evaluation (IPS, SNIPS, DR) on logged decisions."""
+    from models.ope import evaluate_file
+
+    emit(evaluate_file(file, fmt=fmt, seed=seed), as_json)
+
+
+@cli.group(cls=_Group)
+def bench() -> None:
+    """Benchmarks; JSON on stdout, progress on stderr."""
+
+
+@bench.command("core")
+@click.option("--events", "n_events", type=int, default=200_000)
+@click.option("--json", "as_json", is_flag=True)
+def bench_core(n_events: int, as_json: bool) -> None:
+    """models/ only, no broker: events/s of the batch API, numba vs pure Python, decision p50/p99."""
+    from load_tests.bench_core import run
+
+    emit(run(n_events=n_events), as_json)
+
+
+@bench.command("pipeline")
+@click.option("--events", "n_events", type=int, default=20_000)
+@click.option("--rate", type=float, default=1000.0, help="offered rate for the latency run")
+@click.option("--json", "as_json", is_flag=True)
+def bench_pipeline(n_events: int, rate: float, as_json: bool) -> None:
+    """Embedded stack: consume-only vs pass-through vs full engine; end-to-end latency at --rate."""
+    from load_tests.bench_pipeline import run
+
+    emit(run(_settings(), n_events=n_events, rate=rate), as_json)
+
+
+def main() -> None:
+    cli(prog_name="promo")
+
+
+if __name__ == "__main__":
+    main()

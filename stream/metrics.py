@@ -1,0 +1,76 @@
+"""Every Prometheus metric the engine exports, in one place.
+
+Names: ``promo_`` prefix, base units, ``_total`` for counters, no user or item ids in labels.
+Each worker process has one :data:`REGISTRY`; ``/metrics`` serves it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# --- ingestion (contract names) ---------------------------------------------------------------
+EVENTS = Counter("promo_events", "Valid events applied, after de-duplication", ["type"], registry=REGISTRY)
+EVENTS_INVALID = Counter(
+    "promo_events_invalid", "Invalid messages sent to the dead-letter topic", ["reason"], registry=REGISTRY
+)
+EVENTS_DUPLICATE = Counter(
+    "promo_events_duplicate", "Events skipped because their event_id was already applied", registry=REGISTRY
+)
+BATCH_SIZE = Histogram(
+    "promo_batch_size",
+    "Messages per processed batch",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+    registry=REGISTRY,
+)
+BATCH_SECONDS = Histogram(
+    "promo_batch_duration_seconds", "Time to process one batch (decode to decisions sent)",
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+EVENT_LAG = Gauge(
+    "promo_event_time_lag_seconds", "Wall clock minus event time of the last applied event", registry=REGISTRY
+)
+LAST_EVENT = Gauge(
+    "promo_last_event_timestamp_seconds", "Wall-clock time the worker last applied an event", registry=REGISTRY
+)
+
+# --- decisions (contract names) ---------------------------------------------------------------
+DECISIONS = Counter(
+    "promo_decisions", "Decisions sent", ["offer_kind", "group"], registry=REGISTRY
+)
+DECISION_LATENCY = Histogram(
+    "promo_decision_latency_seconds",
+    "Event receipt to decision sent",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+DECISIONS_RESENT = Counter(
+    "promo_decisions_resent", "Stored decisions re-sent because their trigger was redelivered", registry=REGISTRY
+)
+
+# --- worker health ----------------------------------------------------------------------------
+READY = Gauge("promo_worker_ready", "1 when the worker is ready (Redis up, partitions assigned)", registry=REGISTRY)
+ASSIGNED_PARTITIONS = Gauge("promo_assigned_partitions", "Partitions of the events topic assigned", registry=REGISTRY)
+REDIS_ERRORS = Counter("promo_redis_errors", "Redis operations that failed and were retried", registry=REGISTRY)
+BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
+
+# --- learning (issue: online learning core) --------------------------------------------------
+MODEL_AUC = Gauge("promo_model_auc", "Online (prequential) AUC of a model", ["model"], registry=REGISTRY)
+MODEL_LOGLOSS = Gauge("promo_model_logloss", "Online (prequential) log loss of a model", ["model"], registry=REGISTRY)
+MODEL_SNAPSHOTS = Counter("promo_model_snapshots", "Model snapshots written to Redis", registry=REGISTRY)
+
+# --- policy, budgets, attribution (issue: offer policy) --------------------------------------
+REDEMPTIONS = Counter("promo_redemptions", "Decisions redeemed by a purchase", ["offer_id", "group"], registry=REGISTRY)
+ATTRIBUTED_REVENUE = Counter(
+    "promo_attributed_revenue", "Revenue attributed to decisions", ["offer_id", "group"], registry=REGISTRY
+)
+OFFER_COST = Counter("promo_offer_cost", "Cost of redeemed offers", ["offer_id"], registry=REGISTRY)
+CONVERSION = Gauge("promo_conversion_ratio", "Conversion rate of closed decisions", ["group"], registry=REGISTRY)
+UPLIFT = Gauge("promo_uplift_ratio", "Conversion in treatment minus conversion in holdout", registry=REGISTRY)
+BUDGET_REMAINING = Gauge("promo_budget_remaining", "Campaign budget left", ["offer_id"], registry=REGISTRY)
+DECISIONS_CLOSED = Counter(
+    "promo_decisions_closed", "Decisions whose attribution window closed", ["outcome"], registry=REGISTRY
+)

@@ -1,0 +1,146 @@
+"""One settings object for the whole engine, read from ``PROMO_*`` environment variables.
+
+Every process (worker, CLI, tests, benchmarks) builds a :class:`Settings` and passes it on explicitly;
+nothing else reads the environment.
+
+>>> s = Settings(_env_file=None, topic_prefix="shop1")
+>>> s.topic_events, s.topic_decisions, s.topic_dlq
+('shop1.events', 'shop1.decisions', 'shop1.events.dlq')
+>>> Settings(kafka_bootstrap="127.0.0.1:19092").kafka_port
+19092
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "default_offers.yaml"
+
+
+class Settings(BaseSettings):
+    """Engine configuration. Each field ``x`` is read from ``PROMO_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore")
+
+    # --- connections ------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL (password inside)")
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    redis_ssl_ca_certs: str | None = None
+
+    # --- topics -----------------------------------------------------------------------------
+    topic_prefix: str = "promo"
+    partitions: int = Field(12, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1)
+
+    # --- worker -----------------------------------------------------------------------------
+    app_id: str = "promo-engine"
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1, le=65535)
+    batch_max: int = Field(500, ge=1, description="max events per batch (stream.take_events)")
+    batch_within_s: float = Field(0.005, gt=0, description="max wait to fill a batch, seconds")
+    rebalance_timeout_s: float = Field(10.0, gt=0)
+    redis_retry_s: float = Field(0.5, gt=0, description="pause between retries while Redis is down")
+    log_level: str = "INFO"
+
+    # --- embedded stack ---------------------------------------------------------------------
+    state_dir: Path = Field(Path(".promo"), description="pid files, logs and Redis data of `promo stack`")
+    durable: bool = Field(False, description="embedded Redis with AOF (appendfsync always)")
+
+    # --- state ------------------------------------------------------------------------------
+    redis_prefix: str = "promo"
+    dedup_ttl_s: int = Field(7 * 86400, ge=60, description="how long event ids are remembered")
+    profile_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a profile expires")
+    pseudonymise_key: SecretStr | None = Field(None, description="if set, user ids are keyed-hashed on ingestion")
+
+    # --- input limits (bad input goes to the DLQ) --------------------------------------------
+    max_event_bytes: int = Field(16384, ge=256)
+    max_string_len: int = Field(256, ge=8, description="max length of ids and other string fields")
+    max_context_keys: int = Field(32, ge=0)
+    max_price: float = Field(1_000_000.0, gt=0)
+    max_quantity: int = Field(10_000, ge=1)
+    min_ts_ms: int = Field(946_684_800_000, description="events before this (2000-01-01) are rejected")
+    max_future_skew_s: int = Field(86_400, ge=0, description="events this far after wall-clock now are rejected")
+
+    # --- policy -----------------------------------------------------------------------------
+    catalogue_path: Path = DEFAULT_CATALOGUE
+    holdout_pct: float = Field(5.0, ge=0, le=100)
+    decision_cooldown_s: int = Field(1800, ge=0, description="min event time between two decisions for a user")
+    attribution_window_s: int = Field(86_400, ge=60)
+    recommend_k: int = Field(10, ge=1, le=100)
+    seed: int = 0
+
+    # --- derived ----------------------------------------------------------------------------
+    @property
+    def topic_events(self) -> str:
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def topic_decisions(self) -> str:
+        return f"{self.topic_prefix}.decisions"
+
+    @property
+    def topic_dlq(self) -> str:
+        return f"{self.topic_prefix}.events.dlq"
+
+    @property
+    def topic_forget(self) -> str:
+        return f"{self.topic_prefix}.forget"
+
+    @property
+    def all_topics(self) -> list[str]:
+        return [self.topic_events, self.topic_decisions, self.topic_dlq, self.topic_forget]
+
+    @property
+    def kafka_host(self) -> str:
+        return self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def redis_host(self) -> str:
+        return urlparse(self.redis_url).hostname or "127.0.0.1"
+
+    @property
+    def redis_port(self) -> int:
+        return urlparse(self.redis_url).port or 6379
+
+    def kafka_client_kwargs(self) -> dict:
+        """Connection keyword arguments for aiokafka clients (security settings passed through)."""
+        kw: dict = {"bootstrap_servers": self.kafka_bootstrap, "security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            kw["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kw["sasl_plain_username"] = self.kafka_sasl_username
+            kw["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kw["ssl_context"] = create_ssl_context(
+                cafile=self.kafka_ssl_cafile, certfile=self.kafka_ssl_certfile, keyfile=self.kafka_ssl_keyfile
+            )
+        return kw
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``PROMO_*`` variables, to start a child process with the same configuration."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"PROMO_{name.upper()}"] = str(value)
+        return env
