@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 
 from models.events import EVENT_TYPES, Event
 
-_JSON_FIELDS = ("counts", "cart", "recent_items")
+_JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Profile:
     recent_items: list[str] = field(default_factory=list)
     last_decision_ts: int = 0
     n_decisions: int = 0
+    offer_history: dict[str, list[int]] = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -98,9 +99,21 @@ class Profile:
         if len(self.recent_items) > self.RECENT:
             del self.recent_items[0]
 
-    def mark_decision(self, ts: int) -> None:
+    def mark_decision(self, ts: int, offer_id: str | None = None) -> None:
+        """Record a decision at event time ``ts``; offers other than ``none`` feed the per-user caps."""
         self.last_decision_ts = ts
         self.n_decisions += 1
+        if offer_id and offer_id != "none":
+            hist = self.offer_history.setdefault(offer_id, [])
+            hist.append(ts)
+            del hist[:-self.RECENT]
+
+    def offers_since(self, since_ts: int) -> int:
+        """How many offers (any kind but ``none``) the user got at or after event time ``since_ts``."""
+        return sum(1 for h in self.offer_history.values() for t in h if t >= since_ts)
+
+    def last_offer_ts(self) -> dict[str, int]:
+        return {k: max(v) for k, v in self.offer_history.items() if v}
 
     # ----------------------------------------------------------------------------------------
     def to_redis(self) -> dict[str, str]:
