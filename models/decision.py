@@ -49,6 +49,10 @@ class Decision:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
     @classmethod
+    def from_json(cls, raw: bytes | str) -> "Decision":
+        return cls.from_dict(json.loads(raw))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "Decision":
         d = dict(d)
         d["offer"] = Offer(**d["offer"])

@@ -6,7 +6,9 @@ Each worker process has one :data:`REGISTRY`; ``/metrics`` serves it.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # no *_created series: they double the exposition and nothing reads them
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

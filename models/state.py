@@ -1,0 +1,246 @@
+"""Engine state: a typed interface with an in-memory and a Redis implementation.
+
+Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic and
+Redis-Cluster-ready):
+
+* ``<prefix>:{u:<user>}:p``             the profile hash (absolute values, idle TTL)
+* ``<prefix>:{u:<user>}:e:<event_id>``  de-duplication marker, ``SET`` with TTL
+* ``<prefix>:{u:<user>}:d:<event_id>``  the decision a trigger event produced, ``json`` + ``sent`` flag
+
+:meth:`EngineStore.commit` writes a user's markers, profile and decisions in one atomic step, and refuses if any
+marker already exists (another worker got there first during a rebalance): a batch is applied once, even when
+Kafka redelivers it after a crash.
+
+Examples
+--------
+>>> import asyncio
+>>> store = MemoryStore()
+>>> c = UserCommit("u1", {"n": "1"}, ["e1"], [("e1", b"{}")])
+>>> asyncio.run(store.commit([c]))
+[True]
+>>> asyncio.run(store.commit([c]))  # e1 already applied: refused, nothing written twice
+[False]
+>>> load = asyncio.run(store.load({"u1": ["e1", "e2"]}, {"u1": ["e1"]}))["u1"]
+>>> sorted(load.seen), load.profile, load.stored
+(['e1'], {'n': '1'}, {'e1': (b'{}', False)})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class UserLoad:
+    """What the store knows about one user of a batch, read before planning."""
+
+    profile: dict
+    seen: set[str] = field(default_factory=set)
+    stored: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # trigger event id -> (json, sent)
+
+
+@dataclass(slots=True)
+class UserCommit:
+    """Everything a batch changes for one user, written atomically."""
+
+    user_id: str
+    profile: dict[str, str]
+    event_ids: list[str]
+    decisions: list[tuple[str, bytes]]  # (trigger event id, decision json)
+
+
+class EngineStore(Protocol):
+    async def load(self, event_ids: dict[str, list[str]], triggers: dict[str, list[str]]) -> dict[str, UserLoad]:
+        """Profiles, already-applied event ids and stored decisions for the users of a batch."""
+
+    async def commit(self, commits: list[UserCommit]) -> list[bool]:
+        """Apply each user's commit atomically; ``False`` where a marker already existed (nothing written)."""
+
+    async def mark_sent(self, sent: list[tuple[str, str]]) -> None:
+        """Flag stored decisions (user id, trigger event id) as delivered to the decisions topic."""
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """In-process store for tests, offline evaluation and benchmarks. No TTLs."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, dict] = {}
+        self.seen: set[tuple[str, str]] = set()
+        self.decisions: dict[tuple[str, str], list] = {}
+
+    async def load(self, event_ids, triggers):
+        out = {}
+        for uid, eids in event_ids.items():
+            out[uid] = UserLoad(
+                profile=dict(self.profiles.get(uid, {})),
+                seen={e for e in eids if (uid, e) in self.seen},
+                stored={
+                    t: (d[0], d[1]) for t in triggers.get(uid, ()) if (d := self.decisions.get((uid, t))) is not None
+                },
+            )
+        return out
+
+    async def commit(self, commits):
+        ok = []
+        for c in commits:
+            if any((c.user_id, e) in self.seen for e in c.event_ids):
+                ok.append(False)
+                continue
+            self.seen.update((c.user_id, e) for e in c.event_ids)
+            self.profiles.setdefault(c.user_id, {}).update(c.profile)
+            for trig, js in c.decisions:
+                self.decisions[(c.user_id, trig)] = [js, False]
+            ok.append(True)
+        return ok
+
+    async def mark_sent(self, sent):
+        for key in sent:
+            if key in self.decisions:
+                self.decisions[key][1] = True
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m]
+_COMMIT_LUA = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + i]) == 1 then return 0 end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[1 + i], '1', 'EX', ARGV[2])
+end
+local nf = tonumber(ARGV[5])
+local pos = 6
+for j = 0, nf - 1 do
+  redis.call('HSET', KEYS[1], ARGV[pos + 2 * j], ARGV[pos + 2 * j + 1])
+end
+pos = pos + 2 * nf
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local m = #KEYS - 1 - n
+for j = 1, m do
+  redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
+  redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
+end
+return 1
+"""
+
+
+class RedisStore:
+    """The production store on redis-py's asyncio client; one round trip per phase of a batch."""
+
+    def __init__(
+        self,
+        client,
+        prefix: str = "promo",
+        dedup_ttl_s: int = 7 * 86400,
+        profile_ttl_s: int = 90 * 86400,
+        decision_ttl_s: int = 2 * 86400,
+    ) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.dedup_ttl_s = dedup_ttl_s
+        self.profile_ttl_s = profile_ttl_s
+        self.decision_ttl_s = decision_ttl_s
+        self._commit = client.register_script(_COMMIT_LUA)
+
+    @classmethod
+    def from_settings(cls, settings) -> "RedisStore":
+        import redis.asyncio as aioredis
+
+        kw = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
+        if settings.redis_ssl_ca_certs:
+            kw["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+        client = aioredis.Redis.from_url(settings.redis_url, **kw)
+        return cls(
+            client,
+            prefix=settings.redis_prefix,
+            dedup_ttl_s=settings.dedup_ttl_s,
+            profile_ttl_s=settings.profile_ttl_s,
+            decision_ttl_s=settings.attribution_window_s * 2,
+        )
+
+    # keys ------------------------------------------------------------------------------------
+    def user_tag(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}"
+
+    def profile_key(self, user_id: str) -> str:
+        return f"{self.user_tag(user_id)}:p"
+
+    def marker_key(self, user_id: str, event_id: str) -> str:
+        return f"{self.user_tag(user_id)}:e:{event_id}"
+
+    def decision_key(self, user_id: str, event_id: str) -> str:
+        return f"{self.user_tag(user_id)}:d:{event_id}"
+
+    # interface -------------------------------------------------------------------------------
+    async def load(self, event_ids, triggers):
+        pipe = self.r.pipeline(transaction=False)
+        plan = []
+        for uid, eids in event_ids.items():
+            pipe.hgetall(self.profile_key(uid))
+            for e in eids:
+                pipe.exists(self.marker_key(uid, e))
+            trig = triggers.get(uid, ())
+            for t in trig:
+                pipe.hmget(self.decision_key(uid, t), "json", "sent")
+            plan.append((uid, eids, trig))
+        res = await pipe.execute()
+        out, i = {}, 0
+        for uid, eids, trig in plan:
+            load = UserLoad(profile=res[i])
+            i += 1
+            for e in eids:
+                if res[i]:
+                    load.seen.add(e)
+                i += 1
+            for t in trig:
+                js, sent = res[i]
+                i += 1
+                if js is not None:
+                    load.stored[t] = (js, sent == b"1")
+            out[uid] = load
+        return out
+
+    async def commit(self, commits):
+        if not commits:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for c in commits:
+            keys = [self.profile_key(c.user_id)]
+            keys += [self.marker_key(c.user_id, e) for e in c.event_ids]
+            keys += [self.decision_key(c.user_id, t) for t, _ in c.decisions]
+            args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, len(c.profile)]
+            for k, v in c.profile.items():
+                args += [k, v]
+            args += [js for _, js in c.decisions]
+            await self._commit(keys=keys, args=args, client=pipe)
+        res = await pipe.execute()
+        return [bool(x) for x in res]
+
+    async def mark_sent(self, sent):
+        if not sent:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for uid, trig in sent:
+            pipe.hset(self.decision_key(uid, trig), "sent", "1")
+        await pipe.execute()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.r.ping())
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.r.aclose()

@@ -1,0 +1,172 @@
+"""The Faust app: one agent on the events topic and three web views. Thin on purpose.
+
+The agent takes batches (``stream.take_events``), hands raw messages to :class:`stream.handler.BatchHandler`
+and returns; Faust acknowledges a batch's offsets only after that, so a crash redelivers it (and the engine's
+event-id de-duplication makes the redelivery harmless).
+
+Web (on ``PROMO_WEB_HOST:PROMO_WEB_PORT``): ``/metrics`` (Prometheus), ``/livez`` (process up),
+``/readyz`` (Redis answers PING, partitions assigned, not rebalancing; 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+import faust
+from prometheus_client import generate_latest
+
+from models.engine import Engine
+from models.state import RedisStore
+from stream import metrics as m
+from stream.errors import PromoError
+from stream.handler import BatchHandler, Health, RawMessage
+from stream.settings import Settings
+
+log = logging.getLogger("promo.worker")
+VERSION = "0.1.0"
+
+
+def _credentials(settings: Settings):
+    proto = settings.kafka_security_protocol.upper()
+    if proto == "PLAINTEXT":
+        return None
+    ssl_context = settings.kafka_client_kwargs().get("ssl_context")
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=ssl_context,
+        )
+    return faust.SSLCredentials(ssl_context)
+
+
+def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
+    """Build the Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,  # `promo stack up` / ensure_topics create topics up front
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_linger=0.0,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_in_thread=False,
+    )
+    health = Health()
+    if engine is None:
+        engine = Engine.from_settings(settings, RedisStore.from_settings(settings))
+    m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
+    state: dict = {"engine": engine}
+    events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
+
+    async def send(topic: str, key, value: bytes, headers):
+        return await app.producer.send(topic, key, value, None, None, headers)
+
+    @app.agent(events_topic, name="promo-events")
+    async def process_events(stream):
+        recv: dict[tuple[int, int], int] = {}  # (partition, offset) -> receipt time, popped per batch
+
+        def stamp(value):
+            ev = stream.current_event
+            if ev is not None:
+                recv[(ev.message.partition, ev.message.offset)] = time.perf_counter_ns()
+            return value
+
+        stream.add_processor(stamp)
+        handler = BatchHandler(settings, state["engine"], send, health)
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            msgs = [
+                RawMessage(
+                    e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset,
+                    recv.pop((e.message.partition, e.message.offset), None) or time.perf_counter_ns(),
+                )
+                for e in batch
+            ]
+            await handler.handle(msgs)
+
+    async def is_ready() -> tuple[bool, dict]:
+        eng = state["engine"]
+        try:
+            redis_ok = bool(eng) and await asyncio.wait_for(eng.store.ping(), 1.0)
+        except Exception:
+            redis_ok = False
+        try:
+            assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_events]
+        except Exception:
+            assigned = []
+        rebalancing = bool(app.rebalancing)
+        ok = redis_ok and bool(assigned) and not rebalancing
+        m.READY.set(1 if ok else 0)
+        m.ASSIGNED_PARTITIONS.set(len(assigned))
+        return ok, {
+            "ready": ok, "redis": redis_ok, "assigned_partitions": sorted(tp.partition for tp in assigned),
+            "rebalancing": rebalancing, "last_error": health.last_error,
+        }
+
+    @app.page("/metrics")
+    async def metrics_view(web, request):
+        await is_ready()  # refresh the readiness gauges on every scrape
+        return web.bytes(generate_latest(m.REGISTRY), content_type="text/plain; version=0.0.4")
+
+    @app.page("/livez")
+    async def livez_view(web, request):
+        return web.json({"live": True})
+
+    @app.page("/readyz")
+    async def readyz_view(web, request):
+        ok, body = await is_ready()
+        return web.json(body, status=200 if ok else 503)
+
+    app.promo_state = state  # type: ignore[attr-defined]
+    return app
+
+
+def _preflight(settings: Settings) -> None:
+    """Fail fast with one line when the broker or Redis is not there; create topics up front."""
+    import redis
+
+    from stream.topics import ensure_topics
+
+    try:
+        ensure_topics(settings, timeout_s=10.0)
+    except Exception as exc:
+        raise PromoError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap} (PROMO_KAFKA_BOOTSTRAP): {type(exc).__name__} {exc}; "
+            "start the embedded stack with `promo stack up`"
+        ) from exc
+    try:
+        r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        r.ping()
+        r.close()
+    except Exception as exc:
+        raise PromoError(
+            f"cannot reach Redis at {settings.redis_url} (PROMO_REDIS_URL): {exc}; "
+            "start the embedded stack with `promo stack up`"
+        ) from exc
+    asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above closed the default loop
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker in the foreground until SIGTERM / Ctrl-C."""
+    _preflight(settings)
+    app = make_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr)
+    worker.execute_from_commandline()

@@ -1,0 +1,174 @@
+"""One batch of raw messages, from bytes to decisions sent. No Faust import: the agent only adapts to this.
+
+Order of effects for a batch (at-least-once, nothing lost, nothing applied twice):
+
+1. decode + validate each message; invalid ones are dead-lettered (record with reason, raw bytes,
+   topic/partition/offset) and counted;
+2. the engine applies the valid ones (de-duplicated by event id, one atomic commit per user); while Redis
+   is unreachable the batch is retried, the worker reports not-ready, and nothing is acknowledged;
+3. decisions are sent, and every send (DLQ and decisions) is awaited before the batch returns;
+4. the decisions are marked as sent. Only then does the caller acknowledge the batch's offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from models.engine import Engine
+from stream import metrics as m
+from stream.dlq import classify, dlq_record, retriable
+from stream.settings import Settings
+from stream.validation import Limits, decode_event
+
+log = logging.getLogger("promo.worker")
+
+# send(topic, key, value, headers) -> awaitable that completes when the broker acknowledged the record
+SendFn = Callable[[str, bytes | None, bytes, list | None], Awaitable[Awaitable]]
+
+
+@dataclass(slots=True)
+class RawMessage:
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    recv_ns: int  # time.perf_counter_ns() at receipt
+
+
+class Health:
+    """What ``/readyz`` reports besides the consumer's own state."""
+
+    def __init__(self) -> None:
+        self.redis_ok = True
+        self.last_error: str | None = None
+
+
+class BatchHandler:
+    def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.send = send
+        self.health = health or Health()
+        self.limits = Limits.from_settings(settings)
+        self.topic_dlq = settings.topic_dlq
+        self.topic_decisions = settings.topic_decisions
+
+    async def _retry(self, what: str, fn):
+        """Run ``fn()`` until it succeeds; infrastructure errors are retried, anything else raises."""
+        attempt = 0
+        while True:
+            try:
+                out = await fn()
+                if not self.health.redis_ok:
+                    log.info("Redis is reachable again; resuming")
+                self.health.redis_ok = True
+                return out
+            except Exception as exc:
+                if not retriable(exc):
+                    raise
+                attempt += 1
+                m.REDIS_ERRORS.inc()
+                self.health.redis_ok = False
+                self.health.last_error = f"{type(exc).__name__}: {exc}"
+                if attempt == 1 or attempt % 20 == 0:
+                    log.error(
+                        "%s failed (%s); retrying every %.1fs, batch not acknowledged. Check Redis at %s "
+                        "(PROMO_REDIS_URL)", what, self.health.last_error, self.settings.redis_retry_s,
+                        self.settings.redis_url,
+                    )
+                await asyncio.sleep(self.settings.redis_retry_s)  # back-off while Redis is down
+
+    async def handle(self, msgs: list[RawMessage]) -> None:
+        t0 = time.perf_counter_ns()
+        now_ms = time.time_ns() // 1_000_000
+        valid = []
+        msg_by_event: dict[str, RawMessage] = {}
+        recv_by_event: dict[str, int] = {}
+        acks: list[Awaitable] = []
+        invalid: Counter = Counter()
+        first_bad = None
+        for msg in msgs:
+            try:
+                ev = decode_event(msg.value, self.limits, now_ms, msg.recv_ns)
+            except Exception as exc:  # every exception class maps to a DLQ reason (stream.dlq.classify)
+                reason, error = classify(exc)
+                invalid[reason] += 1
+                if first_bad is None:
+                    first_bad = f"{msg.topic}[{msg.partition}]@{msg.offset} {reason}: {error}"
+                record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
+                acks.append(await self.send(self.topic_dlq, msg.key, record, None))
+                continue
+            valid.append(ev)
+            recv_by_event.setdefault(ev.event_id, msg.recv_ns)
+            msg_by_event.setdefault(ev.event_id, msg)
+        if invalid:
+            for reason, n in invalid.items():
+                m.EVENTS_INVALID.labels(reason=reason).inc(n)
+            log.warning(
+                "%d invalid message(s) sent to %s (%s); first: %s",
+                sum(invalid.values()), self.topic_dlq, dict(invalid), first_bad,
+            )
+
+        try:
+            result = await self._retry("applying a batch to Redis", lambda: self.engine.process_batch(valid))
+        except Exception as exc:  # a bug or an event the models cannot handle: isolate it, never stop the partition
+            log.exception("batch of %d events failed (%s); retrying event by event", len(valid), exc)
+            result, poison = await self._one_by_one(valid)
+            for ev, exc in poison:
+                msg = msg_by_event[ev.event_id]
+                reason, error = classify(exc)
+                m.EVENTS_INVALID.labels(reason=reason).inc()
+                log.error("event %s (%s[%d]@%d) failed in the engine and was dead-lettered: %s",
+                          ev.event_id, msg.topic, msg.partition, msg.offset, error)
+                record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
+                acks.append(await self.send(self.topic_dlq, msg.key, record, None))
+
+        decisions = result.to_send()
+        for d in result.decisions:
+            d.latency_ms = round((time.perf_counter_ns() - recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
+            acks.append(await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None))
+        for d in result.resend:
+            acks.append(await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None))
+        if acks:
+            await asyncio.gather(*acks)  # durable on the broker before the batch is acknowledged
+        sent_ns = time.perf_counter_ns()
+        if decisions:
+            await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
+
+        self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
+
+    async def _one_by_one(self, events):
+        from models.engine import BatchResult
+
+        total, poison = BatchResult(), []
+        for ev in events:
+            try:
+                r = await self._retry("applying an event to Redis", lambda ev=ev: self.engine.process_batch([ev]))
+            except Exception as exc:
+                poison.append((ev, exc))
+                continue
+            total.merge(r)
+        return total, poison
+
+    def _observe(self, msgs, result, recv_by_event, t0, sent_ns, now_ms) -> None:
+        # metrics ---------------------------------------------------------------------------------
+        for t, n in result.applied.items():
+            m.EVENTS.labels(type=t).inc(n)
+        if result.duplicates:
+            m.EVENTS_DUPLICATE.inc(result.duplicates)
+        for d in result.decisions:
+            m.DECISIONS.labels(offer_kind=d.offer.kind, group=d.group).inc()
+            m.DECISION_LATENCY.observe((sent_ns - recv_by_event.get(d.trigger_event_id, t0)) / 1e9)
+        if result.resend:
+            m.DECISIONS_RESENT.inc(len(result.resend))
+        m.BATCH_SIZE.observe(len(msgs))
+        m.BATCH_SECONDS.observe((time.perf_counter_ns() - t0) / 1e9)
+        if result.new_events:
+            m.LAST_EVENT.set(time.time())
+            m.EVENT_LAG.set(max(0.0, now_ms - result.new_events[-1].ts) / 1000.0)
