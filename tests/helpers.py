@@ -1,0 +1,166 @@
+"""Test helpers shared by fixtures and tests: polling with deadlines, a worker subprocess handle, metrics
+parsing, raw Kafka produce/consume. Fixtures are in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
+    """Return ``pred()``'s first truthy value; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text exposition -> {(name, frozenset(labels.items())): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+class WorkerProcess:
+    """A ``promo worker`` child process with its own log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict | None = None) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker"], env=env, cwd=ROOT,
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        self.base_url = f"http://127.0.0.1:{settings.web_port}"
+        self.metrics_url = self.base_url + "/metrics"
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def ready_status(self) -> int:
+        return http_get(self.base_url + "/readyz")[0]
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            return self.ready_status() == 200
+
+        try:
+            wait_until(ready, timeout, "worker /readyz == 200", interval=0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- worker log ---\n{self.log_tail()}") from None
+
+    def metrics(self) -> dict:
+        status, text = http_get(self.metrics_url)
+        assert status == 200, f"/metrics answered {status}: {text[:200]}"
+        return parse_metrics(text)
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown hooks, no offset commit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+# --- Kafka helpers --------------------------------------------------------------------------------
+def produce_raw(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    """Send (key, value) records as they are (invalid ones included), in order, and wait for the acks."""
+    from aiokafka import AIOKafkaProducer
+
+    async def go():
+        p = AIOKafkaProducer(linger_ms=5, max_request_size=4 * 1024 * 1024, **settings.kafka_client_kwargs())
+        await p.start()
+        try:
+            futs = [await p.send(topic, value, key=key) for key, value in records]
+            await asyncio.gather(*futs)
+        finally:
+            await p.stop()
+
+    asyncio.run(go())
+
+
+def consume_all(settings: Settings, topic: str, done, timeout: float = 60.0) -> list:
+    """Read ``topic`` from the beginning (no group) until ``done(messages)`` is true or ``timeout``."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def go():
+        c = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **settings.kafka_client_kwargs())
+        await c.start()
+        msgs: list = []
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not done(msgs):
+                batch = await c.getmany(timeout_ms=200)
+                for _tp, ms in batch.items():
+                    msgs.extend(ms)
+        finally:
+            await c.stop()
+        return msgs
+
+    return asyncio.run(go())
+
+
+def event_bytes(e: dict) -> bytes:
+    return json.dumps(e, separators=(",", ":")).encode()
