@@ -118,11 +118,14 @@ def produce(file: Path, fmt: str, rate: float | None, limit: int | None, as_json
 @click.option("--rate", type=float, default=200.0, help="replay rate, events per second")
 @click.option("--file", "file", type=click.Path(path_type=Path), default=None, help="replay this file instead")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "rees46", "taobao"]), default="rees46")
-def demo(rate: float, file: Path | None, fmt: str) -> None:
+@click.option("--once", is_flag=True, help="exit when the replay is processed and print the summary as JSON")
+def demo(rate: float, file: Path | None, fmt: str, once: bool) -> None:
     """Stack up, one worker, replay of the bundled REES46 sample, live summary. Ctrl-C stops everything."""
     from stream.demo import run_demo
 
-    run_demo(_settings(), rate=rate, file=file, fmt=fmt)
+    report = run_demo(_settings(), rate=rate, file=file, fmt=fmt, once=once)
+    if report is not None:
+        emit(report, True)
 
 
 @cli.command()

@@ -1,0 +1,167 @@
+"""``promo demo``: the embedded stack, one worker, a replay of the bundled REES46 sample, a live summary.
+
+Everything the demo starts, it stops on Ctrl-C (a stack that was already running is left running).
+With ``--once`` it exits by itself when the replay has been processed and prints the summary as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from stream import stack as st
+from stream.errors import PromoError
+from stream.settings import Settings
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "rees46_sample.csv"
+
+
+def _scrape(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        text = r.read().decode()
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _sum(samples: dict, name: str, **labels) -> float:
+    return sum(v for ls, v in samples.get(name, []) if all(ls.get(k) == x for k, x in labels.items()))
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Quantile from cumulative ``(le, count)`` buckets, interpolated like PromQL's ``histogram_quantile``.
+
+    >>> histogram_quantile(0.5, [(0.001, 0), (0.01, 10), (float("inf"), 10)])
+    0.0055
+    >>> histogram_quantile(0.5, []) is None
+    True
+    """
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 0.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def summary(samples: dict) -> dict:
+    buckets = [(float(ls["le"]), v) for ls, v in samples.get("promo_decision_latency_seconds_bucket", [])]
+    p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
+    kinds: dict[str, float] = {}
+    for ls, v in samples.get("promo_decisions_total", []):
+        kinds[ls["offer_kind"]] = kinds.get(ls["offer_kind"], 0) + v
+    return {
+        "events": int(_sum(samples, "promo_events_total")),
+        "duplicates": int(_sum(samples, "promo_events_duplicate_total")),
+        "dlq": int(_sum(samples, "promo_events_invalid_total")),
+        "decisions": int(_sum(samples, "promo_decisions_total")),
+        "decisions_by_kind": {k: int(v) for k, v in sorted(kinds.items())},
+        "holdout": int(_sum(samples, "promo_decisions_total", group="holdout")),
+        "latency_p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
+        "latency_p99_ms": round(p99 * 1000, 2) if p99 is not None else None,
+    }
+
+
+def _line(s: dict, eps: float) -> str:
+    kinds = " ".join(f"{k}:{v}" for k, v in s["decisions_by_kind"].items()) or "-"
+    lat = f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms" if s["latency_p50_ms"] is not None else "-"
+    return (f"events {s['events']} ({eps:,.0f}/s) | decisions {s['decisions']} [{kinds}] | latency {lat} | "
+            f"DLQ {s['dlq']} | duplicates {s['duplicates']}")
+
+
+def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, fmt: str = "rees46",
+             once: bool = False) -> dict | None:
+    from stream.produce import produce_file
+
+    file = file or SAMPLE
+    if not file.exists():
+        raise PromoError(f"demo input {file} not found; pass --file FILE --format jsonl|rees46|taobao")
+    out = sys.stderr
+    was_running = st.status(settings)["ok"]
+    print(f"[demo] starting the embedded stack (state in {settings.state_dir})", file=out)
+    st.up(settings)
+    worker_log = settings.state_dir.resolve() / "worker.log"
+    env = {**os.environ, **settings.to_env()}
+    print(f"[demo] starting a worker; log: {worker_log}; metrics: http://{settings.web_host}:{settings.web_port}/metrics",
+          file=out)
+    with open(worker_log, "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{settings.web_port}"
+    produced: dict = {}
+    interrupted = False
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if worker.poll() is not None:
+                raise PromoError(f"the worker exited with status {worker.returncode}; see {worker_log}")
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise PromoError(f"the worker did not become ready within 120 s; see {worker_log}")
+            time.sleep(0.2)
+        print(f"[demo] worker ready; replaying {file.name} at {rate:g} events/s (Ctrl-C stops everything)", file=out)
+
+        def replay():
+            try:
+                produced.update(produce_file(settings, file, fmt, rate=rate, progress=False))
+            except Exception as exc:  # reported in the summary loop
+                produced["error"] = str(exc)
+
+        t = threading.Thread(target=replay, daemon=True)
+        t.start()
+        last_events, last_t = 0, time.monotonic()
+        tty = out.isatty()
+        while True:
+            time.sleep(1.0)  # refresh period of the live summary
+            if worker.poll() is not None:
+                raise PromoError(f"the worker exited with status {worker.returncode}; see {worker_log}")
+            s = summary(_scrape(base + "/metrics"))
+            now = time.monotonic()
+            eps = (s["events"] - last_events) / (now - last_t)
+            last_events, last_t = s["events"], now
+            print(("\r" if tty else "") + _line(s, eps), end="" if tty else "\n", file=out, flush=True)
+            if "error" in produced:
+                raise PromoError(f"replay failed: {produced['error']}")
+            if once and not t.is_alive() and produced:
+                applied = s["events"] + s["duplicates"] + s["dlq"]
+                if applied >= produced.get("sent", 0):
+                    print("", file=out)
+                    return {"replay": produced, "summary": s}
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\n[demo] stopping", file=out)
+        return None
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if not was_running:
+            st.down(settings)
+            print("[demo] stopped the worker and the embedded stack", file=out)
+        elif interrupted:
+            print("[demo] stopped the worker (the stack was already running and stays up)", file=out)

@@ -1,0 +1,91 @@
+"""``promo stack up|down|status`` through the real CLI, on its own ports and state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def promo(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args], env={**os.environ, **env}, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def stack_env(tmp_path):
+    env = {
+        "PROMO_STATE_DIR": str(tmp_path / "state"),
+        "PROMO_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "PROMO_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "PROMO_PARTITIONS": "6",
+    }
+    yield env
+    promo(env, "stack", "down")
+
+
+def test_up_twice_status_down(stack_env):
+    first = promo(stack_env, "stack", "up", "--json")
+    assert first.returncode == 0, first.stderr
+    rep = json.loads(first.stdout)
+    assert rep["ok"] and rep["kafka"]["state"] == "started" and rep["redis"]["state"] == "started"
+    assert rep["topics"] == {"promo.events": 6, "promo.decisions": 6, "promo.events.dlq": 6, "promo.forget": 6}
+
+    second = promo(stack_env, "stack", "up", "--json")
+    assert second.returncode == 0, second.stderr
+    rep2 = json.loads(second.stdout)
+    assert rep2["kafka"]["state"] == rep2["redis"]["state"] == "already running"
+    assert rep2["kafka"]["pid"] == rep["kafka"]["pid"] and rep2["redis"]["pid"] == rep["redis"]["pid"]
+
+    st = promo(stack_env, "stack", "status", "--json")
+    assert st.returncode == 0 and json.loads(st.stdout)["ok"]
+
+    down = promo(stack_env, "stack", "down", "--json")
+    assert down.returncode == 0
+    assert json.loads(down.stdout) == {"ok": True, "kafka": "stopped", "redis": "stopped"}
+    st = promo(stack_env, "stack", "status", "--json")
+    assert st.returncode == 1
+    rep = json.loads(st.stdout)
+    assert not rep["ok"] and not rep["kafka"]["answers"] and not rep["redis"]["answers"]
+    again = promo(stack_env, "stack", "down", "--json")
+    assert json.loads(again.stdout) == {"ok": True, "kafka": "not running", "redis": "not running"}
+
+
+def test_down_stops_only_what_up_started(stack_env, tmp_path):
+    """A Redis someone else runs on the configured port is neither stopped nor reported as ours."""
+    from stream.stack import redis_binary
+
+    port = stack_env["PROMO_REDIS_URL"].rsplit(":", 1)[1].split("/")[0]
+    other = subprocess.Popen([str(redis_binary()), "--port", port, "--bind", "127.0.0.1", "--save", ""],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        down = promo(stack_env, "stack", "down", "--json")
+        assert json.loads(down.stdout)["redis"] == "not running"
+        assert other.poll() is None
+    finally:
+        other.terminate()
+        other.wait(10)
+
+
+@pytest.mark.parametrize("which", ["kafka", "redis"])
+def test_taken_port_is_a_one_line_error_naming_port_and_variable(stack_env, which):
+    var = "PROMO_KAFKA_BOOTSTRAP" if which == "kafka" else "PROMO_REDIS_URL"
+    port = int(stack_env[var].rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        res = promo(stack_env, "stack", "up")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("promo: error:") and str(port) in lines[0] and var in lines[0]
