@@ -1,0 +1,56 @@
+"""The engine store contract on a real redis-server, plus what only Redis has: TTLs and hash tags."""
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from models.state import RedisStore, UserCommit
+from tests.store_contract import EngineStoreContract
+
+pytestmark = pytest.mark.integration
+
+
+class TestRedisStore(EngineStoreContract):
+    @pytest.fixture(autouse=True)
+    def _url(self, redis_url):
+        self.url = redis_url
+
+    def make_store(self):
+        # a fresh client per call: each test's asyncio.run has its own event loop
+        return _LoopSafe(self.url, "c" + uuid.uuid4().hex[:8])
+
+
+class _LoopSafe:
+    """A RedisStore whose client is created inside the running loop of each call."""
+
+    def __init__(self, url, prefix):
+        self.url, self.prefix = url, prefix
+
+    def __getattr__(self, name):
+        async def call(*args):
+            store = RedisStore(aioredis.Redis.from_url(self.url), prefix=self.prefix, dedup_ttl_s=100,
+                               profile_ttl_s=200, decision_ttl_s=300)
+            try:
+                return await getattr(store, name)(*args)
+            finally:
+                await store.close()
+        return call
+
+
+def test_keys_carry_the_user_hash_tag_and_ttls(redis_url):
+    async def go():
+        r = aioredis.Redis.from_url(redis_url)
+        store = RedisStore(r, prefix="tt" + uuid.uuid4().hex[:6], dedup_ttl_s=100, profile_ttl_s=200, decision_ttl_s=300)
+        await store.commit([UserCommit("u{1}", {"n": "1"}, ["e1"], [("e1", b"{}")])])
+        keys = sorted([k.decode() async for k in r.scan_iter(match=store.prefix + ":*")])
+        ttls = [await r.ttl(k) for k in keys]
+        await store.close()
+        return store.prefix, keys, ttls
+
+    prefix, keys, ttls = asyncio.run(go())
+    assert keys == [f"{prefix}:{{u:u{{1}}}}:d:e1", f"{prefix}:{{u:u{{1}}}}:e:e1", f"{prefix}:{{u:u{{1}}}}:p"]
+    # Redis Cluster hashes the text between the first '{' and the next '}': one slot for all of a user's keys
+    assert {k[k.index("{") + 1 : k.index("}", k.index("{"))] for k in keys} == {"u:u{1"}
+    assert 0 < ttls[0] <= 300 and 0 < ttls[1] <= 100 and 0 < ttls[2] <= 200

@@ -1,0 +1,7 @@
+from models.state import MemoryStore
+from tests.store_contract import EngineStoreContract
+
+
+class TestMemoryStore(EngineStoreContract):
+    def make_store(self):
+        return MemoryStore()
