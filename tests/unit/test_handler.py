@@ -1,0 +1,107 @@
+"""The batch handler without a broker: DLQ routing, decisions, retry on Redis errors, poison isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from models.engine import Engine
+from models.state import MemoryStore
+from stream.handler import BatchHandler, Health, RawMessage
+from stream.settings import Settings
+
+NOW = int(time.time() * 1000)
+
+
+def msg(value: bytes | None, offset: int, key: bytes = b"u1") -> RawMessage:
+    return RawMessage(key, value, "promo.events", 0, offset, time.perf_counter_ns())
+
+
+def ev(eid: str, typ: str = "view", user: str = "u1", price: float = 10.0) -> bytes:
+    return json.dumps({"event_id": eid, "type": typ, "user_id": user, "item_id": "i1", "ts": NOW,
+                       "price": price}).encode()
+
+
+class Sink:
+    def __init__(self):
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def __call__(self, topic, key, value, headers):
+        self.sent.append((topic, key, value))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def on(self, topic):
+        return [json.loads(v) for t, _, v in self.sent if t == topic]
+
+
+def make(store=None, **kw):
+    settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0, **kw)
+    sink = Sink()
+    engine = Engine(store or MemoryStore(), holdout_pct=0.0)
+    return settings, BatchHandler(settings, engine, sink, Health()), sink
+
+
+def test_invalid_messages_go_to_the_dlq_valid_ones_decide():
+    s, h, sink = make()
+    asyncio.run(h.handle([msg(ev("e1"), 0), msg(b"{nope", 1), msg(ev("e2", "cart"), 2), msg(None, 3)]))
+    dlq = sink.on(s.topic_dlq)
+    assert [(d["reason"], d["offset"]) for d in dlq] == [("bad_json", 1), ("bad_json", 3)]
+    decisions = sink.on(s.topic_decisions)
+    assert len(decisions) == 1 and decisions[0]["trigger_event_id"] == "e2" and decisions[0]["latency_ms"] > 0
+
+
+def test_redelivered_batch_sends_no_second_decision():
+    s, h, sink = make()
+    batch = [msg(ev("e1", "cart"), 0)]
+    asyncio.run(h.handle(batch))
+    asyncio.run(h.handle(batch))
+    assert len(sink.on(s.topic_decisions)) == 1
+
+
+class FlakyStore(MemoryStore):
+    """Fails the first ``n`` loads with a connection error, like a Redis restart."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    async def load(self, *a):
+        if self.n:
+            self.n -= 1
+            raise ConnectionError("Connection refused")
+        return await super().load(*a)
+
+
+def test_redis_errors_are_retried_and_reported_not_dead_lettered():
+    s, h, sink = make(FlakyStore(3))
+    asyncio.run(h.handle([msg(ev("e1", "cart"), 0)]))
+    assert sink.on(s.topic_dlq) == [] and len(sink.on(s.topic_decisions)) == 1
+    assert h.health.redis_ok
+
+
+class PoisonStore(MemoryStore):
+    async def load(self, event_ids, triggers):
+        if any("poison" in e for ids in event_ids.values() for e in ids):
+            raise ValueError("models cannot handle this event")
+        return await super().load(event_ids, triggers)
+
+
+def test_an_event_the_engine_cannot_handle_is_isolated_and_dead_lettered():
+    s, h, sink = make(PoisonStore())
+    asyncio.run(h.handle([msg(ev("e1", "cart"), 0), msg(ev("poison-1"), 1), msg(ev("e3", user="u2"), 2, b"u2")]))
+    dlq = sink.on(s.topic_dlq)
+    assert [(d["reason"], d["offset"]) for d in dlq] == [("internal_error", 1)]
+    assert "ValueError" in dlq[0]["error"]
+    assert len(sink.on(s.topic_decisions)) == 1
+
+
+@pytest.mark.parametrize("raw,reason", [(b"[]", "not_object"), (b"x" * 20000, "oversized")])
+def test_reasons(raw, reason):
+    s, h, sink = make()
+    asyncio.run(h.handle([msg(raw, 0)]))
+    assert sink.on(s.topic_dlq)[0]["reason"] == reason
