@@ -19,7 +19,6 @@ The alert rules (``deploy/prometheus/alerts.yml``) are loaded too: every rule mu
 from __future__ import annotations
 
 import asyncio
-import csv
 import importlib.util
 import json
 import math
@@ -29,7 +28,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -58,24 +56,13 @@ def _generator():
 
 
 def _rees46_events(limit: int) -> list[dict]:
-    """The first ``limit`` REES46 rows as event v1 dicts (real users, items, prices, sessions)."""
-    out = []
-    with REES46.open(newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            if i >= limit:
-                break
-            ts = datetime.strptime(row["event_time"], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc)
-            out.append({
-                "event_id": f"r46-{i}",
-                "type": row["event_type"],
-                "user_id": row["user_id"],
-                "item_id": row["product_id"],
-                "ts": int(ts.timestamp() * 1000),
-                "price": float(row["price"]),
-                "category": row["category_code"] or row["category_id"],
-                "session_id": row["user_session"],
-            })
-    return out
+    """The first ``limit`` REES46 rows as event v1 dicts, mapped by the engine's own file source."""
+    from stream.sources import read_events
+
+    errors: list = []
+    events = list(read_events(REES46, "rees46", limit=limit, errors=errors))
+    assert not errors, f"unmappable REES46 rows: {errors[:3]}"
+    return events
 
 
 INVALID = [
