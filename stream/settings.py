@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535)
     batch_max: int = Field(500, ge=1, description="max events per batch (stream.take_events)")
     batch_within_s: float = Field(0.005, gt=0, description="max wait to fill a batch, seconds")
-    rebalance_timeout_s: float = Field(10.0, gt=0)
+    rebalance_timeout_s: float = Field(10.0, gt=0, description="consumer group rebalance timeout")
+    session_timeout_s: float = Field(
+        10.0, gt=0, le=90, description="a worker silent this long (e.g. kill -9) leaves the group; joins wait on it"
+    )
     redis_retry_s: float = Field(0.5, gt=0, description="pause between retries while Redis is down")
     log_level: str = "INFO"
 
