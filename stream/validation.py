@@ -168,6 +168,21 @@ def _days_from_civil(y: int, m: int, d: int) -> int:
     return era * 146097 + doe - 719468
 
 
+_DAYS: dict[str, int] = {}  # "YYYY-MM-DD" -> days since the epoch (valid dates only); dates repeat a lot
+
+
+def _days_of(text: str, y: int, mo: int, d: int) -> int:
+    if not 1 <= mo <= 12:
+        raise ValueError(f'"{text}" is not a valid date-time: month must be in 1..12')
+    if not 1 <= d <= _MONTH_DAYS[mo] or (mo == 2 and d == 29 and not (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))):
+        raise ValueError(f'"{text}" is not a valid date-time: day is out of range for month')
+    days = _days_from_civil(y, mo, d)
+    if len(_DAYS) >= 4096:
+        _DAYS.clear()
+    _DAYS[text[:10]] = days
+    return days
+
+
 def parse_rfc3339_ms(text: str) -> int:
     """Epoch milliseconds of an RFC 3339 date-time (``T``, ``t`` or space separator; offset required).
 
@@ -191,14 +206,13 @@ def parse_rfc3339_ms(text: str) -> int:
         shown = json.dumps(text[:40], ensure_ascii=True)
         raise ValueError(f"{shown} is not an RFC 3339 date-time with offset (e.g. 2019-10-01T00:00:00Z)")
     y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
-    y, mo, d, h, mi, s = int(y), int(mo), int(d), int(h), int(mi), int(s)
-    if not 1 <= mo <= 12:
-        raise ValueError(f'"{text}" is not a valid date-time: month must be in 1..12')
-    if not 1 <= d <= _MONTH_DAYS[mo] or (mo == 2 and d == 29 and not (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))):
-        raise ValueError(f'"{text}" is not a valid date-time: day is out of range for month')
+    days = _DAYS.get(text[:10])
+    if days is None:
+        days = _days_of(text, int(y), int(mo), int(d))
+    h, mi, s = int(h), int(mi), int(s)
     if h > 23 or mi > 59 or s > 59:
         raise ValueError(f'"{text}" is not a valid date-time: time of day out of range (leap seconds unsupported)')
-    ms = ((_days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + s * 1000
+    ms = ((days * 24 + h) * 60 + mi) * 60_000 + s * 1000
     if frac:
         ms += int((frac + "00")[:3])
     if z is None:
