@@ -3,7 +3,8 @@
 Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic and
 Redis-Cluster-ready):
 
-* ``<prefix>:{u:<user>}:p``             the profile hash (absolute values, idle TTL)
+* ``<prefix>:{u:<user>}:p``             the profile hash (field ``v``: the profile's fields as one JSON object,
+  absolute values; one field instead of one per profile field keeps a batch's load and commit small), idle TTL
 * ``<prefix>:{u:<user>}:e:<event_id>``  de-duplication marker, ``SET`` with TTL
 * ``<prefix>:{u:<user>}:d:<event_id>``  the decision a trigger event produced, ``json`` + ``sent`` flag
 
@@ -27,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,6 +114,7 @@ class MemoryStore:
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
 # ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m]
+# (RedisStore writes one field, ``v``; the script takes any number)
 _COMMIT_LUA = """
 local n = tonumber(ARGV[1])
 for i = 1, n do
@@ -188,7 +191,7 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         plan = []
         for uid, eids in event_ids.items():
-            pipe.hgetall(self.profile_key(uid))
+            pipe.hget(self.profile_key(uid), "v")
             for e in eids:
                 pipe.exists(self.marker_key(uid, e))
             trig = triggers.get(uid, ())
@@ -198,7 +201,7 @@ class RedisStore:
         res = await pipe.execute()
         out, i = {}, 0
         for uid, eids, trig in plan:
-            load = UserLoad(profile=res[i])
+            load = UserLoad(profile=json.loads(res[i]) if res[i] else {})
             i += 1
             for e in eids:
                 if res[i]:
@@ -220,9 +223,8 @@ class RedisStore:
             keys = [self.profile_key(c.user_id)]
             keys += [self.marker_key(c.user_id, e) for e in c.event_ids]
             keys += [self.decision_key(c.user_id, t) for t, _ in c.decisions]
-            args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, len(c.profile)]
-            for k, v in c.profile.items():
-                args += [k, v]
+            packed = json.dumps(c.profile, separators=(",", ":"))
+            args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
             await self._commit(keys=keys, args=args, client=pipe)
         res = await pipe.execute()

@@ -42,7 +42,7 @@ def _sum(samples: dict, name: str, **labels) -> float:
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
     """Quantile from cumulative ``(le, count)`` buckets, interpolated like PromQL's ``histogram_quantile``.
 
-    >>> histogram_quantile(0.5, [(0.001, 0), (0.01, 10), (float("inf"), 10)])
+    >>> round(histogram_quantile(0.5, [(0.001, 0), (0.01, 10), (float("inf"), 10)]), 6)
     0.0055
     >>> histogram_quantile(0.5, []) is None
     True

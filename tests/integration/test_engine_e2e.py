@@ -57,7 +57,8 @@ def redis_profiles(r: redis.Redis, prefix: str) -> dict[str, Counter]:
     out = {}
     for key in r.scan_iter(match=f"{prefix}:{{u:*}}:p", count=1000):
         uid = key.decode()[len(prefix) + 4 : -3]
-        out[uid] = Counter({k: v for k, v in json.loads(r.hget(key, "counts")).items() if v})
+        counts = json.loads(json.loads(r.hget(key, "v"))["counts"])
+        out[uid] = Counter({k: v for k, v in counts.items() if v})
     return out
 
 
