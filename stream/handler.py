@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from models.engine import Engine
+from models.privacy import pseudonymise
 from stream import metrics as m
 from stream.dlq import classify, dlq_record, retriable
 from stream.settings import Settings
@@ -58,6 +59,9 @@ class BatchHandler:
         self.limits = Limits.from_settings(settings)
         self.topic_dlq = settings.topic_dlq
         self.topic_decisions = settings.topic_decisions
+        self.pseudonym_key = (
+            settings.pseudonymise_key.get_secret_value().encode() if settings.pseudonymise_key else None
+        )
 
     async def _retry(self, what: str, fn):
         """Run ``fn()`` until it succeeds; infrastructure errors are retried, anything else raises."""
@@ -88,6 +92,7 @@ class BatchHandler:
         t0 = time.perf_counter_ns()
         now_ms = time.time_ns() // 1_000_000
         valid = []
+        clear_ids: dict[str, str] = {}  # pseudonym -> clear user id, for this batch's outgoing decisions only
         msg_by_event: dict[str, RawMessage] = {}
         recv_by_event: dict[str, int] = {}
         acks: list[Awaitable] = []
@@ -104,6 +109,10 @@ class BatchHandler:
                 record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
                 acks.append(await self.send(self.topic_dlq, msg.key, record, None))
                 continue
+            if self.pseudonym_key is not None:
+                clear = ev.user_id
+                ev.user_id = pseudonymise(clear, self.pseudonym_key)
+                clear_ids[ev.user_id] = clear
             valid.append(ev)
             recv_by_event.setdefault(ev.event_id, msg.recv_ns)
             msg_by_event.setdefault(ev.event_id, msg)
@@ -132,9 +141,9 @@ class BatchHandler:
         decisions = result.to_send()
         for d in result.decisions:
             d.latency_ms = round((time.perf_counter_ns() - recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
-            acks.append(await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None))
+            acks.append(await self._send_decision(d, clear_ids))
         for d in result.resend:
-            acks.append(await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None))
+            acks.append(await self._send_decision(d, clear_ids))
         if acks:
             await asyncio.gather(*acks)  # durable on the broker before the batch is acknowledged
         sent_ns = time.perf_counter_ns()
@@ -142,6 +151,14 @@ class BatchHandler:
             await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
 
         self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
+
+    async def _send_decision(self, d, clear_ids: dict[str, str]):
+        """Send with the shop's own user id (the engine keeps only the pseudonym when pseudonymising)."""
+        if clear_ids and d.user_id in clear_ids:
+            from dataclasses import replace
+
+            d = replace(d, user_id=clear_ids[d.user_id])
+        return await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None)
 
     async def _one_by_one(self, events):
         from models.engine import BatchResult

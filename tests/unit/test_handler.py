@@ -105,3 +105,17 @@ def test_reasons(raw, reason):
     s, h, sink = make()
     asyncio.run(h.handle([msg(raw, 0)]))
     assert sink.on(s.topic_dlq)[0]["reason"] == reason
+
+
+def test_pseudonymised_ids_never_reach_the_store_but_decisions_carry_the_shop_id():
+    store = MemoryStore()
+    s, h, sink = make(store, pseudonymise_key="k" * 16)
+    asyncio.run(h.handle([msg(ev("e1", "cart", user="alice"), 0, b"alice")]))
+    assert "alice" not in store.profiles and len(store.profiles) == 1
+    (pseudo,) = store.profiles
+    assert pseudo.startswith("p-")
+    assert all("alice" not in json.dumps(v) for v in store.profiles.values())
+    assert all(b"alice" not in js for js, _ in store.decisions.values())
+    (d,) = sink.on(s.topic_decisions)
+    assert d["user_id"] == "alice"
+    assert [(t, k) for t, k, _ in sink.sent] == [(s.topic_decisions, b"alice")]

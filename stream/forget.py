@@ -1,0 +1,83 @@
+"""``promo forget USER_ID`` and the ``<prefix>.forget`` topic: delete everything the engine holds about a user.
+
+Removed: the profile (counts, session, cart, caps and offer history, open decisions), every de-duplication
+marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`` - and the user's contributions
+to item statistics where the learning core keeps them (``forget_user`` of the item store, when it has one).
+With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
+
+Events of the user that arrive after the forget are new data and build a new profile.
+"""
+
+from __future__ import annotations
+
+import time
+
+from models.privacy import pseudonymise
+from stream.errors import PromoError
+from stream.settings import Settings
+
+
+def engine_user_id(settings: Settings, user_id: str) -> str:
+    if settings.pseudonymise_key:
+        return pseudonymise(user_id, settings.pseudonymise_key.get_secret_value().encode())
+    return user_id
+
+
+def _kind(key: bytes, tag: str) -> str:
+    rest = key.decode(errors="replace")[len(tag) + 1 :]
+    return {"p": "profile", "e": "markers", "d": "decisions"}.get(rest.split(":", 1)[0], "other")
+
+
+def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
+    """Delete every key of user ``uid`` (sync redis-py client); counts of what was removed, by kind."""
+    from redis.client import Redis  # noqa: F401  (type only)
+
+    tag = f"{prefix}:{{u:{uid}}}"
+    pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
+    removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "other": 0}
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        removed[_kind(key, tag)] += 1
+        batch.append(key)
+        if len(batch) >= 500:
+            client.delete(*batch)  # one hash tag: one slot, a multi-key DEL is Cluster-safe
+            batch.clear()
+    if batch:
+        client.delete(*batch)
+    return removed
+
+
+def forget_user(settings: Settings, user_id: str) -> dict:
+    import redis
+
+    if not user_id or len(user_id) > settings.max_string_len:
+        raise PromoError(f"user id must be 1..{settings.max_string_len} characters, got {len(user_id)}")
+    t0 = time.perf_counter()
+    uid = engine_user_id(settings, user_id)
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        removed = forget_keys(client, settings.redis_prefix, uid)
+    except redis.ConnectionError as exc:
+        raise PromoError(
+            f"cannot reach Redis at {settings.redis_url} (PROMO_REDIS_URL): {exc}; nothing was deleted"
+        ) from exc
+    items = _forget_item_contributions(settings, client, uid)
+    client.close()
+    return {
+        "user_id": user_id if not settings.pseudonymise_key else uid,
+        "removed": removed,
+        "item_contributions": items,
+        "keys_removed": sum(removed.values()),
+        "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
+    }
+
+
+def _forget_item_contributions(settings: Settings, client, uid: str) -> dict | None:
+    """Subtract the user's item co-occurrence contributions, when the item store supports it."""
+    try:
+        from models.item_store import RedisItemStore
+    except ImportError:  # pragma: no cover
+        return None
+    store = RedisItemStore(client, prefix=settings.redis_prefix)
+    forget = getattr(store, "forget_user", None)
+    return forget(uid) if forget is not None else None

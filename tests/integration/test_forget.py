@@ -1,0 +1,77 @@
+"""``promo forget``: after it, no Redis key or value holds the user's data; other users are untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr
+
+from stream.sources import read_events
+from tests.helpers import ROOT, event_bytes, metric, produce_raw, wait_until
+
+pytestmark = pytest.mark.integration
+SAMPLE = ROOT / "stream" / "data" / "rees46_sample.csv"
+
+
+def all_state(r, prefix: str) -> dict[bytes, bytes]:
+    """Every key under ``prefix`` with a dump of its value (enough to search for an id)."""
+    out = {}
+    for key in r.scan_iter(match=prefix + ":*", count=1000):
+        t = r.type(key)
+        if t == b"string":
+            out[key] = r.get(key) or b""
+        elif t == b"hash":
+            out[key] = json.dumps({k.decode(): v.decode(errors="replace") for k, v in r.hgetall(key).items()}).encode()
+        elif t == b"zset":
+            out[key] = b" ".join(m for m, _ in r.zrange(key, 0, -1, withscores=True))
+        else:
+            out[key] = b""
+    return out
+
+
+@pytest.mark.parametrize("pseudonymise", [False, True])
+def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, redis_client, pseudonymise):
+    s = engine_settings
+    if pseudonymise:
+        s = s.model_copy(update={"pseudonymise_key": SecretStr("test-key-0123456789")})
+    events = list(read_events(SAMPLE, "rees46"))
+    per_user: dict[str, int] = {}
+    for e in events:
+        per_user[e["user_id"]] = per_user.get(e["user_id"], 0) + 1
+    victim = max((u for u in per_user), key=lambda u: (per_user[u], u))  # the user with most history
+
+    w = start_worker(s)
+    w.wait_ready()
+    produce_raw(s, s.topic_events, [(e["user_id"].encode(), event_bytes(e)) for e in events])
+    wait_until(lambda: metric(w.metrics(), "promo_events_total") == len(events), 120, "all events applied")
+    w.stop()
+
+    from stream.forget import engine_user_id
+
+    uid = engine_user_id(s, victim)
+    before = all_state(redis_client, s.redis_prefix)
+    assert any(uid.encode() in k for k in before), "the victim must have state before the forget"
+    if pseudonymise:
+        assert not any(victim.encode() in k or victim.encode() in v for k, v in before.items()), \
+            "a clear user id reached Redis although pseudonymisation is on"
+
+    res = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "forget", victim, "--json"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, **s.to_env()}, timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["removed"]["profile"] == 1
+    assert report["removed"]["markers"] == per_user[victim]
+    assert report["keys_removed"] == sum(1 for k in before if uid.encode() in k)
+
+    after = all_state(redis_client, s.redis_prefix)
+    leaks = [k for k, v in after.items() if uid.encode() in k or uid.encode() in v]
+    assert leaks == []
+    # everyone else is untouched
+    assert {k: v for k, v in before.items() if uid.encode() not in k and k in after} == \
+        {k: v for k, v in after.items() if k in before and uid.encode() not in k}
