@@ -123,6 +123,39 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             "rebalancing": rebalancing, "last_error": health.last_error,
         }
 
+    forget_topic = app.topic(settings.topic_forget, key_type=bytes, value_type=bytes, internal=False)
+
+    @app.agent(forget_topic, name="promo-forget")
+    async def process_forget(stream):
+        """``{"user_id": "..."}`` (or the bare id as text): delete the user's state, as ``promo forget`` does."""
+        import json
+
+        import redis
+
+        from stream.dlq import dlq_record
+        from stream.forget import engine_user_id, forget_keys
+
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        async for ev in stream.events():
+            raw, msg = ev.value, ev.message
+            try:
+                text = raw.decode("utf-8")
+                uid = text.strip()
+                if text.lstrip().startswith("{"):
+                    uid = json.loads(text)["user_id"]
+                if not isinstance(uid, str) or not uid or len(uid) > settings.max_string_len:
+                    raise ValueError("user_id must be a non-empty string")
+            except Exception as exc:
+                m.EVENTS_INVALID.labels(reason="bad_value").inc()
+                log.warning("invalid forget request %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+                await (await send(settings.topic_dlq, msg.key, dlq_record(
+                    raw, "bad_value", f"forget request: {exc}", msg.topic, msg.partition, msg.offset), None))
+                continue
+            removed = await asyncio.to_thread(forget_keys, client, settings.redis_prefix, engine_user_id(settings, uid))
+            m.FORGOTTEN.inc()
+            log.info("forgot a user (%d keys removed) on request %s[%d]@%d", sum(removed.values()),
+                     msg.topic, msg.partition, msg.offset)
+
     @app.page("/metrics")
     async def metrics_view(web, request):
         await is_ready()  # refresh the readiness gauges on every scrape

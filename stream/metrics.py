@@ -57,6 +57,7 @@ DECISIONS_RESENT = Counter(
 READY = Gauge("promo_worker_ready", "1 when the worker is ready (Redis up, partitions assigned)", registry=REGISTRY)
 ASSIGNED_PARTITIONS = Gauge("promo_assigned_partitions", "Partitions of the events topic assigned", registry=REGISTRY)
 REDIS_ERRORS = Counter("promo_redis_errors", "Redis operations that failed and were retried", registry=REGISTRY)
+FORGOTTEN = Counter("promo_users_forgotten", "Users whose data was deleted on request", registry=REGISTRY)
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
 
 # --- learning (issue: online learning core) --------------------------------------------------

@@ -251,12 +251,14 @@ def pipeline_dashboard() -> db.Dashboard:
         "percentunit", width=8, slo_line=0.05,
     ))
     d = d.with_panel(_timeseries(
-        lay, "Duplicates skipped and decisions re-sent",
-        "Events skipped because their event_id was already applied (redelivery, producer retries), and "
-        "stored decisions re-sent because their trigger was redelivered.",
+        lay, "Duplicates skipped, decisions re-sent, users forgotten",
+        "Events skipped because their event_id was already applied (redelivery, producer retries), "
+        "stored decisions re-sent because their trigger was redelivered, and users deleted on request "
+        "through the forget topic.",
         [
             _query(f"sum({_rate('promo_events_duplicate_total')})", "duplicate events", "A"),
             _query(f"sum({_rate('promo_decisions_resent_total')})", "decisions re-sent", "B"),
+            _query(f"sum({_rate('promo_users_forgotten_total')})", "users forgotten", "C"),
         ],
         "ops", width=8,
     ))

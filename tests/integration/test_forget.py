@@ -75,3 +75,20 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     # everyone else is untouched
     assert {k: v for k, v in before.items() if uid.encode() not in k and k in after} == \
         {k: v for k, v in after.items() if k in before and uid.encode() not in k}
+
+
+def test_forget_topic_request_is_applied_by_the_worker(engine_settings, start_worker, redis_client):
+    s = engine_settings
+    events = [e for e in read_events(SAMPLE, "rees46")][:300]
+    victim = events[0]["user_id"]
+    w = start_worker(s)
+    w.wait_ready()
+    produce_raw(s, s.topic_events, [(e["user_id"].encode(), event_bytes(e)) for e in events])
+    wait_until(lambda: metric(w.metrics(), "promo_events_total") == len(events), 60, "events applied")
+    tag = f"{s.redis_prefix}:{{u:{victim}}}".encode()
+    assert any(k.startswith(tag) for k in redis_client.scan_iter(match=s.redis_prefix + ":*"))
+    produce_raw(s, s.topic_forget, [(victim.encode(), json.dumps({"user_id": victim}).encode()), (b"x", b"{oops")])
+    wait_until(lambda: metric(w.metrics(), "promo_users_forgotten_total") == 1, 60, "the forget request")
+    assert not any(k.startswith(tag) for k in redis_client.scan_iter(match=s.redis_prefix + ":*"))
+    wait_until(lambda: metric(w.metrics(), "promo_events_invalid_total", reason="bad_value") == 1, 30,
+               "the malformed forget request dead-lettered")
