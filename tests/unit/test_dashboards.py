@@ -139,7 +139,7 @@ def test_every_query_substitutes_to_plain_promql():
 def test_required_panels_exist():
     titles = {q.panel for q in _all_queries()}
     for needed in (
-        "Events applied by type", "Invalid messages to the DLQ by reason", "Duplicates skipped and decisions re-sent",
+        "Events applied by type", "Invalid messages to the DLQ by reason", "Duplicates skipped, decisions re-sent, users forgotten",
         "Decision latency p50 / p95 / p99", "SLO: decisions under 25 ms", "Decisions by offer kind and group",
         "Conversion by group", "Uplift vs holdout", "Budget burn by offer (cost per hour)", "AUC by model",
         "Log loss by model", "Ready and scraped, per worker", "Assigned partitions per worker",
