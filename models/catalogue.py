@@ -219,7 +219,7 @@ class Catalogue:
         return {o.kind for o in self.offers.values()}
 
     def none_margin(self, cart_value: float) -> float:
-        """Margin of the basket without an offer (catalogue default margin rate)."""
+        """Margin of the basket without an offer (catalogue default margin rate, as ``self["none"]``)."""
         return self.margin_rate * cart_value
 
     def budgets(self) -> dict[str, float]:
@@ -340,7 +340,7 @@ def parse_catalogue(text: str, name: str = "<catalogue>") -> Catalogue:
     onode = top["offers"][1]
     if not isinstance(onode, yaml.SequenceNode):
         raise v.err(onode, "'offers' must be a list of offers")
-    offers: dict[str, OfferSpec] = {NONE_ID: NONE_OFFER}
+    offers: dict[str, OfferSpec] = {NONE_ID: OfferSpec(offer_id=NONE_ID, kind="none", margin_rate=margin_rate)}
     for item in onode.value:
         spec = _parse_offer(v, item, margin_rate, validity)
         if spec.offer_id in offers:

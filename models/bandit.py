@@ -1,0 +1,235 @@
+"""Contextual Thompson-sampling offer policy scoring incremental margin.
+
+Response model. For a context ``x`` the learning core already estimates ``q(x) = P(buy | x)`` (the
+River purchase-propensity model, ``ctx.propensity``). Each offer ``a`` (``none`` included) multiplies it by
+a lift learned per context cell (by default the user's segment)::
+
+    P(buy | a, x) = min(1, q(x) * m[a, cell(x)]),     m ~ Gamma(alpha, beta)
+
+a conjugate Gamma-Poisson model: every decision adds its exposure ``q(x)`` to ``beta`` of the chosen
+offer's cell, every conversion adds 1 to ``alpha``. Exposure is counted when the offer is chosen and the
+conversion when the attribution window closes, so delayed rewards do not bias early estimates upwards
+(purchases arrive within hours, "no purchase" only when the window expires).
+
+Decision. Draw ``m`` for every eligible offer (``n_draws`` times, from the posterior tempered by
+``temper``: ``Gamma(temper*alpha, temper*beta)``), score each draw's incremental margin
+
+    P(buy | offer)(margin - (1 + shadow price) cost) - P(buy | none) margin
+
+(``none`` scores 0), and count how often each offer wins. Mixing in a minimum exploration ``floor`` per
+eligible offer gives the choice distribution; the offer is drawn from it with the caller's ``rng``. The
+logged ``propensity`` is the exact probability of the chosen offer given the state and the draws, as
+off-policy evaluation needs. "none" wins when no offer pays.
+
+>>> import random
+>>> from models.catalogue import load_catalogue
+>>> from models.policy import DecisionContext
+>>> policy = ThompsonPolicy(load_catalogue(), holdout_pct=0.0)
+>>> ctx = DecisionContext("u1", 1_700_000_000_000, 120.0, ["i1"], ["apparel"], False, 3, 2, 0.5, 0.1)
+>>> choice = policy.choose(ctx, random.Random(42))
+>>> choice.group, choice.model_version, sorted(choice.scores)
+('treatment', 'ts-2', ['coupon_5', 'none', 'pct_10', 'spend100_save15'])
+>>> 0.0 < choice.propensity <= 1.0
+True
+>>> policy.learn_one(ctx, choice.offer.offer_id, 30.0)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+
+from models.catalogue import NONE_ID, Catalogue, OfferSpec
+from models.policy import DecisionContext, PolicyChoice, filter_offers, holdout
+
+MIN_EXPOSURE = 1e-3
+
+
+def _cell_value(ctx: DecisionContext, key: str):
+    if key == "segment":
+        return ctx.segment
+    if key == "new":
+        return bool(ctx.is_new)
+    return ctx.features.get(key) if ctx.features else None
+
+
+class ThompsonPolicy:
+    """Thompson sampling over eligible offers with per-offer, per-cell purchase-lift models.
+
+    Parameters
+    ----------
+    catalogue
+        The offers; ``prior_uplift`` of an offer sets its prior lift to ``1 + prior_uplift / q(x)`` at the
+        first context of a cell (``none``: lift 1).
+    holdout_pct, holdout_salt
+        Deterministic control group (hash of user id): always ``none``, ``group="holdout"``.
+    floor
+        Minimum probability of each eligible offer (``none`` included) in treatment; at most ``1/K``.
+    n_draws
+        Posterior draws per decision used to compute the choice distribution.
+    prior_strength
+        Prior weight, in expected purchases (``beta`` of a new cell).
+    temper
+        Draw from the posterior with ``temper`` times its counts (> 1: less exploration of offers that
+        are probably worse; the floor keeps every eligible offer possible).
+    cell_keys
+        Context fields a cell is made of: ``"segment"``, ``"new"`` or a key of ``ctx.features``.
+    pacing
+        Optional object with ``price(offer_id) -> float`` (shadow price per unit of cost,
+        :class:`models.pacing.PacingController`).
+    exposure_at_choice
+        Count a decision's exposure in :meth:`choose` (default). Set False to count it in
+        :meth:`learn_one` instead (e.g. when replaying logged decisions).
+    """
+
+    model_version = "ts-2"
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        holdout_pct: float = 5.0,
+        holdout_salt: str = "",
+        floor: float = 0.001,
+        n_draws: int = 64,
+        prior_strength: float = 1.0,
+        temper: float = 3.0,
+        cell_keys: tuple[str, ...] = ("segment",),
+        pacing=None,
+        exposure_at_choice: bool = True,
+    ) -> None:
+        self.catalogue = catalogue
+        self.holdout_pct = holdout_pct
+        self.holdout_salt = holdout_salt
+        self.floor = floor
+        self.n_draws = n_draws
+        self.prior_strength = prior_strength
+        self.temper = temper
+        self.cell_keys = tuple(cell_keys)
+        self.pacing = pacing
+        self.exposure_at_choice = exposure_at_choice
+        self.cells: dict[tuple[str, tuple], list[float]] = {}  # (offer, cell) -> [alpha, beta]
+        self.n_learned = 0
+
+    # --- response model ----------------------------------------------------------------------
+    def cell(self, ctx: DecisionContext) -> tuple:
+        return tuple(_cell_value(ctx, k) for k in self.cell_keys)
+
+    @staticmethod
+    def exposure(ctx: DecisionContext) -> float:
+        q = ctx.propensity
+        if not (q == q) or q < MIN_EXPOSURE:  # NaN or tiny
+            return MIN_EXPOSURE
+        return min(float(q), 1.0)
+
+    def _ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+        key = (spec.offer_id, self.cell(ctx))
+        ab = self.cells.get(key)
+        if ab is None:
+            lift = 1.0 if spec.kind == "none" else 1.0 + spec.prior_uplift / max(self.exposure(ctx), 0.01)
+            ab = self.cells[key] = [lift * self.prior_strength, self.prior_strength]
+        return ab
+
+    def predict_buy(self, ctx: DecisionContext, offer_id: str) -> float:
+        """Posterior-mean ``P(buy | offer, context)``."""
+        spec = self.catalogue.offers.get(offer_id) or self.catalogue[NONE_ID]
+        a, b = self._ab(spec, ctx)
+        return min(1.0, self.exposure(ctx) * a / b)
+
+    # --- policy interface --------------------------------------------------------------------
+    def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice:
+        none = self.catalogue[NONE_ID]
+        if holdout(ctx.user_id, self.holdout_pct, self.holdout_salt):
+            self._expose(none, ctx)
+            return PolicyChoice(none.to_offer(ctx.now_ms), 1.0, {}, "holdout",
+                                [f"holdout: user in the {self.holdout_pct:g}% control group"], self.model_version)
+        eligible, reasons = filter_offers(self.catalogue, ctx)
+        if len(eligible) == 1:
+            self._expose(none, ctx)
+            reasons.append("none: no eligible offer")
+            return PolicyChoice(none.to_offer(ctx.now_ms), 1.0, {NONE_ID: 0.0}, "treatment", reasons,
+                                self.model_version)
+        probs, mean_scores = self.choice_distribution(ctx, eligible, rng)
+        cum = np.cumsum(probs)
+        k = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(eligible) - 1)
+        win = eligible[k]
+        best = int(np.argmax(mean_scores))
+        scores = {s.offer_id: round(float(mean_scores[i]), 4) for i, s in enumerate(eligible)}
+        if win.kind == "none":
+            why = "no offer is expected to pay for its cost" if best == 0 else "sampled models favour no offer"
+        else:
+            why = f"best sampled incremental margin (estimate {mean_scores[k]:.2f})"
+        if k != best:
+            why += f"; exploring, best estimate is {eligible[best].offer_id}"
+        reasons.append(f"{win.offer_id}: {why}, p={probs[k]:.3f}")
+        self._expose(win, ctx)
+        return PolicyChoice(win.to_offer(ctx.now_ms), float(probs[k]), scores, "treatment", reasons,
+                            self.model_version)
+
+    def choice_distribution(
+        self, ctx: DecisionContext, eligible: list[OfferSpec], rng: random.Random
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probability of each eligible offer (floor included) and its posterior-mean incremental margin.
+
+        ``eligible[0]`` must be ``none``. The draws use a numpy generator seeded from ``rng``.
+        """
+        n = len(eligible)
+        a = np.empty(n)
+        b = np.empty(n)
+        margin = np.empty(n)
+        gain = np.empty(n)  # margin - (1 + shadow price) * cost, if the user buys with the offer
+        for i, s in enumerate(eligible):
+            a[i], b[i] = self._ab(s, ctx)
+            basket = s.basket(ctx.cart_value)
+            lam = self.pacing.price(s.offer_id) if (self.pacing is not None and s.kind != "none") else 0.0
+            margin[i] = s.margin(ctx.cart_value)
+            gain[i] = s.margin(basket) - (1.0 + lam) * s.cost(basket)
+        q = self.exposure(ctx)
+        gen = np.random.default_rng(rng.getrandbits(63))
+        t = self.temper
+        p = np.minimum(1.0, q * gen.gamma(a * t, 1.0 / (b * t), size=(self.n_draws, n)))
+        inc = p * gain - p[:, :1] * margin
+        inc[:, 0] = 0.0
+        wins = np.bincount(np.argmax(inc, axis=1), minlength=n) / self.n_draws
+        f = min(self.floor, 1.0 / n)
+        probs = (1.0 - n * f) * wins + f
+        pm = np.minimum(1.0, q * a / b)
+        mean_scores = pm * gain - pm[0] * margin
+        mean_scores[0] = 0.0
+        return probs, mean_scores
+
+    def _expose(self, spec: OfferSpec, ctx: DecisionContext) -> None:
+        if self.exposure_at_choice:
+            self._ab(spec, ctx)[1] += self.exposure(ctx)
+
+    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
+        """Learn the outcome of a closed decision (holdout decisions teach ``none`` too).
+
+        ``converted`` defaults to ``reward != 0`` (a purchase inside the window; expiry gives reward 0).
+        """
+        spec = self.catalogue.offers.get(offer_id)
+        if spec is None:
+            return None
+        y = bool(reward != 0) if converted is None else bool(converted)
+        ab = self._ab(spec, ctx)
+        ab[0] += y
+        if not self.exposure_at_choice:
+            ab[1] += self.exposure(ctx)
+        self.n_learned += 1
+        return None
+
+    # --- snapshots -------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The learned state as JSON bytes, for a Redis snapshot."""
+        cells = [[o, list(c), a, b] for (o, c), (a, b) in self.cells.items()]
+        return json.dumps({"v": 2, "n": self.n_learned, "keys": list(self.cell_keys), "cells": cells}).encode()
+
+    def load_bytes(self, blob: bytes) -> None:
+        """Restore :meth:`to_bytes` output; cells of offers no longer in the catalogue are dropped."""
+        state = json.loads(blob)
+        if state.get("v") != 2 or tuple(state["keys"]) != self.cell_keys:
+            raise ValueError(f"snapshot v{state.get('v')} with cells {state.get('keys')} does not fit "
+                             f"ThompsonPolicy v2 with cells {list(self.cell_keys)}: start from the prior instead")
+        self.cells = {(o, tuple(c)): [float(a), float(b)] for o, c, a, b in state["cells"] if o in self.catalogue}
+        self.n_learned = int(state["n"])

@@ -1,0 +1,134 @@
+"""Thompson-sampling policy: exact propensities, floor, holdout, "none" when nothing pays, learning, snapshots."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from models.bandit import ThompsonPolicy
+from models.catalogue import parse_catalogue
+from models.policy import DecisionContext, Policy, filter_offers
+
+CAT = parse_catalogue(
+    """
+margin_rate: 0.3
+offers:
+  - {offer_id: cheap, kind: coupon, value: 2, prior_uplift: 0.02}
+  - {offer_id: dear, kind: coupon, value: 25, prior_uplift: 0.02}
+  - {offer_id: pct, kind: percent_off, value: 20, max_discount: 40, prior_uplift: 0.02}
+""",
+    "t.yaml",
+)
+
+
+def ctx(i: int = 0, seg: int = 1, cart: float = 100.0, q: float = 0.1) -> DecisionContext:
+    return DecisionContext(f"u{i}", 1_000 + i, cart, ["x"], ["c"], False, 1, seg, 0.2, q)
+
+
+def test_protocol_and_holdout():
+    p = ThompsonPolicy(CAT, holdout_pct=100.0)
+    assert isinstance(p, Policy)
+    ch = p.choose(ctx(), random.Random(0))
+    assert (ch.offer.kind, ch.group, ch.propensity) == ("none", "holdout", 1.0)
+
+
+def test_propensity_is_the_exact_choice_probability():
+    """With the state frozen, the empirical frequency of each offer matches the mean logged distribution."""
+    p = ThompsonPolicy(CAT, holdout_pct=0.0, exposure_at_choice=False, temper=1.0)
+    c = ctx()
+    eligible, _ = filter_offers(CAT, c)
+    n = 4000
+    counts, mean_probs = Counter(), {s.offer_id: 0.0 for s in eligible}
+    for seed in range(n):
+        ch = p.choose(c, random.Random(seed))
+        probs, _ = p.choice_distribution(c, eligible, random.Random(seed))
+        assert ch.propensity == pytest.approx(probs[[s.offer_id for s in eligible].index(ch.offer.offer_id)])
+        assert abs(sum(probs) - 1.0) < 1e-9 and min(probs) >= p.floor - 1e-12
+        counts[ch.offer.offer_id] += 1
+        for s, pr in zip(eligible, probs):
+            mean_probs[s.offer_id] += pr / n
+    for oid, m in mean_probs.items():
+        assert abs(counts[oid] / n - m) < 4 * (m * (1 - m) / n) ** 0.5 + 1e-3, (oid, counts[oid] / n, m)
+    # the untrained prior explores: more than one offer is chosen
+    assert len(counts) >= 2
+
+
+def test_same_seed_same_choice():
+    p = ThompsonPolicy(CAT, holdout_pct=0.0, exposure_at_choice=False)
+    a = p.choose(ctx(), random.Random("d1"))
+    b = p.choose(ctx(), random.Random("d1"))
+    assert (a.offer, a.propensity, a.scores) == (b.offer, b.propensity, b.scores)
+
+
+def _train(p: ThompsonPolicy, lift: dict[str, float], n: int, seg: int = 1, q: float = 0.1, seed: int = 0,
+           cart: float = 100.0):
+    rnd = random.Random(seed)
+    for i in range(n):
+        c = ctx(i, seg=seg, q=q, cart=cart)
+        ch = p.choose(c, random.Random(rnd.random()))
+        bought = rnd.random() < q * lift[ch.offer.offer_id]
+        p.learn_one(c, ch.offer.offer_id, 30.0 if bought else 0.0)
+
+
+def test_learns_the_offer_that_pays_and_none_when_nothing_pays():
+    # segment 1: "cheap" doubles purchases (pays: 0.2*(30-2) - 0.1*30 = 2.6);
+    # segment 2: small baskets of loyal buyers (q = 0.5) that no offer lifts: every discount is lost margin
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    _train(p, {"none": 1.0, "cheap": 2.0, "dear": 2.2, "pct": 1.5}, 3000, seg=1)
+    _train(p, {"none": 1.0, "cheap": 1.0, "dear": 1.0, "pct": 1.0}, 3000, seg=2, q=0.5, seed=1, cart=20.0)
+    assert p.predict_buy(ctx(seg=1), "cheap") == pytest.approx(0.2, abs=0.03)
+    picks1 = Counter(p.choose(ctx(10_000 + i, seg=1), random.Random(i)).offer.offer_id for i in range(300))
+    picks2 = Counter(p.choose(ctx(20_000 + i, seg=2, q=0.5, cart=20.0), random.Random(i)).offer.offer_id for i in range(300))
+    assert picks1.most_common(1)[0][0] == "cheap" and picks1["cheap"] > 250
+    assert picks2.most_common(1)[0][0] == "none" and picks2["none"] > 250
+    ch = p.choose(ctx(99, seg=2, q=0.5, cart=20.0), random.Random(3))
+    assert ch.scores["none"] == 0.0 and all(v < 0 for k, v in ch.scores.items() if k != "none")
+    assert ch.offer.kind == "none" and ch.reasons[-1].startswith("none: no offer is expected to pay")
+
+
+def test_pacing_price_steers_away_from_an_offer():
+    class Price:
+        def __init__(self, lam):
+            self.lam = lam
+
+        def price(self, offer_id):
+            return self.lam if offer_id == "cheap" else 0.0
+
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    _train(p, {"none": 1.0, "cheap": 2.0, "dear": 1.0, "pct": 1.0}, 2000)
+    free = Counter(p.choose(ctx(i), random.Random(i)).offer.offer_id for i in range(200))
+    p.pacing = Price(20.0)
+    priced = Counter(p.choose(ctx(i), random.Random(i)).offer.offer_id for i in range(200))
+    assert free["cheap"] > 150 and priced["cheap"] < 10
+
+
+def test_filtered_offers_are_never_chosen_and_reasons_explain():
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    c = ctx()
+    c.blocked = {"cheap": "budget exhausted", "pct": "budget exhausted"}
+    seen = {p.choose(c, random.Random(i)).offer.offer_id for i in range(200)}
+    assert seen <= {"none", "dear"}
+    ch = p.choose(c, random.Random(1))
+    assert "cheap: budget exhausted" in ch.reasons and "pct: budget exhausted" in ch.reasons
+    assert ch.reasons[-1].startswith(f"{ch.offer.offer_id}: ")
+
+
+def test_snapshot_roundtrip():
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    _train(p, {"none": 1.0, "cheap": 2.0, "dear": 1.0, "pct": 1.0}, 300)
+    q = ThompsonPolicy(CAT, holdout_pct=0.0)
+    q.load_bytes(p.to_bytes())
+    assert q.cells == p.cells and q.n_learned == p.n_learned == 300
+    with pytest.raises(ValueError, match="does not fit"):
+        ThompsonPolicy(CAT, cell_keys=("segment", "new")).load_bytes(p.to_bytes())
+
+
+def test_bad_context_values_do_not_crash():
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    for q in (float("nan"), -1.0, 0.0, 5.0):
+        ch = p.choose(ctx(q=q), random.Random(0))
+        assert 0 < ch.propensity <= 1
+        p.learn_one(ctx(q=q), ch.offer.offer_id, 1.0)
+    p.learn_one(ctx(), "unknown-offer", 1.0)  # an offer removed from the catalogue: ignored
