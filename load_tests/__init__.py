@@ -1,0 +1,1 @@
+"""Benchmarks (JSON on stdout, progress on stderr): `promo bench core|pipeline`."""
