@@ -350,6 +350,7 @@ class BudgetGate:
         grace_ms: int = 3_600_000,
         forget_ms: int = 7 * 86_400_000,
         pacing=None,
+        export_metrics: bool = False,
     ) -> None:
         self.catalogue = catalogue
         self.store = store
@@ -357,15 +358,28 @@ class BudgetGate:
         self.grace_ms = grace_ms
         self.forget_ms = forget_ms
         self.pacing = pacing
+        self.export_metrics = export_metrics
         self.budgets = catalogue.budgets()
         self.local: dict[str, float] = {o: 0.0 for o in self.budgets}
 
     async def refresh(self, now_ms: int) -> dict[str, CampaignSpend]:
-        """Read every campaign's spend (one round trip), update pacing; returns the spends."""
+        """Read every campaign's spend (one round trip), update pacing; returns the spends.
+
+        Pacing follows the committed spend (actual redemption costs): reservations hold the most an offer
+        may cost for a whole attribution window, far more than it will cost on average.
+        """
         spends = await self.store.spend(list(self.budgets))
         self.local = {o: s.spent for o, s in spends.items()}
         if self.pacing is not None:
-            self.pacing.update(now_ms, self.local)
+            self.pacing.update(now_ms, {o: s.committed for o, s in spends.items()})
+        if self.export_metrics:
+            from stream import metrics as M
+
+            for o, s in spends.items():
+                M.BUDGET_SPENT.labels(o).set(s.spent)
+                M.BUDGET_REMAINING.labels(o).set(self.budgets[o] - s.spent)
+                if self.pacing is not None:
+                    M.PACING_PRICE.labels(o).set(self.pacing.price(o))
         return spends
 
     def remaining(self) -> dict[str, float]:
@@ -390,9 +404,16 @@ class BudgetGate:
                               ts_ms + self.window_ms + self.grace_ms, ts_ms + self.forget_ms)
 
     async def reserve(self, reqs: list[ReserveRequest]) -> list[bool]:
+        """Reserve (one pipelined round trip); ``False`` where the budget could not cover the request."""
         res = await self.store.reserve(reqs)
         for q, r in zip(reqs, res):
             self.local[q.offer_id] = max(self.local.get(q.offer_id, 0.0), r.spent)
+        if self.export_metrics:
+            from stream import metrics as M
+
+            for q, r in zip(reqs, res):
+                if not r.ok:
+                    M.BUDGET_REFUSED.labels(q.offer_id).inc()
         return [r.ok for r in res]
 
     async def settle(self, items: list[tuple[str, str, float]]) -> list[float | None]:

@@ -77,3 +77,18 @@ BUDGET_REMAINING = Gauge("promo_budget_remaining", "Campaign budget left", ["off
 DECISIONS_CLOSED = Counter(
     "promo_decisions_closed", "Decisions whose attribution window closed", ["outcome"], registry=REGISTRY
 )
+OFFER_DECISIONS = Counter(
+    "promo_offer_decisions", "Decisions per offer and group (offer_id none included)", ["offer_id", "group"],
+    registry=REGISTRY,
+)
+BUDGET_SPENT = Gauge(
+    "promo_budget_spent", "Campaign spend: committed redemption costs plus open reservations", ["offer_id"],
+    registry=REGISTRY,
+)
+BUDGET_REFUSED = Counter(
+    "promo_budget_refused", "Reservations refused because the campaign budget could not cover them", ["offer_id"],
+    registry=REGISTRY,
+)
+PACING_PRICE = Gauge(
+    "promo_pacing_shadow_price", "Pacing shadow price added per unit of offer cost", ["offer_id"], registry=REGISTRY
+)

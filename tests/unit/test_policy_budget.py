@@ -123,7 +123,26 @@ def test_gate_blocks_reserves_and_settles():
     spends = asyncio.run(gate.refresh(20))
     assert spends["c"].committed == 5.0 and spends["p"].spent == 3.0
     assert gate.remaining() == {"c": 2.0, "p": 97.0}
-    assert gate.pacing.price("c") > 0  # 10 of 12 spent at 0.02 % of the period: far ahead of schedule
+    assert gate.pacing.price("c") > 0  # 5 of 12 committed at 0.02 % of the period: far ahead of schedule
+
+
+def test_gate_exports_metrics_and_paces_on_committed_spend():
+    from stream import metrics as M
+
+    store = MemoryBudgetStore()
+    gate = BudgetGate(CAT, store, pacing=PacingController(CAT), export_metrics=True)
+    asyncio.run(gate.refresh(0))
+    refused_before = M.BUDGET_REFUSED.labels("c")._value.get()
+    assert asyncio.run(gate.reserve([gate.request("d1", "c", 50, 0), gate.request("d2", "c", 50, 0),
+                                     gate.request("d3", "c", 50, 0)])) == [True, True, False]
+    asyncio.run(gate.refresh(10))
+    assert M.BUDGET_SPENT.labels("c")._value.get() == 10.0
+    assert M.BUDGET_REMAINING.labels("c")._value.get() == 2.0
+    assert M.BUDGET_REFUSED.labels("c")._value.get() == refused_before + 1
+    assert gate.pacing.price("c") == 0.0  # only reservations so far: nothing committed, no pacing pressure
+    asyncio.run(store.settle([("c", "d1", 5.0), ("c", "d2", 5.0)]))
+    asyncio.run(gate.refresh(20))
+    assert gate.pacing.price("c") > 0 and M.PACING_PRICE.labels("c")._value.get() == gate.pacing.price("c")
 
 
 def test_gate_refused_reservation_updates_local_view():
