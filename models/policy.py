@@ -85,7 +85,9 @@ class Policy(Protocol):
 
     def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice: ...
 
-    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float) -> None: ...
+    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
+        """Outcome of a closed decision: ``reward`` = margin - cost (0 when expired); ``converted`` whether
+        the user bought inside the window (default ``reward != 0``)."""
 
 
 def holdout(user_id: str, pct: float, salt: str = "") -> bool:
@@ -197,5 +199,5 @@ class RulePolicy:
             reasons.append(f"{best.offer_id}: best expected incremental margin {scores[best.offer_id]:.2f}")
         return PolicyChoice(best.to_offer(ctx.now_ms), 1.0, scores, "treatment", reasons, self.model_version)
 
-    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float) -> None:
+    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
         return None
