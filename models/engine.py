@@ -28,17 +28,21 @@ Examples
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from models.attribution import Closed, OpenDecision, Purchase, close_on_purchase, expire, orders_from_events
 from models.catalogue import Catalogue, load_catalogue
 from models.decision import Decision, decision_id_for
 from models.events import Event
 from models.policy import DecisionContext, RulePolicy
 from models.profile import Profile
 from models.state import EngineStore, UserCommit
+
+OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
 
 DAY_MS = 86_400_000
 
@@ -51,6 +55,7 @@ class BatchResult:
     resend: list[Decision] = field(default_factory=list)  # stored decisions of redelivered triggers, not yet sent
     new_events: list[Event] = field(default_factory=list)
     profiles: dict[str, Profile] = field(default_factory=dict)  # users' profiles after the batch
+    closed: list[Closed] = field(default_factory=list)  # decisions whose attribution window closed
 
     def to_send(self) -> list[Decision]:
         return self.decisions + self.resend
@@ -63,6 +68,7 @@ class BatchResult:
         self.resend += other.resend
         self.new_events += other.new_events
         self.profiles.update(other.profiles)
+        self.closed += other.closed
 
 
 def _group(events: list[Event]) -> dict[str, list[Event]]:
@@ -102,6 +108,8 @@ class Engine:
         recommend_k: int = 10,
         clock_ms: Callable[[], int] | None = None,
         max_attempts: int = 5,
+        budget=None,
+        conversions=None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
@@ -112,17 +120,37 @@ class Engine:
         self.k = recommend_k
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
+        self.budget = budget  # models.budget.BudgetGate: blocks, reserves and settles budgeted offers
+        self.conversions = conversions  # models.attribution.ConversionStats (treatment vs holdout)
+        self.watermark_ms = 0  # largest event time applied: "now" for the expiry sweep
 
     @classmethod
-    def from_settings(cls, settings, store: EngineStore, learning=None) -> "Engine":
+    def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
+                      export_metrics: bool = False) -> "Engine":
+        """The production engine: Thompson-sampling policy with pacing, budgets in ``budget_store``."""
+        from models.attribution import ConversionStats
+        from models.bandit import ThompsonPolicy
+        from models.budget import BudgetGate
+        from models.pacing import PacingController
+
+        catalogue = load_catalogue(settings.catalogue_path)
+        pacing = PacingController(catalogue)
+        policy = ThompsonPolicy(catalogue, holdout_pct=settings.holdout_pct, pacing=pacing)
+        gate = None
+        if budget_store is not None:
+            gate = BudgetGate(catalogue, budget_store, window_ms=settings.attribution_window_s * 1000,
+                              pacing=pacing, export_metrics=export_metrics)
         return cls(
             store,
-            catalogue=load_catalogue(settings.catalogue_path),
+            policy,
+            catalogue=catalogue,
             learning=learning,
             holdout_pct=settings.holdout_pct,
             decision_cooldown_s=settings.decision_cooldown_s,
             attribution_window_s=settings.attribution_window_s,
             recommend_k=settings.recommend_k,
+            budget=gate,
+            conversions=ConversionStats(),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -130,10 +158,10 @@ class Engine:
         """A ``cart`` event, unless the user got a decision less than the cooldown ago (event time)."""
         return e.type == "cart" and (prof.n_decisions == 0 or e.ts - prof.last_decision_ts >= self.cooldown_ms)
 
-    def context(self, e: Event, prof: Profile) -> DecisionContext:
+    def context(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> DecisionContext:
         day_start = e.ts - e.ts % DAY_MS
         learning = self.learning
-        return DecisionContext(
+        ctx = DecisionContext(
             user_id=e.user_id,
             now_ms=e.ts,
             cart_value=prof.cart_value,
@@ -152,16 +180,23 @@ class Engine:
             offer_counts_today={k: sum(1 for t in v if t >= day_start) for k, v in prof.offer_history.items()},
             offer_counts_total={k: len(v) for k, v in prof.offer_history.items()},
         )
+        if learning is not None and hasattr(learning, "features"):
+            ctx.features = learning.features(prof, e.ts, e.context or None)
+        block = dict(self.budget.blocked(ctx)) if self.budget is not None else {}
+        if blocked:
+            block.update(blocked)
+        ctx.blocked = block
+        return ctx
 
-    def decide(self, e: Event, prof: Profile) -> Decision:
+    def decide(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> tuple[Decision, DecisionContext]:
         did = decision_id_for(e.event_id)
-        ctx = self.context(e, prof)
+        ctx = self.context(e, prof, blocked)
         choice = self.policy.choose(ctx, random.Random(did))
         offer = choice.offer
         if offer.kind != "none" and offer.expires_at is None:
             offer.expires_at = e.ts + self.window_ms
         if self.learning is not None:
-            items = self.learning.recommend(prof, self.k)
+            items = self.learning.recommend(prof, self.k, e.ts)
         else:
             items = list(reversed(prof.recent_items))[: self.k]
         return Decision(
@@ -176,14 +211,27 @@ class Engine:
             group=choice.group,
             model_version=choice.model_version,
             reasons=choice.reasons,
-        )
+        ), ctx
 
     # ------------------------------------------------------------------------------------------
-    def _plan_user(self, uid: str, evs: list[Event], load) -> _UserPlan:
-        prof = Profile.from_redis(load.profile)
-        plan = _UserPlan(uid, prof)
+    def _plan_user(self, uid: str, evs: list[Event], load, blocked: dict[str, str] | None = None) -> _UserPlan:
+        raw = dict(load.profile)
+        open_raw = raw.pop(OPEN_FIELD, None)
+        prof = Profile.from_redis(raw)
+        open_ = [OpenDecision.from_dict(d) for d in json.loads(open_raw)] if open_raw else []
+        plan = _UserPlan(uid, prof, had_open=bool(open_))
         done: set[str] = set()
         stored_json: list[tuple[str, bytes]] = []
+        new = [e for e in evs if e.event_id not in load.seen]
+        orders = {}  # first line's event id -> the whole order (lines of one order share order_id or ts)
+        seen_orders: set = set()
+        for e in new:
+            if e.type == "purchase":
+                key = e.order_id or f"ts:{e.ts}"
+                if key not in seen_orders:
+                    seen_orders.add(key)
+                    lines = [x for x in new if x.type == "purchase" and (x.order_id or f"ts:{x.ts}") == key]
+                    orders[e.event_id] = orders_from_events(lines)[0]
         for e in evs:
             if e.event_id in load.seen or e.event_id in done:
                 plan.duplicates += 1
@@ -194,43 +242,134 @@ class Engine:
                         plan.resend.append(d)
                 continue
             done.add(e.event_id)
+            if open_:
+                closed, open_ = expire(open_, e.ts)
+                plan.closed += closed
             prof.apply(e)
             plan.new_events.append(e)
+            order = orders.get(e.event_id)
+            if order is not None and open_:
+                closed, open_ = close_on_purchase(self.catalogue, open_, order)
+                plan.closed += closed
             if self.is_trigger(e, prof):
-                d = self.decide(e, prof)
+                d, ctx = self.decide(e, prof, blocked)
                 prof.mark_decision(e.ts, d.offer.offer_id)
                 plan.decisions.append(d)
                 stored_json.append((e.event_id, d.to_json()))
-        if plan.new_events:
-            plan.commit = UserCommit(uid, prof.to_redis(), [e.event_id for e in plan.new_events], stored_json)
+                if self.budget is not None:
+                    req = self.budget.request(d.decision_id, d.offer.offer_id, prof.cart_value, e.ts)
+                    if req is not None:
+                        plan.requests.append(req)
+                open_.append(OpenDecision(d.decision_id, uid, d.offer.offer_id, d.group, ts=e.ts,
+                                          expires_ms=e.ts + self.window_ms, cart_value=prof.cart_value,
+                                          propensity=d.propensity, ctx=ctx.to_dict()))
+        plan.open = open_
+        if plan.new_events or plan.closed:
+            fields = prof.to_redis()
+            fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in open_], separators=(",", ":"))
+            plan.commit = UserCommit(uid, fields, [e.event_id for e in plan.new_events], stored_json,
+                                     version=load.version, open_until=min((d.expires_ms for d in open_), default=None))
         return plan
+
+    async def _reserve(self, plans: list[_UserPlan]) -> dict[str, dict[str, str]]:
+        """Reserve the budgets the batch's decisions need; users whose reservation was refused, with why."""
+        reqs = [(p, r) for p in plans for r in p.requests]
+        if not reqs:
+            return {}
+        oks = await self.budget.reserve([r for _, r in reqs])
+        refused: dict[str, dict[str, str]] = {}
+        for (p, r), ok in zip(reqs, oks):
+            if not ok:
+                refused.setdefault(p.user_id, {})[r.offer_id] = "budget taken meanwhile by another decision"
+        return refused
 
     async def process_batch(self, events: list[Event]) -> BatchResult:
         """Apply a batch; see the module docstring for the guarantees."""
         result = BatchResult()
         pending = _group(events)
+        blocked: dict[str, dict[str, str]] = {}
         for _attempt in range(self.max_attempts):
             ids = {u: [e.event_id for e in evs] for u, evs in pending.items()}
             triggers = {u: [e.event_id for e in evs if e.type == "cart"] for u, evs in pending.items()}
             loads = await self.store.load(ids, triggers)
-            plans = [self._plan_user(u, evs, loads[u]) for u, evs in pending.items()]
+            plans = [self._plan_user(u, evs, loads[u], blocked.get(u)) for u, evs in pending.items()]
+            if self.budget is not None:
+                for _ in range(3):  # a refused reservation: decide again without that offer
+                    refused = await self._reserve(plans)
+                    if not refused:
+                        break
+                    for u, offers in refused.items():
+                        blocked.setdefault(u, {}).update(offers)
+                    plans = [self._plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id))
+                             if p.user_id in refused else p for p in plans]
             to_commit = [p for p in plans if p.commit is not None]
             oks = await self.store.commit([p.commit for p in to_commit])
-            refused = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
+            refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             for p in plans:
-                if p.user_id not in refused:
+                if p.user_id not in refused_users:
                     p.merge_into(result)
-            # a refused user was applied meanwhile by another worker (rebalance): re-plan from fresh state
-            pending = {u: pending[u] for u in refused}
+            # a refused user was changed meanwhile by another worker (rebalance) or the expiry sweep: re-plan
+            pending = {u: pending[u] for u in refused_users}
             if not pending:
                 break
         else:
             raise RuntimeError(
                 f"{len(pending)} users' events could not be committed after {self.max_attempts} attempts: "
-                "another worker keeps applying the same events (rebalance storm?)"
+                "another worker keeps changing the same users (rebalance storm?)"
             )
+        for e in result.new_events:
+            if e.ts > self.watermark_ms:
+                self.watermark_ms = e.ts
+        await self._learn(result)
+        return result
+
+    async def _learn(self, result: BatchResult) -> None:
+        """After the commit: models learn, closed decisions teach the policy and settle their budgets."""
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
+        if not result.closed:
+            return
+        for c in result.closed:
+            ctx = DecisionContext.from_dict(c.decision.ctx) if c.decision.ctx else None
+            if ctx is not None:
+                try:
+                    self.policy.learn_one(ctx, c.decision.offer_id, c.reward, converted=c.converted)
+                except TypeError:  # a policy without the ``converted`` argument
+                    self.policy.learn_one(ctx, c.decision.offer_id, c.reward)
+        if self.budget is not None:
+            await self.budget.settle([(c.decision.offer_id, c.decision.decision_id, c.cost) for c in result.closed])
+        if self.conversions is not None:
+            self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
+
+    async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
+        """Close attribution windows that expired by event time ``now_ms`` (default: the watermark) for
+        ``user_ids`` (users whose open decisions the store lists as due). Reward 0, the policy learns."""
+        now_ms = self.watermark_ms if now_ms is None else now_ms
+        result = BatchResult()
+        users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)
+        for _attempt in range(self.max_attempts):
+            if not users:
+                break
+            loads = await self.store.load({u: [] for u in users}, {})
+            plans = []
+            for u in users:
+                plan = self._plan_user(u, [], loads[u])
+                closed, still = expire(plan.open, now_ms)
+                if closed:
+                    plan.closed, plan.open = closed, still
+                    fields = plan.profile.to_redis()
+                    fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in still], separators=(",", ":"))
+                    plan.commit = UserCommit(u, fields, [], [], version=loads[u].version,
+                                             open_until=min((d.expires_ms for d in still), default=None))
+                plans.append(plan)
+            to_commit = [p for p in plans if p.commit is not None]
+            oks = await self.store.commit([p.commit for p in to_commit])
+            retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
+            for p in to_commit:
+                if p.user_id not in retry:
+                    result.closed += p.closed
+            users = sorted(retry)
+        await self._learn(result)
         return result
 
     async def mark_sent(self, decisions: list[Decision]) -> None:
@@ -247,6 +386,10 @@ class _UserPlan:
     decisions: list[Decision] = field(default_factory=list)
     resend: list[Decision] = field(default_factory=list)
     commit: UserCommit | None = None
+    had_open: bool = False
+    open: list = field(default_factory=list)  # OpenDecision, after the batch
+    closed: list = field(default_factory=list)  # Closed
+    requests: list = field(default_factory=list)  # budget ReserveRequest
 
     def merge_into(self, r: BatchResult) -> None:
         r.duplicates += self.duplicates
@@ -254,5 +397,6 @@ class _UserPlan:
         r.resend += self.resend
         r.new_events += self.new_events
         r.profiles[self.user_id] = self.profile
+        r.closed += self.closed
         for e in self.new_events:
             r.applied[e.type] = r.applied.get(e.type, 0) + 1

@@ -40,6 +40,7 @@ class UserLoad:
     profile: dict
     seen: set[str] = field(default_factory=set)
     stored: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # trigger event id -> (json, sent)
+    version: str = ""  # the profile version read; a commit succeeds only if it is still current
 
 
 @dataclass(slots=True)
@@ -50,6 +51,8 @@ class UserCommit:
     profile: dict[str, str]
     event_ids: list[str]
     decisions: list[tuple[str, bytes]]  # (trigger event id, decision json)
+    version: str = ""  # the version the commit was planned from (optimistic concurrency)
+    open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
 
 
 class EngineStore(Protocol):
@@ -62,6 +65,9 @@ class EngineStore(Protocol):
     async def mark_sent(self, sent: list[tuple[str, str]]) -> None:
         """Flag stored decisions (user id, trigger event id) as delivered to the decisions topic."""
 
+    async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
+        """Users whose earliest open decision expires at or before event time ``now_ms``."""
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -72,14 +78,17 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.profiles: dict[str, dict] = {}
+        self.versions: dict[str, int] = {}
         self.seen: set[tuple[str, str]] = set()
         self.decisions: dict[tuple[str, str], list] = {}
+        self.open_until: dict[str, int] = {}
 
     async def load(self, event_ids, triggers):
         out = {}
         for uid, eids in event_ids.items():
             out[uid] = UserLoad(
                 profile=dict(self.profiles.get(uid, {})),
+                version=str(self.versions[uid]) if uid in self.versions else "",
                 seen={e for e in eids if (uid, e) in self.seen},
                 stored={
                     t: (d[0], d[1]) for t in triggers.get(uid, ()) if (d := self.decisions.get((uid, t))) is not None
@@ -90,11 +99,17 @@ class MemoryStore:
     async def commit(self, commits):
         ok = []
         for c in commits:
-            if any((c.user_id, e) in self.seen for e in c.event_ids):
+            current = str(self.versions[c.user_id]) if c.user_id in self.versions else ""
+            if current != c.version or any((c.user_id, e) in self.seen for e in c.event_ids):
                 ok.append(False)
                 continue
+            self.versions[c.user_id] = self.versions.get(c.user_id, 0) + 1
             self.seen.update((c.user_id, e) for e in c.event_ids)
             self.profiles.setdefault(c.user_id, {}).update(c.profile)
+            if c.open_until is None:
+                self.open_until.pop(c.user_id, None)
+            else:
+                self.open_until[c.user_id] = c.open_until
             for trig, js in c.decisions:
                 self.decisions[(c.user_id, trig)] = [js, False]
             ok.append(True)
@@ -105,6 +120,9 @@ class MemoryStore:
             if key in self.decisions:
                 self.decisions[key][1] = True
 
+    async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
+        return sorted(u for u, t in self.open_until.items() if t <= now_ms)[:limit]
+
     async def ping(self) -> bool:
         return True
 
@@ -113,13 +131,17 @@ class MemoryStore:
 
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
-# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m]
-# (RedisStore writes one field, ``v``; the script takes any number)
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, expected_version]
+# (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
+# is not the version the commit was planned from, or when any marker exists: nothing is written then.
 _COMMIT_LUA = """
 local n = tonumber(ARGV[1])
+local cur = redis.call('HGET', KEYS[1], 'ver') or ''
+if cur ~= ARGV[#ARGV] then return 0 end
 for i = 1, n do
   if redis.call('EXISTS', KEYS[1 + i]) == 1 then return 0 end
 end
+redis.call('HSET', KEYS[1], 'ver', tostring((tonumber(cur) or 0) + 1))
 for i = 1, n do
   redis.call('SET', KEYS[1 + i], '1', 'EX', ARGV[2])
 end
@@ -186,12 +208,19 @@ class RedisStore:
     def decision_key(self, user_id: str, event_id: str) -> str:
         return f"{self.user_tag(user_id)}:d:{event_id}"
 
+    @property
+    def open_key(self) -> str:
+        return f"{self.prefix}:open"
+
+    async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
+        return [u.decode() for u in await self.r.zrangebyscore(self.open_key, "-inf", now_ms, start=0, num=limit)]
+
     # interface -------------------------------------------------------------------------------
     async def load(self, event_ids, triggers):
         pipe = self.r.pipeline(transaction=False)
         plan = []
         for uid, eids in event_ids.items():
-            pipe.hget(self.profile_key(uid), "v")
+            pipe.hmget(self.profile_key(uid), "v", "ver")
             for e in eids:
                 pipe.exists(self.marker_key(uid, e))
             trig = triggers.get(uid, ())
@@ -201,7 +230,8 @@ class RedisStore:
         res = await pipe.execute()
         out, i = {}, 0
         for uid, eids, trig in plan:
-            load = UserLoad(profile=json.loads(res[i]) if res[i] else {})
+            packed, ver = res[i]
+            load = UserLoad(profile=json.loads(packed) if packed else {}, version=ver.decode() if ver else "")
             i += 1
             for e in eids:
                 if res[i]:
@@ -226,9 +256,22 @@ class RedisStore:
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
+            args.append(c.version)
             await self._commit(keys=keys, args=args, client=pipe)
         res = await pipe.execute()
-        return [bool(x) for x in res]
+        oks = [bool(x) for x in res]
+        # the sweep's index of users with open decisions: a hint, updated after the atomic commits
+        idx = self.r.pipeline(transaction=False)
+        for c, ok in zip(commits, oks):
+            if not ok:
+                continue
+            if c.open_until is None:
+                idx.zrem(self.open_key, c.user_id)
+            else:
+                idx.zadd(self.open_key, {c.user_id: c.open_until})
+        if len(idx):
+            await idx.execute()
+        return oks
 
     async def mark_sent(self, sent):
         if not sent:

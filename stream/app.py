@@ -74,7 +74,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     )
     health = Health()
     if engine is None:
-        engine = Engine.from_settings(settings, RedisStore.from_settings(settings))
+        engine = build_engine(settings)
     m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
     state: dict = {"engine": engine}
     events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
@@ -122,6 +122,14 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             "ready": ok, "redis": redis_ok, "assigned_partitions": sorted(tp.partition for tp in assigned),
             "rebalancing": rebalancing, "last_error": health.last_error,
         }
+
+    @app.timer(interval=settings.maintenance_interval_s)
+    async def maintenance() -> None:
+        """Expiry sweep, budgets, quality gauges and a model snapshot; a failure is logged, never fatal."""
+        try:
+            await run_maintenance(settings, state["engine"])
+        except Exception as exc:  # Redis down: the agent's retry loop reports it; try again next period
+            log.warning("maintenance skipped: %s: %s", type(exc).__name__, exc)
 
     forget_topic = app.topic(settings.topic_forget, key_type=bytes, value_type=bytes, internal=False)
 
@@ -172,6 +180,82 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     app.promo_state = state  # type: ignore[attr-defined]
     return app
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The production engine: Redis state, Thompson policy with budgets and pacing, the learning core."""
+    import redis
+
+    from models.budget import RedisBudgetStore
+
+    learning = None
+    if settings.learning:
+        from models.item_store import RedisItemStore
+        from models.learning import LearningCore, load_snapshot
+
+        learning = LearningCore(
+            RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix),
+            horizon_h=settings.purchase_horizon_h,
+        )
+    engine = Engine.from_settings(settings, RedisStore.from_settings(settings), learning=learning,
+                                  budget_store=RedisBudgetStore.from_settings(settings), export_metrics=True)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+    try:
+        if learning is not None:
+            offsets = load_snapshot(client, learning, settings.redis_prefix)
+            if offsets is not None:
+                log.info("learning core restored from its snapshot (covering %d partitions)", len(offsets))
+        blob = client.get(policy_snapshot_key(settings))
+        if blob and hasattr(engine.policy, "load_bytes"):
+            engine.policy.load_bytes(blob)
+            log.info("policy %s restored from its snapshot", engine.policy.model_version)
+    finally:
+        client.close()
+    return engine
+
+
+def policy_snapshot_key(settings: Settings) -> str:
+    return f"{settings.redis_prefix}:snapshot:policy"
+
+
+async def run_maintenance(settings: Settings, engine: Engine) -> None:
+    now = engine.watermark_ms
+    if now:
+        await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
+        if engine.budget is not None:
+            await engine.budget.sweep(now)
+            await engine.budget.refresh(now)
+    if engine.learning is not None:
+        q = engine.learning.quality()
+        for name, auc, ll in (("propensity", "auc", "logloss"), ("propensity_baseline", "base_auc", "base_logloss")):
+            if q.get(auc) == q.get(auc):  # not NaN
+                m.MODEL_AUC.labels(model=name).set(q[auc])
+            if q.get(ll) == q.get(ll):
+                m.MODEL_LOGLOSS.labels(model=name).set(q[ll])
+    # serialise in the loop (the models are not touched concurrently), write from a thread
+    blobs: dict[str, bytes] = {}
+    if engine.learning is not None:
+        from models.learning import snapshot_key
+
+        blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot({"watermark_ms": engine.watermark_ms})
+    if hasattr(engine.policy, "to_bytes"):
+        blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
+    if blobs:
+        await asyncio.to_thread(_write_snapshots, settings, blobs)
+        m.MODEL_SNAPSHOTS.inc()
+
+
+def _write_snapshots(settings: Settings, blobs: dict[str, bytes]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key, blob in blobs.items():
+            pipe.set(key, blob)
+        pipe.execute()
+    finally:
+        client.close()
 
 
 def _preflight(settings: Settings) -> None:

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     decision_cooldown_s: int = Field(1800, ge=0, description="min event time between two decisions for a user")
     attribution_window_s: int = Field(86_400, ge=60)
     recommend_k: int = Field(10, ge=1, le=100)
+    purchase_horizon_h: float = Field(24.0, gt=0, description="propensity label: purchase within H hours")
+    maintenance_interval_s: float = Field(
+        15.0, gt=0, description="expiry sweep, budget refresh/sweep, quality gauges and model snapshot period"
+    )
+    learning: bool = Field(True, description="online learning core (similarity, propensity, segments) on")
     seed: int = 0
 
     # --- derived ----------------------------------------------------------------------------
