@@ -166,7 +166,13 @@ def evaluate_policy(file: Path, fmt: str, seed: int, as_json: bool) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR) on logged decisions."""
     from models.ope import evaluate_file
 
-    emit(evaluate_file(file, fmt=fmt, seed=seed), as_json)
+    if not file.exists():
+        raise PromoError(f"{file}: no such file or directory")
+    try:
+        report = evaluate_file(file, fmt=fmt, seed=seed)
+    except ValueError as exc:  # PolicyDataError names <file>:<line>
+        raise PromoError(str(exc)) from exc
+    emit(report, as_json)
 
 
 @cli.group(cls=_Group)

@@ -1,0 +1,97 @@
+"""The engine with the production policy, budgets and attribution, on in-memory stores."""
+
+from __future__ import annotations
+
+import asyncio
+
+from models.attribution import ConversionStats
+from models.bandit import ThompsonPolicy
+from models.budget import BudgetGate, MemoryBudgetStore
+from models.catalogue import parse_catalogue
+from models.engine import Engine
+from models.events import Event
+from models.state import MemoryStore
+
+CAT = """
+offers:
+  - {offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.5, budget: 12}
+"""
+H = 3_600_000
+
+
+def engine(store=None, budget_store=None, holdout=0.0):
+    cat = parse_catalogue(CAT)
+    gate = BudgetGate(cat, budget_store or MemoryBudgetStore(), window_ms=24 * H)
+    return Engine(store or MemoryStore(), ThompsonPolicy(cat, holdout_pct=holdout, floor=0.2), catalogue=cat,
+                  holdout_pct=holdout, budget=gate, conversions=ConversionStats(), clock_ms=lambda: 0,
+                  decision_cooldown_s=0)
+
+
+def cart(i, user="u1", ts=0, price=50.0):
+    return Event(f"c{i}", "cart", user, f"i{i}", ts, price=price)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_redeemed_purchase_closes_the_decision_and_charges_the_budget_once():
+    eng = engine()
+    d = run(eng.process_batch([cart(1)])).decisions[0]
+    buy = Event("p1", "purchase", "u1", "i1", 10, price=50.0, decision_id=d.decision_id)
+    res = run(eng.process_batch([buy, buy]))
+    assert [(c.decision.decision_id, c.outcome) for c in res.closed] == [
+        (d.decision_id, "redeemed" if d.offer.kind != "none" else "converted")]
+    spend = run(eng.budget.store.spend(["c5"]))["c5"]
+    assert spend.committed == (5.0 if d.offer.kind != "none" else 0.0) and spend.reserved == 0.0
+    assert run(eng.process_batch([buy])).closed == []  # redelivered: nothing closes twice
+
+
+def test_budget_is_never_exceeded_and_offers_fall_back_to_none():
+    eng = engine()
+    decisions = [run(eng.process_batch([cart(i, user=f"u{i}")])).decisions[0] for i in range(20)]
+    offered = [d for d in decisions if d.offer.offer_id == "c5"]
+    assert 1 <= len(offered) <= 2  # budget 12, a coupon may cost 5
+    spend = run(eng.budget.store.spend(["c5"]))["c5"]
+    assert spend.spent <= 12.0
+    blocked = [d for d in decisions[-5:] if any("budget" in r for r in d.reasons)]
+    assert blocked, "late decisions must say the budget blocked the offer"
+
+
+def test_window_expiry_by_the_sweep_closes_with_reward_zero():
+    store = MemoryStore()
+    eng = engine(store)
+    run(eng.process_batch([cart(1)]))
+    assert run(store.due_users(24 * H)) == ["u1"]
+    res = run(eng.sweep(24 * H))
+    assert [(c.outcome, c.reward) for c in res.closed] == [("expired", 0.0)]
+    assert run(store.due_users(48 * H)) == []
+    assert run(eng.sweep(48 * H)).closed == []
+
+
+def test_purchase_without_decision_id_inside_the_window_converts():
+    eng = engine()
+    run(eng.process_batch([cart(1)]))
+    res = run(eng.process_batch([Event("p1", "purchase", "u1", "i9", 2 * H, price=20.0)]))
+    assert [c.outcome for c in res.closed] == ["converted"]
+
+
+def test_holdout_users_get_no_offer():
+    eng = engine(holdout=100.0)
+    d = run(eng.process_batch([cart(1)])).decisions[0]
+    assert d.group == "holdout" and d.offer.kind == "none"
+
+
+def test_a_stale_plan_is_refused_and_replanned():
+    """Two engines on one store (a rebalance overlap): the second commit is refused, then re-planned."""
+    store = MemoryStore()
+    a, b = engine(store), engine(store)
+    run(a.process_batch([Event("v1", "view", "u1", "i1", 0)]))
+    loads = run(store.load({"u1": ["v2"]}, {}))
+    run(b.process_batch([Event("v3", "view", "u1", "i3", 1)]))  # changes u1 after a's load
+    plan = a._plan_user("u1", [Event("v2", "view", "u1", "i2", 2)], loads["u1"])
+    assert run(store.commit([plan.commit])) == [False]
+    res = run(a.process_batch([Event("v2", "view", "u1", "i2", 2)]))
+    assert res.applied == {"view": 1}
+    (profile,) = [v for k, v in store.profiles.items() if k == "u1"]
+    assert '"view":3' in profile["counts"]
