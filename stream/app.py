@@ -277,7 +277,7 @@ def _preflight(settings: Settings) -> None:
         r.close()
     except Exception as exc:
         raise PromoError(
-            f"cannot reach Redis at {settings.redis_url} (PROMO_REDIS_URL): {exc}; "
+            f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; "
             "start the embedded stack with `promo stack up`"
         ) from exc
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above closed the default loop

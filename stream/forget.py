@@ -59,7 +59,7 @@ def forget_user(settings: Settings, user_id: str) -> dict:
         removed = forget_keys(client, settings.redis_prefix, uid)
     except redis.ConnectionError as exc:
         raise PromoError(
-            f"cannot reach Redis at {settings.redis_url} (PROMO_REDIS_URL): {exc}; nothing was deleted"
+            f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; nothing was deleted"
         ) from exc
     items = _forget_item_contributions(settings, client, uid)
     client.close()

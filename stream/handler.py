@@ -84,7 +84,7 @@ class BatchHandler:
                     log.error(
                         "%s failed (%s); retrying every %.1fs, batch not acknowledged. Check Redis at %s "
                         "(PROMO_REDIS_URL)", what, self.health.last_error, self.settings.redis_retry_s,
-                        self.settings.redis_url,
+                        self.settings.redis_url_safe,
                     )
                 await asyncio.sleep(self.settings.redis_retry_s)  # back-off while Redis is down
 

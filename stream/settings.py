@@ -118,6 +118,19 @@ class Settings(BaseSettings):
         return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
 
     @property
+    def redis_url_safe(self) -> str:
+        """The Redis URL with any password masked, for messages and logs.
+
+        >>> Settings(_env_file=None, redis_url="rediss://user:pw@cache:6380/0").redis_url_safe
+        'rediss://user:***@cache:6380/0'
+        """
+        u = urlparse(self.redis_url)
+        if u.password is None:
+            return self.redis_url
+        netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+        return u._replace(netloc=netloc).geturl()
+
+    @property
     def redis_host(self) -> str:
         return urlparse(self.redis_url).hostname or "127.0.0.1"
 

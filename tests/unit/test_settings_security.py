@@ -1,0 +1,44 @@
+"""Security settings pass through from PROMO_* variables to aiokafka, Faust and redis-py."""
+
+from __future__ import annotations
+
+import ssl
+
+import faust
+
+from stream.app import _credentials
+from stream.settings import Settings
+
+
+def test_sasl_ssl_reaches_aiokafka_and_faust(monkeypatch):
+    monkeypatch.setenv("PROMO_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("PROMO_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("PROMO_KAFKA_SASL_USERNAME", "promo")
+    monkeypatch.setenv("PROMO_KAFKA_SASL_PASSWORD", "s3cret")
+    s = Settings(_env_file=None)
+    kw = s.kafka_client_kwargs()
+    assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kw["sasl_plain_username"] == "promo" and kw["sasl_plain_password"] == "s3cret"
+    assert isinstance(kw["ssl_context"], ssl.SSLContext)
+    cred = _credentials(s)
+    assert isinstance(cred, faust.SASLCredentials) and cred.mechanism.name.replace("_", "-") == "SCRAM-SHA-512"
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s.model_dump(mode="json"))
+
+
+def test_plaintext_by_default_and_secrets_never_printed():
+    s = Settings(_env_file=None, redis_url="rediss://:pw@cache:6380/0", pseudonymise_key="k" * 16)
+    assert _credentials(s) is None
+    assert s.kafka_client_kwargs() == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+    assert "k" * 16 not in repr(s)
+    assert s.to_env()["PROMO_PSEUDONYMISE_KEY"] == "k" * 16  # children get the real value
+
+
+def test_redis_password_is_masked_in_messages():
+    s = Settings(_env_file=None, redis_url="redis://:hunter2@127.0.0.1:1/0")
+    from stream.forget import forget_user
+    from stream.errors import PromoError
+    import pytest
+
+    with pytest.raises(PromoError) as e:
+        forget_user(s, "u1")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
