@@ -210,7 +210,8 @@ class Engine:
             scores=choice.scores,
             group=choice.group,
             model_version=choice.model_version,
-            reasons=choice.reasons,
+            reasons=choice.reasons + [f"p_buy={ctx.propensity:.3f} (purchase propensity, "
+                                      f"{'online model' if self.learning is not None else 'frequency'})"],
         ), ctx
 
     # ------------------------------------------------------------------------------------------
