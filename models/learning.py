@@ -1,0 +1,410 @@
+"""The learning core: what the engine calls once per batch, and asks at decision time.
+
+Design
+------
+:class:`LearningCore` owns everything that learns from the event stream, except the profiles (the engine folds
+events into :class:`models.profile.Profile` and writes them to Redis atomically per user):
+
+* **item similarity**: per-user recent windows (:class:`models.similarity.UserWindows`, in worker memory, a
+  user always maps to one partition hence one worker) and the numba kernel turn a batch into aggregated pair
+  and item increments, applied to the :class:`models.item_store.ItemStore` in ONE call (one Redis pipeline);
+* **category price reference** (:class:`models.profile.CategoryStats`) for the profiles' price level;
+* **purchase propensity** with delayed labels (:class:`models.propensity.DelayedLabelLearner`) and a frequency
+  baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
+* **segments** (:class:`models.segments.ProfileSegments`).
+
+Per batch (:meth:`LearningCore.learn_batch`): events are de-duplicated and in partition order; ``profiles``
+are the users' profiles AFTER the batch. River is not called per event: a user has at most one **decision
+point** per batch, at their last event of the batch if it is not a purchase (then the profile after the batch
+is the profile at that event, with no leak of a later purchase), and at most one per ``sample_gap_ms`` of event
+time. With ``decision_points="milestones"`` (default) a point is taken only when the batch holds a ``cart`` of
+the user (the engine's trigger) or the user's session reached its 2nd, 4th, 8th, ... event in it: points where
+an offer could be made, a logarithmic number per session; ``"batch"`` takes one at every batch of the user.
+Purchases of the batch label the user's pending points first; then the watermark (largest event time seen)
+expires points older than the horizon as negatives. Segments learn at every ``segment_every``-th point.
+
+Decision time: :meth:`recommend`, :meth:`propensity` and :meth:`segment` read only (no learning).
+
+Snapshots: :meth:`snapshot` pickles the models, windows, pending points and category stats with the Kafka
+offsets they cover (``{(topic, partition): next offset}`` or any picklable dict); :meth:`restore` puts them
+back and returns the offsets to resume from. The item store is included only when it lives in memory (Redis
+holds its own). :func:`save_snapshot` / :func:`load_snapshot` keep the bytes under ONE Redis key. A snapshot
+is a pickle: load only snapshots written by the engine's own Redis.
+
+Examples
+--------
+>>> from models.events import Event
+>>> from models.profile import Profile
+>>> core = LearningCore(horizon_h=1.0)
+>>> events = [Event("e1", "view", "u1", "a", 1_000), Event("e2", "view", "u1", "b", 2_000),
+...           Event("e3", "view", "u2", "a", 3_000), Event("e4", "cart", "u2", "b", 4_000)]
+>>> profiles = {}
+>>> for e in events:
+...     profiles.setdefault(e.user_id, Profile()).apply(e)
+>>> core.learn_batch(events, profiles)
+>>> core.recommend(Profile(recent_items=["a"]), 2)
+['b']
+>>> 0.0 < core.propensity(profiles["u1"], 4_000) < 1.0, core.segment(profiles["u1"]) in range(6)
+(True, True)
+>>> offsets = core.restore(core.snapshot({("promo.events", 0): 4}))
+>>> offsets
+{('promo.events', 0): 4}
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import pickle
+import time
+
+import numpy as np
+
+from models.events import Event
+from models.item_store import ItemBatch, ItemStore, MemoryItemStore
+from models.profile import EVENT_WEIGHTS, FEATURE_NAMES, CategoryStats, Profile
+from models.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.recommend import recommend as _recommend
+from models.segments import ProfileSegments
+from models.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
+
+__all__ = ["LearningCore", "save_snapshot", "load_snapshot", "snapshot_key", "tune_gc", "SNAPSHOT_VERSION"]
+
+HOUR_MS = 3_600_000
+SNAPSHOT_VERSION = 1
+CONTEXT_FEATURES = ("item_conversion", "category_conversion")
+_ALL_NAMES = FEATURE_NAMES + CONTEXT_FEATURES
+DEFAULT_CONTEXT_KEYS = frozenset({"channel", "device", "behavior", "platform", "country"})
+
+
+class LearningCore:
+    """Facade over similarity, propensity and segments (see the module docstring).
+
+    Parameters
+    ----------
+    store
+        Item similarity store (default: a new :class:`MemoryItemStore`).
+    horizon_h
+        H of "purchase within H hours".
+    window_width, window_ms
+        Items in a user's recent window, and the largest time between two co-occurring events.
+    max_users
+        Users whose windows are kept (least recently used evicted beyond).
+    sample_gap_ms
+        Minimum event time between two decision points of one user.
+    decision_points
+        ``milestones`` (carts and the 2nd, 4th, 8th, ... event of a session) or ``batch`` (every batch).
+    n_segments, segment_every
+        Clusters, and learn segments at every n-th decision point.
+    max_pending
+        Decision points waiting for a label.
+    keep_predictions
+        Keep every scored ``(label, engine p, baseline p)`` (offline evaluation).
+    recommend_options
+        Keyword arguments of :func:`models.recommend.recommend`.
+    propensity_options
+        Keyword arguments of :class:`models.propensity.PurchasePropensity`.
+    context_keys
+        Event ``context`` keys whose string values become one-hot features (low-cardinality ones: channel,
+        device, ...); numeric context values are always features.
+    seed
+        Seeds the segments' initial centres.
+    """
+
+    def __init__(
+        self,
+        store: ItemStore | None = None,
+        *,
+        horizon_h: float = 1.0,
+        window_width: int = 8,
+        window_ms: int = HOUR_MS,
+        max_users: int = 200_000,
+        sample_gap_ms: int = 60_000,
+        decision_points: str = "milestones",
+        n_segments: int = 6,
+        segment_every: int = 16,
+        max_pending: int = 200_000,
+        keep_predictions: bool = False,
+        recommend_options: dict | None = None,
+        propensity_options: dict | None = None,
+        context_keys: frozenset[str] | set[str] = DEFAULT_CONTEXT_KEYS,
+        seed: int = 0,
+    ) -> None:
+        if horizon_h <= 0:
+            raise ValueError(f"horizon_h must be > 0 hours, got {horizon_h}")
+        self.store = store if store is not None else MemoryItemStore()
+        self.horizon_h = float(horizon_h)
+        self.window_width = window_width
+        self.window_ms = int(window_ms)
+        self.max_users = max_users
+        self.sample_gap_ms = int(sample_gap_ms)
+        if decision_points not in ("milestones", "batch"):
+            raise ValueError(f"decision_points must be 'milestones' or 'batch', got {decision_points!r}")
+        self.decision_points = decision_points
+        self.n_segments = n_segments
+        self.segment_every = max(1, segment_every)
+        self.max_pending = max_pending
+        self.keep_predictions = keep_predictions
+        self.recommend_options = dict(recommend_options or {})
+        self.propensity_options = dict(propensity_options or {})
+        self.context_keys = frozenset(context_keys)
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learnt (the store is cleared too)."""
+        self.store.clear()
+        self.vocab = ItemVocab()
+        self.windows = UserWindows(self.max_users, self.window_width)
+        self.stats = CategoryStats()
+        self.item_conv = ConversionStats(max_keys=self.max_users)
+        self.cat_conv = ConversionStats(max_keys=self.max_users)
+        self.labels = DelayedLabelLearner(
+            horizon_ms=int(self.horizon_h * HOUR_MS),
+            model=PurchasePropensity(feature_names=FEATURE_NAMES + CONTEXT_FEATURES, **self.propensity_options),
+            baseline=FrequencyPropensity(), max_pending=self.max_pending,
+            keep_predictions=self.keep_predictions,
+        )
+        self.segments = ProfileSegments(self.n_segments, seed=self.seed)
+        self.last_sample: dict[str, int] = {}
+        self._last_sample_purge = 0
+        self.watermark = 0
+        self.n_events = 0
+        self.n_batches = 0
+        self.timings = {"similarity_s": 0.0, "store_s": 0.0, "models_s": 0.0}
+
+    def clone(self) -> "LearningCore":
+        """A fresh core with the same parameters and an empty in-memory store of the same configuration."""
+        return LearningCore(
+            MemoryItemStore(self.store.config), horizon_h=self.horizon_h, window_width=self.window_width,
+            window_ms=self.window_ms, max_users=self.max_users, sample_gap_ms=self.sample_gap_ms,
+            decision_points=self.decision_points, n_segments=self.n_segments, segment_every=self.segment_every,
+            max_pending=self.max_pending,
+            keep_predictions=self.keep_predictions, recommend_options=self.recommend_options,
+            propensity_options=self.propensity_options, context_keys=self.context_keys, seed=self.seed,
+        )
+
+    # --- learning ---------------------------------------------------------------------------------
+    def learn_batch(self, events: list[Event], profiles: dict[str, Profile]) -> None:
+        """Learn from one batch (de-duplicated, partition order); ``profiles``: the users' profiles AFTER it."""
+        if not events:
+            return
+        t0 = time.perf_counter()
+        n = len(events)
+        batch = self.item_batch(events)
+        batch_ts = batch.ts
+        t1 = time.perf_counter()
+        self.store.apply(batch)
+        t2 = time.perf_counter()
+        # --- category price reference, purchases, decision points ---------------------------------
+        stats = self.stats
+        last: dict[str, Event] = {}
+        seen: dict[str, int] = {}  # user -> events in this batch
+        carts: set[str] = set()
+        labels = self.labels
+        item_conv = self.item_conv
+        cat_conv = self.cat_conv
+        for e in events:
+            u = e.user_id
+            seen[u] = seen.get(u, 0) + 1
+            etype = e.type
+            if etype == "remove_from_cart":
+                continue
+            if e.price and e.category:
+                stats.update(e.category, e.price)
+            item_conv.update(e.item_id, etype)
+            cat_conv.update(e.category, etype)
+            if etype == "purchase":
+                labels.purchase(u, e.ts)
+            elif etype == "cart":
+                carts.add(u)
+            last[u] = e
+        if batch_ts > self.watermark:
+            self.watermark = batch_ts
+        gap = self.sample_gap_ms
+        last_sample = self.last_sample
+        milestones = self.decision_points == "milestones"
+        for u, e in last.items():
+            if e.type == "purchase":
+                continue
+            prev = last_sample.get(u)
+            if prev is not None and e.ts - prev < gap:
+                continue
+            prof = profiles.get(u)
+            if prof is None:
+                continue
+            if milestones and u not in carts:
+                # the session reached its 2nd, 4th, 8th, ... event during this batch
+                s_now = prof.session_events
+                lo = max(2, s_now - seen[u] + 1)
+                if s_now < 2 or (1 << (s_now.bit_length() - 1)) < lo:
+                    continue
+            values = self._values(prof, e.ts)
+            labels.observe_values(u, e.ts, values, self._context(e.context), labels.baseline.predict_profile(prof))
+            last_sample[u] = e.ts
+            if labels.n_observed % self.segment_every == 0:
+                self.segments.learn_one(dict(zip(_ALL_NAMES, values)))
+        labels.advance(self.watermark)
+        if len(last_sample) > 2 * self._last_sample_purge + 10_000:
+            limit = self.watermark - gap
+            self.last_sample = {u: t for u, t in last_sample.items() if t >= limit}
+            self._last_sample_purge = len(self.last_sample)
+        self.n_events += n
+        self.n_batches += 1
+        t3 = time.perf_counter()
+        tm = self.timings
+        tm["similarity_s"] += t1 - t0
+        tm["store_s"] += t2 - t1
+        tm["models_s"] += t3 - t2
+
+    def item_batch(self, events: list[Event]) -> ItemBatch:
+        """The batch's aggregated item and pair increments (advances the users' windows; no store write)."""
+        n = len(events)
+        weights = np.fromiter((EVENT_WEIGHTS.get(e.type, 0.0) for e in events), np.float64, n)
+        ts = np.fromiter((e.ts for e in events), np.int64, n)
+        items = self.vocab.index([e.item_id for e in events])
+        slots = self.windows.slots_for([e.user_id for e in events])
+        a, b, inc = count_pairs(slots, items, ts, weights, self.windows, self.window_ms)
+        ui, uw = aggregate_items(items, weights)
+        ids = self.vocab.ids
+        return ItemBatch(
+            ts=int(ts.max()), items=[ids[i] for i in ui.tolist()], item_inc=uw.tolist(),
+            pair_a=[ids[i] for i in a.tolist()], pair_b=[ids[i] for i in b.tolist()], pair_inc=inc.tolist(),
+        )
+
+    # --- decision time --------------------------------------------------------------------------------
+    def features(self, profile: Profile, now_ms: int, context: dict | None = None) -> dict[str, float]:
+        """Model features: the profile's (:data:`models.profile.FEATURE_NAMES`), the log-odds of purchase of
+        the current item and category (learnt from past events), and ``context`` (numbers as ``ctx_<key>``,
+        strings of :attr:`context_keys` one-hot as ``ctx_<key>=<value>``)."""
+        x = dict(zip(_ALL_NAMES, self._values(profile, now_ms)))
+        ctx = self._context(context)
+        if ctx:
+            x.update(ctx)
+        return x
+
+    def _values(self, profile: Profile, now_ms: int) -> list[float]:
+        values = profile.feature_values(now_ms, self.stats)
+        values.append(self.item_conv.log_odds(profile.recent_items[-1] if profile.recent_items else None))
+        values.append(self.cat_conv.log_odds(profile.last_category))
+        return values
+
+    def _context(self, context: dict | None) -> dict | None:
+        if not context:
+            return None
+        x = {}
+        keys = self.context_keys
+        for k, v in context.items():
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, (int, float)):
+                if math.isfinite(v):
+                    x[f"ctx_{k}"] = float(v)
+            elif k in keys:
+                x[f"ctx_{k}={v}"] = 1.0
+        return x or None
+
+    def recommend(self, profile: Profile, k: int, now_ms: int | None = None) -> list[str]:
+        """Up to ``k`` items for the user, best first (:func:`models.recommend.recommend`)."""
+        now = now_ms if now_ms is not None else (profile.last_ts or self.watermark)
+        return _recommend(profile.recent_items, k, self.store, now, **self.recommend_options)
+
+    def propensity(self, profile: Profile, now_ms: int, context: dict | None = None) -> float:
+        """P(the user buys within H hours of ``now_ms``)."""
+        return self.labels.predict_proba(self.features(profile, now_ms, context))
+
+    def segment(self, profile: Profile, now_ms: int | None = None) -> int:
+        """The user's segment, ``0 .. n_segments - 1``."""
+        now = now_ms if now_ms is not None else (profile.last_ts or self.watermark)
+        return self.segments.predict_one(self.features(profile, now))
+
+    def quality(self) -> dict[str, float]:
+        """Online (prequential) quality of the propensity model and its baseline, and label counts.
+
+        Keys: ``auc``, ``logloss`` (engine), ``base_auc``, ``base_logloss`` (frequency baseline),
+        ``labels``, ``positives``, ``pending``, ``dropped``. AUC and log loss are NaN before the first label.
+        """
+        q = self.labels.quality()
+        q.update(labels=self.labels.n_labels, positives=self.labels.n_positive, pending=len(self.labels),
+                 dropped=self.labels.n_dropped)
+        return q
+
+    # --- snapshots ----------------------------------------------------------------------------------------
+    def snapshot(self, offsets: dict) -> bytes:
+        """The learnt state and the offsets it covers, as bytes."""
+        state = {
+            "version": SNAPSHOT_VERSION,
+            "offsets": dict(offsets),
+            "vocab": self.vocab,
+            "windows": self.windows,
+            "stats": self.stats,
+            "item_conv": self.item_conv,
+            "cat_conv": self.cat_conv,
+            "labels": self.labels,
+            "segments": self.segments,
+            "last_sample": self.last_sample,
+            "watermark": self.watermark,
+            "n_events": self.n_events,
+            "store": self.store if isinstance(self.store, MemoryItemStore) else None,
+        }
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def restore(self, data: bytes) -> dict:
+        """Load a :meth:`snapshot`; returns the offsets it covers. Raises ``ValueError`` on a bad snapshot."""
+        try:
+            state = pickle.loads(data)
+        except Exception as exc:
+            raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
+                             "delete the snapshot key to start from empty models") from exc
+        if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"model snapshot has version {got!r}, this engine reads version {SNAPSHOT_VERSION}; "
+                             "delete the snapshot key to start from empty models")
+        self.vocab = state["vocab"]
+        self.windows = state["windows"]
+        self.stats = state["stats"]
+        self.item_conv = state["item_conv"]
+        self.cat_conv = state["cat_conv"]
+        self.labels = state["labels"]
+        self.segments = state["segments"]
+        self.last_sample = state["last_sample"]
+        self.watermark = state["watermark"]
+        self.n_events = state["n_events"]
+        if state["store"] is not None and isinstance(self.store, MemoryItemStore):
+            self.store = state["store"]
+        return state["offsets"]
+
+
+# --- Redis helpers ---------------------------------------------------------------------------------------------
+def snapshot_key(prefix: str = "promo") -> str:
+    """The one Redis key holding the model snapshot."""
+    return f"{prefix}:models:snapshot"
+
+
+def save_snapshot(client, core: LearningCore, offsets: dict, prefix: str = "promo") -> int:
+    """Write ``core.snapshot(offsets)`` under :func:`snapshot_key` (one ``SET``); returns its size in bytes."""
+    data = core.snapshot(offsets)
+    client.set(snapshot_key(prefix), data)
+    return len(data)
+
+
+def load_snapshot(client, core: LearningCore, prefix: str = "promo") -> dict | None:
+    """Restore ``core`` from Redis; returns the offsets covered, or ``None`` when there is no snapshot."""
+    data = client.get(snapshot_key(prefix))
+    if data is None:
+        return None
+    return core.restore(data)
+
+
+def tune_gc(gen0_threshold: int = 50_000) -> tuple[int, int, int]:
+    """Garbage-collector settings for a long-running worker with a large heap (call once, after start-up).
+
+    Collects and freezes what exists (imports, restored models: never scanned again) and runs the young
+    collection every ``gen0_threshold`` allocations instead of 700, so full collections over hundreds of
+    thousands of long-lived objects (pending decision points, windows, vocabularies) stop dominating the
+    per-event cost. Returns the new thresholds.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(gen0_threshold, 20, 100)
+    return gc.get_threshold()

@@ -1,0 +1,252 @@
+"""Prequential (predict-then-learn) evaluation of the learning core on an event log, against baselines.
+
+``promo evaluate stream FILE --format jsonl|rees46|taobao --json`` calls :func:`evaluate_file`.
+
+Protocol
+--------
+Events are read with :func:`stream.sources.read_events`, validated like the worker does
+(:func:`stream.validation.decode_event`), de-duplicated by ``event_id`` and stably sorted by event time. They are
+then replayed in batches of ``batch_size`` events, as the worker would see them:
+
+* **next item** — for every event of a user whose item differs from the user's previous item (a repeat of
+  the item being looked at is not a prediction task), *before* the event is applied: the engine's
+  :meth:`models.learning.LearningCore.recommend` (neighbours of the recent items + popularity) and the
+  baseline (recency-weighted popularity, the current item excluded) each propose 20 items; HR@20 is the share
+  of events whose item is in the list, MRR@20 the mean of ``1 / rank`` (0 when absent). The models and the item
+  store have learnt from the previous batches only; the profile includes the user's earlier events.
+* **purchase within H** — the core's decision points (see :mod:`models.learning`) are scored when their
+  delayed label arrives, with the prediction made at the decision point, for the engine model and the
+  frequency baseline; AUC (exact, rank-based) and log loss are computed over the points whose horizon closed
+  before the log ends (``scored_points``): a positive label arrives early and a negative one only when H
+  elapses, so scoring every label seen would pit late positives against early negatives.
+* **events/s** — events divided by the time spent in the learning path (profile apply + ``learn_batch``);
+  the time spent on the evaluation's own predictions is excluded (it is reported as ``predict_s``).
+
+Output keys (contract): ``events``, ``events_per_s``, ``engine`` and ``baseline`` with ``hr_at_20``,
+``mrr_at_20``, ``auc``, ``logloss``; more keys describe the run. Undefined values (no label yet, one class
+only) are ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.events import Event
+from models.item_store import MemoryItemStore
+from models.learning import LearningCore
+from models.profile import Profile
+
+__all__ = ["evaluate_file", "evaluate_events", "load_events", "roc_auc", "log_loss"]
+
+K = 20
+_FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01: offline logs are not checked against the wall clock
+
+
+def roc_auc(y, p) -> float | None:
+    """Exact ROC AUC (ties count one half); ``None`` when only one class is present.
+
+    >>> roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    >>> roc_auc([1, 1], [0.2, 0.3]) is None
+    True
+    """
+    y = np.asarray(y, dtype=np.int64)
+    p = np.asarray(p, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = avg_rank[inv]
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(y, p, eps: float = 1e-15) -> float | None:
+    """Mean binary cross-entropy; ``None`` for no points.
+
+    >>> round(log_loss([1, 0], [0.9, 0.2]), 6)
+    0.164252
+    """
+    if len(y) == 0:
+        return None
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def load_events(path, fmt: str, limit: int | None = None, progress=None) -> tuple[list[Event], dict]:
+    """Read, validate, de-duplicate and time-sort a log. Returns the events and counts of what was set aside
+    (``invalid`` with the first ``errors``, ``duplicates``); nothing is dropped silently."""
+    from stream.sources import read_events
+    from stream.validation import InvalidEvent, Limits, decode_event
+
+    limits = Limits(max_future_skew_s=10**9)
+    errors: list = []
+    invalid: list = []
+    events: list[Event] = []
+    seen: set[str] = set()
+    duplicates = 0
+    dumps = json.dumps
+    for n, doc in enumerate(read_events(Path(path), fmt, limit=limit, errors=errors), 1):
+        try:
+            e = decode_event(dumps(doc).encode(), limits, _FAR_FUTURE_MS)
+        except InvalidEvent as exc:
+            invalid.append({"event_id": doc.get("event_id") if isinstance(doc, dict) else None, "error": str(exc)})
+            continue
+        if e.event_id in seen:
+            duplicates += 1
+            continue
+        seen.add(e.event_id)
+        events.append(e)
+        if progress and n % 50_000 == 0:
+            progress(f"read {n} rows")
+    events.sort(key=lambda e: e.ts)  # stable: file order within a millisecond
+    bad = [{"line": x["line"], "error": x["error"]} for x in errors] + invalid
+    return events, {"invalid": len(bad), "errors": bad[:5], "duplicates": duplicates}
+
+
+def evaluate_events(
+    events: list[Event],
+    *,
+    horizon_h: float = 1.0,
+    batch_size: int = 100,
+    k: int = K,
+    core: LearningCore | None = None,
+    progress=None,
+) -> dict:
+    """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring)."""
+    core = core or LearningCore(MemoryItemStore(), horizon_h=horizon_h, keep_predictions=True)
+    core.labels.keep_predictions = True
+    profiles: dict[str, Profile] = {}
+    hits = {"engine": 0, "baseline": 0}
+    rr = {"engine": 0.0, "baseline": 0.0}
+    targets = 0
+    learn_s = predict_s = 0.0
+    n = len(events)
+    last_report = time.perf_counter()
+    t_start = last_report
+    store = core.store
+    for start in range(0, n, batch_size):
+        batch = events[start : start + batch_size]
+        touched: dict[str, Profile] = {}
+        for e in batch:
+            prof = profiles.get(e.user_id)
+            if prof is None:
+                prof = profiles[e.user_id] = Profile()
+            recent = prof.recent_items
+            if recent and e.type != "remove_from_cart" and e.item_id != recent[-1]:
+                t0 = time.perf_counter()
+                targets += 1
+                recs = core.recommend(prof, k, now_ms=e.ts)
+                base = [i for i, _ in store.popular(k + 1, e.ts) if i != recent[-1]][:k]
+                for name, lst in (("engine", recs), ("baseline", base)):
+                    try:
+                        r = lst.index(e.item_id)
+                    except ValueError:
+                        continue
+                    hits[name] += 1
+                    rr[name] += 1.0 / (r + 1)
+                predict_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            prof.apply(e)
+            learn_s += time.perf_counter() - t0
+            touched[e.user_id] = prof
+        t0 = time.perf_counter()
+        core.learn_batch(batch, touched)
+        learn_s += time.perf_counter() - t0
+        if progress and time.perf_counter() - last_report > 2.0:
+            last_report = time.perf_counter()
+            done = start + len(batch)
+            progress(f"{done}/{n} events ({100 * done // max(n, 1)}%), core {done / max(learn_s, 1e-9):,.0f} ev/s")
+    # score only points whose horizon closed before the log ends: positives close early, negatives only at
+    # the horizon, so scoring every label seen would compare late positives with early negatives
+    closed = core.watermark - core.labels.horizon_ms
+    preds = [t for t in core.labels.predictions if t[3] <= closed]
+    y = [t[0] for t in preds]
+    q = core.quality()
+    report = {
+        "events": n,
+        "events_per_s": round(n / learn_s, 1) if learn_s > 0 else None,
+        "engine": {
+            "hr_at_20": hits["engine"] / targets if targets else None,
+            "mrr_at_20": rr["engine"] / targets if targets else None,
+            "auc": roc_auc(y, [t[1] for t in preds]),
+            "logloss": log_loss(y, [t[1] for t in preds]),
+        },
+        "baseline": {
+            "hr_at_20": hits["baseline"] / targets if targets else None,
+            "mrr_at_20": rr["baseline"] / targets if targets else None,
+            "auc": roc_auc(y, [t[2] for t in preds]),
+            "logloss": log_loss(y, [t[2] for t in preds]),
+        },
+        "next_item_targets": targets,
+        "horizon_h": core.horizon_h,
+        "decision_points": core.labels.n_observed,
+        "scored_points": len(preds),
+        "scored_positives": int(sum(y)),
+        "labels": q["labels"],
+        "unlabelled_at_end": q["pending"],
+        "online_auc_river": _finite(q["auc"]),
+        "users": len(profiles),
+        "items": store.n_items(),
+        "batch_size": batch_size,
+        "learn_s": round(learn_s, 3),
+        "predict_s": round(predict_s, 3),
+        "wall_s": round(time.perf_counter() - t_start, 3),
+    }
+    if k != K:
+        report["k"] = k
+    return report
+
+
+def _finite(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _stderr(msg: str) -> None:
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | None = None,
+                  batch_size: int = 100, progress: bool = True) -> dict:
+    """Evaluate on a log file (``promo evaluate stream``); progress on stderr, returns the report dict.
+
+    ``horizon_h`` defaults to 1 hour (the sample logs cover 2-3 hours).
+    """
+    from stream.errors import PromoError
+
+    path = Path(path)
+    if horizon_h is not None and not horizon_h > 0:
+        raise PromoError(f"--horizon-h must be > 0 hours, got {horizon_h}")
+    if limit is not None and limit < 0:
+        raise PromoError(f"--limit must be >= 0, got {limit}")
+    say = _stderr if progress else None
+    try:
+        events, dropped = load_events(path, fmt, limit, progress=say)
+    except OSError as exc:
+        raise PromoError(f"cannot read {path}: {exc.strerror or exc}; check the path") from exc
+    except ValueError as exc:  # stream.sources.SourceError
+        raise PromoError(f"{exc}") from exc
+    if say:
+        say(f"{len(events)} events from {path} ({dropped['invalid']} invalid, {dropped['duplicates']} duplicates)")
+    report = evaluate_events(events, horizon_h=horizon_h or 1.0, batch_size=batch_size, progress=say)
+    report.update(dropped)
+    report["file"] = str(path)
+    report["format"] = fmt
+    if say:
+        e, b = report["engine"], report["baseline"]
+        say(f"done: HR@20 engine {_fmt(e['hr_at_20'])} vs popularity {_fmt(b['hr_at_20'])}; "
+            f"AUC engine {_fmt(e['auc'])} vs frequency {_fmt(b['auc'])}")
+    return report
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,98 @@
+"""Item recommendations: neighbours of the user's recent items, mixed with recency-weighted popularity.
+
+Scoring: each of the user's last ``n_seeds`` distinct items (most recent first, weight ``seed_decay**rank``)
+votes for its neighbours with ``weight * cosine``; items are ranked by total vote. Popularity (decayed with the
+store's ``pop_half_life_ms``, so new trending items rise quickly) fills the list for cold users (no recent
+items), for users whose items have no neighbours yet (new items), and after the neighbours run out. Each
+popular item also gets a small vote ``pop_weight * popularity / top popularity`` so that, among items with
+similar neighbour evidence, the currently popular one ranks first.
+
+The item the user is looking at now (the last recent item) is never recommended; other recent items can be
+(people come back to items they viewed).
+
+Examples
+--------
+>>> from models.item_store import ItemBatch, MemoryItemStore
+>>> store = MemoryItemStore()
+>>> store.apply(ItemBatch(ts=0, items=["a", "b", "c", "d"], item_inc=[1.0, 1.0, 1.0, 5.0],
+...                       pair_a=["a", "a"], pair_b=["b", "c"], pair_inc=[1.0, 0.5]))
+>>> recommend(["a"], 3, store, now_ms=0)
+['b', 'c', 'd']
+>>> recommend([], 2, store, now_ms=0)  # a cold user: popularity (ties: larger id first, as Redis)
+['d', 'c']
+"""
+
+from __future__ import annotations
+
+from models.item_store import ItemStore
+
+
+def recommend(
+    recent_items: list[str],
+    k: int,
+    store: ItemStore,
+    now_ms: int,
+    *,
+    n_seeds: int = 5,
+    seed_decay: float = 0.6,
+    n_candidates: int = 30,
+    pop_weight: float = 0.05,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """Up to ``k`` item ids, best first.
+
+    Parameters
+    ----------
+    recent_items
+        The user's recent distinct items, most recent LAST (``Profile.recent_items``).
+    k
+        How many items.
+    store
+        Item counts, neighbours and popularity.
+    now_ms
+        Event time of the request (decays the counts).
+    n_seeds, seed_decay
+        How many recent items vote, and the weight ratio between consecutive ones.
+    n_candidates
+        Neighbours fetched per seed.
+    pop_weight
+        Weight of popularity relative to a perfect (cosine 1) vote of the most recent item.
+    exclude
+        Items never to return (besides the current item).
+    """
+    if k <= 0:
+        return []
+    seeds = list(reversed(recent_items[-n_seeds:])) if n_seeds > 0 else []
+    current = recent_items[-1] if recent_items else None
+    scores: dict[str, float] = {}
+    if seeds:
+        nbrs = store.neighbours(seeds, n_candidates, now_ms)
+        w = 1.0
+        for s in seeds:
+            for b, cos in nbrs.get(s, ()):
+                scores[b] = scores.get(b, 0.0) + w * cos
+            w *= seed_decay
+    popular = store.popular(k + len(seeds) + len(exclude) + 1, now_ms)
+    if popular and pop_weight > 0:
+        top = popular[0][1] or 1.0
+        for i, (item, s) in enumerate(popular):
+            if item in scores:
+                scores[item] += pop_weight * s / top
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    out: list[str] = []
+    taken: set[str] = set()
+    for item, _ in ranked:
+        if item == current or item in exclude:
+            continue
+        out.append(item)
+        taken.add(item)
+        if len(out) == k:
+            return out
+    for item, _ in popular:
+        if item == current or item in exclude or item in taken:
+            continue
+        out.append(item)
+        taken.add(item)
+        if len(out) == k:
+            break
+    return out

@@ -1,0 +1,144 @@
+"""The learning core facade: batches, decision points without leaks, decisions, snapshots (also in Redis)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from models.checks import events as synthetic_events
+from models.events import Event
+from models.item_store import MemoryItemStore, RedisItemStore
+from models.learning import LearningCore, load_snapshot, save_snapshot, snapshot_key
+from models.profile import Profile
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+
+
+def feed(core: LearningCore, events, profiles=None, batch=40):
+    profiles = {} if profiles is None else profiles
+    for k in range(0, len(events), batch):
+        b = events[k:k + batch]
+        touched = {}
+        for e in b:
+            p = profiles.setdefault(e.user_id, Profile())
+            p.apply(e)
+            touched[e.user_id] = p
+        core.learn_batch(b, touched)
+    return profiles
+
+
+def test_co_viewed_items_are_recommended_and_cold_users_get_popular_items():
+    core = LearningCore(MemoryItemStore())
+    evs = []
+    for u in range(6):  # everyone who views a also views b; c is popular on its own
+        evs += [Event(f"a{u}", "view", f"u{u}", "a", T0 + u * MIN), Event(f"b{u}", "view", f"u{u}", "b", T0 + u * MIN + 1),
+                Event(f"c{u}", "view", f"v{u}", "c", T0 + u * MIN + 2), Event(f"d{u}", "view", f"w{u}", "c", T0 + u * MIN + 3)]
+    feed(core, evs)
+    viewer = Profile()
+    viewer.apply(Event("x", "view", "new", "a", T0 + 10 * MIN))
+    assert core.recommend(viewer, 2)[0] == "b"
+    assert core.recommend(Profile(), 1) == ["c"]
+    assert core.recommend(viewer, 0) == []
+
+
+def test_no_decision_point_when_the_batch_ends_with_a_purchase():
+    core = LearningCore(MemoryItemStore(), horizon_h=1.0, decision_points="batch", sample_gap_ms=0)
+    feed(core, [Event("1", "view", "u", "i", T0), Event("2", "purchase", "u", "i", T0 + 1, price=1.0)])
+    assert core.labels.n_observed == 0  # the profile after the batch contains the purchase: no point
+    feed(core, [Event("3", "view", "u", "i", T0 + 2)])
+    feed(core, [Event("4", "purchase", "u", "i", T0 + 3, price=1.0)])
+    assert (core.labels.n_observed, core.labels.n_positive) == (1, 1)
+
+
+def test_milestone_decision_points():
+    core = LearningCore(MemoryItemStore(), sample_gap_ms=0)
+    profiles = {}
+    ts = T0
+    for k in range(9):  # one event per batch: points at the 2nd, 4th and 8th event of the session
+        ts += MIN
+        feed(core, [Event(f"e{k}", "view", "u", f"i{k}", ts)], profiles)
+    assert core.labels.n_observed == 3
+    feed(core, [Event("c", "cart", "u", "i1", ts + MIN, price=2.0)], profiles)  # a cart is always a point
+    assert core.labels.n_observed == 4
+
+
+def test_sample_gap_limits_points_per_user():
+    core = LearningCore(MemoryItemStore(), decision_points="batch", sample_gap_ms=10 * MIN)
+    profiles = {}
+    for k in range(10):
+        feed(core, [Event(f"e{k}", "view", "u", "i", T0 + k * MIN)], profiles)
+    assert core.labels.n_observed == 1
+
+
+def test_labels_resolve_and_quality_reports():
+    core = LearningCore(MemoryItemStore(), horizon_h=0.5)
+    feed(core, synthetic_events(600))
+    q = core.quality()
+    assert q["labels"] > 0 and q["positives"] > 0 and q["labels"] + q["pending"] + q["dropped"] == core.labels.n_observed
+    assert 0.0 <= q["auc"] <= 1.0 and q["logloss"] > 0
+
+
+def test_decisions_for_unseen_users_and_items():
+    core = LearningCore(MemoryItemStore())
+    stranger = Profile()
+    stranger.apply(Event("x", "view", "nobody", "never-seen", T0, category="nowhere", context={"device": "tv"}))
+    assert core.recommend(stranger, 3) == []
+    p = core.propensity(stranger, T0, context={"device": "tv", "n": 3, "bad": float("nan")})
+    assert 0.0 <= p <= 1.0
+    assert core.segment(stranger) in range(core.n_segments)
+    assert all(math.isnan(core.quality()[k]) for k in ("auc", "logloss"))
+
+
+def test_snapshot_restores_models_and_offsets_exactly():
+    evs = synthetic_events(400)
+    core = LearningCore(MemoryItemStore())
+    profiles = feed(core, evs[:250])
+    blob = core.snapshot({("promo.events", 3): 250})
+    other = LearningCore(MemoryItemStore())
+    assert other.restore(blob) == {("promo.events", 3): 250}
+    copies = {u: Profile.from_redis(p.to_redis()) for u, p in profiles.items()}
+    feed(core, evs[250:], profiles)
+    feed(other, evs[250:], copies)
+    probe = profiles["u1"]
+    assert other.recommend(probe, 5) == core.recommend(probe, 5)
+    assert other.propensity(probe, T0) == core.propensity(probe, T0)
+    assert other.quality() == core.quality()
+
+
+def test_bad_snapshots_are_refused_with_a_clear_message():
+    core = LearningCore(MemoryItemStore())
+    with pytest.raises(ValueError, match="cannot be read"):
+        core.restore(b"not a pickle")
+    import pickle
+
+    with pytest.raises(ValueError, match="version"):
+        core.restore(pickle.dumps({"version": 999}))
+
+
+def test_snapshot_lives_in_one_redis_key(redis_client):
+    prefix = "tl" + uuid.uuid4().hex[:8]
+    store = RedisItemStore(redis_client, prefix)
+    core = LearningCore(store)
+    try:
+        profiles = feed(core, synthetic_events(200))
+        assert load_snapshot(redis_client, core, prefix) is None
+        size = save_snapshot(redis_client, core, {0: 200}, prefix)
+        assert size == redis_client.strlen(snapshot_key(prefix)) > 0
+        fresh = LearningCore(RedisItemStore(redis_client, prefix))
+        assert load_snapshot(redis_client, fresh, prefix) == {0: 200}
+        probe = profiles["u2"]
+        assert fresh.recommend(probe, 5) == core.recommend(probe, 5)  # same Redis state, same windows
+        assert fresh.propensity(probe, T0) == core.propensity(probe, T0)
+    finally:
+        for key in redis_client.scan_iter(match=f"{prefix}*", count=1000):
+            redis_client.delete(key)
+
+
+def test_parameters_are_validated():
+    with pytest.raises(ValueError, match="horizon_h"):
+        LearningCore(horizon_h=0)
+    with pytest.raises(ValueError, match="decision_points"):
+        LearningCore(decision_points="sometimes")

@@ -1,0 +1,142 @@
+"""Delayed labels, the propensity model and its baseline, conversion stats, segments."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from models.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.segments import ProfileSegments
+
+H = 1_000
+
+
+def learner(**kw) -> DelayedLabelLearner:
+    return DelayedLabelLearner(horizon_ms=H, model=PurchasePropensity(feature_names=("x",)),
+                               keep_predictions=True, **kw)
+
+
+def test_purchase_within_horizon_is_positive_after_it_is_negative():
+    d = learner()
+    d.observe("u", 0, {"x": 1.0})
+    d.observe("u", 500, {"x": 1.0})
+    d.observe("u", 900, {"x": 1.0})
+    d.purchase("u", 900)  # same time as the last point: that one stays open
+    assert [y for y, *_ in d.predictions] == [1, 1] and len(d) == 1
+    d.observe("v", 0, {"x": 0.0})
+    d.purchase("v", H + 1)  # too late for v's point: negative
+    assert d.predictions[-1][0] == 0
+    d.advance(900 + H + 1)  # u's last point expires: negative
+    assert len(d) == 0 and d.n_labels == 4 and d.n_positive == 2
+
+
+def test_expiry_is_strictly_after_the_horizon():
+    d = learner()
+    d.observe("u", 0, {"x": 1.0})
+    d.advance(H)
+    assert len(d) == 1
+    d.purchase("u", H)  # exactly H later still counts
+    assert d.n_positive == 1
+
+
+def test_oldest_points_are_dropped_and_counted_beyond_max_pending():
+    d = learner(max_pending=3)
+    for t in range(5):
+        d.observe(f"u{t}", t, {"x": 0.0})
+    assert len(d) == 3 and d.n_dropped == 2
+    d.purchase("u0", 10)  # a dropped point gets no label
+    assert d.n_labels == 0
+
+
+def test_predictions_are_made_before_the_label_is_known():
+    d = learner()
+    for t in range(200):
+        d.observe("u", 10 * H * t, {"x": 1.0})
+        d.purchase("u", 10 * H * t + 1)
+    first, last = d.predictions[0][1], d.predictions[-1][1]
+    assert first == 0.5 and last > 0.75  # the first point was scored by an untrained model
+
+
+def test_negative_subsampling_keeps_the_model_calibrated():
+    rng = random.Random(0)
+    rate = 0.1
+    full = learner(negative_rate=1.0)
+    sub = learner(negative_rate=0.25)
+    for t in range(6000):
+        x = {"x": rng.random()}
+        y = rng.random() < rate
+        for d in (full, sub):  # points 2H apart: each label arrives before the next point
+            d.observe(f"u{t}", 2 * H * t, x)
+            if y:
+                d.purchase(f"u{t}", 2 * H * t + 1)
+            d.advance(2 * H * t)
+    for d in (full, sub):
+        d.advance(10**9)
+    pf = full.predict_proba({"x": 0.5})
+    ps = sub.predict_proba({"x": 0.5})
+    assert abs(pf - rate) < 0.04 and abs(ps - rate) < 0.04
+    assert sub.n_negative_seen > 0 and sub.n_labels == full.n_labels
+
+
+def test_quality_is_nan_before_labels_then_finite():
+    d = learner()
+    assert all(math.isnan(v) for v in d.quality().values())
+    rng = random.Random(1)
+    for t in range(300):
+        x = rng.random()
+        d.observe(f"u{t}", t, {"x": x}, base_p=0.1)
+        if x > 0.7:
+            d.purchase(f"u{t}", t + 1)
+    d.advance(10**6)
+    q = d.quality()
+    assert 0.5 < q["auc"] <= 1.0 and q["logloss"] > 0 and q["base_auc"] == pytest.approx(0.5)
+
+
+def test_frequency_baseline_learns_the_global_rate_only_when_horizons_close():
+    d = learner()
+    d.observe("u", 0, {"x": 1.0})
+    d.purchase("u", 10)
+    assert d.baseline.n == 0  # positive known, but the horizon has not elapsed: not yet counted
+    d.advance(H + 1)
+    assert (d.baseline.n, d.baseline.pos) == (1, 1)
+    b = FrequencyPropensity(m=1.0)
+    assert b.predict_counts(3, 3) > b.predict_counts(0, 3) > 0
+
+
+def test_feature_scaling_ignores_constant_features_and_clips():
+    m = PurchasePropensity(feature_names=("const", "x"), clip=2.0)
+    for k in range(50):
+        m.learn_one({"const": 7.0, "x": float(k % 2)}, bool(k % 2))
+    scaled = m._scaled([7.0, 1000.0], None)
+    assert scaled == {"const": 0.0, "x": 2.0}
+    assert 0.0 <= m.predict_proba({"x": 1.0, "unknown_key": 5.0}) <= 1.0
+    with pytest.raises(ValueError, match="optimizer"):
+        PurchasePropensity(optimizer="lbfgs")
+
+
+def test_conversion_stats_are_bounded():
+    c = ConversionStats(max_keys=10)
+    for k in range(25):
+        c.update(f"i{k}", "view")
+    assert len(c.events) <= 10
+    c.update("", "purchase")  # no key: ignored
+    assert c.n == 25
+
+
+def test_segments_separate_distinct_groups_and_are_seeded():
+    def train(seed):
+        s = ProfileSegments(n_segments=3, seed=seed)
+        rng = random.Random(5)
+        for _ in range(300):
+            g = rng.randrange(3)
+            s.learn_one({"spend": 3.0 * g + rng.random() * 0.1, "n_orders": float(g)})
+        return s
+
+    a, b = train(2), train(2)
+    probes = [{"spend": 3.0 * g, "n_orders": float(g)} for g in range(3)]
+    assert [a.predict_one(x) for x in probes] == [b.predict_one(x) for x in probes]
+    assert len({a.predict_one(x) for x in probes}) == 3
+    with pytest.raises(ValueError):
+        ProfileSegments(n_segments=0)
