@@ -181,6 +181,7 @@ class BatchHandler:
             m.EVENTS_DUPLICATE.inc(result.duplicates)
         for d in result.decisions:
             m.DECISIONS.labels(offer_kind=d.offer.kind, group=d.group).inc()
+            m.OFFER_DECISIONS.labels(offer_id=d.offer.offer_id, group=d.group).inc()
             m.DECISION_LATENCY.observe((sent_ns - recv_by_event.get(d.trigger_event_id, t0)) / 1e9)
         if result.resend:
             m.DECISIONS_RESENT.inc(len(result.resend))

@@ -443,6 +443,34 @@ def business_dashboard() -> db.Dashboard:
         "h", width=8,
     ))
 
+    d = d.with_panel(_timeseries(
+        lay, "Budget spent (reserved + committed) by offer",
+        "What campaigns hold: reservations of open decisions plus committed redemption costs "
+        "(promo_budget_spent); never above the budget.",
+        [_query(f"max by (offer_id) (promo_budget_spent{{{SEL}}})", "{{offer_id}}")],
+        "short", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Reservations refused by offer",
+        "Decisions that had to fall back because another decision took the rest of the budget "
+        "(promo_budget_refused_total), per second.",
+        [_query(f"sum by (offer_id) ({_rate('promo_budget_refused_total')})", "{{offer_id}}")],
+        "ops", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Pacing shadow price by offer",
+        "Price per unit of cost the pacing controller subtracts from an offer's score when it spends ahead "
+        "of its period (promo_pacing_shadow_price); 0 = on pace.",
+        [_query(f"max by (offer_id) (promo_pacing_shadow_price{{{SEL}}})", "{{offer_id}}")],
+        "short", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Decisions by offer and group",
+        "Decisions sent per second by offer id and group (promo_offer_decisions_total).",
+        [_query(f"sum by (offer_id, group) ({_rate('promo_offer_decisions_total')})", "{{offer_id}} {{group}}")],
+        "ops", width=24,
+    ))
+
     d = d.with_row(db.Row("Model quality").id(lay.id()))
     d = d.with_panel(_gauge(
         lay, "AUC by model",
