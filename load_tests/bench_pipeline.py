@@ -10,10 +10,16 @@ What runs (each consumer is its own process, one after the other, on one broker,
    (a) a trivial Faust consume-only agent, (b) a trivial pass-through agent (``await topic.send`` per event), both
    from :mod:`load_tests.trivial_agents`; (c) the full engine, ``promo worker`` as users run it;
    (d) two ``promo worker`` processes in one consumer group;
-4. latency: the warm engine worker of (c) at a fixed offered rate ``rate`` for ``latency_s`` seconds. Each event
+4. latency: the warm engine worker of (c) at a fixed offered rate ``rate`` for ``latency_s`` seconds (fresh
+   events from the same stream; the producer hands over the events due every :data:`TICK_S`). Each event
    carries its send time in the header ``sent_at_ns``; a consumer on ``<prefix>.decisions`` maps every decision
-   back to its trigger event: end-to-end latency = decision received - trigger sent (p50/p95/p99, ms);
-5. the engine worker's memory: VmRSS / VmHWM from ``/proc/<pid>/status``.
+   back to its trigger event: end-to-end latency = decision received - trigger sent (p50/p95/p99, ms). Also
+   reported: the engine's own ``latency_ms`` field (receipt -> sent), a breakdown (trigger sent -> broker ack,
+   -> decision made, decision made -> received) and the p50 per second of the run (a rising line = backlog);
+5. the engine worker's memory: VmRSS / VmHWM from ``/proc/<pid>/status``;
+6. CPU time per event (``/proc/<pid>/stat``) of every process involved (worker(s), broker, Redis, this one
+   during the latency run) over each measured window: on a shared 2-core machine the ratios of these are
+   steadier than the rates.
 
 Counting: the trivial agents report ``/count``; the engine's count is ``promo_events_total`` +
 ``promo_events_duplicate_total`` + ``promo_events_invalid_total`` from its ``/metrics``. Every process is polled
@@ -41,6 +47,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -53,6 +60,13 @@ SOURCES = {
     "rees46": (DATA / "rees46_multicategory" / "2019-Oct_first17k.csv", "rees46"),
     "taobao": (DATA / "taobao_time_slice" / "userbehavior_time_slice.csv", "taobao"),
 }
+
+
+# Latency run: the producer hands over the events due every TICK_S (one produce request per tick instead of one
+# per event keeps the harness's own load on the 2-core machine small); the decisions consumer's fetch wait bounds
+# the delay it adds to a measured latency (mean about half of it on the embedded broker).
+TICK_S = 0.005
+FETCH_WAIT_MS = 10
 
 
 class BenchError(PromoError):
@@ -96,11 +110,24 @@ def _roundrobin(*its: Iterable) -> Iterator:
         iters = alive
 
 
-def real_events(sources: tuple[str, ...] = ("rees46", "taobao")) -> Iterator[dict]:
+def _ts_ms(ts) -> int:
+    """Event v1 ``ts`` (epoch ms or RFC 3339 string) -> epoch ms.
+
+    >>> _ts_ms(1511658000000), _ts_ms("2019-10-01T00:00:00Z")
+    (1511658000000, 1569888000000)
+    """
+    if isinstance(ts, str):
+        return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+    return int(ts)
+
+
+def real_events(sources: tuple[str, ...] = ("rees46", "taobao"), start_ms: int | None = None) -> Iterator[dict]:
     """Endless event v1 dicts from the shared real data sets, interleaved row by row, looped for volume.
 
-    Loop 0 is the data as it is; loop ``L > 0`` replays it with user ids ``<user>~L`` and event ids
-    ``<id>~L`` (fresh users and events: nothing is a duplicate, per-user order is kept).
+    Event times are rebased (``ts`` in epoch ms): every source starts at ``start_ms`` (default: 24 h before
+    now), keeping its own gaps between events, so sources from different years interleave as one shop's
+    traffic would. Loop ``L > 0`` replays the data ``L`` source-spans later, with user ids ``<user>~L`` and
+    event ids ``<id>~L`` (fresh users and events: nothing is a duplicate; per-user order is kept).
     """
     from stream.sources import read_events
 
@@ -108,13 +135,26 @@ def real_events(sources: tuple[str, ...] = ("rees46", "taobao")) -> Iterator[dic
         path, _fmt = SOURCES[name]
         if not path.exists():
             raise BenchError(f"benchmark data {path} not found: the shared real data sets must be in {DATA}")
+    start = int(time.time() * 1000) - 86_400_000 if start_ms is None else start_ms
+    first: dict[str, int] = {}
+    span: dict[str, int] = {}
     for loop in itertools.count():
-        readers = [read_events(SOURCES[n][0], SOURCES[n][1], errors=[]) for n in sources]
-        for ev in _roundrobin(*readers):
+        readers = [_tagged(n, read_events(SOURCES[n][0], SOURCES[n][1], errors=[])) for n in sources]
+        for name, ev in _roundrobin(*readers):
+            ts = _ts_ms(ev["ts"])
+            first.setdefault(name, ts)
+            if not loop:
+                span[name] = max(span.get(name, 0), ts - first[name] + 1000)
+            ev["ts"] = start + ts - first[name] + loop * span[name]
             if loop:
                 ev["user_id"] = f"{ev['user_id']}~{loop}"
                 ev["event_id"] = f"{ev['event_id']}~{loop}"
             yield ev
+
+
+def _tagged(name: str, it: Iterable[dict]) -> Iterator[tuple[str, dict]]:
+    for ev in it:
+        yield name, ev
 
 
 def encode(events: Iterable[dict]) -> list[tuple[bytes, bytes, str]]:
@@ -185,10 +225,7 @@ class Proc:
         self.settings = settings
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
-        # Faust's default session timeout (60 s) makes the embedded broker hold every group join for 30 s;
-        # Faust reads BROKER_SESSION_TIMEOUT from the environment. Same value for every variant.
-        env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1",
-               "BROKER_SESSION_TIMEOUT": str(settings.rebalance_timeout_s)}
+        env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -272,6 +309,17 @@ def msum(samples: dict, name: str) -> float:
     return sum(v for (n, _labels), v in samples.items() if n == name)
 
 
+def _check_applied(worker: Proc, samples: dict, n_events: int) -> None:
+    """The benchmark's events are valid and fresh: if the engine rejected some, its rate means nothing."""
+    invalid = int(msum(samples, "promo_events_invalid_total"))
+    applied = int(msum(samples, "promo_events_total"))
+    if invalid or applied < n_events:
+        raise BenchError(
+            f"{worker.name} applied {applied} of {n_events} valid benchmark events and dead-lettered {invalid}: "
+            f"the engine is failing, not slow; see {worker.log_path}: {worker.log_tail(3)}"
+        )
+
+
 def measure_throughput(procs: list[Proc], n_events: int, poll_s: float, timeout: float,
                        others: dict[str, int] | None = None) -> dict:
     """Poll ``procs`` (which share one consumer group) until together they counted ``n_events``.
@@ -336,8 +384,8 @@ async def _latency_run(
     events_before = (await asyncio.to_thread(worker.progress))[0]
 
     # The embedded broker answers a fetch only after fetch_max_wait_ms when it had no data at the time of the
-    # request (new data does not wake it): keep the wait short so the measuring consumer adds <= 5 ms.
-    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=5,
+    # request (new data does not wake it): keep the wait short so the measuring consumer adds little.
+    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=FETCH_WAIT_MS,
                                 **settings.kafka_client_kwargs())
     await consumer.start()
     producer = AIOKafkaProducer(linger_ms=0, **settings.kafka_client_kwargs())
@@ -348,6 +396,7 @@ async def _latency_run(
     to_decided: list[float] = []  # trigger sent -> decision made (worker wall clock, ms resolution)
     decided_to_received: list[float] = []  # decision made -> decision received here
     by_second: dict[int, list[float]] = {}  # second of the run (send time) -> latencies
+    acked: list[float] = []  # event handed to the producer -> acknowledged by the broker
     t_send0 = time.time_ns()
     stop = asyncio.Event()
     try:
@@ -386,18 +435,22 @@ async def _latency_run(
         sent = 0
         futs = []
         n = len(records)
+        tick = TICK_S
         while sent < n:
             due = min(n, int((time.monotonic() - t_start) * rate) + 1)
             while sent < due:
                 key, value, eid = records[sent]
                 ns = time.time_ns()
                 sent_ns[eid] = ns
-                futs.append(await producer.send(settings.topic_events, value, key=key,
-                                                headers=[("sent_at_ns", str(ns).encode())]))
+                fut = await producer.send(settings.topic_events, value, key=key,
+                                          headers=[("sent_at_ns", str(ns).encode())])
+                fut.add_done_callback(lambda _f, ns=ns: acked.append((time.time_ns() - ns) / 1e6))
+                futs.append(fut)
                 sent += 1
             if consumer_task.done():
                 consumer_task.result()
-            await asyncio.sleep(max(0.0, t_start + sent / rate - time.monotonic()))
+            # events due within a tick go out together (one produce request), each stamped when handed over
+            await asyncio.sleep(max(tick, t_start + sent / rate - time.monotonic()))
         send_seconds = time.monotonic() - t_start
         await asyncio.gather(*futs)
         cpu1 = _cpu_snapshot(pids)
@@ -436,7 +489,7 @@ async def _latency_run(
                        for q, v in (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": round(max(latencies), 2)},
         "engine_latency_ms": _quantiles(engine_latencies),
         "cpu_us_per_event": {k: round((cpu1[k] - cpu0[k]) / n * 1e6, 1) for k in cpu1 if k in cpu0},
-        "latency_breakdown_ms": {"sent_to_decided": _quantiles(to_decided),
+        "latency_breakdown_ms": {"sent_to_acked": _quantiles(acked), "sent_to_decided": _quantiles(to_decided),
                                  "decided_to_received": _quantiles(decided_to_received)},
         # p50 of the decisions triggered in each second of the run: a rising line means the worker fell behind
         "latency_p50_by_second_ms": [round(percentile(by_second[k], 50), 1) for k in sorted(by_second)],
@@ -503,6 +556,9 @@ def run(
                 "kafka_bootstrap": f"127.0.0.1:{free_port()}",
                 "redis_url": f"redis://127.0.0.1:{free_port()}/0",
                 "durable": False,
+                # the private stack is plaintext on loopback, whatever the user's connection settings say
+                "kafka_security_protocol": "PLAINTEXT", "kafka_sasl_mechanism": None, "kafka_sasl_username": None,
+                "kafka_sasl_password": None, "redis_ssl_ca_certs": None,
             })
             _log(f"starting a private embedded stack: broker {base.kafka_bootstrap}, Redis {base.redis_url}")
             stack_settings = base
@@ -550,6 +606,7 @@ def run(
         results["engine"] = measure_throughput([engine], n_events, poll_s, timeout, infra)
         results["engine"]["ready_s"] = round(ready, 1)
         m = engine.metrics()
+        _check_applied(engine, m, n_events)
         decisions = int(msum(m, "promo_decisions_total"))
         batches = msum(m, "promo_batch_size_count")
         if batches:
@@ -577,7 +634,12 @@ def run(
             _log(f"engine x2: both workers ready in {ready:.1f}s; measuring")
             results["engine2"] = measure_throughput(pair, n_events, poll_s, timeout, infra)
             results["engine2"]["ready_s"] = round(ready, 1)
-            assigned = [int(msum(p.metrics(), "promo_assigned_partitions")) for p in pair]
+            samples = [p.metrics() for p in pair]
+            for p, mm in zip(pair, samples):
+                _check_applied(p, mm, int(msum(mm, "promo_events_total")))  # no event dead-lettered
+            if sum(msum(mm, "promo_events_total") for mm in samples) < n_events:
+                raise BenchError(f"the two workers applied fewer than {n_events} events; see {pair[0].log_path}")
+            assigned = [int(msum(mm, "promo_assigned_partitions")) for mm in samples]
             results["engine2"]["assigned_partitions"] = assigned
             _log(f"engine x2: {results['engine2']['eps']:.0f} ev/s (events per worker "
                  f"{results['engine2']['counts']}, partitions {assigned})")

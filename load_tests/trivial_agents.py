@@ -77,6 +77,8 @@ def make_trivial_app(settings: Settings, mode: str) -> faust.App:
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(1.0, settings.session_timeout_s / 5),
         broker_commit_interval=1.0,
         producer_acks=-1,
         producer_linger=0.0,

@@ -88,3 +88,28 @@ def test_bad_arguments_are_errors_before_anything_starts(capfd):
     with pytest.raises(BenchError, match="must be > 0"):
         run(Settings(_env_file=None), n_events=1000, rate=0)
     assert capfd.readouterr().out == ""
+
+
+def test_real_events_interleave_rebase_and_loop_without_duplicates():
+    import itertools
+
+    from load_tests.bench_pipeline import SOURCES, real_events
+
+    start = 1_700_000_000_000
+    mixed = list(itertools.islice(real_events(("rees46", "taobao"), start_ms=start), 1000))
+    assert mixed[0]["event_id"].startswith("rees46-") and mixed[1]["event_id"].startswith("taobao-")
+    assert min(e["ts"] for e in mixed[0::2]) == min(e["ts"] for e in mixed[1::2]) == start  # one common start
+
+    with open(SOURCES["rees46"][0]) as f:
+        n_rows = sum(1 for _ in f) - 1  # header
+    events = list(itertools.islice(real_events(("rees46",), start_ms=start), n_rows + 1000))
+    assert len({e["event_id"] for e in events}) == len(events)  # fresh ids on every loop
+    assert all(isinstance(e["ts"], int) and e["ts"] >= start for e in events)
+    looped = events[n_rows:]
+    assert all(e["event_id"].endswith("~1") and e["user_id"].endswith("~1") for e in looped)
+    assert looped[0]["ts"] > max(e["ts"] for e in events[:n_rows])  # the replay comes later in time
+    # per user, event time never goes backwards (each source keeps its order; loops move forward in time)
+    last: dict[str, int] = {}
+    for e in events:
+        assert e["ts"] >= last.get(e["user_id"], 0)
+        last[e["user_id"]] = e["ts"]
