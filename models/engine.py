@@ -284,8 +284,12 @@ class Engine:
                 refused.setdefault(p.user_id, {})[r.offer_id] = "budget taken meanwhile by another decision"
         return refused
 
-    async def process_batch(self, events: list[Event]) -> BatchResult:
-        """Apply a batch; see the module docstring for the guarantees."""
+    async def process_batch(self, events: list[Event], learn: bool = True) -> BatchResult:
+        """Apply a batch; see the module docstring for the guarantees.
+
+        With ``learn=False`` the models do not learn yet: the caller sends the decisions first and then
+        calls :meth:`learn` (decision latency does not include learning).
+        """
         result = BatchResult()
         pending = _group(events)
         blocked: dict[str, dict[str, str]] = {}
@@ -321,10 +325,11 @@ class Engine:
         for e in result.new_events:
             if e.ts > self.watermark_ms:
                 self.watermark_ms = e.ts
-        await self._learn(result)
+        if learn:
+            await self.learn(result)
         return result
 
-    async def _learn(self, result: BatchResult) -> None:
+    async def learn(self, result: BatchResult) -> None:
         """After the commit: models learn, closed decisions teach the policy and settle their budgets."""
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
@@ -370,7 +375,7 @@ class Engine:
                 if p.user_id not in retry:
                     result.closed += p.closed
             users = sorted(retry)
-        await self._learn(result)
+        await self.learn(result)
         return result
 
     async def mark_sent(self, decisions: list[Decision]) -> None:

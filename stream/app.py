@@ -44,8 +44,31 @@ def _credentials(settings: Settings):
     return faust.SSLCredentials(ssl_context)
 
 
+def set_fetch_max_wait(ms: int) -> None:
+    """Make Faust's worker consumer wait at most ``ms`` for data per fetch.
+
+    faust-streaming 0.15.3 passes a fixed ``fetch_max_wait_ms=1500`` to aiokafka
+    (``AIOKafkaConsumerThread._create_worker_consumer``); the embedded broker answers a waiting fetch only
+    when that time is up, so every event would wait up to 1.5 s. aiokafka reads the attribute when the
+    consumer starts, so setting it on the fresh consumer is enough. Both versions are pinned.
+    """
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    cls = faust_aiokafka.AIOKafkaConsumerThread
+    original = getattr(cls._create_worker_consumer, "__promo_original__", cls._create_worker_consumer)
+
+    def create_worker_consumer(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    create_worker_consumer.__promo_original__ = original  # type: ignore[attr-defined]
+    cls._create_worker_consumer = create_worker_consumer
+
+
 def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     """Build the Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+    set_fetch_max_wait(settings.fetch_max_wait_ms)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],

@@ -125,7 +125,8 @@ class BatchHandler:
             )
 
         try:
-            result = await self._retry("applying a batch to Redis", lambda: self.engine.process_batch(valid))
+            result = await self._retry("applying a batch to Redis",
+                                       lambda: self.engine.process_batch(valid, learn=False))
         except Exception as exc:  # a bug or an event the models cannot handle: isolate it, never stop the partition
             log.exception("batch of %d events failed (%s); retrying event by event", len(valid), exc)
             result, poison = await self._one_by_one(valid)
@@ -149,6 +150,9 @@ class BatchHandler:
         sent_ns = time.perf_counter_ns()
         if decisions:
             await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
+        # the models learn after the decisions are out: learning is not on the decision's critical path.
+        # A crash before this line loses only this batch's learning, never state or decisions.
+        await self._retry("learning from a batch", lambda: self.engine.learn(result))
 
         self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
 
@@ -166,7 +170,8 @@ class BatchHandler:
         total, poison = BatchResult(), []
         for ev in events:
             try:
-                r = await self._retry("applying an event to Redis", lambda ev=ev: self.engine.process_batch([ev]))
+                r = await self._retry("applying an event to Redis",
+                                      lambda ev=ev: self.engine.process_batch([ev], learn=False))
             except Exception as exc:
                 poison.append((ev, exc))
                 continue

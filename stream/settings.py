@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     batch_max: int = Field(500, ge=1, description="max events per batch (stream.take_events)")
     batch_within_s: float = Field(0.005, gt=0, description="max wait to fill a batch, seconds")
     rebalance_timeout_s: float = Field(10.0, gt=0, description="consumer group rebalance timeout")
+    fetch_max_wait_ms: int = Field(
+        10, ge=1, le=1500,
+        description="longest a fetch waits for data; Faust hard-codes 1,500 ms, which the embedded broker "
+        "does not cut short when data arrives: it bounds decision latency",
+    )
     session_timeout_s: float = Field(
         10.0, gt=0, le=90, description="a worker silent this long (e.g. kill -9) leaves the group; joins wait on it"
     )

@@ -42,3 +42,17 @@ def test_redis_password_is_masked_in_messages():
     with pytest.raises(PromoError) as e:
         forget_user(s, "u1")
     assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+async def test_worker_consumer_fetch_wait_follows_the_setting():
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from stream.app import make_app
+    from models.engine import Engine
+    from models.state import MemoryStore
+
+    app = make_app(Settings(_env_file=None, fetch_max_wait_ms=7), engine=Engine(MemoryStore()))
+    thread = faust_aiokafka.AIOKafkaConsumerThread(app.consumer)
+    consumer = thread._create_worker_consumer(app.transport)
+    assert consumer._fetch_max_wait_ms == 7
+    await consumer._client.close()
