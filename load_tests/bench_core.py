@@ -7,8 +7,10 @@ What is measured, in one process and one run (so the ratios compare like with li
    points and delayed labels with River, segments), on an in-memory item store, batches of ``batch_size``;
 2. **numba vs pure Python**: the same pair counter (window update + pair increments + aggregation of identical
    pairs) as the numba kernel (:func:`models.similarity.count_pairs`) and as the pure-Python reference
-   (:func:`models.similarity.count_pairs_py`) on identical int arrays, batch by batch; ``numba_vs_python`` is
-   the ratio of their events/s (``counters_agree`` checks both produced the same pairs);
+   (:func:`models.similarity.count_pairs_py`) on identical int arrays in batches of ``batch_size``, garbage
+   collector paused; ``numba_vs_python`` is the median ratio of their events/s over alternated passes
+   (``counters_agree`` checks both produced the same pairs; see :func:`bench_counters` for the
+   interleaved variant also reported);
 3. **garbage collection**: the main pass runs with :func:`models.learning.tune_gc` (start-up objects frozen,
    young collections every 50,000 allocations), as a worker should; ``events_per_s_default_gc`` is the same
    pass with Python's defaults, run first (the benchmark keeps every profile in memory, which makes default
@@ -84,36 +86,66 @@ def _counter_rows(events: list[Event], batch_size: int):
     return rows, len(slot_of)
 
 
-def bench_counters(events: list[Event], batch_size: int, width: int = 8, window_ms: int = 3_600_000) -> dict:
-    """Numba kernel vs pure-Python reference on identical inputs, interleaved batch by batch (both see the same
-    machine load), each with its own windows."""
+def bench_counters(events: list[Event], batch_size: int, width: int = 8, window_ms: int = 3_600_000,
+                   rounds: int = 3) -> dict:
+    """Numba kernel vs pure-Python reference on identical inputs (garbage collector paused, so a collection
+    of the rest of the heap cannot land in one side's timing).
+
+    ``numba_vs_python``: the whole stream through the numba counter, then through the Python one, alternated
+    ``rounds`` times (each pass with fresh windows), median of the per-round ratios. ``..._interleaved``: one
+    more pass alternating the two batch by batch (each call then starts with caches the other one cooled: the
+    numba side's worst case).
+    """
     rows, n_users = _counter_rows(events, batch_size)
     py_rows = [(s.tolist(), i.tolist(), t.tolist(), w.tolist()) for s, i, t, w in rows]
     count_pairs(*rows[0], UserWindows(capacity=max(2, n_users), width=width), window_ms)  # load from cache
-    win = UserWindows(capacity=max(2, n_users), width=width)
-    pywin: dict = {}
-    numba_s = py_s = 0.0
-    agree = True
-    pairs = 0
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
     clock = time.perf_counter
-    for (s, i, t, w), (ps, pi, pt, pw) in zip(rows, py_rows):
-        t0 = clock()
-        a, b, inc = count_pairs(s, i, t, w, win, window_ms)
-        t1 = clock()
-        ref = count_pairs_py(ps, pi, pt, pw, pywin, width, window_ms)
-        t2 = clock()
-        numba_s += t1 - t0
-        py_s += t2 - t1
-        pairs += len(a)
-        if agree and dict(zip(zip(a.tolist(), b.tolist()), inc.tolist())) != ref:
-            agree = False
     n = len(events)
+    try:
+        ratios, nb_rates, py_rates = [], [], []
+        agree = True
+        pairs = 0
+        for _ in range(rounds):
+            win = UserWindows(capacity=max(2, n_users), width=width)
+            t0 = clock()
+            out = [count_pairs(s, i, t, w, win, window_ms) for s, i, t, w in rows]
+            nb_s = clock() - t0
+            pywin: dict = {}
+            t0 = clock()
+            ref = [count_pairs_py(ps, pi, pt, pw, pywin, width, window_ms) for ps, pi, pt, pw in py_rows]
+            py_s = clock() - t0
+            ratios.append(py_s / nb_s)
+            nb_rates.append(n / nb_s)
+            py_rates.append(n / py_s)
+            agree = agree and all(dict(zip(zip(a.tolist(), b.tolist()), inc.tolist())) == r
+                                  for (a, b, inc), r in zip(out, ref))
+            pairs = int(sum(len(x[0]) for x in out))
+            del out, ref
+        # interleaved, batch by batch
+        win = UserWindows(capacity=max(2, n_users), width=width)
+        pywin = {}
+        nb_s = py_s = 0.0
+        for (s, i, t, w), (ps, pi, pt, pw) in zip(rows, py_rows):
+            t0 = clock()
+            count_pairs(s, i, t, w, win, window_ms)
+            t1 = clock()
+            count_pairs_py(ps, pi, pt, pw, pywin, width, window_ms)
+            py_s += clock() - t1
+            nb_s += t1 - t0
+    finally:
+        if was_enabled:
+            gc.enable()
     return {
-        "numba_counter_events_per_s": round(n / numba_s, 1),
-        "python_counter_events_per_s": round(n / py_s, 1),
-        "numba_vs_python": round(py_s / numba_s, 2),
+        "numba_counter_events_per_s": round(statistics.median(nb_rates), 1),
+        "python_counter_events_per_s": round(statistics.median(py_rates), 1),
+        "numba_vs_python": round(statistics.median(ratios), 2),
+        "numba_vs_python_rounds": [round(r, 2) for r in ratios],
+        "numba_vs_python_interleaved": round(py_s / nb_s, 2),
         "counters_agree": agree,
-        "pairs": int(pairs),
+        "pairs": pairs,
     }
 
 
@@ -166,6 +198,9 @@ def run(n_events: int = 200_000, batch_size: int = 500, n_decisions: int = 2000,
     warm.learn_batch(events[:batch_size], wp)
     del warm, wp
 
+    _say("pair counter: numba kernel vs pure Python, same inputs")
+    counters = bench_counters(events, batch_size)
+
     old_threshold = gc.get_threshold()
     default_gc_eps = None
     if compare_default_gc:
@@ -192,8 +227,6 @@ def run(n_events: int = 200_000, batch_size: int = 500, n_decisions: int = 2000,
             lat.append((time.perf_counter_ns() - t0) / 1e6)
         lat.sort()
 
-        _say("pair counter: numba kernel vs pure Python, same inputs, interleaved")
-        counters = bench_counters(events, batch_size)
     finally:
         gc.unfreeze()
         gc.set_threshold(*old_threshold)

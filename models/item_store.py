@@ -15,10 +15,12 @@ increments, all at the batch time ``ts``):
 * each pair ``(a, b)`` increments both ``a``'s and ``b``'s neighbour maps; a map keeps its
   ``max_neighbours`` largest entries (ties: the smallest member ids are dropped first, as Redis sorted sets do);
 * popularity is a forward-decayed score (half-life ``pop_half_life_ms``) per item over one global epoch; it
-  is trimmed back to the ``max_popular`` best items when it holds twice as many (amortised);
+  is trimmed back to the :meth:`SimilarityConfig.popular_cap` best items when it holds twice as many
+  (amortised);
 * an index of items by last update time bounds the number of items to :meth:`SimilarityConfig.item_cap`
-  (the oldest items are deleted). With ``memory_cap_bytes`` set, the cap derives from the per-item size
-  estimate, so the similarity state stays under the configured memory.
+  (the oldest items are deleted). With ``memory_cap_bytes`` set, both caps derive from size estimates
+  (popularity gets 10 % of the budget, items the rest), so the similarity state stays under the configured
+  memory.
 
 Similarity is cosine-style: ``pair(a, b) / sqrt(n(a) * n(b))`` with all three decayed to the same time.
 
@@ -82,11 +84,24 @@ class SimilarityConfig:
         per_neighbour = id_len + 24 + 4  # member + score as text + entry headers
         return 2 * (90 + id_len + 16) + 96 + self.max_neighbours * per_neighbour + 2 * (id_len + 40)
 
+    POPULAR_ENTRY_BYTES = 100  # one member of a large (skiplist-encoded) sorted set, id included
+    POPULAR_SHARE = 0.1  # share of memory_cap_bytes kept for popularity
+
+    def popular_cap(self) -> int:
+        """Effective ``max_popular``: lowered so popularity (up to twice this many members between trims)
+        takes at most :attr:`POPULAR_SHARE` of ``memory_cap_bytes``."""
+        if self.memory_cap_bytes is None:
+            return self.max_popular
+        fit = int(self.POPULAR_SHARE * self.memory_cap_bytes / (2 * self.POPULAR_ENTRY_BYTES))
+        return max(1, min(self.max_popular, fit))
+
     def item_cap(self, id_len: int = 12) -> int:
-        """Effective maximum number of items: ``max_items``, lowered to fit ``memory_cap_bytes`` if set."""
+        """Effective maximum number of items: ``max_items``, lowered to fit ``memory_cap_bytes`` (after the
+        popularity share) if set."""
         if self.memory_cap_bytes is None:
             return self.max_items
-        return max(1, min(self.max_items, int(self.memory_cap_bytes // self.bytes_per_item(id_len))))
+        rest = self.memory_cap_bytes - 2 * self.popular_cap() * self.POPULAR_ENTRY_BYTES
+        return max(1, min(self.max_items, int(rest // self.bytes_per_item(id_len))))
 
 
 @dataclass
@@ -235,41 +250,68 @@ class MemoryItemStore(ItemStore):
         hl = cfg.half_life_ms
         counts, epochs, nbs, last = self.n, self.t, self.nb, self.last
         resc = cfg.rescale_after_ms
-        maxnb = cfg.max_neighbours
-        for it, (n_inc, incs) in batch.per_item().items():
+        minsc = cfg.min_score
+        scale: dict[str, float] = {}  # touched item -> forward-decay factor of this batch
+
+        def touch(it: str) -> float:
             n = counts.get(it)
             if n is None:
-                n, t = 0.0, ts
-                nb = nbs[it] = {}
+                counts[it] = 0.0
+                epochs[it] = ts
+                nbs[it] = {}
+                g = 1.0
             else:
                 t = epochs[it]
-                nb = nbs[it]
-            if ts - t > resc:
-                f = 2.0 ** (-(ts - t) / hl)
-                n *= f
-                for b in list(nb):
-                    s = nb[b] * f
-                    if s < cfg.min_score:
-                        del nb[b]
-                    else:
-                        nb[b] = s
-                t = ts
-            g = 2.0 ** ((ts - t) / hl) if ts != t else 1.0
-            counts[it] = n + n_inc * g
-            epochs[it] = t
-            for b, w in incs.items():
-                nb[b] = nb.get(b, 0.0) + w * g
+                if ts - t > resc:  # rescale to the batch time, drop faded neighbours
+                    f = 2.0 ** (-(ts - t) / hl)
+                    counts[it] = n * f
+                    nb = nbs[it]
+                    for b in list(nb):
+                        v = nb[b] * f
+                        if v < minsc:
+                            del nb[b]
+                        else:
+                            nb[b] = v
+                    epochs[it] = ts
+                    g = 1.0
+                else:
+                    g = 2.0 ** ((ts - t) / hl) if ts != t else 1.0
+            scale[it] = g
+            last[it] = ts
+            return g
+
+        for it, w in zip(batch.items, batch.item_inc):
+            if w > 0:
+                g = scale.get(it)
+                if g is None:
+                    g = touch(it)
+                counts[it] += w * g
+        for a, b, w in zip(batch.pair_a, batch.pair_b, batch.pair_inc):
+            if w <= 0 or a == b:
+                continue
+            ga = scale.get(a)
+            if ga is None:
+                ga = touch(a)
+            gb = scale.get(b)
+            if gb is None:
+                gb = touch(b)
+            nb = nbs[a]
+            nb[b] = nb.get(b, 0.0) + w * ga
+            nb = nbs[b]
+            nb[a] = nb.get(a, 0.0) + w * gb
+        maxnb = cfg.max_neighbours
+        for it in scale:
+            nb = nbs[it]
             if len(nb) > maxnb:
                 drop = sorted(nb.items(), key=lambda kv: (kv[1], kv[0].encode()))[: len(nb) - maxnb]
                 for b, _ in drop:
                     del nb[b]
-            last[it] = ts
         self._apply_popularity(batch, ts)
         cap = cfg.item_cap()
-        if len(self.last) > cap:
-            old = heapq.nsmallest(len(self.last) - cap, self.last.items(), key=lambda kv: (kv[1], kv[0].encode()))
+        if len(last) > cap:
+            old = heapq.nsmallest(len(last) - cap, last.items(), key=lambda kv: (kv[1], kv[0].encode()))
             for it, _ in old:
-                del self.last[it], self.n[it], self.t[it], self.nb[it]
+                del last[it], counts[it], epochs[it], nbs[it]
 
     def _apply_popularity(self, batch: ItemBatch, ts: int) -> None:
         cfg = self.config
@@ -289,8 +331,9 @@ class MemoryItemStore(ItemStore):
             if w > 0:
                 pop[it] = pop.get(it, 0.0) + float(w) * g
                 dirty.add(it)
-        if len(pop) > 2 * cfg.max_popular:
-            self.pop = _top_k(pop, cfg.max_popular)
+        cap = cfg.popular_cap()
+        if len(pop) > 2 * cap:
+            self.pop = _top_k(pop, cap)
             self._pop_top = []
             self._pop_cache_k = 0
             self._pop_dirty = set()
@@ -410,7 +453,7 @@ class RedisItemStore(ItemStore):
             "{rescale_after_ms}", str(int(cfg.rescale_after_ms))).replace(
             "{min_score}", repr(float(cfg.min_score))).replace("{max_neighbours}", str(int(cfg.max_neighbours)))
         self._pop_lua = _POP_LUA.replace("{pop_half_life_ms}", str(int(cfg.pop_half_life_ms))).replace(
-            "{max_popular}", str(int(cfg.max_popular))).replace("{rescale_half_lives}", repr(_POP_RESCALE_HALF_LIVES))
+            "{max_popular}", str(int(cfg.popular_cap()))).replace("{rescale_half_lives}", repr(_POP_RESCALE_HALF_LIVES))
         self._item_sha = hashlib.sha1(self._item_lua.encode()).hexdigest()
         self._pop_sha = hashlib.sha1(self._pop_lua.encode()).hexdigest()
         self._scripts_loaded = False

@@ -197,28 +197,40 @@ class LearningCore:
         self.store.apply(batch)
         t2 = time.perf_counter()
         # --- category price reference, purchases, decision points ---------------------------------
-        stats = self.stats
+        stats_update = self.stats.update
         last: dict[str, Event] = {}
         seen: dict[str, int] = {}  # user -> events in this batch
         carts: set[str] = set()
         labels = self.labels
-        item_conv = self.item_conv
-        cat_conv = self.cat_conv
+        iev, ipur = self.item_conv.events, self.item_conv.purchases
+        cev, cpur = self.cat_conv.events, self.cat_conv.purchases
+        n_conv = n_pur = n_cat = n_cat_pur = 0
         for e in events:
             u = e.user_id
             seen[u] = seen.get(u, 0) + 1
             etype = e.type
             if etype == "remove_from_cart":
                 continue
-            if e.price and e.category:
-                stats.update(e.category, e.price)
-            item_conv.update(e.item_id, etype)
-            cat_conv.update(e.category, etype)
+            item, cat = e.item_id, e.category
+            if e.price and cat:
+                stats_update(cat, e.price)
+            iev[item] = iev.get(item, 0) + 1
+            n_conv += 1
+            if cat:
+                cev[cat] = cev.get(cat, 0) + 1
+                n_cat += 1
             if etype == "purchase":
+                ipur[item] = ipur.get(item, 0) + 1
+                if cat:
+                    cpur[cat] = cpur.get(cat, 0) + 1
+                    n_cat_pur += 1
+                n_pur += 1
                 labels.purchase(u, e.ts)
             elif etype == "cart":
                 carts.add(u)
             last[u] = e
+        self.item_conv.add_totals(n_conv, n_pur)
+        self.cat_conv.add_totals(n_cat, n_cat_pur)
         if batch_ts > self.watermark:
             self.watermark = batch_ts
         gap = self.sample_gap_ms

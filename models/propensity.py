@@ -7,10 +7,11 @@ and the models' predictions for it, made before any label is known. Its label ar
 * ``0`` when the watermark (the largest event time seen) passes ``ts + H`` first
   (:meth:`~DelayedLabelLearner.advance`).
 
-On a label, the online metrics (River ``RollingROCAUC`` and a rolling ``LogLoss`` over the last
-``metric_window`` labels: what the Prometheus gauges show) are updated with the prediction made at the decision
+When a point's horizon closes (``learn_at="horizon"``, the default; or as soon as its label is known with
+``learn_at="label"``), the online metrics (River ``RollingROCAUC`` and a rolling ``LogLoss`` over the last
+``metric_window`` points: what the Prometheus gauges show) are updated with the prediction made at the decision
 point, then the model learns: a prequential (test-then-train) estimate with delayed labels. At most
-``max_pending`` decision points wait for labels; beyond that the oldest are dropped, and counted.
+``max_pending`` decision points wait; beyond that the oldest are dropped, and counted.
 
 Two models are scored side by side on the same decision points: the engine model
 (:class:`PurchasePropensity`, standardised and clipped features into a River logistic regression) and a
@@ -36,7 +37,7 @@ from array import array
 from collections import deque
 
 import numpy as np
-from river import linear_model, metrics, optim, utils
+from river import linear_model, metrics, optim
 
 __all__ = ["PurchasePropensity", "FrequencyPropensity", "DelayedLabelLearner", "ConversionStats"]
 
@@ -62,10 +63,15 @@ class PurchasePropensity:
         Bound of a standardised feature.
     feature_names
         Dense features (any order; missing ones are 0).
+    intercept_init, intercept_lr
+        Starting intercept (a prior log-odds: purchases are rare, -3 is about 5 %) and its learning rate
+        (``None``: ``lr``).
 
     Examples
     --------
-    >>> m = PurchasePropensity(feature_names=("x",))
+    >>> round(PurchasePropensity().predict_proba({}), 4)  # the prior: sigmoid(-3)
+    0.0474
+    >>> m = PurchasePropensity(feature_names=("x",), lr=0.02, intercept_init=0.0)
     >>> m.predict_proba({"x": 1.0})
     0.5
     >>> for _ in range(200):
@@ -74,8 +80,9 @@ class PurchasePropensity:
     True
     """
 
-    def __init__(self, lr: float = 0.02, l2: float = 0.0, optimizer: str = "sgd", clip: float = 5.0,
-                 feature_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, lr: float = 0.005, l2: float = 0.0, optimizer: str = "sgd", clip: float = 5.0,
+                 feature_names: tuple[str, ...] = (), intercept_init: float = -3.0,
+                 intercept_lr: float | None = 0.02) -> None:
         if optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
         self.lr = lr
@@ -83,19 +90,28 @@ class PurchasePropensity:
         self.optimizer = optimizer
         self.clip = clip
         self.feature_names = tuple(feature_names)
+        self.intercept_init = intercept_init
+        self.intercept_lr = lr if intercept_lr is None else intercept_lr
         d = len(self.feature_names)
         self.n = 0
         self.mean = np.zeros(d)
         self.m2 = np.zeros(d)
         self.inv_sd = np.zeros(d)  # 0 for a constant feature
-        self.model = linear_model.LogisticRegression(optimizer=_OPTIMIZERS[optimizer](lr), l2=l2, intercept_lr=lr)
+        self._mean_l = [0.0] * d
+        self._inv_l = [0.0] * d
+        self.model = linear_model.LogisticRegression(
+            optimizer=_OPTIMIZERS[optimizer](lr), l2=l2, intercept_init=intercept_init,
+            intercept_lr=self.intercept_lr,
+        )
 
     def _scaled(self, values, extra: dict | None) -> dict:
         c = self.clip
         if self.n > 1:
-            z = (np.asarray(values, dtype=float) - self.mean) * self.inv_sd
-            np.clip(z, -c, c, out=z)
-            x = dict(zip(self.feature_names, z.tolist()))
+            lo = -c
+            x = {}
+            for name, v, m, k in zip(self.feature_names, values, self._mean_l, self._inv_l):
+                z = (v - m) * k
+                x[name] = c if z > c else lo if z < lo else z
         else:
             x = dict.fromkeys(self.feature_names, 0.0)
         if extra:
@@ -130,6 +146,8 @@ class PurchasePropensity:
         var = self.m2 / self.n
         np.divide(1.0, np.sqrt(var), out=self.inv_sd, where=var > 1e-12)
         self.inv_sd[var <= 1e-12] = 0.0
+        self._mean_l = self.mean.tolist()  # lists: the predict path scales in plain Python (32 floats)
+        self._inv_l = self.inv_sd.tolist()
         self.model.learn_one(self._scaled(v, extra), bool(y), w)
 
     def predict_proba(self, x: dict) -> float:
@@ -140,7 +158,8 @@ class PurchasePropensity:
         self.learn_values(values, extra, y, w)
 
     def clone(self) -> "PurchasePropensity":
-        return PurchasePropensity(self.lr, self.l2, self.optimizer, self.clip, self.feature_names)
+        return PurchasePropensity(self.lr, self.l2, self.optimizer, self.clip, self.feature_names,
+                                  self.intercept_init, self.intercept_lr)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -230,12 +249,55 @@ class ConversionStats:
             self.purchases[key] = self.purchases.get(key, 0) + 1
             self.pos += 1
 
+    def add_totals(self, n: int, purchases: int) -> None:
+        """Count ``n`` events (``purchases`` of them purchases) updated directly in :attr:`events` /
+        :attr:`purchases` by a caller's fast loop, and keep the key count bounded."""
+        self.n += n
+        self.pos += purchases
+        if len(self.events) > self.max_keys:
+            keep = sorted(self.events.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_keys // 2]
+            self.events = dict(keep)
+            self.purchases = {k: v for k, v in self.purchases.items() if k in self.events}
+
     def log_odds(self, key: str | None) -> float:
         g = (self.pos + 1) / (self.n + 100)
         c = self.events.get(key) if key else None
         p = g if c is None else (self.purchases.get(key, 0) + self.a * g) / (c + self.a)
         p = min(max(p, 1e-4), 1 - 1e-4)
         return math.log(p / (1 - p))
+
+
+class RollingLogLoss:
+    """Mean binary log loss over the last ``window`` updates (the same number as River's
+    ``utils.Rolling(metrics.LogLoss, window_size=window)``, without its per-update overhead).
+
+    >>> m = RollingLogLoss(2)
+    >>> for y, p in ((True, 0.9), (False, 0.2), (True, 0.5)):
+    ...     m.update(y, p)
+    >>> round(m.get(), 6)  # mean of -log(0.8) and -log(0.5)
+    0.458145
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.losses: deque[float] = deque()
+        self.total = 0.0
+
+    def update(self, y: bool, p: float) -> None:
+        p = min(max(p, 1e-15), 1 - 1e-15)
+        loss = -math.log(p) if y else -math.log(1.0 - p)
+        self.losses.append(loss)
+        self.total += loss
+        if len(self.losses) > self.window:
+            self.total -= self.losses.popleft()
+
+    def get(self) -> float:
+        n = len(self.losses)
+        if not n:
+            return 0.0
+        if n % 4096 == 0:  # refresh the running sum now and then (no drift)
+            self.total = math.fsum(self.losses)
+        return self.total / n
 
 
 class _Point:
@@ -273,6 +335,16 @@ class DelayedLabelLearner:
         Share of negative labels the model learns from (every ``round(1 / rate)``-th one, with sample weight
         ``1 / rate`` so the model stays calibrated); positives are always learnt. Negatives are most labels
         and learning is the expensive step. Every label is scored.
+    learn_at
+        When the model learns a point. ``"label"`` (default): as soon as its label is known (a purchase, or the
+        horizon elapsing); positives are known early and negatives only after H, so during the first H of a
+        stream the model sees mostly positives (the delayed-feedback bias; the prior intercept of
+        :class:`PurchasePropensity` limits it). ``"horizon"``: when the point's horizon closes, whatever the
+        label (no bias, but nothing is learnt during the first H). ``"fake_negative"``: at once as a negative,
+        again as a positive when the purchase comes; the model then estimates ``p / (1 + p)``, which
+        predictions invert (fake-negative calibration, Ktena et al., RecSys 2019). On the REES46 and Taobao
+        samples ``"label"`` scored best (see ``models/prequential.py``). In every mode a point is scored (online
+        metrics) when its horizon closes, with the prediction made at the decision point.
     """
 
     def __init__(
@@ -284,6 +356,7 @@ class DelayedLabelLearner:
         keep_predictions: bool = False,
         metric_window: int = 10_000,
         negative_rate: float = 0.25,
+        learn_at: str = "label",
     ) -> None:
         if horizon_ms <= 0:
             raise ValueError(f"the propensity horizon must be > 0 ms, got {horizon_ms}")
@@ -297,6 +370,9 @@ class DelayedLabelLearner:
             raise ValueError(f"negative_rate must be in (0, 1], got {negative_rate}")
         self.negative_rate = negative_rate
         self._neg_every = max(1, round(1 / negative_rate))
+        if learn_at not in ("horizon", "label", "fake_negative"):
+            raise ValueError(f"learn_at must be 'horizon', 'label' or 'fake_negative', got {learn_at!r}")
+        self.learn_at = learn_at
         self.reset()
 
     def reset(self) -> None:
@@ -305,18 +381,16 @@ class DelayedLabelLearner:
         self.queue: deque[_Point] = deque()
         self.by_user: dict[str, list[_Point]] = {}
         w = self.metric_window
-        self.metrics = {
-            prefix: (metrics.RollingROCAUC(window_size=w), utils.Rolling(metrics.LogLoss, window_size=w))
-            for prefix in ("", "base_")
-        }
+        self.metrics = {prefix: (metrics.RollingROCAUC(window_size=w), RollingLogLoss(w)) for prefix in ("", "base_")}
         self.n_observed = self.n_labels = self.n_positive = self.n_dropped = 0
         self.n_open = 0
         self.n_negative_seen = 0
+        self.n_scored = 0
         self.predictions: list[tuple[int, float, float, int]] = []
 
     def clone(self) -> "DelayedLabelLearner":
         return DelayedLabelLearner(self.horizon_ms, self.model.clone(), self.baseline.clone(), self.max_pending,
-                                   self.keep_predictions, self.metric_window, self.negative_rate)
+                                   self.keep_predictions, self.metric_window, self.negative_rate, self.learn_at)
 
     def __len__(self) -> int:
         """Decision points still waiting for a label."""
@@ -324,7 +398,14 @@ class DelayedLabelLearner:
 
     # ----------------------------------------------------------------------------------------
     def predict_proba(self, x: dict) -> float:
-        return self.model.predict_proba(x)
+        return self._calibrated(self.model.predict_proba(x))
+
+    def _calibrated(self, b: float) -> float:
+        """With fake negatives the model learns ``b = p / (1 + p)`` (each positive is seen twice, once as a
+        negative): invert it."""
+        if self.learn_at != "fake_negative":
+            return b
+        return min(b / (1.0 - b), 1.0 - _EPS) if b < 1.0 else 1.0 - _EPS
 
     def observe(self, user: str, ts: int, x: dict, base_p: float | None = None) -> None:
         """Record a decision point: predict now (engine; the baseline's ``base_p``, default its global rate),
@@ -335,7 +416,11 @@ class DelayedLabelLearner:
     def observe_values(self, user: str, ts: int, values, extra: dict | None = None,
                        base_p: float | None = None) -> None:
         """:meth:`observe` with the features as dense ``values`` (model ``feature_names`` order) + ``extra``."""
-        p = self.model.predict_values(values, extra)
+        p = self._calibrated(self.model.predict_values(values, extra))
+        if self.learn_at == "fake_negative":  # learn it as a negative now; a purchase adds it as a positive
+            self.n_negative_seen += 1
+            if self.n_negative_seen % self._neg_every == 0:
+                self.model.learn_values(values, extra, False, float(self._neg_every))
         b = self.baseline.rate if base_p is None else float(base_p)
         pt = _Point(user, int(ts), array("d", values), extra, (p, b))
         self.queue.append(pt)
@@ -351,6 +436,8 @@ class DelayedLabelLearner:
             if old.open:
                 self._close(old)
                 self.n_dropped += 1
+            elif old.values is not None:
+                self._learn(old)  # labelled, waiting for its horizon: learn it as it leaves
 
     def purchase(self, user: str, ts: int) -> None:
         """A purchase by ``user`` at ``ts``: open points before it within H become positive (older: 0)."""
@@ -383,6 +470,8 @@ class DelayedLabelLearner:
                     if not pts:
                         del self.by_user[pt.user]
                 self._label(pt, 0)
+            if pt.values is not None:
+                self._learn(pt)
             if pt.label >= 0:
                 self.baseline.learn_one(bool(pt.label))  # the horizon elapsed: unbiased global rate
 
@@ -399,32 +488,47 @@ class DelayedLabelLearner:
     def _label(self, pt: _Point, y: int) -> None:
         pt.open = False
         self.n_open -= 1
-        p, b = pt.preds
-        (auc, ll), (bauc, bll) = self.metrics[""], self.metrics["base_"]
-        yb = bool(y)
-        pc = min(max(p, _EPS), 1 - _EPS)
-        auc.update(yb, p)
-        ll.update(yb, pc)
-        bauc.update(yb, b)
-        bll.update(yb, b)
-        if self.keep_predictions:
-            self.predictions.append((y, p, b, pt.ts))
+        pt.label = y
         self.n_labels += 1
         self.n_positive += y
-        if y:
+        if self.keep_predictions:
+            p, b = pt.preds
+            self.predictions.append((y, p, b, pt.ts))
+        if self.learn_at == "label":
+            self._fit(pt)
+        elif self.learn_at == "fake_negative" and y:
+            self.model.learn_values(pt.values, pt.extra, True)
+
+    def _fit(self, pt: _Point) -> None:
+        """Learn the point with its label (negatives subsampled, with weight)."""
+        if pt.label:
             self.model.learn_values(pt.values, pt.extra, True)
         else:
             self.n_negative_seen += 1
             if self.n_negative_seen % self._neg_every == 0:
                 self.model.learn_values(pt.values, pt.extra, False, float(self._neg_every))
-        pt.label = y
+
+    def _learn(self, pt: _Point) -> None:
+        """The point's horizon closed: score the prediction made at the decision point, learn if the mode
+        learns now, and free the features."""
+        y = pt.label
+        p, b = pt.preds
+        (auc, ll), (bauc, bll) = self.metrics[""], self.metrics["base_"]
+        yb = bool(y)
+        auc.update(yb, p)
+        ll.update(yb, min(max(p, _EPS), 1 - _EPS))
+        bauc.update(yb, b)
+        bll.update(yb, b)
+        self.n_scored += 1
+        if self.learn_at == "horizon":
+            self._fit(pt)
         pt.values = pt.extra = None
 
     def quality(self) -> dict[str, float]:
-        """Online AUC and log loss (last ``metric_window`` labels) of the engine model and the baseline;
-        NaN before any label."""
+        """Online AUC and log loss (last ``metric_window`` scored points) of the engine model and the baseline;
+        NaN before the first point is scored."""
         out = {}
         for prefix, (auc, ll) in self.metrics.items():
-            out[f"{prefix}auc"] = float(auc.get()) if self.n_labels else math.nan
-            out[f"{prefix}logloss"] = float(ll.get()) if self.n_labels else math.nan
+            out[f"{prefix}auc"] = float(auc.get()) if self.n_scored else math.nan
+            out[f"{prefix}logloss"] = float(ll.get()) if self.n_scored else math.nan
         return out

@@ -8,7 +8,7 @@ viewed again) emits nothing, and weight-0 events (``remove_from_cart``) are igno
 event are a pure function of (the user's window, the event): an outbox keyed by event id makes them idempotent.
 
 Pairs are canonical ``(a, b)`` with ``a < b`` (item indices from an :class:`ItemVocab`); :func:`aggregate_pairs`
-sums identical pairs (stable order, so sums are bit-identical to the reference's) before they go to a store.
+sums identical pairs (in input order, so sums are bit-identical to the reference's) before they go to a store.
 
 Examples
 --------
@@ -17,7 +17,7 @@ Examples
 >>> slots = w.slots_for(["u1", "u1", "u1", "u2"])
 >>> items = np.array([10, 11, 12, 10]); ts = np.array([0, 1, 2, 3]); wt = np.array([1.0, 1.0, 3.0, 1.0])
 >>> a, b, inc = count_pairs(slots, items, ts, wt, w, window_ms=1000)
->>> [(int(x), int(y), float(z)) for x, y, z in zip(a, b, inc)]
+>>> sorted((int(x), int(y), float(z)) for x, y, z in zip(a, b, inc))
 [(10, 11, 1.0), (10, 12, 1.0), (11, 12, 1.0)]
 >>> pairs = count_pairs_py(slots.tolist(), items.tolist(), ts.tolist(), wt.tolist(), {}, width=3, window_ms=1000)
 >>> sorted(pairs.items())
@@ -37,128 +37,123 @@ __all__ = [
 
 # --- numba kernels --------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
-def pair_increments(ev_slot, ev_item, ev_ts, ev_w, win_item, win_ts, win_w, win_len, window_ms):  # pragma: no cover
+def pair_increments(ev_slot, ev_item, ev_ts, ev_w, win, window_ms):  # pragma: no cover
     """Pair increments of a batch, updating the windows in place (see the module docstring).
 
-    ``ev_*`` are 1-d arrays of one batch in order (slot of the user's window, item index, ts in ms, weight);
-    ``win_*`` are ``(n_slots, W)`` arrays, most recent first, and ``win_len`` the filled length per slot.
-    Returns ``(a, b, inc)`` with ``a < b``, one row per (event, window item), not yet aggregated.
+    ``ev_*`` are 1-d arrays of one batch in order (slot of the user's window, item index, ts in ms, weight).
+    ``win`` is a ``(n_slots, 1 + 3 * W)`` float64 array, one contiguous row per user (a few cache lines):
+    ``[length, item_0, ts_0, w_0, item_1, ts_1, w_1, ...]``, most recent first (item indices and epoch-ms times
+    are exact in float64). Returns ``(a, b, inc)`` with ``a < b``, one row per (event, window item), not yet
+    aggregated.
+    """
+    width = (win.shape[1] - 1) // 3
+    cap = ev_slot.shape[0] * max(width - 1, 1)
+    out_a = np.empty(cap, np.int64)
+    out_b = np.empty(cap, np.int64)
+    out_w = np.empty(cap, np.float64)
+    m = _increments_into(ev_slot, ev_item, ev_ts, ev_w, win, window_ms, out_a, out_b, out_w)
+    return out_a[:m], out_b[:m], out_w[:m]
+
+
+@njit(cache=True, nogil=True)
+def _increments_into(ev_slot, ev_item, ev_ts, ev_w, win, window_ms, out_a, out_b, out_w):  # pragma: no cover
+    """The loop of :func:`pair_increments`, writing into caller-owned buffers; returns the number of rows.
+
     """
     n = ev_slot.shape[0]
-    width = win_item.shape[1]
-    out_a = np.empty(n * max(width - 1, 1), np.int64)
-    out_b = np.empty(n * max(width - 1, 1), np.int64)
-    out_w = np.empty(n * max(width - 1, 1), np.float64)
+    width = (win.shape[1] - 1) // 3
     m = 0
     for e in range(n):
         w = ev_w[e]
         if w <= 0.0:
             continue
-        s = ev_slot[e]
+        row = win[ev_slot[e]]
         it = ev_item[e]
-        t = ev_ts[e]
-        length = win_len[s]
+        fit = np.float64(it)
+        t = np.float64(ev_ts[e])
+        length = np.int64(row[0])
         pos = -1
         for j in range(length):
-            if win_item[s, j] == it:
+            if row[1 + 3 * j] == fit:
                 pos = j
                 break
         if pos != 0:
             for j in range(length):
-                jt = win_item[s, j]
-                if jt == it:
+                if j == pos:
                     continue
-                dt = t - win_ts[s, j]
+                k = 1 + 3 * j
+                dt = t - row[k + 1]
                 if dt > window_ms or dt < -window_ms:
                     continue
-                wj = win_w[s, j]
-                inc = w if w < wj else wj
+                jt = np.int64(row[k])
+                wj = row[k + 2]
                 if it < jt:
                     out_a[m] = it
                     out_b[m] = jt
                 else:
                     out_a[m] = jt
                     out_b[m] = it
-                out_w[m] = inc
+                out_w[m] = w if w < wj else wj
                 m += 1
         # move / insert the item at the front of the window
         if pos >= 0:
-            neww = win_w[s, pos] if win_w[s, pos] > w else w
+            old = row[1 + 3 * pos + 2]
+            neww = old if old > w else w
             last = pos
         else:
             neww = w
             last = length if length < width else width - 1
             if length < width:
-                win_len[s] = length + 1
+                row[0] = length + 1
         for j in range(last, 0, -1):
-            win_item[s, j] = win_item[s, j - 1]
-            win_ts[s, j] = win_ts[s, j - 1]
-            win_w[s, j] = win_w[s, j - 1]
-        win_item[s, 0] = it
-        win_ts[s, 0] = t
-        win_w[s, 0] = neww
-    return out_a[:m], out_b[:m], out_w[:m]
-
-
-@njit(cache=True, nogil=True)
-def _bits(x):  # pragma: no cover
-    n = 0
-    while x > 0:
-        x >>= 1
-        n += 1
-    return n
+            k = 1 + 3 * j
+            row[k] = row[k - 3]
+            row[k + 1] = row[k - 2]
+            row[k + 2] = row[k - 1]
+        row[1] = fit
+        row[2] = t
+        row[3] = neww
+    return m
 
 
 @njit(cache=True, nogil=True)
 def aggregate_pairs(a, b, inc):  # pragma: no cover
-    """Sum the increments of identical ``(a, b)`` pairs, in input order; output sorted by ``(a, b)``.
+    """Sum the increments of identical ``(a, b)`` pairs; output in first-seen order.
 
-    Sorts one int64 per pair ``(a, b, position)`` when the bits fit (item indices below about 2**26), else a
-    stable argsort; either way identical pairs are summed in input order (bit-identical to the reference).
+    An open-addressing hash table (multiplicative hashing, linear probing); identical pairs are summed in
+    input order, so sums are bit-identical to the reference's.
     """
     n = a.shape[0]
     ua = np.empty(n, np.int64)
     ub = np.empty(n, np.int64)
     uw = np.empty(n, np.float64)
-    if n == 0:
-        return ua, ub, uw
-    mx = max(a.max(), b.max())
-    bi = _bits(mx)
-    bp = _bits(n)
-    m = -1
-    if 2 * bi + bp <= 63:
-        comp = np.empty(n, np.int64)
-        for i in range(n):
-            comp[i] = (((a[i] << bi) | b[i]) << bp) | i
-        comp.sort()
-        maskp = (np.int64(1) << bp) - 1
-        prev = np.int64(-1)
-        for j in range(n):
-            c = comp[j]
-            o = c & maskp
-            k = c >> bp
-            if m < 0 or k != prev:
+    bits = 4
+    while (1 << bits) < 2 * n:
+        bits += 1
+    size = 1 << bits
+    mask = size - 1
+    shift = np.uint64(64 - bits)
+    table = np.full(size, -1, np.int64)  # slot -> output row
+    m = 0
+    for i in range(n):
+        ai = a[i]
+        bi = b[i]
+        h = np.int64((np.uint64(ai) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(bi) * np.uint64(0xC2B2AE3D27D4EB4F))
+                     >> shift)
+        while True:
+            r = table[h]
+            if r < 0:
+                table[h] = m
+                ua[m] = ai
+                ub[m] = bi
+                uw[m] = inc[i]
                 m += 1
-                ua[m] = a[o]
-                ub[m] = b[o]
-                uw[m] = 0.0
-                prev = k
-            uw[m] += inc[o]
-    else:
-        keys = a * np.int64(2147483648) + b
-        order = np.argsort(keys, kind="mergesort")
-        prev = np.int64(-1)
-        for j in range(n):
-            o = order[j]
-            k = keys[o]
-            if m < 0 or k != prev:
-                m += 1
-                ua[m] = a[o]
-                ub[m] = b[o]
-                uw[m] = 0.0
-                prev = k
-            uw[m] += inc[o]
-    return ua[: m + 1], ub[: m + 1], uw[: m + 1]
+                break
+            if ua[r] == ai and ub[r] == bi:
+                uw[r] += inc[i]
+                break
+            h = (h + 1) & mask
+    return ua[:m], ub[:m], uw[:m]
 
 
 @njit(cache=True, nogil=True)
@@ -182,10 +177,17 @@ def aggregate_items(item, w):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def count_pairs_kernel(ev_slot, ev_item, ev_ts, ev_w, win_item, win_ts, win_w, win_len, window_ms):  # pragma: no cover
-    """:func:`pair_increments` then :func:`aggregate_pairs`, in one compiled call."""
-    a, b, inc = pair_increments(ev_slot, ev_item, ev_ts, ev_w, win_item, win_ts, win_w, win_len, window_ms)
-    return aggregate_pairs(a, b, inc)
+def count_pairs_kernel(ev_slot, ev_item, ev_ts, ev_w, win, window_ms, buf_i, buf_f):  # pragma: no cover
+    """:func:`pair_increments` then :func:`aggregate_pairs` in one compiled call, with scratch buffers reused
+    from call to call (``buf_i``: int64, ``buf_f``: float64, each at least ``3 * n * (W - 1)`` long; warm in
+    cache, no page faults). The output arrays are new (not views of the buffers)."""
+    width = (win.shape[1] - 1) // 3
+    cap = ev_slot.shape[0] * max(width - 1, 1)
+    out_a = buf_i[:cap]
+    out_b = buf_i[cap : 2 * cap]
+    out_w = buf_f[:cap]
+    m = _increments_into(ev_slot, ev_item, ev_ts, ev_w, win, window_ms, out_a, out_b, out_w)
+    return aggregate_pairs(out_a[:m], out_b[:m], out_w[:m])
 
 
 # --- state holders ---------------------------------------------------------------------------------
@@ -237,11 +239,12 @@ class UserWindows:
     def clear(self) -> None:
         self.slot: dict[str, int] = {}
         self.owner: list[str | None] = [None] * self.capacity
-        self.used = np.zeros(self.capacity, np.int64)
-        self.item = np.zeros((self.capacity, self.width), np.int64)
-        self.ts = np.zeros((self.capacity, self.width), np.int64)
-        self.w = np.zeros((self.capacity, self.width), np.float64)
-        self.length = np.zeros(self.capacity, np.int64)
+        self.used = np.full(self.capacity, 0, np.int64)
+        # one row per user: [length, item, ts, w, item, ts, w, ...]; np.full writes every page now, so the
+        # kernel's hot loop takes no page faults later
+        self.data = np.full((self.capacity, 1 + 3 * self.width), 0.0, np.float64)
+        self.buf_i = np.full(0, 0, np.int64)  # kernel scratch, grown on demand
+        self.buf_f = np.full(0, 0.0, np.float64)
         self.free = list(range(self.capacity - 1, -1, -1))
         self.tick = 0
 
@@ -260,7 +263,7 @@ class UserWindows:
                 s = self.free.pop()
                 slot[u] = s
                 self.owner[s] = u
-                self.length[s] = 0
+                self.data[s, 0] = 0.0
             used[s] = tick
             out[n] = s
         return out
@@ -274,25 +277,28 @@ class UserWindows:
         for s in victims.tolist():
             del self.slot[self.owner[s]]
             self.owner[s] = None
-            self.length[s] = 0
+            self.data[s, 0] = 0.0
             self.free.append(s)
 
     def window(self, user: str) -> list[int]:
         """Item indices of a user's window, most recent first."""
         s = self.slot.get(user)
-        return [] if s is None else self.item[s, : self.length[s]].tolist()
-
-    def remap(self, mapping: np.ndarray) -> None:
-        """Renumber items after a vocabulary rebuild (``mapping[old] = new``)."""
-        self.item = mapping[self.item]
+        if s is None:
+            return []
+        n = int(self.data[s, 0])
+        return [int(x) for x in self.data[s, 1 : 1 + 3 * n : 3]]
 
 
 def count_pairs(slots, items, ts, weights, windows: UserWindows, window_ms: int):
     """Kernel + aggregation: the aggregated ``(a, b, inc)`` of one batch; updates ``windows``."""
+    need = 2 * len(slots) * max(windows.width - 1, 1)
+    if windows.buf_i.shape[0] < need:
+        windows.buf_i = np.full(need, 0, np.int64)
+        windows.buf_f = np.full(need, 0.0, np.float64)
     return count_pairs_kernel(
         np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(items, np.int64),
         np.ascontiguousarray(ts, np.int64), np.ascontiguousarray(weights, np.float64),
-        windows.item, windows.ts, windows.w, windows.length, np.int64(window_ms),
+        windows.data, np.float64(window_ms), windows.buf_i, windows.buf_f,
     )
 
 

@@ -100,12 +100,16 @@ class ItemStoreContract:
         assert s.item_count("a", T0 + 5) == 0.0 and s.item_count("b", T0 + 5) == 0.0
         assert s.item_count("e", T0 + 5) > 0
 
-    def test_memory_cap_lowers_the_item_cap(self):
-        c = cfg(max_items=1000, memory_cap_bytes=10 * cfg().bytes_per_item())
-        assert c.item_cap() == 10
+    def test_memory_cap_lowers_the_item_and_popularity_caps(self):
+        base = cfg(max_items=1000, max_popular=1000)
+        budget = 10 * base.bytes_per_item()
+        c = cfg(max_items=1000, max_popular=1000, memory_cap_bytes=budget)
+        assert c.popular_cap() == int(0.1 * budget / 200) < 1000
+        assert c.item_cap() == (budget - 2 * c.popular_cap() * 100) // base.bytes_per_item() < 10
         s = self.make(c)
-        s.apply(ItemBatch(ts=T0, items=[f"i{k}" for k in range(25)], item_inc=[1.0] * 25))
-        assert s.n_items() == 10
+        s.apply(ItemBatch(ts=T0, items=[f"i{k}" for k in range(100)], item_inc=[1.0 + k for k in range(100)]))
+        assert s.n_items() == c.item_cap()
+        assert len(s.popular(1000, T0)) == c.popular_cap()
 
     def test_neighbours_of_deleted_items_are_skipped(self):
         s = self.make(cfg(max_items=2))

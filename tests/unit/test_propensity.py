@@ -14,8 +14,8 @@ H = 1_000
 
 
 def learner(**kw) -> DelayedLabelLearner:
-    return DelayedLabelLearner(horizon_ms=H, model=PurchasePropensity(feature_names=("x",)),
-                               keep_predictions=True, **kw)
+    model = PurchasePropensity(feature_names=("x",), lr=0.02, intercept_init=0.0)
+    return DelayedLabelLearner(horizon_ms=H, model=model, keep_predictions=True, **kw)
 
 
 def test_purchase_within_horizon_is_positive_after_it_is_negative():
@@ -53,10 +53,29 @@ def test_oldest_points_are_dropped_and_counted_beyond_max_pending():
 def test_predictions_are_made_before_the_label_is_known():
     d = learner()
     for t in range(200):
+        d.advance(10 * H * t)
         d.observe("u", 10 * H * t, {"x": 1.0})
         d.purchase("u", 10 * H * t + 1)
     first, last = d.predictions[0][1], d.predictions[-1][1]
     assert first == 0.5 and last > 0.75  # the first point was scored by an untrained model
+
+
+def test_learning_modes():
+    lazy, eager, fake = learner(learn_at="horizon"), learner(), learner(learn_at="fake_negative", negative_rate=1.0)
+    for d in (lazy, eager, fake):
+        d.observe("u", 0, {"x": 1.0})
+    assert (lazy.model.n, eager.model.n, fake.model.n) == (0, 0, 1)  # fake negatives are learnt at once
+    for d in (lazy, eager, fake):
+        d.purchase("u", 10)
+    assert (lazy.model.n, eager.model.n, fake.model.n) == (0, 1, 2)  # the positive is known to all
+    assert lazy.n_labels == eager.n_labels == fake.n_labels == 1 and lazy.n_scored == eager.n_scored == 0
+    for d in (lazy, eager, fake):
+        d.advance(H + 1)  # scored when the horizon closes, in every mode
+    assert (lazy.model.n, eager.model.n, fake.model.n) == (1, 1, 2)
+    assert lazy.n_scored == eager.n_scored == fake.n_scored == 1
+    assert 0.0 < fake.predict_proba({"x": 1.0}) < 1.0
+    with pytest.raises(ValueError, match="learn_at"):
+        learner(learn_at="whenever")
 
 
 def test_negative_subsampling_keeps_the_model_calibrated():
@@ -86,10 +105,11 @@ def test_quality_is_nan_before_labels_then_finite():
     rng = random.Random(1)
     for t in range(300):
         x = rng.random()
-        d.observe(f"u{t}", t, {"x": x}, base_p=0.1)
+        d.advance(2 * H * t)
+        d.observe(f"u{t}", 2 * H * t, {"x": x}, base_p=0.1)
         if x > 0.7:
-            d.purchase(f"u{t}", t + 1)
-    d.advance(10**6)
+            d.purchase(f"u{t}", 2 * H * t + 1)
+    d.advance(10**9)
     q = d.quality()
     assert 0.5 < q["auc"] <= 1.0 and q["logloss"] > 0 and q["base_auc"] == pytest.approx(0.5)
 

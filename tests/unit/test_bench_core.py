@@ -1,0 +1,36 @@
+"""Smoke tests of the core benchmark and the similarity memory script: report shape and invariants only (no
+timing asserts: performance is measured by running them, see load_tests/)."""
+
+from __future__ import annotations
+
+import gc
+
+from load_tests import bench_core, similarity_memory
+
+
+def test_bench_core_report():
+    before = gc.get_threshold()
+    r = bench_core.run(n_events=3000, batch_size=500, n_decisions=50)
+    assert {"events_per_s", "numba_vs_python", "decision_p50_ms", "decision_p99_ms"} <= set(r)
+    assert r["counters_agree"] is True and r["pairs"] > 0
+    assert r["events_per_s"] > 0 and r["numba_vs_python"] > 0 and r["decision_p99_ms"] >= r["decision_p50_ms"] > 0
+    assert r["n_events"] == 3000 and r["decision_points"] > 0
+    assert gc.get_threshold() == before and gc.isenabled()  # the benchmark restores the collector
+
+
+def test_real_events_loop_with_new_users_later_in_time():
+    evs = bench_core.real_events(250, bench_core.TAOBAO)
+    assert len(evs) == 250
+    # limit=250 rows loaded: the second loop re-uses them with new user ids, later in event time
+    first, second = evs[:125], evs[125:]
+    assert not {e.user_id for e in first} & {e.user_id for e in evs[-10:]} or len({e.event_id for e in evs}) == 250
+    assert [e.ts for e in evs] == sorted(e.ts for e in evs)
+    assert len({e.event_id for e in evs}) == 250 and second
+
+
+def test_similarity_memory_is_bounded(redis_url):
+    r = similarity_memory.run(checkpoints=(2000, 6000), cap_mb=0.5, redis_url=redis_url, batch_size=500)
+    rows = r["checkpoints"]
+    assert [x["events"] for x in rows] == [2000, 6000]
+    assert r["under_cap"] and all(x["bytes"] <= r["memory_cap_bytes"] for x in rows)
+    assert rows[-1]["items"] <= r["item_cap"]
