@@ -1,0 +1,255 @@
+"""Crash safety of the live worker (issue 6, acceptance 1): ``kill -9`` at random points changes nothing.
+
+All 17,434 real REES46 events (the shared file; it has prices, so offers, budgets and attribution are
+exercised - the issue's 20k would need the price-less Taobao file) are processed on the real embedded broker
+and Redis:
+
+* runs A and C: one worker each, never interrupted, each into its own Redis prefix and topics (C is a control:
+  what differs between two runs without any crash);
+* run B: while the producer replays the file at a steady :data:`PACE` events/s, a worker that is ``kill -9``ed
+  at :data:`N_KILLS` points (seeded rng, uniform between 5 % and 95 % of the events, counted as applied events:
+  Redis markers at the last kill + the live worker's ``promo_events_total``) and restarted each time, so every
+  kill lands mid-stream (asserted).
+
+Then, in B: every event counted once (profile counts sum to the events, one marker each); the same trigger
+events decided as in A; every stored decision reached the decisions topic, and every message of a trigger
+(re-sent after a crash) equals the stored decision (same ``decision_id``, same content); each budget's counters
+equal the sum of its per-decision entries and every reservation belongs to a stored decision of that offer (no
+double charge, no budget held for an offer never given). Finally the whole Redis state of B equals A's
+(``tests.redis_state``: integers and strings exact, floats within 1e-9 relative; only wall-clock, measured and
+commit-count fields and model snapshot blobs are excluded). On a difference the message summarises it by key
+class for A vs B and for the control A vs C, and the three dumps are kept in a ``promo-crash-safety-*`` dir.
+
+Both runs use the engine's own producer (``stream.produce``: key = user id, Kafka default partitioner, the
+same partition count), so every user's events arrive in the same order in every run. What the comparison
+cannot pin down is state that depends on how events of different partitions interleave in a worker's batches:
+such state differs between any two runs (the control shows it) and must be made order-independent for this
+acceptance to hold (see the report of the first runs: item similarity decayed to batch times, popularity,
+features of online models stored in open decisions, recommendations in decisions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from stream.produce import produce_events
+from stream.sources import read_events
+from tests.helpers import DATA, consume_all, free_port, http_get, metric, parse_metrics, wait_until
+from tests.redis_state import compare_states, dump_state, key_class, normalise, profile_counts, summarise
+
+pytestmark = pytest.mark.integration
+
+REES46 = DATA / "rees46_multicategory" / "2019-Oct_first17k.csv"
+N_EVENTS = None  # all 17,434 rows (with prices: offers, budgets and attribution are exercised)
+N_KILLS = 5
+PACE = 200.0  # events/s offered by the producer during run B (100 s of replay)
+SEED = 6
+
+
+def isolated(stack, name: str):
+    """Settings of one engine instance: own topics, Redis prefix, consumer group, web port."""
+    from stream.topics import ensure_topics
+
+    tag = f"{name}{uuid.uuid4().hex[:8]}"
+    s = stack.model_copy(update={
+        "topic_prefix": tag, "redis_prefix": tag, "app_id": f"promo-{tag}", "web_port": free_port(),
+        # a killed member leaves the group after 3 s instead of 10 s: restarts take seconds, not the test time
+        "session_timeout_s": 3.0, "rebalance_timeout_s": 3.0,
+    })
+    ensure_topics(s)
+    return s
+
+
+def log(msg: str) -> None:
+    print(f"[crash-safety {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def count_keys(r, prefix: str, pattern: str) -> int:
+    return sum(1 for _ in r.scan_iter(match=f"{prefix}:{pattern}", count=5000))
+
+
+def unsent_decisions(r, prefix: str) -> int:
+    keys = list(r.scan_iter(match=f"{prefix}:{{u:*}}:d:*", count=5000))
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.hget(k, "sent")
+    return sum(1 for v in pipe.execute() if v != b"1")
+
+
+def settled(r, prefix: str, n: int) -> bool:
+    """All ``n`` events applied (one marker each) and every stored decision marked as sent."""
+    return count_keys(r, prefix, "{u:*}:e:*") == n and unsent_decisions(r, prefix) == 0
+
+
+def applied_now(worker) -> float | None:
+    status, text = http_get(worker.metrics_url, timeout=1.0)
+    if status != 200:
+        return None
+    return metric(parse_metrics(text), "promo_events_total")
+
+
+class PacedProducer(threading.Thread):
+    """Replays events with ``stream.produce.produce_events`` at a steady rate; ``handed`` counts events taken."""
+
+    def __init__(self, settings, events: list[dict], rate: float | None) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.events, self.rate = settings, events, rate
+        self.handed = 0
+        self.report: dict | None = None
+        self.error: BaseException | None = None
+
+    def _iter(self):
+        for e in self.events:
+            yield e
+            self.handed += 1
+
+    def run(self) -> None:
+        try:
+            self.report = asyncio.run(produce_events(self.settings, self._iter(), rate=self.rate, progress=False))
+        except BaseException as exc:  # reported by the test thread
+            self.error = exc
+
+    def finished(self) -> bool:
+        return not self.is_alive()
+
+
+def test_kill_9_at_five_random_points_leaves_the_same_state(stack, start_worker, redis_client):
+    t_start = time.monotonic()
+    events = list(read_events(REES46, "rees46", limit=N_EVENTS))
+    n_events = len(events)
+    assert n_events > 10_000 and len({e["event_id"] for e in events}) == n_events
+    r = redis_client
+
+    # --- run A: one uninterrupted worker; run C: the same again (control: what differs without any crash) -------
+    def uninterrupted(name: str):
+        settings = isolated(stack, name)
+        w = start_worker(settings)
+        w.wait_ready()
+        p = PacedProducer(settings, events, None)
+        p.run()
+        assert p.error is None and p.report["sent"] == n_events, (p.error, p.report)
+        wait_until(lambda: settled(r, settings.redis_prefix, n_events), 180, f"run {name} to apply every event")
+        w.stop()
+        log(f"run {name} done at {time.monotonic() - t_start:.1f}s")
+        return settings
+
+    a = uninterrupted("A")
+    c = uninterrupted("C")
+    t_a = time.monotonic() - t_start
+
+    # --- run B: kill -9 at N_KILLS random points, restart each time -------------------------------------------
+    b = isolated(stack, "B")
+    rng = random.Random(SEED)
+    points = sorted(int(n_events * rng.uniform(0.05, 0.95)) for _ in range(N_KILLS))
+    log(f"run B: kill points (applied events) {points}, producer at {PACE:.0f} events/s")
+    worker = start_worker(b)
+    worker.wait_ready()
+    producer = PacedProducer(b, events, PACE)
+    producer.start()
+    base = 0  # events applied by the killed workers (exact: markers in Redis)
+    kills = []
+    for point in points:
+        def reached():
+            assert worker.proc.poll() is None, f"worker died by itself:\n{worker.log_tail()}"
+            assert producer.error is None, f"producer failed: {producer.error!r}"
+            n = applied_now(worker)
+            return n is not None and base + n >= point
+
+        wait_until(reached, 240, f"{point} events applied before the next kill", interval=0.05)
+        worker.kill()
+        handed = producer.handed
+        base = count_keys(r, b.redis_prefix, "{u:*}:e:*")
+        kills.append({"point": point, "applied": base, "produced": handed, "t": round(time.monotonic() - t_start, 1)})
+        log(f"kill -9 at {base} applied / {handed} produced")
+        assert handed < n_events, f"the producer had finished before kill {len(kills)}: not mid-stream ({kills})"
+        worker = start_worker(b)
+        worker.wait_ready()
+    producer.join(300)
+    assert producer.error is None and producer.report["sent"] == n_events, (producer.error, producer.report)
+    wait_until(lambda: settled(r, b.redis_prefix, n_events), 180, "run B to apply every event")
+    log(f"run B done in {time.monotonic() - t_start - t_a:.1f}s; kills: {kills}")
+
+    state_a = dump_state(r, a.redis_prefix)
+    state_b = dump_state(r, b.redis_prefix)
+
+    # --- every event counted once -------------------------------------------------------------------------------
+    counts = profile_counts(state_b)
+    want: dict[str, Counter] = defaultdict(Counter)
+    for e in events:
+        want[e["user_id"]][e["type"]] += 1
+    assert sum(sum(c.values()) for c in counts.values()) == n_events
+    assert counts == {u: +c for u, c in want.items()}
+    assert sum(1 for k in state_b if ":e:" in k) == n_events
+
+    # --- the same triggers decided; every decision delivered; re-sent ones kept their id and content ----------
+    stored_a = {k: v["value"]["json"] for k, v in state_a.items() if ":d:" in k}
+    stored_b = {k: v["value"]["json"] for k, v in state_b.items() if ":d:" in k}
+    assert stored_a, "the replay must produce decisions (cart events)"
+    assert set(stored_b) == set(stored_a), "the killed run decided on other trigger events than the uninterrupted one"
+    by_trigger = {k.split(":d:", 1)[1]: d for k, d in stored_b.items()}
+    msgs = consume_all(b, b.topic_decisions, lambda ms: {_doc(m)["trigger_event_id"] for m in ms} >= set(by_trigger),
+                       timeout=60)
+    sent: dict[str, list] = defaultdict(list)
+    for m in msgs:
+        d = normalise(m.value)
+        assert m.key.decode() == str(d["user_id"])
+        sent[d["trigger_event_id"]].append(d)
+    assert set(sent) == set(by_trigger), "decisions topic of B != decisions stored in B"
+    for t, docs in sent.items():
+        assert all(d == by_trigger[t] for d in docs), (
+            f"trigger {t}: {len(docs)} decision message(s) differ from the stored decision "
+            f"(ids {sorted({d['decision_id'] for d in docs})}, stored {by_trigger[t]['decision_id']})"
+        )
+    resent = len(msgs) - len(sent)
+
+    # --- budgets: counters match their per-decision entries, every reservation belongs to a stored decision ----
+    offer_of = {d["decision_id"]: d["offer"]["offer_id"] for d in stored_b.values()}
+    campaigns = [k for k in state_b if key_class(k) == "{b:*}"]
+    for key in campaigns:
+        offer = key[3:-1]
+        camp = state_b[key]["value"]
+        entries = state_b.get(key + ":res", {"value": {}})["value"]
+        held = {d: int(v[1:]) for d, v in entries.items() if str(v)[:1] == "A"}
+        charged = {d: int(v[1:]) for d, v in entries.items() if str(v)[:1] == "S"}
+        assert camp.get("reserved", 0) == sum(held.values()), (offer, camp, "reserved != open reservations")
+        assert camp.get("committed", 0) == sum(charged.values()), (offer, camp, "committed != settled charges")
+        assert camp.get("spent", 0) == camp.get("reserved", 0) + camp.get("committed", 0), (offer, camp)
+        assert camp.get("n", 0) == len(held) + len(charged), (offer, camp, "n != reservations made")
+        orphans = [d for d in list(held) + list(charged) if offer_of.get(d) != offer]
+        assert not orphans, (
+            f"campaign {offer}: {len(orphans)} reservation(s) whose decision is not a stored {offer} decision "
+            f"(budget held for an offer that was never given, e.g. {orphans[:3]})"
+        )
+    log(f"{len(msgs)} decision messages for {len(sent)} triggers ({resent} re-sent after kills); "
+        f"{len(campaigns)} budgeted campaigns; state: {len(state_a)} keys")
+
+    # --- the same state ---------------------------------------------------------------------------------------
+    diffs = compare_states(state_a, state_b, rel=1e-9)
+    if diffs:  # keep the dumps for diagnosis (pytest prunes its own tmp dirs quickly)
+        state_c = dump_state(r, c.redis_prefix)
+        keep = Path(tempfile.mkdtemp(prefix="promo-crash-safety-"))
+        for name, st_ in (("A", state_a), ("B", state_b), ("C", state_c)):
+            (keep / f"state_{name}.json").write_text(json.dumps(st_, default=repr, sort_keys=True, indent=1))
+        control = summarise(state_a, state_c) or ["none"]
+        raise AssertionError(
+            f"the uninterrupted run (A) and the killed one (B) left different Redis state (dumps in {keep}).\n"
+            "A vs B by key class:\n" + "\n".join(summarise(state_a, state_b))
+            + "\ncontrol, A vs C (two uninterrupted runs, no crash: differences due to batch interleaving):\n"
+            + "\n".join(control) + "\nfirst A vs B differences:\n" + "\n".join(diffs[:20])
+        )
+    log(f"states equal; total {time.monotonic() - t_start:.1f}s")
+
+
+def _doc(msg) -> dict:
+    return json.loads(msg.value)

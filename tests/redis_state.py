@@ -1,0 +1,329 @@
+"""Dump one engine instance's Redis state into plain Python and compare two dumps.
+
+Used by the crash-safety tests: the same events processed by an uninterrupted worker (prefix A) and by a worker
+that is killed and restarted (prefix B) must leave the same state, key by key.
+
+:func:`dump_state` reads EVERY key under ``<prefix>:`` whatever its type (string, hash, list, set, sorted set;
+a stream or module type is reported as an error entry, never skipped) and returns
+``{key without the prefix: {"type": ..., "value": ..., "expires": bool}}``. Strings (values, hash fields, list,
+set and sorted-set members) are decoded as UTF-8 and then as JSON, recursively (a JSON string holding JSON is
+decoded again), wherever they parse; bytes that are not UTF-8 stay ``bytes``.
+
+What is excluded, and why each is legitimately run-dependent (everything else must be equal):
+
+* **TTL values.** Remaining seconds depend on when the key was written and when it was read; only *whether* a
+  key expires (``"expires"``) is kept, and compared.
+* **``ts`` and ``latency_ms`` of a stored decision** (any decoded object with ``decision_id`` and
+  ``trigger_event_id``): ``ts`` is the wall-clock time the decision was made (decision v1 contract) and
+  ``latency_ms`` is measured; every other decision field is a function of the events and must match.
+* **The profile's commit counter** (hash field ``ver`` of ``{u:<user>}:p``, :data:`EXCLUDED_HASH_FIELDS`): the
+  optimistic-concurrency version, incremented once per successful commit, i.e. per batch that held the user's
+  events; how a user's events were split into batches depends on timing. (Events applied twice would show in
+  the profile itself and in the markers, which are compared.)
+* **Model snapshot blobs** (keys matching :data:`EXCLUDED_KEY_PATTERNS`: ``<prefix>:models:snapshot``, the
+  learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's serialised posteriors): copies of
+  in-memory models written every ``maintenance_interval_s`` seconds, so their bytes depend on when the worker
+  happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
+
+Examples
+--------
+>>> a = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 3, "spend": 1.0}}}}
+>>> b = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 3, "spend": 1.0 + 1e-12}}}}
+>>> compare_states(a, b)
+[]
+>>> b["{u:1}:p"]["value"]["v"]["n"] = 4
+>>> b["{u:2}:p"] = a["{u:1}:p"]
+>>> for line in compare_states(a, b):
+...     print(line)
+{u:1}:p .v.n: 3 != 4
+{u:2}:p: only in B
+>>> normalise(b'{"c": "{\\\\"view\\\\": 2}", "x": "abc"}')
+{'c': {'view': 2}, 'x': 'abc'}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+
+EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*")
+"""Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""
+
+EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"),)
+"""(key pattern after ``<prefix>:``, hash field) pairs left out of a dump; see the module docstring."""
+
+DECISION_RUN_FIELDS: tuple[str, ...] = ("ts", "latency_ms")
+"""Fields of a stored decision that are wall-clock or measured, dropped from a dump."""
+
+_MAX_DEPTH = 20
+
+
+def _text(raw):
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(raw)
+    return raw
+
+
+def normalise(raw, depth: int = 0):
+    """Bytes -> text -> JSON, recursively where it parses; decisions lose their run-dependent fields."""
+    value = _text(raw)
+    if isinstance(value, str) and depth < _MAX_DEPTH:
+        s = value.strip()
+        if s and (s[0] in '{["-' or s[0].isdigit() or s in ("true", "false", "null")):
+            try:
+                decoded = json.loads(s)
+            except ValueError:
+                return value
+            return normalise(decoded, depth + 1)  # a JSON string holding JSON is decoded again
+        return value
+    if isinstance(value, dict):
+        out = {str(k): normalise(v, depth + 1) for k, v in value.items()}
+        if "decision_id" in out and "trigger_event_id" in out:
+            for f in DECISION_RUN_FIELDS:
+                out.pop(f, None)
+        return out
+    if isinstance(value, list):
+        return [normalise(v, depth + 1) for v in value]
+    return value
+
+
+def _name(raw: bytes) -> str:
+    """A hash field or sorted-set member as text (ids are compared as they are, not JSON-decoded)."""
+    t = _text(raw)
+    return t if isinstance(t, str) else repr(t)
+
+
+def _excluded(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in EXCLUDED_KEY_PATTERNS)
+
+
+def dump_state(redis_client, prefix: str) -> dict:
+    """Every key under ``<prefix>:`` as plain Python (see the module docstring for the exclusions).
+
+    Parameters
+    ----------
+    redis_client
+        A synchronous ``redis.Redis`` (``decode_responses=False``).
+    prefix
+        The engine instance's ``Settings.redis_prefix``.
+
+    Returns
+    -------
+    dict
+        ``{key without "<prefix>:": {"type", "value", "expires"}}``; hash -> dict, list -> list,
+        set -> sorted list, sorted set -> ``{member: score}``.
+    """
+    r = redis_client
+    start = len(prefix) + 1
+    keys = [k for k in sorted(set(r.scan_iter(match=_escape(prefix) + ":*", count=2000)))
+            if not _excluded(k.decode("utf-8", "backslashreplace")[start:])]
+    out: dict = {}
+    for i in range(0, len(keys), 2000):  # pipelined: two round trips per chunk of keys
+        chunk = keys[i : i + 2000]
+        pipe = r.pipeline(transaction=False)
+        for key in chunk:
+            pipe.type(key)
+        kinds = [k.decode() if isinstance(k, bytes) else k for k in pipe.execute()]
+        pipe = r.pipeline(transaction=False)
+        for key, kind in zip(chunk, kinds):
+            fetch = _FETCH.get(kind)
+            if fetch is not None:
+                fetch(pipe, key)
+            pipe.pttl(key)
+        res = iter(pipe.execute())
+        for key, kind in zip(chunk, kinds):
+            name = key.decode("utf-8", "backslashreplace")[start:]
+            raw = next(res) if kind in _FETCH else None
+            ttl = next(res)
+            if kind == "none" or ttl == -2:  # expired or deleted while dumping
+                continue
+            if kind == "string":
+                value = normalise(raw)
+            elif kind == "hash":
+                value = {_name(f): normalise(v) for f, v in raw.items()}
+                for pattern, fld in EXCLUDED_HASH_FIELDS:
+                    if fld in value and fnmatch.fnmatchcase(name, pattern):
+                        del value[fld]
+            elif kind == "list":
+                value = [normalise(v) for v in raw]
+            elif kind == "set":
+                value = sorted((normalise(v) for v in raw), key=repr)
+            elif kind == "zset":
+                value = {_name(m): score for m, score in raw}
+            else:
+                value = f"<unsupported Redis type {kind}>"
+            out[name] = {"type": kind, "value": value, "expires": ttl >= 0}
+    return out
+
+
+_FETCH = {
+    "string": lambda p, k: p.get(k),
+    "hash": lambda p, k: p.hgetall(k),
+    "list": lambda p, k: p.lrange(k, 0, -1),
+    "set": lambda p, k: p.smembers(k),
+    "zset": lambda p, k: p.zrange(k, 0, -1, withscores=True),
+}
+
+
+def _escape(prefix: str) -> str:
+    """Escape glob metacharacters of a prefix for ``SCAN MATCH``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+
+
+# --- comparison ----------------------------------------------------------------------------------------------
+def _num_equal(x, y, rel: float) -> bool:
+    if isinstance(x, bool) or isinstance(y, bool):
+        return x is y
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    fx, fy = float(x), float(y)
+    if math.isnan(fx) or math.isnan(fy):
+        return math.isnan(fx) and math.isnan(fy)
+    if math.isinf(fx) or math.isinf(fy):
+        return fx == fy
+    return fx == fy or abs(fx - fy) <= rel * max(abs(fx), abs(fy))
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _diff(a, b, path: str, rel: float, out: list[str], limit: int) -> None:
+    if len(out) >= limit:
+        return
+    if _is_num(a) and _is_num(b):
+        if (isinstance(a, int) and isinstance(b, int)) or isinstance(a, float) or isinstance(b, float):
+            if isinstance(a, int) and isinstance(b, int):
+                if a != b:
+                    out.append(f"{path}: {a!r} != {b!r}")
+            elif isinstance(a, float) and isinstance(b, float):
+                if not _num_equal(a, b, rel):
+                    out.append(f"{path}: {a!r} != {b!r} (relative tolerance {rel:g})")
+            else:  # int vs float: a type difference that JSON may still encode identically ("3" vs "3.0")
+                out.append(f"{path}: {a!r} ({type(a).__name__}) != {b!r} ({type(b).__name__})")
+        return
+    if type(a) is not type(b):
+        out.append(f"{path}: {_short(a)} ({type(a).__name__}) != {_short(b)} ({type(b).__name__})")
+        return
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b), key=repr):
+            sub = f"{path}.{k}"
+            if k not in b:
+                out.append(f"{sub}: only in A ({_short(a[k])})")
+            elif k not in a:
+                out.append(f"{sub}: only in B ({_short(b[k])})")
+            else:
+                _diff(a[k], b[k], sub, rel, out, limit)
+        return
+    if isinstance(a, list):
+        if len(a) != len(b):
+            out.append(f"{path}: length {len(a)} != {len(b)} ({_short(a)} vs {_short(b)})")
+            return
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{path}[{i}]", rel, out, limit)
+        return
+    if a != b:
+        out.append(f"{path}: {_short(a)} != {_short(b)}")
+
+
+def _short(x, n: int = 120) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def compare_states(a: dict, b: dict, rel: float = 1e-9, limit: int = 200) -> list[str]:
+    """Human-readable differences between two :func:`dump_state` results (``[]`` when equal).
+
+    Same key sets; per key the same Redis type, the same "expires" flag and the same value: integers and
+    strings exactly, floats within relative tolerance ``rel`` (NaN equals NaN). At most ``limit`` lines are
+    returned, the last one saying how many keys differ in all.
+    """
+    out: list[str] = []
+    differing = 0
+    for key in sorted(set(a) | set(b)):
+        lines: list[str] = []
+        if key not in b:
+            lines.append(f"{key}: only in A")
+        elif key not in a:
+            lines.append(f"{key}: only in B")
+        else:
+            ea, eb = a[key], b[key]
+            if ea["type"] != eb["type"]:
+                lines.append(f"{key}: Redis type {ea['type']} != {eb['type']}")
+            else:
+                if ea["expires"] != eb["expires"]:
+                    lines.append(f"{key}: has a TTL in A: {ea['expires']}, in B: {eb['expires']}")
+                sub: list[str] = []
+                _diff(ea["value"], eb["value"], "", rel, sub, limit)
+                lines += [f"{key} {line}" for line in sub]
+        if lines:
+            differing += 1
+            out += lines[: max(0, limit - len(out))]
+    if differing and len(out) >= limit:
+        out.append(f"... {differing} keys differ in all")
+    return out
+
+
+# --- views of a dump ------------------------------------------------------------------------------------------
+def profile_counts(state: dict) -> dict[str, "Counter[str]"]:
+    """user id -> event counts by type (zero counts dropped), from the profile hashes ``{u:<user>}:p`` of a dump.
+
+    >>> profile_counts({"{u:7}:p": {"type": "hash", "expires": True,
+    ...                              "value": {"v": {"counts": {"view": 2, "cart": 0}}}}})
+    {'7': Counter({'view': 2})}
+    """
+    from collections import Counter
+
+    out = {}
+    for key, entry in state.items():
+        if key.startswith("{u:") and key.endswith("}:p"):
+            value = entry["value"]
+            prof = value.get("v", value) if isinstance(value, dict) else {}
+            counts = prof.get("counts", {}) if isinstance(prof, dict) else {}
+            out[key[3:-3]] = Counter({t: n for t, n in counts.items() if n})
+    return out
+
+
+def key_class(key: str) -> str:
+    """A key with its user / item / campaign tag and trailing event id replaced by ``*``.
+
+    >>> key_class("{u:42}:d:taobao-abc"), key_class("sim:{i:9}:nb"), key_class("sim:idx")
+    ('{u:*}:d:*', 'sim:{i:*}:nb', 'sim:idx')
+    """
+    import re
+
+    key = re.sub(r"\{([a-z]+):[^}]*\}", r"{\1:*}", key)
+    return re.sub(r":(e|d):.*$", r":\1:*", key)
+
+
+def summarise(a: dict, b: dict, rel: float = 1e-9) -> list[str]:
+    """One line per key class that differs: how many keys differ (of how many) and which fields, most first.
+
+    >>> a = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 1, "m": 2}}}}
+    >>> summarise(a, {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 2, "m": 2}}}})
+    ['{u:*}:p: 1 of 1 keys differ (1 differences); .v.n x1']
+    """
+    import re
+    from collections import Counter, defaultdict
+
+    keys_by_class: Counter = Counter(key_class(k) for k in set(a) | set(b))
+    differing: dict[str, set] = defaultdict(set)
+    fields: dict[str, Counter] = defaultdict(Counter)
+    for line in compare_states(a, b, rel=rel, limit=10**9):
+        key, _, rest = line.partition(" ") if not line.endswith("only in A") and not line.endswith("only in B") \
+            else (line.rsplit(":", 1)[0], "", "(only in one run)")
+        key = key.rstrip(":")
+        cls = key_class(key)
+        differing[cls].add(key)
+        path = rest.split(":", 1)[0] if rest.startswith(".") or rest.startswith("[") else rest[:40]
+        fields[cls][re.sub(r"\[\d+\]", "[*]", path)] += 1
+    out = []
+    for cls in sorted(differing, key=lambda c: -len(differing[c])):
+        top = ", ".join(f"{f} x{n}" for f, n in fields[cls].most_common(6))
+        n = sum(fields[cls].values())
+        out.append(f"{cls}: {len(differing[cls])} of {keys_by_class[cls]} keys differ ({n} differences); {top}")
+    return out
