@@ -149,11 +149,15 @@ class LearningCore:
         self.propensity_options = dict(propensity_options or {})
         self.context_keys = frozenset(context_keys)
         self.seed = seed
-        self.reset()
+        self._reset_local()
 
     def reset(self) -> None:
-        """Forget everything learnt (the store is cleared too)."""
+        """Forget everything learnt, the item store included (shared by every worker when it is Redis)."""
         self.store.clear()
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        """Fresh in-memory models; the item store is left as it is (a worker joining must not wipe it)."""
         self.vocab = ItemVocab()
         self.windows = UserWindows(self.max_users, self.window_width)
         self.stats = CategoryStats()
