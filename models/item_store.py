@@ -54,6 +54,16 @@ import numpy as np
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+def _pow2(x: float) -> float:
+    """``2 ** x`` that saturates instead of raising ``OverflowError`` (an event dated hundreds of half-lives
+    before an item's epoch is valid input; its weight relative to the epoch is simply huge or tiny).
+
+    >>> _pow2(1.0), _pow2(5000.0) == 2.0 ** 1023, _pow2(-5000.0)
+    (2.0, True, 0.0)
+    """
+    return 2.0 ** min(x, 1023.0)
+
+
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 _POP_RESCALE_HALF_LIVES = 40.0  # forward-decay exponent at which popularity is renormalised
@@ -205,11 +215,11 @@ class ItemStore(ABC):
     def popular(self, k: int, now_ms: int) -> list[tuple[str, float]]:
         """The ``k`` most popular items with their decayed score at ``now_ms``, best first."""
         epoch, top = self._popular_raw(k)
-        f = 2.0 ** (-(now_ms - epoch) / self.config.pop_half_life_ms)
+        f = _pow2(-(now_ms - epoch) / self.config.pop_half_life_ms)
         return [(i, s * f) for i, s in top]
 
     def _decay(self, dt_ms: float) -> float:
-        return 2.0 ** (-dt_ms / self.config.half_life_ms)
+        return _pow2(-dt_ms / self.config.half_life_ms)
 
     # --- contract helpers -------------------------------------------------------------------------
     def clone(self) -> "ItemStore":
@@ -263,7 +273,7 @@ class MemoryItemStore(ItemStore):
             else:
                 t = epochs[it]
                 if ts - t > resc:  # rescale to the batch time, drop faded neighbours
-                    f = 2.0 ** (-(ts - t) / hl)
+                    f = _pow2(-(ts - t) / hl)
                     counts[it] = n * f
                     nb = nbs[it]
                     for b in list(nb):
@@ -275,7 +285,7 @@ class MemoryItemStore(ItemStore):
                     epochs[it] = ts
                     g = 1.0
                 else:
-                    g = 2.0 ** ((ts - t) / hl) if ts != t else 1.0
+                    g = _pow2((ts - t) / hl) if ts != t else 1.0
             scale[it] = g
             last[it] = ts
             return g
@@ -319,12 +329,12 @@ class MemoryItemStore(ItemStore):
         if self.pop_epoch is None:
             self.pop_epoch = ts
         if (ts - self.pop_epoch) / hl > _POP_RESCALE_HALF_LIVES:
-            f = 2.0 ** (-(ts - self.pop_epoch) / hl)
+            f = _pow2(-(ts - self.pop_epoch) / hl)
             self.pop = {k: v * f for k, v in self.pop.items()}
             self.pop_epoch = ts
             self._pop_top = []
             self._pop_cache_k = 0
-        g = 2.0 ** ((ts - self.pop_epoch) / hl)
+        g = _pow2((ts - self.pop_epoch) / hl)
         pop = self.pop
         dirty = self._pop_dirty
         for it, w in zip(batch.items, batch.item_inc):

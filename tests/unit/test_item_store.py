@@ -242,3 +242,15 @@ def test_config_is_validated():
         SimilarityConfig(max_neighbours=0)
     with pytest.raises(ValueError, match="half-lives"):
         SimilarityConfig(half_life_ms=0)
+
+
+def test_events_far_older_than_the_epoch_do_not_overflow():
+    """A valid 2000-era event after 2019 data: popularity and similarity stay finite (no OverflowError)."""
+    from models.item_store import ItemBatch, MemoryItemStore
+
+    store = MemoryItemStore()
+    y2019, y2001 = 1_569_888_000_000, 978_307_200_000
+    store.apply(ItemBatch(ts=y2019, items=["a", "b"], item_inc=[1.0, 1.0], pair_a=["a"], pair_b=["b"], pair_inc=[1.0]))
+    store.apply(ItemBatch(ts=y2001, items=["a", "c"], item_inc=[1.0, 1.0], pair_a=["a"], pair_b=["c"], pair_inc=[1.0]))
+    assert [i for i, _ in store.popular(3, y2001)][:1] in (["a"], ["b"])
+    assert store.neighbours(["a"], k=5, now_ms=y2001)["a"]
