@@ -300,6 +300,34 @@ def key_class(key: str) -> str:
     return re.sub(r":(e|d):.*$", r":\1:*", key)
 
 
+def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
+    """Where ``a`` and ``b`` differ, as ``"<key class> <field path>"`` (indices and ids generalised).
+
+    >>> a = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 1, "m": [1, 2]}}}}
+    >>> sorted(difference_classes(a, {"{u:1}:p": {"type": "hash", "expires": True,
+    ...                                           "value": {"v": {"n": 2, "m": [1, 3]}}}}))
+    ['{u:*}:p .v.m[*]', '{u:*}:p .v.n']
+    >>> z = {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 5.0}}}
+    >>> sorted(difference_classes(z, {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 6.0}}}))
+    ['sim:idx .<id>']
+    """
+    import re
+
+    out = set()
+    for line in compare_states(a, b, rel=rel, limit=10**9):
+        if line.endswith("only in A") or line.endswith("only in B"):
+            out.add(f"{key_class(line.rsplit(':', 1)[0].rstrip(':'))} (only in one run)")
+            continue
+        key, _, rest = line.partition(" ")
+        key = key.rstrip(":")
+        path = rest.split(":", 1)[0] if rest.startswith(".") or rest.startswith("[") else "<value>"
+        generic = re.sub(r"\[\d+\]", "[*]", path)
+        # members of id-keyed collections (item ids in sorted sets, decision ids in budget hashes) are one class
+        generic = re.sub(r"^\.(?:\d+|[0-9a-f]{16,})(?=$|[.\[])", ".<id>", generic)
+        out.add(f"{key_class(key)} {generic}")
+    return out
+
+
 def summarise(a: dict, b: dict, rel: float = 1e-9) -> list[str]:
     """One line per key class that differs: how many keys differ (of how many) and which fields, most first.
 
