@@ -59,35 +59,13 @@ class Progress:
 def make_trivial_app(settings: Settings, mode: str) -> faust.App:
     """A Faust app with one trivial agent (``mode`` in :data:`MODES`) and the ``/count`` and ``/readyz`` pages.
 
-    The broker/consumer settings mirror :func:`stream.app.make_app` so the comparison with the engine is fair.
+    It starts from :func:`stream.app.base_app`, the worker's own Faust settings, so the comparison is fair.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
-    app = faust.App(
-        settings.app_id,
-        broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
-        store="memory://",
-        autodiscover=False,
-        key_serializer="raw",
-        value_serializer="raw",
-        processing_guarantee="at_least_once",
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_rebalance_timeout=settings.rebalance_timeout_s,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=min(1.0, settings.session_timeout_s / 5),
-        broker_commit_interval=1.0,
-        producer_acks=-1,
-        producer_linger=0.0,
-        web_enabled=True,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
-        web_host=settings.web_host,
-        web_in_thread=False,
-    )
+    from stream.app import base_app
+
+    app = base_app(settings)
     progress = Progress()
     events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
     out_topic = app.topic(settings.topic_decisions, key_type=bytes, value_type=bytes, internal=False)

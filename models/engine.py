@@ -325,9 +325,24 @@ class Engine:
         for e in result.new_events:
             if e.ts > self.watermark_ms:
                 self.watermark_ms = e.ts
+        await self._release_stale_reservations(result.decisions)
         if learn:
             await self.learn(result)
         return result
+
+    async def _release_stale_reservations(self, decisions: list[Decision]) -> None:
+        """Free what a decision id holds on campaigns other than its committed offer.
+
+        A worker that crashed after reserving but before committing left a reservation; the redelivered trigger
+        is decided again (same decision id) and the policy, having learnt meanwhile, may pick another offer.
+        Settling the other campaigns at cost 0 returns that budget at once (a no-op where nothing is held).
+        """
+        if self.budget is None or not decisions:
+            return
+        budgeted = list(self.budget.budgets)
+        stale = [(o, d.decision_id, 0.0) for d in decisions for o in budgeted if o != d.offer.offer_id]
+        if stale:
+            await self.budget.settle(stale)
 
     async def learn(self, result: BatchResult) -> None:
         """After the commit: models learn, closed decisions teach the policy and settle their budgets."""

@@ -66,10 +66,14 @@ def set_fetch_max_wait(ms: int) -> None:
     cls._create_worker_consumer = create_worker_consumer
 
 
-def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
-    """Build the Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+def base_app(settings: Settings) -> faust.App:
+    """A Faust app with the engine's broker, consumer, producer and web settings and no agents.
+
+    The worker and the benchmark's trivial reference agents (``load_tests/trivial_agents.py``) both start
+    from this, so the comparison between them is fair.
+    """
     set_fetch_max_wait(settings.fetch_max_wait_ms)
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),
@@ -95,6 +99,11 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         web_host=settings.web_host,
         web_in_thread=False,
     )
+
+
+def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
+    """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+    app = base_app(settings)
     health = Health()
     if engine is None:
         engine = build_engine(settings)

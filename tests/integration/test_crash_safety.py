@@ -237,7 +237,9 @@ def test_kill_9_at_five_random_points_leaves_the_same_state(stack, start_worker,
         assert camp.get("committed", 0) == sum(charged.values()), (offer, camp, "committed != settled charges")
         assert camp.get("spent", 0) == camp.get("reserved", 0) + camp.get("committed", 0), (offer, camp)
         assert camp.get("n", 0) == len(held) + len(charged), (offer, camp, "n != reservations made")
-        orphans = [d for d in list(held) + list(charged) if offer_of.get(d) != offer]
+        # a reservation released at cost 0 (S0: its trigger was re-decided after a kill) holds nothing
+        orphans = [d for d in held if offer_of.get(d) != offer]
+        orphans += [d for d, amount in charged.items() if amount > 0 and offer_of.get(d) != offer]
         assert not orphans, (
             f"campaign {offer}: {len(orphans)} reservation(s) whose decision is not a stored {offer} decision "
             f"(budget held for an offer that was never given, e.g. {orphans[:3]})"

@@ -95,3 +95,23 @@ def test_a_stale_plan_is_refused_and_replanned():
     assert res.applied == {"view": 1}
     (profile,) = [v for k, v in store.profiles.items() if k == "u1"]
     assert '"view":3' in profile["counts"]
+
+
+def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
+    """Crash between reserve and commit; the redelivered trigger gets another offer: no budget stays held."""
+    from models.policy import RulePolicy
+
+    budget, store = MemoryBudgetStore(), MemoryStore()
+    cat = parse_catalogue(CAT)
+    first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                   budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
+    load = run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"]
+    plan = first._plan_user("u1", [cart(1)], load, {})
+    assert plan.decisions[0].offer.offer_id == "c5"
+    run(first._reserve([plan]))  # ... and the worker dies before its commit
+    assert run(budget.spend(["c5"]))["c5"].reserved == 5.0
+    second = engine(store, budget_store=budget, holdout=100.0)  # the restarted worker decides `none` this time
+    res = run(second.process_batch([cart(1)]))
+    assert res.decisions[0].decision_id == plan.decisions[0].decision_id
+    assert res.decisions[0].offer.offer_id == "none"
+    assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
