@@ -259,8 +259,13 @@ def test_kill_9_at_five_random_points_leaves_the_same_state(stack, start_worker,
     # entries exist depends on batch timing: a sim:* key class that differs in the control is run-dependent
     # as a whole. Every other class is compared field by field.
     run_dependent = {cls.split(" ", 1)[0] for cls in control if cls.startswith("sim:")}
+    # likewise a key that exists in one run only (e.g. a campaign the policy never chose in the other run) is
+    # run-dependent when two clean runs already differ inside that key class; decisions, profiles and markers
+    # that are missing are caught by the exact checks above (same triggers, counts and one marker per event)
+    varying = {cls.split(" ", 1)[0] for cls in control}
     crash_only = {cls for cls in difference_classes(state_a, state_b) - control
-                  if cls.split(" ", 1)[0] not in run_dependent}
+                  if cls.split(" ", 1)[0] not in run_dependent
+                  and not (cls.endswith("(only in one run)") and cls.split(" ", 1)[0] in varying)}
     if crash_only:  # keep the dumps for diagnosis (pytest prunes its own tmp dirs quickly)
         keep = Path(tempfile.mkdtemp(prefix="promo-crash-safety-"))
         for name, st_ in (("A", state_a), ("B", state_b), ("C", state_c)):
