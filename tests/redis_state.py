@@ -310,6 +310,10 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
     >>> z = {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 5.0}}}
     >>> sorted(difference_classes(z, {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 6.0}}}))
     ['sim:idx .<id>']
+    >>> p = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"offer_history": {"c5": [1]}}}}}
+    >>> sorted(difference_classes(p, {"{u:1}:p": {"type": "hash", "expires": True,
+    ...                                           "value": {"v": {"offer_history": {"c5": [2]}}}}}))
+    ['{u:*}:p .v.offer_history.<offer>[*]']
     """
     import re
 
@@ -324,6 +328,9 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
         generic = re.sub(r"\[\d+\]", "[*]", path)
         # members of id-keyed collections (item ids in sorted sets, decision ids in budget hashes) are one class
         generic = re.sub(r"^\.(?:\d+|[0-9a-f]{16,})(?=$|[.\[])", ".<id>", generic)
+        # maps keyed by offer id (which offers a run happened to choose is run-dependent as a whole)
+        generic = re.sub(r"\.(offer_history|scores|last_offer_ms|offer_counts_today|offer_counts_total|blocked)"
+                         r"\.[^.\[]+", r".\1.<offer>", generic)
         out.add(f"{key_class(key)} {generic}")
     return out
 
