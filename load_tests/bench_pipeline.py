@@ -179,14 +179,18 @@ async def _produce(settings: Settings, topic: str, records: list[tuple[bytes, by
 
 
 # --- processes ----------------------------------------------------------------------------------------
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-    except OSError as e:
-        return 0, str(e)
+def http_get(url: str, timeout: float = 2.0, attempts: int = 5) -> tuple[int, str]:
+    """GET with a few retries when the server does not answer in time (a busy worker's event loop)."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+        except OSError as e:
+            if attempt == attempts - 1:
+                return 0, str(e)
+    return 0, "unreachable"
 
 
 def proc_memory_mb(pid: int) -> dict:

@@ -137,7 +137,10 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
             time.sleep(1.0)  # refresh period of the live summary
             if worker.poll() is not None:
                 raise PromoError(f"the worker exited with status {worker.returncode}; see {worker_log}")
-            s = summary(_scrape(base + "/metrics"))
+            try:
+                s = summary(_scrape(base + "/metrics"))
+            except OSError:  # the worker is busy (a scrape waits for its event loop): next refresh
+                continue
             now = time.monotonic()
             eps = (s["events"] - last_events) / (now - last_t)
             last_events, last_t = s["events"], now

@@ -40,14 +40,18 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:
-        return 0, str(e)
+def http_get(url: str, timeout: float = 2.0, attempts: int = 1) -> tuple[int, str]:
+    """GET -> (status, body); status 0 when nothing answered (``attempts`` tries of ``timeout`` seconds)."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            if attempt == attempts - 1:
+                return 0, str(e)
+    return 0, "unreachable"
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
@@ -103,7 +107,7 @@ class WorkerProcess:
             raise AssertionError(f"{e}\n--- worker log ---\n{self.log_tail()}") from None
 
     def metrics(self) -> dict:
-        status, text = http_get(self.metrics_url)
+        status, text = http_get(self.metrics_url, timeout=5.0, attempts=4)  # a busy worker may answer late
         assert status == 200, f"/metrics answered {status}: {text[:200]}"
         return parse_metrics(text)
 
