@@ -264,6 +264,9 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
                 m.MODEL_AUC.labels(model=name).set(q[auc])
             if q.get(ll) == q.get(ll):
                 m.MODEL_LOGLOSS.labels(model=name).set(q[ll])
+    if time.monotonic() - getattr(engine, "_last_snapshot", 0.0) < settings.snapshot_interval_s:
+        return
+    engine._last_snapshot = time.monotonic()  # type: ignore[attr-defined]
     # serialise in the loop (the models are not touched concurrently), write from a thread
     blobs: dict[str, bytes] = {}
     if engine.learning is not None:

@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     recommend_k: int = Field(10, ge=1, le=100)
     purchase_horizon_h: float = Field(24.0, gt=0, description="propensity label: purchase within H hours")
     maintenance_interval_s: float = Field(
-        15.0, gt=0, description="expiry sweep, budget refresh/sweep, quality gauges and model snapshot period"
+        15.0, gt=0, description="expiry sweep, budget refresh/sweep and quality gauges period"
     )
+    snapshot_interval_s: float = Field(60.0, gt=0, description="how often models are snapshotted to Redis")
     learning: bool = Field(True, description="online learning core (similarity, propensity, segments) on")
     seed: int = 0
 
