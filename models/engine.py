@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.attribution import Closed, OpenDecision, Purchase, close_on_purchase, expire, orders_from_events
+from models.attribution import Closed, OpenDecision, close_on_purchase, expire, orders_from_events
 from models.catalogue import Catalogue, load_catalogue
 from models.decision import Decision, decision_id_for
 from models.events import Event

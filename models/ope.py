@@ -342,7 +342,6 @@ def evaluate_rows(
     idx = {a: i for i, a in enumerate(actions)}
     none_i = idx.get("none")
     model = ShrinkageRewardModel(actions, strength)
-    eye = np.eye(A)
     const = _Acc(A)  # always:<a>
     learned = _Acc(1)
     log_sum = log_sum2 = 0.0

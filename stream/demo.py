@@ -6,9 +6,7 @@ With ``--once`` it exits by itself when the replay has been processed and prints
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ from pathlib import Path
 
 from stream import stack as st
 from stream.errors import PromoError
+from stream.procs import stop_process
 from stream.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "rees46_sample.csv"
@@ -157,12 +156,7 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
         print("\n[demo] stopping", file=out)
         return None
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker, 30.0)
         if not was_running:
             st.down(settings)
             print("[demo] stopped the worker and the embedded stack", file=out)

@@ -30,8 +30,6 @@ def _kind(key: bytes, tag: str) -> str:
 
 def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
     """Delete every key of user ``uid`` (sync redis-py client); counts of what was removed, by kind."""
-    from redis.client import Redis  # noqa: F401  (type only)
-
     tag = f"{prefix}:{{u:{uid}}}"
     pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
     removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "other": 0}

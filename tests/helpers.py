@@ -118,13 +118,9 @@ class WorkerProcess:
             self.proc.wait(10)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from stream.procs import stop_process
+
+        stop_process(self.proc, timeout)
         self._log.close()
 
 

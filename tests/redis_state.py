@@ -46,6 +46,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+from collections import Counter
 
 EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*")
 """Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""

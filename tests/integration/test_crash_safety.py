@@ -50,7 +50,6 @@ from stream.produce import produce_events
 from stream.sources import read_events
 from tests.helpers import DATA, consume_all, free_port, http_get, metric, parse_metrics, wait_until
 from tests.redis_state import (
-    compare_states,
     difference_classes,
     dump_state,
     key_class,

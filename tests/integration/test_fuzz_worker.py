@@ -32,7 +32,7 @@ from models.events import EVENT_TYPES
 from stream.dlq import DLQ_REASONS, raw_from_record
 from stream.sources import read_events
 from stream.validation import REASONS, InvalidEvent, Limits, decode_event
-from tests.helpers import DATA, consume_all, event_bytes, http_get, metric, produce_raw, wait_until
+from tests.helpers import DATA, consume_all, event_bytes, metric, produce_raw, wait_until
 from tests.redis_state import dump_state, profile_counts
 
 pytestmark = pytest.mark.integration
