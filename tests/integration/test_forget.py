@@ -65,6 +65,7 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
+    print(f"forget: {report['keys_removed']} keys in {report['elapsed_ms']} ms", file=sys.stderr)
     assert report["removed"]["profile"] == 1
     assert report["removed"]["markers"] == per_user[victim]
     assert report["keys_removed"] == sum(1 for k in before if uid.encode() in k)
