@@ -223,16 +223,13 @@ class Engine:
         plan = _UserPlan(uid, prof, had_open=bool(open_))
         done: set[str] = set()
         stored_json: list[tuple[str, bytes]] = []
-        new = [e for e in evs if e.event_id not in load.seen]
-        orders = {}  # first line's event id -> the whole order (lines of one order share order_id or ts)
-        seen_orders: set = set()
-        for e in new:
-            if e.type == "purchase":
-                key = e.order_id or f"ts:{e.ts}"
-                if key not in seen_orders:
-                    seen_orders.add(key)
-                    lines = [x for x in new if x.type == "purchase" and (x.order_id or f"ts:{x.ts}") == key]
-                    orders[e.event_id] = orders_from_events(lines)[0]
+        # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events
+        # groups them in first-seen order, the same order as their first lines
+        purchases = [e for e in evs if e.type == "purchase" and e.event_id not in load.seen]
+        first_lines: dict[str, str] = {}
+        for e in purchases:
+            first_lines.setdefault(e.order_id or f"ts:{e.ts}", e.event_id)
+        orders = dict(zip(first_lines.values(), orders_from_events(purchases)))
         for e in evs:
             if e.event_id in load.seen or e.event_id in done:
                 plan.duplicates += 1
@@ -266,11 +263,16 @@ class Engine:
                                           propensity=d.propensity, ctx=ctx.to_dict()))
         plan.open = open_
         if plan.new_events or plan.closed:
-            fields = prof.to_redis()
-            fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in open_], separators=(",", ":"))
-            plan.commit = UserCommit(uid, fields, [e.event_id for e in plan.new_events], stored_json,
-                                     version=load.version, open_until=min((d.expires_ms for d in open_), default=None))
+            plan.commit = self._user_commit(plan, load.version, [e.event_id for e in plan.new_events], stored_json)
         return plan
+
+    @staticmethod
+    def _user_commit(plan: _UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
+        """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions."""
+        fields = plan.profile.to_redis()
+        fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in plan.open], separators=(",", ":"))
+        return UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
+                          open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open)
 
     async def _reserve(self, plans: list[_UserPlan]) -> dict[str, dict[str, str]]:
         """Reserve the budgets the batch's decisions need; users whose reservation was refused, with why."""
@@ -372,17 +374,17 @@ class Engine:
             if not users:
                 break
             loads = await self.store.load({u: [] for u in users}, {})
-            plans = []
+            plans, stale = [], []
             for u in users:
                 plan = self._plan_user(u, [], loads[u])
                 closed, still = expire(plan.open, now_ms)
                 if closed:
                     plan.closed, plan.open = closed, still
-                    fields = plan.profile.to_redis()
-                    fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in still], separators=(",", ":"))
-                    plan.commit = UserCommit(u, fields, [], [], version=loads[u].version,
-                                             open_until=min((d.expires_ms for d in still), default=None))
+                    plan.commit = self._user_commit(plan, loads[u].version, [], [])
+                else:  # listed as due but nothing expires (an index update lost in a crash): correct the hint
+                    stale.append((u, min((d.expires_ms for d in still), default=None)))
                 plans.append(plan)
+            await self.store.reindex(stale)
             to_commit = [p for p in plans if p.commit is not None]
             oks = await self.store.commit([p.commit for p in to_commit])
             retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
@@ -407,7 +409,7 @@ class _UserPlan:
     decisions: list[Decision] = field(default_factory=list)
     resend: list[Decision] = field(default_factory=list)
     commit: UserCommit | None = None
-    had_open: bool = False
+    had_open: bool = False  # the user had open decisions before the batch (the store's index lists them)
     open: list = field(default_factory=list)  # OpenDecision, after the batch
     closed: list = field(default_factory=list)  # Closed
     requests: list = field(default_factory=list)  # budget ReserveRequest

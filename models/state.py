@@ -53,6 +53,7 @@ class UserCommit:
     decisions: list[tuple[str, bytes]]  # (trigger event id, decision json)
     version: str = ""  # the version the commit was planned from (optimistic concurrency)
     open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
+    had_open: bool = True  # whether the store's index may list the user (False: nothing to remove from it)
 
 
 class EngineStore(Protocol):
@@ -67,6 +68,9 @@ class EngineStore(Protocol):
 
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         """Users whose earliest open decision expires at or before event time ``now_ms``."""
+
+    async def reindex(self, entries: list[tuple[str, int | None]]) -> None:
+        """Correct the index of users with open decisions: (user id, earliest expiry or None when none open)."""
 
     async def ping(self) -> bool: ...
 
@@ -122,6 +126,13 @@ class MemoryStore:
 
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         return sorted(u for u, t in self.open_until.items() if t <= now_ms)[:limit]
+
+    async def reindex(self, entries):
+        for uid, until in entries:
+            if until is None:
+                self.open_until.pop(uid, None)
+            else:
+                self.open_until[uid] = until
 
     async def ping(self) -> bool:
         return True
@@ -215,6 +226,17 @@ class RedisStore:
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         return [u.decode() for u in await self.r.zrangebyscore(self.open_key, "-inf", now_ms, start=0, num=limit)]
 
+    async def reindex(self, entries):
+        if not entries:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for uid, until in entries:
+            if until is None:
+                pipe.zrem(self.open_key, uid)
+            else:
+                pipe.zadd(self.open_key, {uid: until})
+        await pipe.execute()
+
     # interface -------------------------------------------------------------------------------
     async def load(self, event_ids, triggers):
         pipe = self.r.pipeline(transaction=False)
@@ -266,7 +288,8 @@ class RedisStore:
             if not ok:
                 continue
             if c.open_until is None:
-                idx.zrem(self.open_key, c.user_id)
+                if c.had_open:  # most users never had an open decision: no index entry to remove
+                    idx.zrem(self.open_key, c.user_id)
             else:
                 idx.zadd(self.open_key, {c.user_id: c.open_until})
         if len(idx):

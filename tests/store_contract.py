@@ -56,3 +56,13 @@ class EngineStoreContract:
 
     def test_ping(self):
         assert run(self.make_store().ping()) is True
+
+    def test_reindex_and_due_users(self):
+        store = self.make_store()
+        run(store.commit([UserCommit("u1", {}, ["e1"], [], open_until=100, had_open=False)]))
+        run(store.commit([UserCommit("u2", {}, ["e1"], [], open_until=300, had_open=False)]))
+        assert run(store.due_users(200)) == ["u1"]
+        run(store.reindex([("u1", None), ("u2", 150)]))
+        assert run(store.due_users(200)) == ["u2"]
+        run(store.commit([UserCommit("u2", {"n": "1"}, ["e2"], [], version="1", had_open=True)]))
+        assert run(store.due_users(10**9)) == []

@@ -115,3 +115,14 @@ def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
     assert res.decisions[0].decision_id == plan.decisions[0].decision_id
     assert res.decisions[0].offer.offer_id == "none"
     assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
+
+
+def test_sweep_corrects_a_stale_index_entry():
+    """An index entry left behind (e.g. a crash between a commit and the index update) does not stay due."""
+    store = MemoryStore()
+    eng = engine(store)
+    run(eng.process_batch([Event("v1", "view", "u1", "i1", 0)]))
+    store.open_until["u1"] = 5  # stale: u1 has no open decision
+    assert run(store.due_users(24 * H)) == ["u1"]
+    assert run(eng.sweep(24 * H)).closed == []
+    assert run(store.due_users(48 * H)) == []
