@@ -91,7 +91,9 @@ class LearningCore:
     max_users
         Users whose windows are kept (least recently used evicted beyond).
     sample_gap_ms
-        Minimum event time between two decision points of one user.
+        Minimum event time between two decision points of one user. ``None`` (default): one sixth of the
+        horizon, at most a minute, so a short horizon still sees the moments just before a purchase (with
+        a 3-minute horizon a one-minute gap skips a third of them).
     decision_points
         ``milestones`` (carts and the 2nd, 4th, 8th, ... event of a session) or ``batch`` (every batch).
     n_segments, segment_every
@@ -119,7 +121,7 @@ class LearningCore:
         window_width: int = 8,
         window_ms: int = HOUR_MS,
         max_users: int = 200_000,
-        sample_gap_ms: int = 60_000,
+        sample_gap_ms: int | None = None,
         decision_points: str = "milestones",
         n_segments: int = 6,
         segment_every: int = 16,
@@ -137,6 +139,8 @@ class LearningCore:
         self.window_width = window_width
         self.window_ms = int(window_ms)
         self.max_users = max_users
+        if sample_gap_ms is None:
+            sample_gap_ms = min(60_000, int(self.horizon_h * HOUR_MS) // 6)
         self.sample_gap_ms = int(sample_gap_ms)
         if decision_points not in ("milestones", "batch"):
             raise ValueError(f"decision_points must be 'milestones' or 'batch', got {decision_points!r}")
