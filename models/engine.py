@@ -39,7 +39,8 @@ from models.catalogue import Catalogue, load_catalogue
 from models.decision import Decision, decision_id_for
 from models.events import Event
 from models.policy import DecisionContext, RulePolicy
-from models.profile import Profile
+from models.contrib import Contribution
+from models.profile import EVENT_WEIGHTS, Profile
 from models.state import EngineStore, UserCommit
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
@@ -123,6 +124,22 @@ class Engine:
         self.budget = budget  # models.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.attribution.ConversionStats (treatment vs holdout)
         self.watermark_ms = 0  # largest event time applied: "now" for the expiry sweep
+        self._contrib = self._contribution_settings()
+        if self._contrib is not None:
+            learning.items_via_commit = True  # item statistics are written in the users' commits
+
+    def _contribution_settings(self) -> dict | None:
+        """With a Redis item store and a store that applies contributions, item statistics are learnt in the users'
+        atomic commits (:mod:`models.contrib`): exact across crashes, redeliveries and batch timing, and removable
+        by ``promo forget``. Otherwise (offline, tests) the learning core counts them per batch."""
+        learning = self.learning
+        item_store = getattr(learning, "store", None)
+        if not getattr(self.store, "applies_contributions", False) or not hasattr(item_store, "r"):
+            return None
+        cfg = item_store.config
+        return {"P": item_store.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
+                "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours), "maxpop": int(cfg.popular_cap()),
+                "width": int(learning.window_width), "window_ms": int(learning.window_ms)}
 
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
@@ -221,6 +238,8 @@ class Engine:
         prof = Profile.from_redis(raw)
         open_ = [OpenDecision.from_dict(d) for d in json.loads(open_raw)] if open_raw else []
         plan = _UserPlan(uid, prof, had_open=bool(open_))
+        cs = self._contrib
+        contrib = Contribution(cs["hl"], cs["phl"]) if cs is not None else None
         done: set[str] = set()
         stored_json: list[tuple[str, bytes]] = []
         # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events
@@ -245,6 +264,9 @@ class Engine:
                 plan.closed += closed
             prof.apply(e)
             plan.new_events.append(e)
+            if contrib is not None:
+                contrib.add_event(prof.win, e.item_id, e.ts, EVENT_WEIGHTS.get(e.type, 0.0), cs["width"],
+                                  cs["window_ms"])
             order = orders.get(e.event_id)
             if order is not None and open_:
                 closed, open_ = close_on_purchase(self.catalogue, open_, order)
@@ -264,6 +286,8 @@ class Engine:
         plan.open = open_
         if plan.new_events or plan.closed:
             plan.commit = self._user_commit(plan, load.version, [e.event_id for e in plan.new_events], stored_json)
+            if contrib:
+                plan.commit.contrib = contrib.to_json(cs)
         return plan
 
     @staticmethod

@@ -24,6 +24,13 @@ increments, all at the batch time ``ts``):
 
 Similarity is cosine-style: ``pair(a, b) / sqrt(n(a) * n(b))`` with all three decayed to the same time.
 
+Two writers, one layout. :meth:`ItemStore.apply` takes a batch's aggregated increments at the batch time (offline
+evaluation, benchmarks, an engine without Redis state). The live worker does not call it: each user's commit
+adds the user's own increments at their event times, on epochs of a fixed grid (:mod:`models.contrib`, the
+commit script of :class:`models.state.RedisStore`), and keeps a per-user record that
+:meth:`RedisItemStore.forget_user` subtracts; the item cap is then kept by :meth:`RedisItemStore.enforce_item_cap`
+from the worker's maintenance timer. Reads are the same for both.
+
 Redis layout (Cluster-ready: one hash tag per item, ``{i:<item>}``; a batch is ONE pipeline with one Lua call
 per touched item, one for popularity and one ``ZADD`` to the index)::
 
@@ -441,6 +448,63 @@ return card
 """
 
 
+# KEYS: [the user's contribution record <prefix>:{u:<user>}:c]; ARGV: [prefix, half_life_ms, pop_half_life_ms]
+# Subtracts the record (models.contrib) from item counts, neighbour maps and popularity, each converted to the
+# target's epoch; a value left at most 1e-9 of what it was (rounding of the user's own share) is removed, and
+# an item whose count is gone loses its keys. Returns {items, pairs, popularity entries} touched.
+_FORGET_LUA = """
+local function f17(x) return string.format('%.17g', x) end
+local P, hl, phl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local all = redis.call('HGETALL', KEYS[1])
+local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
+local function epoch(item) return tonumber(redis.call('HGET', ikey(item), 't')) end
+local function zsub(key, member, amount)
+  local cur = tonumber(redis.call('ZSCORE', key, member))
+  if cur == nil then return 0 end
+  local left = cur - amount
+  if left <= 1e-9 * math.abs(cur) then redis.call('ZREM', key, member) else redis.call('ZADD', key, f17(left), member) end
+  return 1
+end
+local ni, np, nq = 0, 0, 0
+local items = {}
+for i = 1, #all, 2 do
+  local f, v = all[i], tonumber(all[i + 1])
+  local kind = string.sub(f, 1, 1)
+  local sp = string.find(f, ':', 3, true)
+  local g, rest = tonumber(string.sub(f, 3, sp - 1)), string.sub(f, sp + 1)
+  if kind == 'p' then
+    local sep = string.find(rest, '\\31', 1, true)
+    local a, b = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
+    local ea, eb = epoch(a), epoch(b)
+    if ea then np = np + zsub(ikey(a) .. ':nb', b, v * 2 ^ ((g - ea) / hl)) end
+    if eb then zsub(ikey(b) .. ':nb', a, v * 2 ^ ((g - eb) / hl)) end
+  elseif kind == 'q' then
+    local pe = tonumber(redis.call('GET', P .. ':sim:{pop}:t'))
+    if pe then nq = nq + zsub(P .. ':sim:{pop}:z', rest, v * 2 ^ ((g - pe) / phl)) end
+  elseif kind == 'i' then
+    items[#items + 1] = {rest, g, v}
+  end
+end
+for _, x in ipairs(items) do
+  local k = ikey(x[1])
+  local cur = redis.call('HMGET', k, 'n', 't')
+  local n, e = tonumber(cur[1]), tonumber(cur[2])
+  if n ~= nil then
+    ni = ni + 1
+    local left = n - x[3] * 2 ^ ((x[2] - e) / hl)
+    if left <= 1e-9 * math.abs(n) then
+      redis.call('DEL', k, k .. ':nb')
+      redis.call('ZREM', P .. ':sim:idx', x[1])
+    else
+      redis.call('HSET', k, 'n', f17(left))
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return {ni, np, nq, #all > 0 and 1 or 0}
+"""
+
+
 class RedisItemStore(ItemStore):
     """:class:`ItemStore` in Redis (synchronous redis-py client); keys in the module docstring.
 
@@ -556,6 +620,27 @@ class RedisItemStore(ItemStore):
         cap = cfg.item_cap()
         if card > cap:
             self._prune(card - cap)
+
+    def record_key(self, user_id: str) -> str:
+        """The user's contribution record (:mod:`models.contrib`), under the user's hash tag."""
+        return f"{self.prefix}:{{u:{user_id}}}:c"
+
+    def forget_user(self, user_id: str) -> dict[str, int]:
+        """Subtract the user's recorded contributions from the item statistics and delete the record, atomically
+        (one script: a worker's concurrent commits land before or after it). Returns how many items, pairs and
+        popularity entries were reduced, and ``record``: 1 if the user had a record."""
+        cfg = self.config
+        ni, np_, nq, _had_record = self.r.eval(_FORGET_LUA, 1, self.record_key(user_id), self.prefix, int(cfg.half_life_ms),
+                                  int(cfg.pop_half_life_ms))
+        return {"items": int(ni), "pairs": int(np_), "popularity": int(nq), "record": int(_had_record)}
+
+    def enforce_item_cap(self) -> int:
+        """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` (the worker's
+        maintenance timer calls this when the users' commits write the statistics); returns how many."""
+        excess = self.n_items() - self.config.item_cap()
+        if excess > 0:
+            self._prune(excess)
+        return max(0, excess)
 
     def _prune(self, excess: int) -> None:
         old = [_s(x) for x in self.r.zrange(self.idx_key, 0, excess - 1)]

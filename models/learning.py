@@ -7,7 +7,9 @@ events into :class:`models.profile.Profile` and writes them to Redis atomically 
 
 * **item similarity**: per-user recent windows (:class:`models.similarity.UserWindows`, in worker memory, a
   user always maps to one partition hence one worker) and the numba kernel turn a batch into aggregated pair
-  and item increments, applied to the :class:`models.item_store.ItemStore` in ONE call (one Redis pipeline);
+  and item increments, applied to the :class:`models.item_store.ItemStore` in ONE call (one Redis pipeline).
+  In the live worker the engine sets ``items_via_commit``: each user's commit writes that user's increments
+  (:mod:`models.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
 * **category price reference** (:class:`models.profile.CategoryStats`) for the profiles' price level;
 * **purchase propensity** with delayed labels (:class:`models.propensity.DelayedLabelLearner`) and a frequency
   baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
@@ -153,6 +155,7 @@ class LearningCore:
         self.propensity_options = dict(propensity_options or {})
         self.context_keys = frozenset(context_keys)
         self.seed = seed
+        self.items_via_commit = False  # set by the engine when users' commits carry their item contributions
         self._reset_local()
 
     def reset(self) -> None:
@@ -199,11 +202,15 @@ class LearningCore:
             return
         t0 = time.perf_counter()
         n = len(events)
-        batch = self.item_batch(events)
-        batch_ts = batch.ts
-        t1 = time.perf_counter()
-        self.store.apply(batch)
-        t2 = time.perf_counter()
+        if self.items_via_commit:  # the engine wrote the item statistics in the users' commits
+            batch_ts = max(e.ts for e in events)
+            t1 = t2 = time.perf_counter()
+        else:
+            batch = self.item_batch(events)
+            batch_ts = batch.ts
+            t1 = time.perf_counter()
+            self.store.apply(batch)
+            t2 = time.perf_counter()
         # --- category price reference, purchases, decision points ---------------------------------
         stats_update = self.stats.update
         last: dict[str, Event] = {}

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, fields
 
 from models.events import EVENT_TYPES, Event
 
-_JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff")
+_JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff", "win")
 _STR_FIELDS = ("session_id", "last_type", "last_category")
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 1.5, "cart": 3.0, "remove_from_cart": 0.0, "purchase": 4.0}
@@ -159,6 +159,8 @@ class Profile:
     last_purchase_ts: int = 0
     cart: dict[str, list] = field(default_factory=dict)
     recent_items: list[str] = field(default_factory=list)
+    # the co-occurrence window [[item, ts, weight], ...] most recent first (models.contrib; the engine moves it)
+    win: list = field(default_factory=list)
     last_decision_ts: int = 0
     n_decisions: int = 0
     offer_history: dict[str, list[int]] = field(default_factory=dict)

@@ -54,6 +54,7 @@ class UserCommit:
     version: str = ""  # the version the commit was planned from (optimistic concurrency)
     open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
     had_open: bool = True  # whether the store's index may list the user (False: nothing to remove from it)
+    contrib: str = ""  # the user's item-statistics contributions (models.contrib payload JSON), or ""
 
 
 class EngineStore(Protocol):
@@ -142,9 +143,100 @@ class MemoryStore:
 
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
-# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, expected_version]
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, contrib, expected_version]
 # (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
 # is not the version the commit was planned from, or when any marker exists: nothing is written then.
+# ``contrib`` ('' for none) is a models.contrib payload: the user's item, pair and popularity increments, added
+# to the item statistics (keys of models.item_store) and to the user's record ``{u:<user>}:c`` (fields
+# ``<i|p|q>:<grid epoch>:<item or a\\x1fb>``, values relative to that epoch) in the same
+# script, so they are applied exactly once with the events' markers. (Those keys are outside the user's hash
+# slot: with contributions on, the script needs a single Redis, not Cluster.)
+_CONTRIB_LUA = """
+local function f17(x) return string.format('%.17g', x) end
+local c = cjson.decode(ARGV[#ARGV - 1])
+local P, hl, phl, minsc, maxnb, maxpop = c.P, c.hl, c.phl, c.minsc, c.maxnb, c.maxpop
+local rk = string.sub(KEYS[1], 1, -2) .. 'c'
+local eps = {}
+local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
+local function epoch(item, g)
+  local k = ikey(item)
+  local e = eps[item]
+  if e == nil then
+    e = tonumber(redis.call('HGET', k, 't'))
+    if e == nil then
+      e = g
+      redis.call('HSET', k, 'n', '0', 't', f17(e))
+    end
+  end
+  if g > e then
+    local f = 2 ^ (-(g - e) / hl)
+    local n = tonumber(redis.call('HGET', k, 'n')) or 0
+    redis.call('HSET', k, 'n', f17(n * f), 't', f17(g))
+    local all = redis.call('ZRANGE', k .. ':nb', 0, -1, 'WITHSCORES')
+    local add, del = {}, {}
+    for i = 1, #all, 2 do
+      local v = tonumber(all[i + 1]) * f
+      if v < minsc then del[#del + 1] = all[i] else add[#add + 1] = f17(v); add[#add + 1] = all[i] end
+    end
+    if #del > 0 then redis.call('ZREM', k .. ':nb', unpack(del)) end
+    if #add > 0 then redis.call('ZADD', k .. ':nb', unpack(add)) end
+    e = g
+  end
+  eps[item] = e
+  return e
+end
+local function rec(kind, g, name, v)
+  local f = kind .. ':' .. f17(g) .. ':' .. name
+  redis.call('HSET', rk, f, f17((tonumber(redis.call('HGET', rk, f)) or 0) + v))
+end
+local idx = P .. ':sim:idx'
+for _, x in ipairs(c.i) do
+  local item, g, v = x[1], x[2], x[3]
+  local e = epoch(item, g)
+  local k = ikey(item)
+  local n = tonumber(redis.call('HGET', k, 'n')) or 0
+  redis.call('HSET', k, 'n', f17(n + v * 2 ^ (-(e - g) / hl)))
+  local old = tonumber(redis.call('ZSCORE', idx, item))
+  if old == nil or x[4] > old then redis.call('ZADD', idx, f17(x[4]), item) end
+  rec('i', g, item, v)
+end
+local touched = {}
+for _, x in ipairs(c.p) do
+  local a, b, g, v = x[1], x[2], x[3], x[4]
+  local ea, eb = epoch(a, g), epoch(b, g)
+  redis.call('ZINCRBY', ikey(a) .. ':nb', f17(v * 2 ^ (-(ea - g) / hl)), b)
+  redis.call('ZINCRBY', ikey(b) .. ':nb', f17(v * 2 ^ (-(eb - g) / hl)), a)
+  touched[a] = true
+  touched[b] = true
+  rec('p', g, a .. '\\31' .. b, v)
+end
+for item, _ in pairs(touched) do
+  local card = redis.call('ZCARD', ikey(item) .. ':nb')
+  if card > maxnb then redis.call('ZREMRANGEBYRANK', ikey(item) .. ':nb', 0, card - maxnb - 1) end
+end
+if #c.q > 0 then
+  local pz, pt = P .. ':sim:{pop}:z', P .. ':sim:{pop}:t'
+  local gmax = c.q[1][2]
+  for _, x in ipairs(c.q) do if x[2] > gmax then gmax = x[2] end end
+  local pe = tonumber(redis.call('GET', pt))
+  if pe == nil then
+    pe = gmax
+    redis.call('SET', pt, f17(pe))
+  elseif gmax > pe then
+    redis.call('ZUNIONSTORE', pz, 1, pz, 'WEIGHTS', f17(2 ^ (-(gmax - pe) / phl)))
+    pe = gmax
+    redis.call('SET', pt, f17(pe))
+  end
+  for _, x in ipairs(c.q) do
+    redis.call('ZINCRBY', pz, f17(x[3] * 2 ^ (-(pe - x[2]) / phl)), x[1])
+    rec('q', x[2], x[1], x[3])
+  end
+  local card = redis.call('ZCARD', pz)
+  if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
+end
+redis.call('EXPIRE', rk, ARGV[3])
+"""
+
 _COMMIT_LUA = """
 local n = tonumber(ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'ver') or ''
@@ -168,8 +260,12 @@ for j = 1, m do
   redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
   redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
 end
+if ARGV[#ARGV - 1] ~= '' then
+  apply_contributions()
+end
 return 1
 """
+_COMMIT_LUA = "local function apply_contributions()" + _CONTRIB_LUA + "end\n" + _COMMIT_LUA
 
 
 class RedisStore:
@@ -189,6 +285,9 @@ class RedisStore:
         self.profile_ttl_s = profile_ttl_s
         self.decision_ttl_s = decision_ttl_s
         self._commit = client.register_script(_COMMIT_LUA)
+
+    applies_contributions = True
+    """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
@@ -278,6 +377,7 @@ class RedisStore:
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
+            args.append(c.contrib)
             args.append(c.version)
             await self._commit(keys=keys, args=args, client=pipe)
         res = await pipe.execute()

@@ -173,7 +173,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         import redis
 
         from stream.dlq import dlq_record
-        from stream.forget import engine_user_id, forget_keys
+        from stream.forget import engine_user_id, forget_everything
 
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
         async for ev in stream.events():
@@ -191,10 +191,10 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 await (await send(settings.topic_dlq, msg.key, dlq_record(
                     raw, "bad_value", f"forget request: {exc}", msg.topic, msg.partition, msg.offset), None))
                 continue
-            removed = await asyncio.to_thread(forget_keys, client, settings.redis_prefix, engine_user_id(settings, uid))
+            removed, items = await asyncio.to_thread(forget_everything, settings, client, engine_user_id(settings, uid))
             m.FORGOTTEN.inc()
-            log.info("forgot a user (%d keys removed) on request %s[%d]@%d", sum(removed.values()),
-                     msg.topic, msg.partition, msg.offset)
+            log.info("forgot a user (%d keys removed, %d item counts and %d pairs reduced) on request %s[%d]@%d",
+                     sum(removed.values()), items["items"], items["pairs"], msg.topic, msg.partition, msg.offset)
 
     @app.page("/metrics")
     async def metrics_view(web, request):
@@ -222,11 +222,12 @@ def build_engine(settings: Settings) -> Engine:
 
     learning = None
     if settings.learning:
-        from models.item_store import RedisItemStore
+        from models.item_store import RedisItemStore, SimilarityConfig
         from models.learning import LearningCore, load_snapshot
 
         learning = LearningCore(
-            RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix),
+            RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
+                                    config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours)),
             horizon_h=settings.purchase_horizon_h,
         )
     engine = Engine.from_settings(settings, RedisStore.from_settings(settings), learning=learning,
@@ -258,6 +259,9 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
             await engine.budget.sweep(now)
             await engine.budget.refresh(now)
     if engine.learning is not None:
+        cap = getattr(engine.learning.store, "enforce_item_cap", None)
+        if cap is not None and engine.learning.items_via_commit:
+            await asyncio.to_thread(cap)  # the commits add items; the cap is kept here
         q = engine.learning.quality()
         for name, auc, ll in (("propensity", "auc", "logloss"), ("propensity_baseline", "base_auc", "base_logloss")):
             if q.get(auc) == q.get(auc):  # not NaN

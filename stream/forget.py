@@ -25,14 +25,14 @@ def engine_user_id(settings: Settings, user_id: str) -> str:
 
 def _kind(key: bytes, tag: str) -> str:
     rest = key.decode(errors="replace")[len(tag) + 1 :]
-    return {"p": "profile", "e": "markers", "d": "decisions"}.get(rest.split(":", 1)[0], "other")
+    return {"p": "profile", "e": "markers", "d": "decisions", "c": "item_record"}.get(rest.split(":", 1)[0], "other")
 
 
 def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
     """Delete every key of user ``uid`` (sync redis-py client); counts of what was removed, by kind."""
     tag = f"{prefix}:{{u:{uid}}}"
     pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
-    removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "other": 0}
+    removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "item_record": 0, "other": 0}
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
         removed[_kind(key, tag)] += 1
@@ -54,12 +54,11 @@ def forget_user(settings: Settings, user_id: str) -> dict:
     uid = engine_user_id(settings, user_id)
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
-        removed = forget_keys(client, settings.redis_prefix, uid)
+        removed, items = forget_everything(settings, client, uid)
     except redis.ConnectionError as exc:
         raise PromoError(
             f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; nothing was deleted"
         ) from exc
-    items = _forget_item_contributions(settings, client, uid)
     client.close()
     return {
         "user_id": user_id if not settings.pseudonymise_key else uid,
@@ -70,12 +69,12 @@ def forget_user(settings: Settings, user_id: str) -> dict:
     }
 
 
-def _forget_item_contributions(settings: Settings, client, uid: str) -> dict | None:
-    """Subtract the user's item co-occurrence contributions, when the item store supports it."""
-    try:
-        from models.item_store import RedisItemStore
-    except ImportError:  # pragma: no cover
-        return None
-    store = RedisItemStore(client, prefix=settings.redis_prefix)
-    forget = getattr(store, "forget_user", None)
-    return forget(uid) if forget is not None else None
+def forget_everything(settings: Settings, client, uid: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The user's contributions subtracted from the item statistics (which reads their record, so first), then
+    every key of the user deleted; ``uid`` as the engine knows it (pseudonymised already). Sync client."""
+    from models.item_store import RedisItemStore
+
+    items = RedisItemStore(client, prefix=settings.redis_prefix).forget_user(uid)
+    removed = forget_keys(client, settings.redis_prefix, uid)
+    removed["item_record"] += items.pop("record")  # deleted by forget_user
+    return removed, items

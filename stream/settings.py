@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     )
     snapshot_interval_s: float = Field(60.0, gt=0, description="how often models are snapshotted to Redis")
     learning: bool = Field(True, description="online learning core (similarity, propensity, segments) on")
+    similarity_max_neighbours: int = Field(
+        50, ge=1, description="neighbours kept per item; beyond it the smallest pair counts are evicted, which "
+        "makes the kept set depend on arrival order (item statistics are otherwise order-independent)"
+    )
     seed: int = 0
 
     # --- derived ----------------------------------------------------------------------------

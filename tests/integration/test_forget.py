@@ -69,13 +69,19 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     assert report["removed"]["profile"] == 1
     assert report["removed"]["markers"] == per_user[victim]
     assert report["keys_removed"] == sum(1 for k in before if uid.encode() in k)
+    assert report["removed"]["item_record"] == 1
+    # the user's contributions left the item statistics (exactness: tests/integration/test_item_contributions.py)
+    assert report["item_contributions"]["items"] > 0 and report["item_contributions"]["pairs"] > 0
+    assert report["elapsed_ms"] < 1000
 
     after = all_state(redis_client, s.redis_prefix)
     leaks = [k for k, v in after.items() if uid.encode() in k or uid.encode() in v]
     assert leaks == []
-    # everyone else is untouched
-    assert {k: v for k, v in before.items() if uid.encode() not in k and k in after} == \
-        {k: v for k, v in after.items() if k in before and uid.encode() not in k}
+    # everyone else is untouched; the item statistics lost the user's share
+    sim = f"{s.redis_prefix}:sim:".encode()
+    assert {k: v for k, v in before.items() if uid.encode() not in k and k in after and not k.startswith(sim)} == \
+        {k: v for k, v in after.items() if k in before and uid.encode() not in k and not k.startswith(sim)}
+    assert {k: v for k, v in before.items() if k.startswith(sim)} != {k: v for k, v in after.items() if k.startswith(sim)}
 
 
 def test_forget_topic_request_is_applied_by_the_worker(engine_settings, start_worker, redis_client):
