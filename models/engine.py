@@ -124,6 +124,10 @@ class Engine:
         self.budget = budget  # models.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.attribution.ConversionStats (treatment vs holdout)
         self.watermark_ms = 0  # largest event time applied: "now" for the expiry sweep
+        # {(topic, partition): next offset} the models have learnt up to (kept by the caller, e.g. the worker's
+        # batch handler), and those of the snapshot the models were restored from: snapshots carry them
+        self.learned_offsets: dict[tuple[str, int], int] = {}
+        self.restored_offsets: dict[tuple[str, int], int] = {}
         self._contrib = self._contribution_settings()
         if self._contrib is not None:
             learning.items_via_commit = True  # item statistics are written in the users' commits

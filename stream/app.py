@@ -237,7 +237,11 @@ def build_engine(settings: Settings) -> Engine:
         if learning is not None:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
             if offsets is not None:
-                log.info("learning core restored from its snapshot (covering %d partitions)", len(offsets))
+                engine.restored_offsets = {k: v for k, v in offsets.items() if isinstance(k, tuple)}
+                engine.watermark_ms = max(engine.watermark_ms, learning.watermark)
+                log.info("learning core restored from its snapshot (covering %d partitions: %s)",
+                         len(engine.restored_offsets),
+                         ", ".join(f"{t}[{p}]<{o}" for (t, p), o in sorted(engine.restored_offsets.items())))
         blob = client.get(policy_snapshot_key(settings))
         if blob and hasattr(engine.policy, "load_bytes"):
             engine.policy.load_bytes(blob)
@@ -276,7 +280,9 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
     if engine.learning is not None:
         from models.learning import snapshot_key
 
-        blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot({"watermark_ms": engine.watermark_ms})
+        # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
+        covered = {**engine.restored_offsets, **engine.learned_offsets}
+        blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot(covered)
     if hasattr(engine.policy, "to_bytes"):
         blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
     if blobs:

@@ -62,6 +62,33 @@ class BatchHandler:
         self.pseudonym_key = (
             settings.pseudonymise_key.get_secret_value().encode() if settings.pseudonymise_key else None
         )
+        self._seen_partitions: set[tuple[str, int]] = set()
+
+    def _check_learning_gap(self, msgs: list[RawMessage]) -> None:
+        """At a partition's first batch: events between the restored model snapshot and where consumption
+        resumes were applied to Redis by a previous worker, but the in-memory models' learning of them is lost
+        (they come back only as duplicates). Say how many."""
+        restored = self.engine.restored_offsets
+        for msg in msgs:
+            tp = (msg.topic, msg.partition)
+            if tp in self._seen_partitions:
+                continue
+            self._seen_partitions.add(tp)
+            covered = restored.get(tp)
+            if covered is not None and msg.offset > covered:
+                log.warning(
+                    "%s[%d]: the model snapshot covers offsets below %d and consumption resumes at %d: the models "
+                    "did not learn %d events (their effects in Redis are complete; only in-memory learning since "
+                    "the last snapshot is missing; PROMO_SNAPSHOT_INTERVAL_S bounds it)",
+                    msg.topic, msg.partition, covered, msg.offset, msg.offset - covered,
+                )
+
+    def _mark_learned(self, msgs: list[RawMessage]) -> None:
+        learned = self.engine.learned_offsets
+        for msg in msgs:
+            tp = (msg.topic, msg.partition)
+            if msg.offset >= learned.get(tp, 0):
+                learned[tp] = msg.offset + 1
 
     async def _retry(self, what: str, fn):
         """Run ``fn()`` until it succeeds; infrastructure errors are retried, anything else raises."""
@@ -90,6 +117,7 @@ class BatchHandler:
 
     async def handle(self, msgs: list[RawMessage]) -> None:
         t0 = time.perf_counter_ns()
+        self._check_learning_gap(msgs)
         now_ms = time.time_ns() // 1_000_000
         valid = []
         clear_ids: dict[str, str] = {}  # pseudonym -> clear user id, for this batch's outgoing decisions only
@@ -153,6 +181,7 @@ class BatchHandler:
         # the models learn after the decisions are out: learning is not on the decision's critical path.
         # A crash before this line loses only this batch's learning, never state or decisions.
         await self._retry("learning from a batch", lambda: self.engine.learn(result))
+        self._mark_learned(msgs)
 
         self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
 

@@ -119,3 +119,22 @@ def test_pseudonymised_ids_never_reach_the_store_but_decisions_carry_the_shop_id
     (d,) = sink.on(s.topic_decisions)
     assert d["user_id"] == "alice"
     assert [(t, k) for t, k, _ in sink.sent] == [(s.topic_decisions, b"alice")]
+
+
+def test_learned_offsets_advance_and_a_gap_after_the_restored_snapshot_is_reported(caplog):
+    s, h, sink = make()
+    h.engine.restored_offsets = {("promo.events", 0): 5}
+    with caplog.at_level("WARNING", logger="promo.worker"):
+        asyncio.run(h.handle([msg(ev("e1"), 12), msg(ev("e2"), 13)]))
+        asyncio.run(h.handle([msg(ev("e3"), 14)]))
+    assert h.engine.learned_offsets == {("promo.events", 0): 15}
+    gaps = [r.getMessage() for r in caplog.records if "did not learn" in r.getMessage()]
+    assert len(gaps) == 1 and "did not learn 7 events" in gaps[0] and "promo.events[0]" in gaps[0]
+
+
+def test_no_gap_is_reported_when_consumption_resumes_where_the_snapshot_ends(caplog):
+    s, h, sink = make()
+    h.engine.restored_offsets = {("promo.events", 0): 12}
+    with caplog.at_level("WARNING", logger="promo.worker"):
+        asyncio.run(h.handle([msg(ev("e1"), 12)]))
+    assert not [r for r in caplog.records if "did not learn" in r.getMessage()]
