@@ -2,10 +2,12 @@
 
 The live engine does not learn item similarity from batches (whose boundaries depend on timing): each user's
 events are turned into **contributions** while the user is planned, from the user's own recent window kept in
-the profile (:attr:`models.profile.Profile.win`), and written in the user's atomic commit together with the
-event markers (:class:`models.state.RedisStore`). So item statistics are a function of the committed events
-alone: a redelivered event is a duplicate and adds nothing, a crash can not lose or repeat a contribution, and
-the order in which users' batches interleave does not matter.
+the profile (:attr:`models.profile.Profile.win`), and parked in the user's atomic commit together with the
+event markers (:class:`models.state.RedisStore`); once the batch's decisions are sent, one script per user
+applies the parked payload to the item statistics and deletes it, and what a killed worker left parked is
+applied by the next worker's maintenance (``RedisStore.apply_parked``). So item statistics are a function of
+the committed events alone: a redelivered event is a duplicate and adds nothing, a crash can not lose or repeat
+a contribution, and the order in which users' batches interleave does not matter.
 
 Time decay without order: a contribution of weight ``w`` at event time ``ts`` is stored as
 ``w * 2 ** ((ts - G) / half_life)`` relative to the **grid epoch** ``G = grid(ts)``, a multiple of
@@ -74,9 +76,8 @@ class Contribution:
         return bool(self.items or self.pairs)
 
     @staticmethod
-    def _put(acc: dict, key, ts: int, w: float, hl: int) -> None:
-        g = grid(ts, hl)
-        v = w * 2.0 ** ((ts - g) / hl)
+    def _put(acc: dict, key, g: int, v: float, hl: int) -> None:
+        """Add ``v`` (relative to grid epoch ``g``) to ``acc[key]``."""
         cur = acc.get(key)
         if cur is None:
             acc[key] = [g, v]
@@ -93,9 +94,13 @@ class Contribution:
         most recent first) in place."""
         if w <= 0.0:
             return
-        hl = self.half_life_ms
-        self._put(self.items, item, ts, w, hl)
-        self._put(self.pops, item, ts, w, self.pop_half_life_ms)
+        hl, phl = self.half_life_ms, self.pop_half_life_ms
+        g = ts - ts % (GRID_HALF_LIVES * hl)
+        f = 2.0 ** ((ts - g) / hl)  # this event's weight factor against its epoch, computed once
+        put = self._put
+        put(self.items, item, g, w * f, hl)
+        gp = ts - ts % (GRID_HALF_LIVES * phl)
+        put(self.pops, item, gp, w * 2.0 ** ((ts - gp) / phl), phl)
         last = self.last.get(item)
         if last is None or ts > last:
             self.last[item] = ts
@@ -109,7 +114,7 @@ class Contribution:
                 if j == pos or abs(ts - t_j) > window_ms:
                     continue
                 key = (item, other) if item < other else (other, item)
-                self._put(self.pairs, key, ts, w if w < w_j else w_j, hl)
+                put(self.pairs, key, g, (w if w < w_j else w_j) * f, hl)
         if pos >= 0:
             old = win.pop(pos)
             win.insert(0, [item, ts, old[2] if old[2] > w else w])

@@ -57,6 +57,7 @@ class BatchResult:
     new_events: list[Event] = field(default_factory=list)
     profiles: dict[str, Profile] = field(default_factory=dict)  # users' profiles after the batch
     closed: list[Closed] = field(default_factory=list)  # decisions whose attribution window closed
+    parked: list[tuple[str, str]] = field(default_factory=list)  # (user, record field): contributions to apply
 
     def to_send(self) -> list[Decision]:
         return self.decisions + self.resend
@@ -70,6 +71,7 @@ class BatchResult:
         self.new_events += other.new_events
         self.profiles.update(other.profiles)
         self.closed += other.closed
+        self.parked += other.parked
 
 
 def _group(events: list[Event]) -> dict[str, list[Event]]:
@@ -375,7 +377,10 @@ class Engine:
             await self.budget.settle(stale)
 
     async def learn(self, result: BatchResult) -> None:
-        """After the commit: models learn, closed decisions teach the policy and settle their budgets."""
+        """After the commit: the commits' item contributions are applied, models learn, closed decisions teach
+        the policy and settle their budgets."""
+        if result.parked:
+            await self.store.apply_contributions(result.parked)
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
         if not result.closed:
@@ -449,5 +454,7 @@ class _UserPlan:
         r.new_events += self.new_events
         r.profiles[self.user_id] = self.profile
         r.closed += self.closed
+        if self.commit is not None and self.commit.contrib:
+            r.parked.append((self.user_id, f"w:{int(self.commit.version or 0) + 1}"))
         for e in self.new_events:
             r.applied[e.type] = r.applied.get(e.type, 0) + 1

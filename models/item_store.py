@@ -26,8 +26,8 @@ Similarity is cosine-style: ``pair(a, b) / sqrt(n(a) * n(b))`` with all three de
 
 Two writers, one layout. :meth:`ItemStore.apply` takes a batch's aggregated increments at the batch time (offline
 evaluation, benchmarks, an engine without Redis state). The live worker does not call it: each user's commit
-adds the user's own increments at their event times, on epochs of a fixed grid (:mod:`models.contrib`, the
-commit script of :class:`models.state.RedisStore`), and keeps a per-user record that
+parks the user's own increments at their event times, on epochs of a fixed grid (:mod:`models.contrib`), and a
+script of :class:`models.state.RedisStore` applies them once, keeping a per-user record that
 :meth:`RedisItemStore.forget_user` subtracts; the item cap is then kept by :meth:`RedisItemStore.enforce_item_cap`
 from the worker's maintenance timer. Reads are the same for both.
 
@@ -470,6 +470,7 @@ local items = {}
 for i = 1, #all, 2 do
   local f, v = all[i], tonumber(all[i + 1])
   local kind = string.sub(f, 1, 1)
+  if string.sub(f, 2, 2) ~= ':' or kind == 'w' then kind = '' end  -- bookkeeping, or parked (never applied)
   local sp = string.find(f, ':', 3, true)
   local g, rest = tonumber(string.sub(f, 3, sp - 1)), string.sub(f, sp + 1)
   if kind == 'p' then

@@ -143,19 +143,26 @@ class MemoryStore:
 
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
-# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, contrib, expected_version]
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, contrib, pending_set,
+#        expected_version]
 # (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
 # is not the version the commit was planned from, or when any marker exists: nothing is written then.
-# ``contrib`` ('' for none) is a models.contrib payload: the user's item, pair and popularity increments, added
-# to the item statistics (keys of models.item_store) and to the user's record ``{u:<user>}:c`` (fields
-# ``<i|p|q>:<grid epoch>:<item or a\\x1fb>``, values relative to that epoch) in the same
-# script, so they are applied exactly once with the events' markers. (Those keys are outside the user's hash
-# slot: with contributions on, the script needs a single Redis, not Cluster.)
-_CONTRIB_LUA = """
+# ``contrib`` ('' for none) is a models.contrib payload: the user's item, pair and popularity increments. The
+# commit only parks it in the user's record ``{u:<user>}:c`` as field ``w:<new version>`` (and the record in
+# the ``pending_set``), atomically with the markers; :data:`_APPLY_LUA` adds it to the item statistics after
+# the decisions are sent (off the decision's critical path), exactly once: the field is deleted in the script
+# that applies it, and what a crash leaves parked is applied by :meth:`RedisStore.apply_parked`.
+# KEYS: [the user's record {u:<user>}:c]; ARGV: [parked field w:<version>, pending set]. Applies the parked
+# payload to the item statistics (keys of models.item_store: outside the user's hash slot, so one Redis, not
+# Cluster), adds it to the record's totals (fields ``<i|p|q>:<grid epoch>:<item or a\x1fb>``, values relative to
+# that epoch: what ``promo forget`` subtracts), deletes the field. Returns 0 when the field is gone (applied).
+_APPLY_LUA = """
 local function f17(x) return string.format('%.17g', x) end
-local c = cjson.decode(ARGV[#ARGV - 1])
+local rk = KEYS[1]
+local cj = redis.call('HGET', rk, ARGV[1])
+if not cj then return 0 end
+local c = cjson.decode(cj)
 local P, hl, phl, minsc, maxnb, maxpop = c.P, c.hl, c.phl, c.minsc, c.maxnb, c.maxpop
-local rk = string.sub(KEYS[1], 1, -2) .. 'c'
 local eps = {}
 local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
 local function epoch(item, g)
@@ -186,18 +193,14 @@ local function epoch(item, g)
   return e
 end
 local function rec(kind, g, name, v)
-  local f = kind .. ':' .. f17(g) .. ':' .. name
-  redis.call('HSET', rk, f, f17((tonumber(redis.call('HGET', rk, f)) or 0) + v))
+  redis.call('HINCRBYFLOAT', rk, kind .. ':' .. f17(g) .. ':' .. name, f17(v))
 end
 local idx = P .. ':sim:idx'
 for _, x in ipairs(c.i) do
   local item, g, v = x[1], x[2], x[3]
   local e = epoch(item, g)
-  local k = ikey(item)
-  local n = tonumber(redis.call('HGET', k, 'n')) or 0
-  redis.call('HSET', k, 'n', f17(n + v * 2 ^ (-(e - g) / hl)))
-  local old = tonumber(redis.call('ZSCORE', idx, item))
-  if old == nil or x[4] > old then redis.call('ZADD', idx, f17(x[4]), item) end
+  redis.call('HINCRBYFLOAT', ikey(item), 'n', f17(v * 2 ^ (-(e - g) / hl)))
+  redis.call('ZADD', idx, 'GT', f17(x[4]), item)
   rec('i', g, item, v)
 end
 local touched = {}
@@ -234,7 +237,12 @@ if #c.q > 0 then
   local card = redis.call('ZCARD', pz)
   if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
 end
-redis.call('EXPIRE', rk, ARGV[3])
+redis.call('HDEL', rk, ARGV[1])
+if redis.call('HINCRBY', rk, 'parked', -1) <= 0 then
+  redis.call('HDEL', rk, 'parked')
+  redis.call('SREM', ARGV[2], rk)
+end
+return 1
 """
 
 _COMMIT_LUA = """
@@ -260,12 +268,15 @@ for j = 1, m do
   redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
   redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
 end
-if ARGV[#ARGV - 1] ~= '' then
-  apply_contributions()
+if ARGV[#ARGV - 2] ~= '' then
+  local rk = string.sub(KEYS[1], 1, -2) .. 'c'
+  redis.call('HSET', rk, 'w:' .. tostring((tonumber(cur) or 0) + 1), ARGV[#ARGV - 2])
+  redis.call('HINCRBY', rk, 'parked', 1)
+  redis.call('EXPIRE', rk, ARGV[3])
+  redis.call('SADD', ARGV[#ARGV - 1], rk)
 end
 return 1
 """
-_COMMIT_LUA = "local function apply_contributions()" + _CONTRIB_LUA + "end\n" + _COMMIT_LUA
 
 
 class RedisStore:
@@ -285,6 +296,7 @@ class RedisStore:
         self.profile_ttl_s = profile_ttl_s
         self.decision_ttl_s = decision_ttl_s
         self._commit = client.register_script(_COMMIT_LUA)
+        self._apply = client.register_script(_APPLY_LUA)
 
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
@@ -321,6 +333,50 @@ class RedisStore:
     @property
     def open_key(self) -> str:
         return f"{self.prefix}:open"
+
+    @property
+    def parked_key(self) -> str:
+        """The set of users' records holding contributions committed but not yet applied."""
+        return f"{self.prefix}:sim:parked"
+
+    @staticmethod
+    def parked_field(version: str) -> str:
+        """The record field a commit planned from ``version`` parks its contributions in."""
+        return f"w:{int(version or 0) + 1}"
+
+    async def apply_contributions(self, parked: list[tuple[str, str]]) -> int:
+        """Apply parked contributions ``(user id, field)`` to the item statistics, one script each, in one
+        pipeline; already applied ones are skipped. Returns how many were applied."""
+        if not parked:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for uid, fld in parked:
+            await self._apply(keys=[f"{self.user_tag(uid)}:c"], args=[fld, self.parked_key], client=pipe)
+        return sum(int(x) for x in await pipe.execute())
+
+    async def apply_parked(self, limit: int = 1000) -> int:
+        """Apply what commits parked and nobody applied (a worker died between commit and apply): up to
+        ``limit`` records per call. Returns how many contributions were applied."""
+        keys = await self.r.srandmember(self.parked_key, limit)
+        if not keys:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hkeys(k)
+        todo = []
+        for k, fields in zip(keys, await pipe.execute()):
+            k = k.decode() if isinstance(k, bytes) else k
+            todo += [(k, f.decode() if isinstance(f, bytes) else f) for f in fields]
+        todo = [(k, f) for k, f in todo if f.startswith("w:")]
+        stale = [k for k in keys if not any(t[0] == (k.decode() if isinstance(k, bytes) else k) for t in todo)]
+        if stale:  # nothing parked any more (the record expired or was forgotten)
+            await self.r.srem(self.parked_key, *stale)
+        if not todo:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for k, fld in todo:
+            await self._apply(keys=[k], args=[fld, self.parked_key], client=pipe)
+        return sum(int(x) for x in await pipe.execute())
 
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         return [u.decode() for u in await self.r.zrangebyscore(self.open_key, "-inf", now_ms, start=0, num=limit)]
@@ -378,6 +434,7 @@ class RedisStore:
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
             args.append(c.contrib)
+            args.append(self.parked_key)
             args.append(c.version)
             await self._commit(keys=keys, args=args, client=pipe)
         res = await pipe.execute()

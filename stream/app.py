@@ -256,6 +256,11 @@ def policy_snapshot_key(settings: Settings) -> str:
 
 
 async def run_maintenance(settings: Settings, engine: Engine) -> None:
+    apply_parked = getattr(engine.store, "apply_parked", None)
+    if apply_parked is not None:
+        n = await apply_parked()  # contributions a killed worker committed but did not apply
+        if n:
+            log.info("applied %d item-statistics contributions left parked by an earlier worker", n)
     now = engine.watermark_ms
     if now:
         await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats

@@ -4,7 +4,9 @@ The engine (RedisStore + RedisItemStore, as the worker builds it) replays the fi
 
 * run A in file order, batches of 100;
 * run B with the users' events interleaved differently (per-user order kept, as Kafka keeps it per partition),
-  random batch sizes, and a third of the batches delivered twice (a crash between commit and offset commit);
+  random batch sizes, a third of the batches delivered twice (a crash between commit and offset commit), and a
+  fifth stopped after their commit (a crash before the parked contributions were applied: the next worker's
+  ``apply_parked`` applies them);
 * run C like A but without one user with history.
 
 A and B leave the same item statistics and contribution records (floats within 1e-9 relative); after
@@ -36,7 +38,10 @@ def events():
     return evs
 
 
-def run(redis_url: str, prefix: str, batches) -> None:
+def run(redis_url: str, prefix: str, batches, crash_after_commit=()) -> None:
+    """Replay ``batches``; those whose index is in ``crash_after_commit`` stop after the commit (as a worker
+    killed before applying its contributions), and what they parked is applied at the end by ``apply_parked``
+    (the next worker's maintenance)."""
     import redis.asyncio as aioredis
 
     from models.engine import Engine
@@ -51,8 +56,16 @@ def run(redis_url: str, prefix: str, batches) -> None:
         core = LearningCore(store, horizon_h=1.0)
         engine = Engine(RedisStore(client, prefix=prefix), learning=core, holdout_pct=0.0)
         assert core.items_via_commit
-        for batch in batches:
-            await engine.process_batch(batch)
+        store = engine.store
+        for i, batch in enumerate(batches):
+            result = await engine.process_batch(batch, learn=False)
+            if i not in crash_after_commit:
+                await engine.learn(result)
+        if crash_after_commit:
+            assert await client.scard(store.parked_key) > 0
+            while await store.apply_parked(limit=50):
+                pass
+        assert await client.scard(store.parked_key) == 0
         await client.aclose()
 
     asyncio.run(go())
@@ -90,7 +103,8 @@ def test_commit_order_and_redelivery_do_not_change_item_statistics(events, redis
             batches.append(order[i : i + size])  # redelivered: every event a duplicate
         i += size
     assert [e.event_id for e in order] != [e.event_id for e in events]
-    run(redis_url, b, batches)
+    crashed = set(rng.sample(range(len(batches)), len(batches) // 5))
+    run(redis_url, b, batches, crash_after_commit=crashed)
     sa, sb = item_state(redis_client, a), item_state(redis_client, b)
     kinds = Counter(k.split(":")[-1] if k.endswith((":nb", ":c", ":z", ":t")) else "n" for k in sa)
     assert kinds["nb"] > 500 and kinds["c"] > 500 and kinds["n"] > 1_000, kinds
