@@ -11,8 +11,9 @@ Every rejection carries one ``reason`` from the small fixed set :data:`REASONS` 
 Checks, in order (the first failure wins):
 
 1. ``oversized``: more than ``max_event_bytes`` bytes (checked before parsing).
-2. ``bad_json``: empty/null value, invalid UTF-8, invalid JSON, ``NaN``/``Infinity`` literals, nesting too
-   deep to parse.
+2. ``bad_json``: empty/null value, invalid UTF-8, invalid JSON, ``NaN``/``Infinity`` literals, arrays and
+   objects nested more than :data:`MAX_NESTING` levels (checked before parsing, so the reason does not depend
+   on how deep the worker's own stack happens to be).
 3. ``not_object``: valid JSON that is not an object.
 4. ``missing_field``: a required field (``event_id``, ``type``, ``user_id``, ``item_id``, ``ts``) is absent,
    ``null`` or ``""``.
@@ -126,6 +127,28 @@ def _reject_constant(name: str):
 
 
 _decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+MAX_NESTING = 64
+"""Deepest nesting of arrays/objects accepted in a message (a valid event needs 2: the event and its context)."""
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest nesting of ``[`` / ``{`` outside JSON strings (for valid and invalid JSON alike).
+
+    >>> nesting_depth('{"a": [1, {"b": "[[["}]}'), nesting_depth("[" * 70), nesting_depth("42")
+    (3, 70, 0)
+    """
+    depth = top = 0
+    for ch in _JSON_STRING.sub('""', text):
+        if ch == "[" or ch == "{":
+            depth += 1
+            if depth > top:
+                top = depth
+        elif ch == "]" or ch == "}":
+            depth -= 1
+    return top
 
 
 def _describe(value) -> str:
@@ -366,6 +389,10 @@ def decode_event(raw: bytes | None, limits: Limits, now_ms: int, recv_ns: int = 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _bad("bad_json", f"message is not valid UTF-8 at byte {exc.start}: {exc.reason}") from None
+    if text.count("[") + text.count("{") > MAX_NESTING:  # C-speed pre-check; exact scan only when it could be deep
+        depth = nesting_depth(text)
+        if depth > MAX_NESTING:
+            raise _bad("bad_json", f"JSON nested {depth} levels deep, more than {MAX_NESTING}; events are flat objects")
     try:
         doc = _decode_json(text)
     except json.JSONDecodeError as exc:

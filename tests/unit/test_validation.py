@@ -116,7 +116,7 @@ def test_exactly_max_bytes_is_not_oversized():
         (b'{"price": -Infinity}', "-Infinity"),
         (b'{"user_id":"\xc3\x28"}', "UTF-8 at byte 12"),
         (b"\xef\xbb\xbf" + enc(OK), "BOM"),
-        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"[" * 5000 + b"]" * 5000, "nested 5000 levels deep, more than 64"),
         (enc(OK).decode().encode("utf-16"), "UTF-8"),
     ],
 )
