@@ -82,6 +82,10 @@ class ThompsonPolicy:
     exposure_at_choice
         Count a decision's exposure in :meth:`choose` (default). Set False to count it in
         :meth:`learn_one` instead (e.g. when replaying logged decisions).
+    defer_exposure
+        With ``exposure_at_choice``: :meth:`choose` does not count the exposure, the caller calls :meth:`expose`
+        once the decision is final (the engine does after the user's commit succeeded, so a decision planned
+        again - a refused budget reservation, a concurrent change of the user - is counted once).
     """
 
     model_version = "ts-2"
@@ -98,6 +102,7 @@ class ThompsonPolicy:
         cell_keys: tuple[str, ...] = ("segment",),
         pacing=None,
         exposure_at_choice: bool = True,
+        defer_exposure: bool = False,
     ) -> None:
         self.catalogue = catalogue
         self.holdout_pct = holdout_pct
@@ -109,6 +114,7 @@ class ThompsonPolicy:
         self.cell_keys = tuple(cell_keys)
         self.pacing = pacing
         self.exposure_at_choice = exposure_at_choice
+        self.defer_exposure = defer_exposure
         self.cells: dict[tuple[str, tuple], list[float]] = {}  # (offer, cell) -> [alpha, beta]
         self.n_learned = 0
 
@@ -200,7 +206,13 @@ class ThompsonPolicy:
         return probs, mean_scores
 
     def _expose(self, spec: OfferSpec, ctx: DecisionContext) -> None:
-        if self.exposure_at_choice:
+        if self.exposure_at_choice and not self.defer_exposure:
+            self._ab(spec, ctx)[1] += self.exposure(ctx)
+
+    def expose(self, ctx: DecisionContext, offer_id: str) -> None:
+        """Count the exposure of a final decision (with ``defer_exposure``; otherwise :meth:`choose` did)."""
+        spec = self.catalogue.offers.get(offer_id)
+        if spec is not None and self.exposure_at_choice and self.defer_exposure:
             self._ab(spec, ctx)[1] += self.exposure(ctx)
 
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:

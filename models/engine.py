@@ -158,7 +158,7 @@ class Engine:
 
         catalogue = load_catalogue(settings.catalogue_path)
         pacing = PacingController(catalogue)
-        policy = ThompsonPolicy(catalogue, holdout_pct=settings.holdout_pct, pacing=pacing)
+        policy = ThompsonPolicy(catalogue, holdout_pct=settings.holdout_pct, pacing=pacing, defer_exposure=True)
         gate = None
         if budget_store is not None:
             gate = BudgetGate(catalogue, budget_store, window_ms=settings.attribution_window_s * 1000,
@@ -281,6 +281,7 @@ class Engine:
                 d, ctx = self.decide(e, prof, blocked)
                 prof.mark_decision(e.ts, d.offer.offer_id)
                 plan.decisions.append(d)
+                plan.exposures.append((ctx, d.offer.offer_id))
                 stored_json.append((e.event_id, d.to_json()))
                 if self.budget is not None:
                     req = self.budget.request(d.decision_id, d.offer.offer_id, prof.cart_value, e.ts)
@@ -342,9 +343,13 @@ class Engine:
             to_commit = [p for p in plans if p.commit is not None]
             oks = await self.store.commit([p.commit for p in to_commit])
             refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
+            expose = getattr(self.policy, "expose", None) if getattr(self.policy, "defer_exposure", False) else None
             for p in plans:
                 if p.user_id not in refused_users:
                     p.merge_into(result)
+                    if expose is not None:
+                        for ctx, offer_id in p.exposures:  # counted once the decision is final
+                            expose(ctx, offer_id)
             # a refused user was changed meanwhile by another worker (rebalance) or the expiry sweep: re-plan
             pending = {u: pending[u] for u in refused_users}
             if not pending:
@@ -446,6 +451,7 @@ class _UserPlan:
     open: list = field(default_factory=list)  # OpenDecision, after the batch
     closed: list = field(default_factory=list)  # Closed
     requests: list = field(default_factory=list)  # budget ReserveRequest
+    exposures: list = field(default_factory=list)  # (DecisionContext, offer id) of the decisions, once committed
 
     def merge_into(self, r: BatchResult) -> None:
         r.duplicates += self.duplicates

@@ -126,3 +126,33 @@ def test_sweep_corrects_a_stale_index_entry():
     assert run(store.due_users(24 * H)) == ["u1"]
     assert run(eng.sweep(24 * H)).closed == []
     assert run(store.due_users(48 * H)) == []
+
+
+def test_a_decision_planned_again_counts_its_exposure_once():
+    """A commit refused once (the user changed meanwhile) re-plans the decision: the policy's exposure
+    (``beta`` of the chosen cell) grows by one decision's exposure, not two."""
+    cat = parse_catalogue(CAT)
+
+    class RefuseOnce(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.refused = False
+
+        async def commit(self, commits):
+            if not self.refused:
+                self.refused = True
+                return [False] * len(commits)
+            return await super().commit(commits)
+
+    def beta_total(policy):
+        return sum(ab[1] for ab in policy.cells.values())
+
+    totals = {}
+    for store in (MemoryStore(), RefuseOnce()):
+        policy = ThompsonPolicy(cat, holdout_pct=0.0, floor=0.2, defer_exposure=True)
+        eng = Engine(store, policy, catalogue=cat, holdout_pct=0.0, clock_ms=lambda: 0)
+        before = beta_total(policy)  # cells are created lazily; read after choosing
+        res = run(eng.process_batch([cart(1)]))
+        assert len(res.decisions) == 1
+        totals[type(store).__name__] = beta_total(policy) - before
+    assert totals["RefuseOnce"] == totals["MemoryStore"] > 0
