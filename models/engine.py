@@ -241,8 +241,10 @@ class Engine:
     def _plan_user(self, uid: str, evs: list[Event], load, blocked: dict[str, str] | None = None) -> _UserPlan:
         raw = dict(load.profile)
         open_raw = raw.pop(OPEN_FIELD, None)
-        prof = Profile.from_redis(raw)
-        open_ = [OpenDecision.from_dict(d) for d in json.loads(open_raw)] if open_raw else []
+        prof = Profile.from_dict(raw)
+        if isinstance(open_raw, (str, bytes)):  # written by an earlier version: JSON text
+            open_raw = json.loads(open_raw)
+        open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []
         plan = _UserPlan(uid, prof, had_open=bool(open_))
         cs = self._contrib
         contrib = Contribution(cs["hl"], cs["phl"]) if cs is not None else None
@@ -300,8 +302,8 @@ class Engine:
     @staticmethod
     def _user_commit(plan: _UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
         """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions."""
-        fields = plan.profile.to_redis()
-        fields[OPEN_FIELD] = json.dumps([d.to_dict() for d in plan.open], separators=(",", ":"))
+        fields = plan.profile.to_dict()  # plain values: the store encodes the whole document once
+        fields[OPEN_FIELD] = [d.to_dict() for d in plan.open]
         return UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
                           open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open)
 

@@ -482,6 +482,33 @@ class Profile:
                 out[f.name] = repr(v)
         return out
 
+    def to_dict(self) -> dict:
+        """The profile as plain JSON values (what the engine's store packs into ONE JSON document, encoded once).
+
+        >>> Profile.from_dict(Profile(n_orders=2, spend=1.5).to_dict()) == Profile(n_orders=2, spend=1.5)
+        True
+        """
+        d = self.__dict__
+        return {name: d[name] for name in _NAMES}
+
+    @classmethod
+    def from_dict(cls, mapping: dict) -> "Profile":
+        """Inverse of :meth:`to_dict`; also reads :meth:`to_redis` mappings (values as text), so profiles written
+        by earlier versions load unchanged. An empty mapping is a new user."""
+        if not mapping:
+            return cls()
+        if any(isinstance(v, (str, bytes)) for k, v in mapping.items() if k in _NUMERIC):
+            return cls.from_redis(mapping)  # the text encoding
+        p = cls()
+        d = p.__dict__
+        for k, v in mapping.items():
+            if k in _TYPE_SET:
+                d[k] = v
+        counts = p.counts
+        for t in EVENT_TYPES:
+            counts.setdefault(t, 0)
+        return p
+
     @classmethod
     def from_redis(cls, mapping: dict) -> "Profile":
         """Build from an ``HGETALL`` answer (bytes or str); an empty mapping is a new user."""
@@ -518,3 +545,6 @@ def _bump(a: list, w: float, ts: int, hl: float) -> None:
 
 
 _TYPES = {f.name: f.type for f in fields(Profile)}
+_NAMES = tuple(_TYPES)
+_TYPE_SET = frozenset(_TYPES)
+_NUMERIC = frozenset(n for n in _TYPES if n not in _JSON_FIELDS and n not in _STR_FIELDS)

@@ -48,7 +48,7 @@ class UserCommit:
     """Everything a batch changes for one user, written atomically."""
 
     user_id: str
-    profile: dict[str, str]
+    profile: dict  # the profile's fields as plain JSON values (models.profile.Profile.to_dict), encoded once
     event_ids: list[str]
     decisions: list[tuple[str, bytes]]  # (trigger event id, decision json)
     version: str = ""  # the version the commit was planned from (optimistic concurrency)
@@ -82,7 +82,7 @@ class MemoryStore:
     """In-process store for tests, offline evaluation and benchmarks. No TTLs."""
 
     def __init__(self) -> None:
-        self.profiles: dict[str, dict] = {}
+        self.profiles: dict[str, str] = {}  # user -> the profile document, JSON (as RedisStore keeps it)
         self.versions: dict[str, int] = {}
         self.seen: set[tuple[str, str]] = set()
         self.decisions: dict[tuple[str, str], list] = {}
@@ -92,7 +92,7 @@ class MemoryStore:
         out = {}
         for uid, eids in event_ids.items():
             out[uid] = UserLoad(
-                profile=dict(self.profiles.get(uid, {})),
+                profile=json.loads(self.profiles.get(uid, "{}")),  # a fresh copy, as from Redis
                 version=str(self.versions[uid]) if uid in self.versions else "",
                 seen={e for e in eids if (uid, e) in self.seen},
                 stored={
@@ -110,7 +110,9 @@ class MemoryStore:
                 continue
             self.versions[c.user_id] = self.versions.get(c.user_id, 0) + 1
             self.seen.update((c.user_id, e) for e in c.event_ids)
-            self.profiles.setdefault(c.user_id, {}).update(c.profile)
+            stored = json.loads(self.profiles.get(c.user_id, "{}"))
+            stored.update(c.profile)
+            self.profiles[c.user_id] = json.dumps(stored)
             if c.open_until is None:
                 self.open_until.pop(c.user_id, None)
             else:

@@ -128,3 +128,17 @@ def test_apply_is_deterministic_and_round_trips_exactly(rows):
 def test_unknown_redis_fields_are_ignored():
     p = Profile.from_redis({b"from_the_future": b"1", b"n_orders": b"2"})
     assert p.n_orders == 2 and p.counts["view"] == 0
+
+
+def test_from_dict_reads_both_the_plain_and_the_earlier_text_encoding():
+    import json
+
+    from models.events import Event
+
+    p = Profile()
+    for i, t in enumerate(["view", "cart", "purchase", "view"]):
+        p.apply(Event(f"e{i}", t, "u", f"i{i % 2}", 1_700_000_000_000 + i * 60_000, price=12.5, category="c"))
+    plain = json.loads(json.dumps(p.to_dict()))  # what RedisStore keeps: one JSON document
+    assert Profile.from_dict(plain) == p
+    assert Profile.from_dict(p.to_redis()) == p  # profiles written by earlier versions (values as text)
+    assert Profile.from_dict({}) == Profile()
