@@ -212,40 +212,8 @@ class LearningCore:
             self.store.apply(batch)
             t2 = time.perf_counter()
         # --- category price reference, purchases, decision points ---------------------------------
-        stats_update = self.stats.update
-        last: dict[str, Event] = {}
-        seen: dict[str, int] = {}  # user -> events in this batch
-        carts: set[str] = set()
+        last, seen, carts = self._learn_events(events)
         labels = self.labels
-        iev, ipur = self.item_conv.events, self.item_conv.purchases
-        cev, cpur = self.cat_conv.events, self.cat_conv.purchases
-        n_conv = n_pur = n_cat = n_cat_pur = 0
-        for e in events:
-            u = e.user_id
-            seen[u] = seen.get(u, 0) + 1
-            etype = e.type
-            if etype == "remove_from_cart":
-                continue
-            item, cat = e.item_id, e.category
-            if e.price and cat:
-                stats_update(cat, e.price)
-            iev[item] = iev.get(item, 0) + 1
-            n_conv += 1
-            if cat:
-                cev[cat] = cev.get(cat, 0) + 1
-                n_cat += 1
-            if etype == "purchase":
-                ipur[item] = ipur.get(item, 0) + 1
-                if cat:
-                    cpur[cat] = cpur.get(cat, 0) + 1
-                    n_cat_pur += 1
-                n_pur += 1
-                labels.purchase(u, e.ts)
-            elif etype == "cart":
-                carts.add(u)
-            last[u] = e
-        self.item_conv.add_totals(n_conv, n_pur)
-        self.cat_conv.add_totals(n_cat, n_cat_pur)
         if batch_ts > self.watermark:
             self.watermark = batch_ts
         gap = self.sample_gap_ms
@@ -283,6 +251,59 @@ class LearningCore:
         tm["similarity_s"] += t1 - t0
         tm["store_s"] += t2 - t1
         tm["models_s"] += t3 - t2
+
+    def _learn_events(self, events: list[Event]) -> tuple[dict[str, Event], dict[str, int], set[str]]:
+        """What depends on the events alone: category prices, conversion counts, purchase labels. Returns each
+        user's last event, events per user and the users with a cart, for the decision points."""
+        stats_update = self.stats.update
+        last: dict[str, Event] = {}
+        seen: dict[str, int] = {}  # user -> events in this batch
+        carts: set[str] = set()
+        labels = self.labels
+        iev, ipur = self.item_conv.events, self.item_conv.purchases
+        cev, cpur = self.cat_conv.events, self.cat_conv.purchases
+        n_conv = n_pur = n_cat = n_cat_pur = 0
+        for e in events:
+            u = e.user_id
+            seen[u] = seen.get(u, 0) + 1
+            etype = e.type
+            if etype == "remove_from_cart":
+                continue
+            item, cat = e.item_id, e.category
+            if e.price and cat:
+                stats_update(cat, e.price)
+            iev[item] = iev.get(item, 0) + 1
+            n_conv += 1
+            if cat:
+                cev[cat] = cev.get(cat, 0) + 1
+                n_cat += 1
+            if etype == "purchase":
+                ipur[item] = ipur.get(item, 0) + 1
+                if cat:
+                    cpur[cat] = cpur.get(cat, 0) + 1
+                    n_cat_pur += 1
+                n_pur += 1
+                labels.purchase(u, e.ts)
+            elif etype == "cart":
+                carts.add(u)
+            last[u] = e
+        self.item_conv.add_totals(n_conv, n_pur)
+        self.cat_conv.add_totals(n_cat, n_cat_pur)
+        return last, seen, carts
+
+    def relearn(self, events: list[Event]) -> None:
+        """Learn again from events a previous worker applied after the snapshot these models were restored from
+        (they come back only as duplicates): category prices, conversion counts and the purchase labels of
+        pending decision points (without them those points would expire as negatives). No new decision points
+        (they need each profile as it was then) and no item statistics (the users' commits hold them)."""
+        if not events:
+            return
+        self._learn_events(events)
+        ts = max(e.ts for e in events)
+        if ts > self.watermark:
+            self.watermark = ts
+        self.labels.advance(self.watermark)
+        self.n_events += len(events)
 
     def item_batch(self, events: list[Event]) -> ItemBatch:
         """The batch's aggregated item and pair increments (advances the users' windows; no store write)."""

@@ -125,7 +125,10 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             return value
 
         stream.add_processor(stamp)
-        handler = BatchHandler(settings, state["engine"], send, health)
+        from stream.relearn import fetch_ranges
+
+        handler = BatchHandler(settings, state["engine"], send, health,
+                               fetch=lambda ranges: fetch_ranges(settings, ranges))
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             msgs = [
                 RawMessage(

@@ -51,7 +51,10 @@ class Health:
 
 
 class BatchHandler:
-    def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None,
+                 fetch=None) -> None:
+        """``fetch(ranges) -> {(topic, partition): [message value, ...]}`` reads offsets ``[start, end)`` back
+        (:func:`stream.relearn.fetch_ranges`); without it, learning lost with a previous worker is only reported."""
         self.settings = settings
         self.engine = engine
         self.send = send
@@ -63,12 +66,14 @@ class BatchHandler:
             settings.pseudonymise_key.get_secret_value().encode() if settings.pseudonymise_key else None
         )
         self._seen_partitions: set[tuple[str, int]] = set()
+        self.fetch = fetch
 
-    def _check_learning_gap(self, msgs: list[RawMessage]) -> None:
+    def _check_learning_gap(self, msgs: list[RawMessage]) -> dict[tuple[str, int], tuple[int, int]]:
         """At a partition's first batch: events between the restored model snapshot and where consumption
-        resumes were applied to Redis by a previous worker, but the in-memory models' learning of them is lost
-        (they come back only as duplicates). Say how many."""
+        resumes were applied to Redis by a previous worker, but the in-memory models never learnt them (they
+        come back only as duplicates). Returns those offset ranges."""
         restored = self.engine.restored_offsets
+        gaps: dict[tuple[str, int], tuple[int, int]] = {}
         for msg in msgs:
             tp = (msg.topic, msg.partition)
             if tp in self._seen_partitions:
@@ -76,12 +81,45 @@ class BatchHandler:
             self._seen_partitions.add(tp)
             covered = restored.get(tp)
             if covered is not None and msg.offset > covered:
+                gaps[tp] = (covered, msg.offset)
                 log.warning(
                     "%s[%d]: the model snapshot covers offsets below %d and consumption resumes at %d: the models "
                     "did not learn %d events (their effects in Redis are complete; only in-memory learning since "
-                    "the last snapshot is missing; PROMO_SNAPSHOT_INTERVAL_S bounds it)",
+                    "the last snapshot is missing; PROMO_SNAPSHOT_INTERVAL_S bounds it)%s",
                     msg.topic, msg.partition, covered, msg.offset, msg.offset - covered,
+                    "; reading them back" if self.fetch is not None and self.engine.learning is not None else "",
                 )
+        return gaps
+
+    async def _relearn(self, gaps: dict[tuple[str, int], tuple[int, int]], now_ms: int) -> None:
+        """Read the gaps back and let the models learn what depends on events alone (never fatal)."""
+        learning = self.engine.learning
+        if not gaps or self.fetch is None or learning is None or not hasattr(learning, "relearn"):
+            return
+        t0 = time.perf_counter()
+        try:
+            got = await self.fetch(gaps)
+            events, seen = [], set()
+            for values in got.values():
+                for raw in values:
+                    try:
+                        ev = decode_event(raw, self.limits, now_ms)
+                    except Exception:
+                        continue  # dead-lettered by the worker that consumed it
+                    if ev.event_id in seen:
+                        continue
+                    seen.add(ev.event_id)
+                    if self.pseudonym_key is not None:
+                        ev.user_id = pseudonymise(ev.user_id, self.pseudonym_key)
+                    events.append(ev)
+            events.sort(key=lambda e: e.ts)  # stable: partition order within a millisecond
+            learning.relearn(events)
+            wanted = sum(end - start for start, end in gaps.values())
+            log.info("models re-learnt %d events of %d partition(s) (%d offsets) lost with the previous worker, "
+                     "in %.0f ms", len(events), len(gaps), wanted, (time.perf_counter() - t0) * 1000)
+        except Exception as exc:
+            log.warning("could not read back the events the models missed (%s: %s); continuing without them",
+                        type(exc).__name__, exc)
 
     def _mark_learned(self, msgs: list[RawMessage]) -> None:
         learned = self.engine.learned_offsets
@@ -117,8 +155,10 @@ class BatchHandler:
 
     async def handle(self, msgs: list[RawMessage]) -> None:
         t0 = time.perf_counter_ns()
-        self._check_learning_gap(msgs)
         now_ms = time.time_ns() // 1_000_000
+        gaps = self._check_learning_gap(msgs)
+        if gaps:  # before this batch teaches anything: labels of pending points must not expire first
+            await self._relearn(gaps, now_ms)
         valid = []
         clear_ids: dict[str, str] = {}  # pseudonym -> clear user id, for this batch's outgoing decisions only
         msg_by_event: dict[str, RawMessage] = {}

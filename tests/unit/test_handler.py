@@ -138,3 +138,38 @@ def test_no_gap_is_reported_when_consumption_resumes_where_the_snapshot_ends(cap
     with caplog.at_level("WARNING", logger="promo.worker"):
         asyncio.run(h.handle([msg(ev("e1"), 12)]))
     assert not [r for r in caplog.records if "did not learn" in r.getMessage()]
+
+
+def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_points():
+    """The restored models have a pending decision point of u1; u1's purchase was applied by the killed worker
+    after the snapshot. The handler reads the gap back and the point is labelled positive before the first
+    live batch teaches anything (without it the point would expire as a negative)."""
+    from models.events import Event
+    from models.item_store import MemoryItemStore
+    from models.learning import LearningCore
+    from models.profile import Profile
+
+    t0 = NOW - 10 * 60_000
+    core = LearningCore(MemoryItemStore(), horizon_h=1.0, decision_points="batch", sample_gap_ms=0)
+    prof = Profile()
+    seen = [Event("a1", "view", "u1", "i1", t0), Event("a2", "cart", "u1", "i1", t0 + 1000, price=10.0)]
+    for e in seen:
+        prof.apply(e)
+    core.learn_batch(seen, {"u1": prof})
+    assert len(core.labels) == 1 and core.labels.n_positive == 0
+    settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0)
+    gap = [json.dumps({"event_id": "a3", "type": "purchase", "user_id": "u1", "item_id": "i1", "ts": t0 + 60_000,
+                       "price": 10.0}).encode(), b"{not json"]
+    asked = []
+
+    async def fetch(ranges):
+        asked.append(ranges)
+        return {("promo.events", 0): gap}
+
+    engine = Engine(MemoryStore(), holdout_pct=0.0, learning=core)
+    engine.restored_offsets = {("promo.events", 0): 5}
+    h = BatchHandler(settings, engine, Sink(), Health(), fetch=fetch)
+    asyncio.run(h.handle([msg(ev("b1", user="u2"), 7)]))
+    asyncio.run(h.handle([msg(ev("b2", user="u2"), 8)]))
+    assert asked == [{("promo.events", 0): (5, 7)}]  # once, for exactly the missing offsets
+    assert core.labels.n_positive == 1
