@@ -311,6 +311,9 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
     >>> z = {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 5.0}}}
     >>> sorted(difference_classes(z, {"sim:idx": {"type": "zset", "expires": False, "value": {"1002098": 6.0}}}))
     ['sim:idx .<id>']
+    >>> o = {"open": {"type": "zset", "expires": False, "value": {"tb-42": 5.0}}}
+    >>> sorted(difference_classes(o, {"open": {"type": "zset", "expires": False, "value": {"tb-42": 6.0}}}))
+    ['open .<id>']
     >>> p = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"offer_history": {"c5": [1]}}}}}
     >>> sorted(difference_classes(p, {"{u:1}:p": {"type": "hash", "expires": True,
     ...                                           "value": {"v": {"offer_history": {"c5": [2]}}}}}))
@@ -328,7 +331,7 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
         path = rest.split(":", 1)[0] if rest.startswith(".") or rest.startswith("[") else "<value>"
         generic = re.sub(r"\[\d+\]", "[*]", path)
         # members of id-keyed collections (item ids in sorted sets, decision ids in budget hashes) are one class
-        generic = re.sub(r"^\.(?:\d+|[0-9a-f]{16,})(?=$|[.\[])", ".<id>", generic)
+        generic = re.sub(r"^\.(?:\d+|[0-9a-f]{16,}|[A-Za-z]+-\w+)(?=$|[.\[])", ".<id>", generic)
         # maps keyed by offer id (which offers a run happened to choose is run-dependent as a whole)
         generic = re.sub(r"\.(offer_history|scores|last_offer_ms|offer_counts_today|offer_counts_total|blocked)"
                          r"\.[^.\[]+", r".\1.<offer>", generic)
