@@ -57,7 +57,7 @@ def redis_profiles(r: redis.Redis, prefix: str) -> dict[str, Counter]:
     out = {}
     for key in r.scan_iter(match=f"{prefix}:{{u:*}}:p", count=1000):
         uid = key.decode()[len(prefix) + 4 : -3]
-        counts = json.loads(json.loads(r.hget(key, "v"))["counts"])
+        counts = json.loads(r.hget(key, "v"))["counts"]  # the profile: one JSON document
         out[uid] = Counter({k: v for k, v in counts.items() if v})
     return out
 
