@@ -31,8 +31,8 @@ script of :class:`models.state.RedisStore` applies them once, keeping a per-user
 :meth:`RedisItemStore.forget_user` subtracts; the item cap is then kept by :meth:`RedisItemStore.enforce_item_cap`
 from the worker's maintenance timer. Reads are the same for both.
 
-Redis layout (Cluster-ready: one hash tag per item, ``{i:<item>}``; a batch is ONE pipeline with one Lua call
-per touched item, one for popularity and one ``ZADD`` to the index)::
+Redis layout (one hash tag per item, ``{i:<item>}``; :meth:`RedisItemStore.apply` sends ONE pipeline with one
+Lua call per touched item, one for popularity and one ``ZADD`` to the index)::
 
     <prefix>:sim:{i:<item>}      hash: n (count), t (epoch ms)
     <prefix>:sim:{i:<item>}:nb   sorted set: neighbour -> pair count (listpack-encoded while <= 128 entries)

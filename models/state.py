@@ -1,12 +1,15 @@
 """Engine state: a typed interface with an in-memory and a Redis implementation.
 
-Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic and
-Redis-Cluster-ready):
+Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic):
 
 * ``<prefix>:{u:<user>}:p``             the profile hash (field ``v``: the profile's fields as one JSON object,
   absolute values; one field instead of one per profile field keeps a batch's load and commit small), idle TTL
 * ``<prefix>:{u:<user>}:e:<event_id>``  de-duplication marker, ``SET`` with TTL
 * ``<prefix>:{u:<user>}:d:<event_id>``  the decision a trigger event produced, ``json`` + ``sent`` flag
+* ``<prefix>:{u:<user>}:c``             item-statistics contributions: parked (``w:<version>``) until applied,
+  and the applied totals ``promo forget`` subtracts (:mod:`models.contrib`)
+
+Applying contributions touches item keys outside the user's slot: the engine needs one Redis, not Cluster.
 
 :meth:`EngineStore.commit` writes a user's markers, profile and decisions in one atomic step, and refuses if any
 marker already exists (another worker got there first during a rebalance): a batch is applied once, even when
