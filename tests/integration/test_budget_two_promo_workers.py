@@ -11,7 +11,7 @@ import json
 import pytest
 
 from stream.sources import read_events
-from tests.helpers import ROOT, consume_all, event_bytes, metric, produce_raw, wait_until
+from tests.helpers import ROOT, consume_all, event_bytes, free_port, metric, produce_raw, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_two_workers_never_exceed_a_shared_budget(engine_settings, start_worker,
     events = list(read_events(ROOT / "stream" / "data" / "rees46_sample.csv", "rees46"))
     carts = sum(1 for e in events if e["type"] == "cart")
 
-    w1, w2 = start_worker(s), start_worker(s.model_copy(update={"web_port": s.web_port + 1}))
+    w1, w2 = start_worker(s), start_worker(s.model_copy(update={"web_port": free_port()}))
     w1.wait_ready()
     w2.wait_ready()
     wait_until(lambda: len(set(_assigned(w1)) | set(_assigned(w2))) == s.partitions and _assigned(w2), 60,
