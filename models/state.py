@@ -368,12 +368,14 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         for k in keys:
             pipe.hkeys(k)
-        todo = []
+        todo, stale = [], []
         for k, fields in zip(keys, await pipe.execute()):
-            k = k.decode() if isinstance(k, bytes) else k
-            todo += [(k, f.decode() if isinstance(f, bytes) else f) for f in fields]
-        todo = [(k, f) for k, f in todo if f.startswith("w:")]
-        stale = [k for k in keys if not any(t[0] == (k.decode() if isinstance(k, bytes) else k) for t in todo)]
+            parked = [(k, f.decode() if isinstance(f, bytes) else f) for f in fields]
+            parked = [(key, f) for key, f in parked if f.startswith("w:")]
+            if parked:
+                todo += parked
+            else:
+                stale.append(k)
         if stale:  # nothing parked any more (the record expired or was forgotten)
             await self.r.srem(self.parked_key, *stale)
         if not todo:
