@@ -59,8 +59,9 @@ def test_two_workers_never_exceed_a_shared_budget(engine_settings, start_worker,
     ledger = {k.decode(): v.decode() for k, v in redis_client.hgetall(f"{s.redis_prefix}:{{b:c10}}:res").items()}
     held = sum(int(v[1:]) for v in ledger.values() if v[0] == "A")
     charged = sum(int(v[1:]) for v in ledger.values() if v[0] == "S")
-    assert camp["reserved"] == held and camp["committed"] == charged
-    assert camp["spent"] == held + charged <= 35 * 10_000
+    # a counter appears with its first change (no settled decision yet: no `committed` field)
+    assert camp.get("reserved", 0) == held and camp.get("committed", 0) == charged
+    assert camp.get("spent", 0) == held + charged <= 35 * 10_000
     assert {d["decision_id"] for d in offered} <= set(ledger), "every c10 decision reserved its budget"
     # a decision converted without redeeming settles at cost 0 and frees its reservation for later ones,
     # so more than 3 coupons may be given over time; at most 3 are ever held or charged at once
