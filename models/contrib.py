@@ -95,11 +95,11 @@ class Contribution:
         if w <= 0.0:
             return
         hl, phl = self.half_life_ms, self.pop_half_life_ms
-        g = ts - ts % (GRID_HALF_LIVES * hl)
+        g = grid(ts, hl)
         f = 2.0 ** ((ts - g) / hl)  # this event's weight factor against its epoch, computed once
         put = self._put
         put(self.items, item, g, w * f, hl)
-        gp = ts - ts % (GRID_HALF_LIVES * phl)
+        gp = grid(ts, phl)
         put(self.pops, item, gp, w * 2.0 ** ((ts - gp) / phl), phl)
         last = self.last.get(item)
         if last is None or ts > last:

@@ -41,7 +41,7 @@ from models.events import Event
 from models.policy import DecisionContext, RulePolicy
 from models.contrib import Contribution
 from models.profile import EVENT_WEIGHTS, Profile
-from models.state import EngineStore, UserCommit
+from models.state import EngineStore, UserCommit, parked_field
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
 
@@ -143,9 +143,13 @@ class Engine:
         if not getattr(self.store, "applies_contributions", False) or not hasattr(item_store, "r"):
             return None
         cfg = item_store.config
-        return {"P": item_store.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
-                "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours), "maxpop": int(cfg.popular_cap()),
-                "width": int(learning.window_width), "window_ms": int(learning.window_ms)}
+        return {
+            # the header of every payload: what the apply script reads
+            "header": {"P": item_store.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
+                       "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours),
+                       "maxpop": int(cfg.popular_cap())},
+            "width": int(learning.window_width), "window_ms": int(learning.window_ms),
+        }
 
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
@@ -247,7 +251,7 @@ class Engine:
         open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []
         plan = _UserPlan(uid, prof, had_open=bool(open_))
         cs = self._contrib
-        contrib = Contribution(cs["hl"], cs["phl"]) if cs is not None else None
+        contrib = Contribution(cs["header"]["hl"], cs["header"]["phl"]) if cs is not None else None
         done: set[str] = set()
         stored_json: list[tuple[str, bytes]] = []
         # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events
@@ -296,7 +300,7 @@ class Engine:
         if plan.new_events or plan.closed:
             plan.commit = self._user_commit(plan, load.version, [e.event_id for e in plan.new_events], stored_json)
             if contrib:
-                plan.commit.contrib = contrib.to_json(cs)
+                plan.commit.contrib = contrib.to_json(cs["header"])
         return plan
 
     @staticmethod
@@ -463,6 +467,6 @@ class _UserPlan:
         r.profiles[self.user_id] = self.profile
         r.closed += self.closed
         if self.commit is not None and self.commit.contrib:
-            r.parked.append((self.user_id, f"w:{int(self.commit.version or 0) + 1}"))
+            r.parked.append((self.user_id, parked_field(self.commit.version)))
         for e in self.new_events:
             r.applied[e.type] = r.applied.get(e.type, 0) + 1

@@ -60,6 +60,12 @@ class UserCommit:
     contrib: str = ""  # the user's item-statistics contributions (models.contrib payload JSON), or ""
 
 
+def parked_field(version: str) -> str:
+    """The record field a commit planned from profile ``version`` parks its contributions in (the commit script
+    names it ``w:<new version>``)."""
+    return f"w:{int(version or 0) + 1}"
+
+
 class EngineStore(Protocol):
     async def load(self, event_ids: dict[str, list[str]], triggers: dict[str, list[str]]) -> dict[str, UserLoad]:
         """Profiles, already-applied event ids and stored decisions for the users of a batch."""
@@ -343,11 +349,6 @@ class RedisStore:
     def parked_key(self) -> str:
         """The set of users' records holding contributions committed but not yet applied."""
         return f"{self.prefix}:sim:parked"
-
-    @staticmethod
-    def parked_field(version: str) -> str:
-        """The record field a commit planned from ``version`` parks its contributions in."""
-        return f"w:{int(version or 0) + 1}"
 
     async def apply_contributions(self, parked: list[tuple[str, str]]) -> int:
         """Apply parked contributions ``(user id, field)`` to the item statistics, one script each, in one
