@@ -25,6 +25,10 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
   in-memory models written every ``maintenance_interval_s`` seconds, so their bytes depend on when the worker
   happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
 
+What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
+(what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
+:func:`difference_classes` entry is one of them.
+
 Examples
 --------
 >>> a = {"{u:1}:p": {"type": "hash", "expires": True, "value": {"v": {"n": 3, "spend": 1.0}}}}
@@ -56,6 +60,43 @@ EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"),)
 
 DECISION_RUN_FIELDS: tuple[str, ...] = ("ts", "latency_ms")
 """Fields of a stored decision that are wall-clock or measured, dropped from a dump."""
+
+DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (
+    # (key class, field path prefix, why it is a function of the decisions, not of the events alone)
+    ("{b:*}", "", "campaign budget counters: which offers the policy gave"),
+    ("{b:*}:res", "", "campaign ledger: one entry per decision that got (or was refused) the offer"),
+    ("{b:*}:open", "", "open reservations of the campaign's decisions"),
+    ("{b:*}:gc", "", "forgetting schedule of the campaign's ledger entries"),
+    ("{u:*}:d:*", ".json.offer", "the offer the policy chose"),
+    ("{u:*}:d:*", ".json.items", "recommend(): the item statistics as they were at decision time"),
+    ("{u:*}:d:*", ".json.propensity", "the policy's probability of its choice"),
+    ("{u:*}:d:*", ".json.scores", "the policy's scores"),
+    ("{u:*}:d:*", ".json.reasons", "the policy's reasons, and p_buy of the propensity model"),
+    ("{u:*}:p", ".v.offer_history", "which offers the user got"),
+    ("{u:*}:p", ".v.open[*].offer_id", "an open decision's offer"),
+    ("{u:*}:p", ".v.open[*].propensity", "an open decision's choice probability"),
+    ("{u:*}:p", ".v.open[*].ctx.propensity", "p_buy: the online propensity model at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.segment", "the online clustering at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.blocked", "offers whose campaign budget was spent at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.offers_today", "counted from offer_history"),
+    ("{u:*}:p", ".v.open[*].ctx.last_offer_ms", "from offer_history"),
+    ("{u:*}:p", ".v.open[*].ctx.offer_counts_today", "from offer_history"),
+    ("{u:*}:p", ".v.open[*].ctx.offer_counts_total", "from offer_history"),
+    ("{u:*}:p", ".v.open[*].ctx.features.price_level", "the category price statistics at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.features.last_price_level", "the category price statistics at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.features.item_conversion", "the item conversion statistics at decision time"),
+    ("{u:*}:p", ".v.open[*].ctx.features.category_conversion",
+     "the category conversion statistics at decision time"),
+)
+"""Where the state of two runs of the same events may legitimately differ, field by field.
+
+A decision reads state learnt from OTHER users' events - item statistics, the online propensity model and
+segments, category price and conversion statistics, the policy's posteriors, campaign budgets - as it is at
+the moment the decision is made, and that depends on how the partitions interleaved in the worker's batches.
+So what a decision contains, and what is written because of it, differs between any two runs, with or without
+a crash. Everything else - every counter, marker, profile field, item statistic, which events triggered a
+decision, decision ids - is a function of the events and must be equal. The crash test checks the budget
+ledgers of the decision-derived part by their invariants instead (no double charge)."""
 
 _MAX_DEPTH = 20
 
@@ -337,6 +378,27 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
                          r"\.[^.\[]+", r".\1.<offer>", generic)
         out.add(f"{key_class(key)} {generic}")
     return out
+
+
+def decision_derived(cls: str) -> bool:
+    """Whether a :func:`difference_classes` entry lies in :data:`DECISION_DERIVED`.
+
+    >>> decision_derived("{u:*}:d:* .json.offer.kind"), decision_derived("{b:*}:open (only in one run)")
+    (True, True)
+    >>> decision_derived("{u:*}:p .v.counts.view"), decision_derived("{u:*}:d:* .json.offers")
+    (False, False)
+    >>> decision_derived("{u:*}:d:* (only in one run)"), decision_derived("sim:{i:*}:nb .<id>")
+    (False, False)
+    """
+    key, _, path = cls.partition(" ")
+    for k, prefix, _why in DECISION_DERIVED:
+        if key != k:
+            continue
+        if not prefix:
+            return True
+        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
+            return True
+    return False
 
 
 def summarise(a: dict, b: dict, rel: float = 1e-9) -> list[str]:
