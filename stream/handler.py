@@ -67,6 +67,7 @@ class BatchHandler:
         )
         self._seen_partitions: set[tuple[str, int]] = set()
         self.fetch = fetch
+        self.relearn_max = settings.relearn_max_events
 
     def _check_learning_gap(self, msgs: list[RawMessage]) -> dict[tuple[str, int], tuple[int, int]]:
         """At a partition's first batch: events between the restored model snapshot and where consumption
@@ -81,13 +82,17 @@ class BatchHandler:
             self._seen_partitions.add(tp)
             covered = restored.get(tp)
             if covered is not None and msg.offset > covered:
-                gaps[tp] = (covered, msg.offset)
+                start = max(covered, msg.offset - self.relearn_max)
+                if start < msg.offset:
+                    gaps[tp] = (start, msg.offset)
+                reading = self.fetch is not None and self.engine.learning is not None and start < msg.offset
                 log.warning(
                     "%s[%d]: the model snapshot covers offsets below %d and consumption resumes at %d: the models "
                     "did not learn %d events (their effects in Redis are complete; only in-memory learning since "
                     "the last snapshot is missing; PROMO_SNAPSHOT_INTERVAL_S bounds it)%s",
                     msg.topic, msg.partition, covered, msg.offset, msg.offset - covered,
-                    "; reading them back" if self.fetch is not None and self.engine.learning is not None else "",
+                    (f"; reading back the newest {msg.offset - start} (PROMO_RELEARN_MAX_EVENTS="
+                     f"{self.relearn_max})" if start > covered else "; reading them back") if reading else "",
                 )
         return gaps
 

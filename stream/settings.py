@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         15.0, gt=0, description="expiry sweep, budget refresh/sweep and quality gauges period"
     )
     snapshot_interval_s: float = Field(60.0, gt=0, description="how often models are snapshotted to Redis")
+    relearn_max_events: int = Field(
+        100_000, ge=0, description="after a restart, at most this many events per partition between the model "
+        "snapshot and where consumption resumes are read back for the models to re-learn (the newest); "
+        "0 turns reading back off"
+    )
     learning: bool = Field(True, description="online learning core (similarity, propensity, segments) on")
     similarity_max_neighbours: int = Field(
         50, ge=1, description="neighbours kept per item; beyond it the smallest pair counts are evicted, which "

@@ -173,3 +173,28 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
     asyncio.run(h.handle([msg(ev("b2", user="u2"), 8)]))
     assert asked == [{("promo.events", 0): (5, 7)}]  # once, for exactly the missing offsets
     assert core.labels.n_positive == 1
+
+
+@pytest.mark.parametrize("cap,want", [(3, [{("promo.events", 0): (97, 100)}]), (0, [])])
+def test_reading_back_is_capped_to_the_newest_events_and_can_be_turned_off(cap, want, caplog):
+    """A snapshot far behind (written long ago, or by another worker) must not make a restart read millions of
+    events into memory: only the newest PROMO_RELEARN_MAX_EVENTS per partition are read back."""
+    from models.item_store import MemoryItemStore
+    from models.learning import LearningCore
+
+    asked = []
+
+    async def fetch(ranges):
+        asked.append(ranges)
+        return {tp: [] for tp in ranges}
+
+    settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0, relearn_max_events=cap)
+    engine = Engine(MemoryStore(), holdout_pct=0.0, learning=LearningCore(MemoryItemStore()))
+    engine.restored_offsets = {("promo.events", 0): 5}
+    h = BatchHandler(settings, engine, Sink(), Health(), fetch=fetch)
+    with caplog.at_level("WARNING", logger="promo.worker"):
+        asyncio.run(h.handle([msg(ev("e1"), 100)]))
+    assert asked == want
+    (warning,) = [r.getMessage() for r in caplog.records if "did not learn 95 events" in r.getMessage()]
+    assert ("reading back the newest 3 (PROMO_RELEARN_MAX_EVENTS=3)" in warning) == (cap == 3)
+    assert ("reading" not in warning) == (cap == 0)
