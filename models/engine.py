@@ -425,8 +425,8 @@ class Engine:
                 if closed:
                     plan.closed, plan.open = closed, still
                     plan.commit = self._user_commit(plan, loads[u].version, [], [])
-                else:  # listed as due but nothing expires (an index update lost in a crash): correct the hint
-                    stale.append((u, min((d.expires_ms for d in still), default=None)))
+                else:  # listed as due but nothing expires (an entry of an older version): correct it
+                    stale.append((u, min((d.expires_ms for d in still), default=None), loads[u].version))
                 plans.append(plan)
             await self.store.reindex(stale)
             to_commit = [p for p in plans if p.commit is not None]

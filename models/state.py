@@ -79,8 +79,10 @@ class EngineStore(Protocol):
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         """Users whose earliest open decision expires at or before event time ``now_ms``."""
 
-    async def reindex(self, entries: list[tuple[str, int | None]]) -> None:
-        """Correct the index of users with open decisions: (user id, earliest expiry or None when none open)."""
+    async def reindex(self, entries: list[tuple[str, int | None, str]]) -> None:
+        """Correct the index of users with open decisions: (user id, earliest expiry or None when none open,
+        the profile version it was computed from). An entry whose user committed since is skipped: that commit
+        wrote the index itself."""
 
     async def ping(self) -> bool: ...
 
@@ -140,7 +142,9 @@ class MemoryStore:
         return sorted(u for u, t in self.open_until.items() if t <= now_ms)[:limit]
 
     async def reindex(self, entries):
-        for uid, until in entries:
+        for uid, until, version in entries:
+            if (str(self.versions[uid]) if uid in self.versions else "") != version:
+                continue
             if until is None:
                 self.open_until.pop(uid, None)
             else:
@@ -154,10 +158,12 @@ class MemoryStore:
 
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
-# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, contrib, pending_set,
-#        expected_version]
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, open_index, user_id,
+#        open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
 # (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
-# is not the version the commit was planned from, or when any marker exists: nothing is written then.
+# is not the version the commit was planned from, or when any marker exists: nothing is written then. The
+# sweep's index of users with open decisions (a sorted set by earliest expiry) is updated in the same call, so
+# a crash can neither leave an open decision out of it (it would never expire) nor list a closed one.
 # ``contrib`` ('' for none) is a models.contrib payload: the user's item, pair and popularity increments. The
 # commit only parks it in the user's record ``{u:<user>}:c`` as field ``w:<new version>`` (and the record in
 # the ``pending_set``), atomically with the markers; :data:`_APPLY_LUA` adds it to the item statistics after
@@ -286,6 +292,24 @@ if ARGV[#ARGV - 2] ~= '' then
   redis.call('EXPIRE', rk, ARGV[3])
   redis.call('SADD', ARGV[#ARGV - 1], rk)
 end
+if ARGV[#ARGV - 4] ~= '' then
+  redis.call('ZADD', ARGV[#ARGV - 6], ARGV[#ARGV - 4], ARGV[#ARGV - 5])
+elseif ARGV[#ARGV - 3] == '1' then
+  redis.call('ZREM', ARGV[#ARGV - 6], ARGV[#ARGV - 5])
+end
+return 1
+"""
+
+
+# KEYS: [profile]; ARGV: [open_index, user_id, earliest expiry ('' for none open), expected_version]. The sweep's
+# correction of a user's index entry, unless the user committed since (that commit wrote the entry).
+_REINDEX_LUA = """
+if (redis.call('HGET', KEYS[1], 'ver') or '') ~= ARGV[4] then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', ARGV[1], ARGV[2])
+else
+  redis.call('ZADD', ARGV[1], ARGV[3], ARGV[2])
+end
 return 1
 """
 
@@ -308,6 +332,7 @@ class RedisStore:
         self.decision_ttl_s = decision_ttl_s
         self._commit = client.register_script(_COMMIT_LUA)
         self._apply = client.register_script(_APPLY_LUA)
+        self._reindex = client.register_script(_REINDEX_LUA)
 
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
@@ -393,11 +418,9 @@ class RedisStore:
         if not entries:
             return
         pipe = self.r.pipeline(transaction=False)
-        for uid, until in entries:
-            if until is None:
-                pipe.zrem(self.open_key, uid)
-            else:
-                pipe.zadd(self.open_key, {uid: until})
+        for uid, until, version in entries:
+            await self._reindex(keys=[self.profile_key(uid)],
+                                args=[self.open_key, uid, "" if until is None else int(until), version], client=pipe)
         await pipe.execute()
 
     # interface -------------------------------------------------------------------------------
@@ -441,25 +464,15 @@ class RedisStore:
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
+            # the sweep's index of users with open decisions, in the same atomic call (most users never had an
+            # open decision: no index entry to remove)
+            args += [self.open_key, c.user_id, "" if c.open_until is None else int(c.open_until),
+                     "1" if c.had_open else "0"]
             args.append(c.contrib)
             args.append(self.parked_key)
             args.append(c.version)
             await self._commit(keys=keys, args=args, client=pipe)
-        res = await pipe.execute()
-        oks = [bool(x) for x in res]
-        # the sweep's index of users with open decisions: a hint, updated after the atomic commits
-        idx = self.r.pipeline(transaction=False)
-        for c, ok in zip(commits, oks):
-            if not ok:
-                continue
-            if c.open_until is None:
-                if c.had_open:  # most users never had an open decision: no index entry to remove
-                    idx.zrem(self.open_key, c.user_id)
-            else:
-                idx.zadd(self.open_key, {c.user_id: c.open_until})
-        if len(idx):
-            await idx.execute()
-        return oks
+        return [bool(x) for x in await pipe.execute()]
 
     async def mark_sent(self, sent):
         if not sent:
