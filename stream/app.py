@@ -176,7 +176,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         import redis
 
         from stream.dlq import dlq_record
-        from stream.forget import engine_user_id, forget_everything
+        from stream.forget import engine_user_id, forget_everything, keys_removed
 
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
         async for ev in stream.events():
@@ -197,7 +197,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             removed, items = await asyncio.to_thread(forget_everything, settings, client, engine_user_id(settings, uid))
             m.FORGOTTEN.inc()
             log.info("forgot a user (%d keys removed, %d item counts and %d pairs reduced) on request %s[%d]@%d",
-                     sum(removed.values()), items["items"], items["pairs"], msg.topic, msg.partition, msg.offset)
+                     keys_removed(removed), items["items"], items["pairs"], msg.topic, msg.partition, msg.offset)
 
     @app.page("/metrics")
     async def metrics_view(web, request):

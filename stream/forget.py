@@ -1,8 +1,9 @@
 """``promo forget USER_ID`` and the ``<prefix>.forget`` topic: delete everything the engine holds about a user.
 
 Removed: the profile (counts, session, cart, caps and offer history, open decisions), every de-duplication
-marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`` - and the user's contributions
-to item statistics where the learning core keeps them (``forget_user`` of the item store, when it has one).
+marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`` -, the user's entry in the
+expiry sweep's index of open decisions, and the user's contributions to item statistics where the learning core
+keeps them (``forget_user`` of the item store, when it has one).
 With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
 
 Events of the user that arrive after the forget are new data and build a new profile.
@@ -45,6 +46,11 @@ def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
     return removed
 
 
+def keys_removed(removed: dict[str, int]) -> int:
+    """How many keys ``removed`` counts (the open-decision index entry is a member of a shared key)."""
+    return sum(n for kind, n in removed.items() if kind != "open_index")
+
+
 def forget_user(settings: Settings, user_id: str) -> dict:
     import redis
 
@@ -64,7 +70,7 @@ def forget_user(settings: Settings, user_id: str) -> dict:
         "user_id": user_id if not settings.pseudonymise_key else uid,
         "removed": removed,
         "item_contributions": items,
-        "keys_removed": sum(removed.values()),
+        "keys_removed": keys_removed(removed),
         "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
     }
 
@@ -77,4 +83,6 @@ def forget_everything(settings: Settings, client, uid: str) -> tuple[dict[str, i
     items = RedisItemStore(client, prefix=settings.redis_prefix).forget_user(uid)
     removed = forget_keys(client, settings.redis_prefix, uid)
     removed["item_record"] += items.pop("record")  # deleted by forget_user
+    # the expiry sweep's index of users with open decisions (a member of a shared key, not a key of the user)
+    removed["open_index"] = int(client.zrem(f"{settings.redis_prefix}:open", uid))
     return removed, items

@@ -42,7 +42,6 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     per_user: dict[str, int] = {}
     for e in events:
         per_user[e["user_id"]] = per_user.get(e["user_id"], 0) + 1
-    victim = max((u for u in per_user), key=lambda u: (per_user[u], u))  # the user with most history
 
     w = start_worker(s)
     w.wait_ready()
@@ -52,6 +51,11 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
 
     from stream.forget import engine_user_id
 
+    # the user with most history among those with an open decision (so also in the expiry sweep's index)
+    indexed = {m.decode() for m in redis_client.zrange(f"{s.redis_prefix}:open", 0, -1)}
+    with_open = [u for u in per_user if engine_user_id(s, u) in indexed]
+    assert with_open, "the sample must leave some users with open decisions"
+    victim = max(with_open, key=lambda u: (per_user[u], u))
     uid = engine_user_id(s, victim)
     before = all_state(redis_client, s.redis_prefix)
     assert any(uid.encode() in k for k in before), "the victim must have state before the forget"
@@ -70,6 +74,7 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     assert report["removed"]["markers"] == per_user[victim]
     assert report["keys_removed"] == sum(1 for k in before if uid.encode() in k)
     assert report["removed"]["item_record"] == 1
+    assert report["removed"]["open_index"] == 1
     # the user's contributions left the item statistics (exactness: tests/integration/test_item_contributions.py)
     assert report["item_contributions"]["items"] > 0 and report["item_contributions"]["pairs"] > 0
     assert report["elapsed_ms"] < 1000
@@ -77,10 +82,13 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     after = all_state(redis_client, s.redis_prefix)
     leaks = [k for k, v in after.items() if uid.encode() in k or uid.encode() in v]
     assert leaks == []
-    # everyone else is untouched; the item statistics lost the user's share
+    # everyone else is untouched (the open-decision index lost the user's entry only); the item statistics lost
+    # the user's share
     sim = f"{s.redis_prefix}:sim:".encode()
-    assert {k: v for k, v in before.items() if uid.encode() not in k and k in after and not k.startswith(sim)} == \
-        {k: v for k, v in after.items() if k in before and uid.encode() not in k and not k.startswith(sim)}
+    others = {k: v for k, v in before.items() if uid.encode() not in k and k in after and not k.startswith(sim)}
+    open_key = f"{s.redis_prefix}:open".encode()
+    others[open_key] = b" ".join(m for m in before[open_key].split() if m != uid.encode())
+    assert others == {k: v for k, v in after.items() if k in before and uid.encode() not in k and not k.startswith(sim)}
     assert {k: v for k, v in before.items() if k.startswith(sim)} != {k: v for k, v in after.items() if k.startswith(sim)}
 
 
