@@ -347,6 +347,7 @@ class Engine:
                     plans = [self._plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id))
                              if p.user_id in refused else p for p in plans]
             to_commit = [p for p in plans if p.commit is not None]
+            await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
             refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             expose = getattr(self.policy, "expose", None) if getattr(self.policy, "defer_exposure", False) else None
@@ -373,6 +374,18 @@ class Engine:
             await self.learn(result)
         return result
 
+    async def _settle(self, plans: list["_UserPlan"]) -> None:
+        """Settle the budgets of the decisions these commits close, BEFORE the commits (as reservations are made
+        before them): a worker killed after a commit that closed a redeemed decision would otherwise lose the
+        charge (the reservation would lapse uncharged). Settling is keyed by decision id, so a commit that is
+        refused and planned again, or a redelivered batch, settles nothing twice; what closes is a function of
+        the user's events, so a re-plan settles the same amount."""
+        if self.budget is None:
+            return
+        closing = [(c.decision.offer_id, c.decision.decision_id, c.cost) for p in plans for c in p.closed]
+        if closing:
+            await self.budget.settle(closing)
+
     async def _release_stale_reservations(self, decisions: list[Decision]) -> None:
         """Free what a decision id holds on campaigns other than its committed offer.
 
@@ -389,7 +402,7 @@ class Engine:
 
     async def learn(self, result: BatchResult) -> None:
         """After the commit: the commits' item contributions are applied, models learn, closed decisions teach
-        the policy and settle their budgets."""
+        the policy (their budgets were settled before the commit)."""
         if result.parked:
             await self.store.apply_contributions(result.parked)
         if self.learning is not None and result.new_events:
@@ -403,8 +416,6 @@ class Engine:
                     self.policy.learn_one(ctx, c.decision.offer_id, c.reward, converted=c.converted)
                 except TypeError:  # a policy without the ``converted`` argument
                     self.policy.learn_one(ctx, c.decision.offer_id, c.reward)
-        if self.budget is not None:
-            await self.budget.settle([(c.decision.offer_id, c.decision.decision_id, c.cost) for c in result.closed])
         if self.conversions is not None:
             self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
 
@@ -430,6 +441,7 @@ class Engine:
                 plans.append(plan)
             await self.store.reindex(stale)
             to_commit = [p for p in plans if p.commit is not None]
+            await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
             retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             for p in to_commit:

@@ -48,6 +48,23 @@ def test_redeemed_purchase_closes_the_decision_and_charges_the_budget_once():
     assert run(eng.process_batch([buy])).closed == []  # redelivered: nothing closes twice
 
 
+def test_a_redemption_is_charged_even_when_the_worker_dies_right_after_the_commit():
+    """The charge is settled before the commit that closes the decision (as the reservation is made before the
+    commit that stores it): a kill between the commit and ``learn`` loses nothing, and the redelivered batch,
+    a duplicate, charges nothing twice."""
+    store, budgets = MemoryStore(), MemoryBudgetStore()
+    eng = engine(store, budgets)
+    d = next(d for i in range(40) if (d := run(eng.process_batch([cart(i, user=f"u{i}")])).decisions[0])
+             .offer.offer_id == "c5")
+    buy = Event("p1", "purchase", d.user_id, "i1", 10, price=50.0, decision_id=d.decision_id)
+    res = run(eng.process_batch([buy], learn=False))  # committed; the worker dies before learn()
+    assert [c.outcome for c in res.closed] == ["redeemed"]
+    restarted = engine(store, budgets)
+    assert run(restarted.process_batch([buy])).closed == []  # the redelivery is a duplicate
+    spend = run(budgets.spend(["c5"]))["c5"]
+    assert spend.committed == 5.0 and spend.reserved == 0.0 and spend.n == 1
+
+
 def test_budget_is_never_exceeded_and_offers_fall_back_to_none():
     eng = engine()
     decisions = [run(eng.process_batch([cart(i, user=f"u{i}")])).decisions[0] for i in range(20)]
