@@ -9,11 +9,13 @@ Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one 
 * ``<prefix>:{u:<user>}:c``             item-statistics contributions: parked (``w:<version>``) until applied,
   and the applied totals ``promo forget`` subtracts (:mod:`models.contrib`)
 
-Applying contributions touches item keys outside the user's slot: the engine needs one Redis, not Cluster.
+and, shared by all users, ``<prefix>:open``: the expiry sweep's index of users with open decisions (a sorted set
+by earliest expiry). Applying contributions and writing that index touch keys outside the user's slot: the engine
+needs one Redis, not Cluster.
 
-:meth:`EngineStore.commit` writes a user's markers, profile and decisions in one atomic step, and refuses if any
-marker already exists (another worker got there first during a rebalance): a batch is applied once, even when
-Kafka redelivers it after a crash.
+:meth:`EngineStore.commit` writes a user's markers, profile, decisions and index entry in one atomic step, and
+refuses if any marker already exists (another worker got there first during a rebalance): a batch is applied
+once, even when Kafka redelivers it after a crash.
 
 Examples
 --------
