@@ -129,12 +129,16 @@ class ThompsonPolicy:
             return MIN_EXPOSURE
         return min(float(q), 1.0)
 
+    def _prior(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+        """``[alpha, beta]`` of a new cell, first seen in context ``ctx``."""
+        lift = 1.0 if spec.kind == "none" else 1.0 + spec.prior_uplift / max(self.exposure(ctx), 0.01)
+        return [lift * self.prior_strength, self.prior_strength]
+
     def _ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
         key = (spec.offer_id, self.cell(ctx))
         ab = self.cells.get(key)
         if ab is None:
-            lift = 1.0 if spec.kind == "none" else 1.0 + spec.prior_uplift / max(self.exposure(ctx), 0.01)
-            ab = self.cells[key] = [lift * self.prior_strength, self.prior_strength]
+            ab = self.cells[key] = self._prior(spec, ctx)
         return ab
 
     def predict_buy(self, ctx: DecisionContext, offer_id: str) -> float:
@@ -230,6 +234,76 @@ class ThompsonPolicy:
             ab[1] += self.exposure(ctx)
         self.n_learned += 1
         return None
+
+    # --- posteriors shared through the store --------------------------------------------------
+    # A worker on a store with ``shares_policy`` (models.state) does not change ``cells`` itself: every decision's
+    # exposure and every closed decision's outcome travel as an update in the user's atomic commit, which adds it
+    # to one hash in the store, exactly once (a redelivered batch commits nothing), and :meth:`load_state` reads
+    # that hash back as the worker's view. Nothing learnt is lost when a worker dies, and all workers learn
+    # from all decisions.
+    @staticmethod
+    def cell_field(offer_id: str, cell: tuple) -> str:
+        """The hash-field suffix of an (offer, cell) pair: compact JSON, e.g. ``["pct_10",[3]]``."""
+        return json.dumps([offer_id, list(cell)], separators=(",", ":"))
+
+    def _update(self, ctx: DecisionContext, offer_id: str, d_alpha: float, d_beta: float):
+        spec = self.catalogue.offers.get(offer_id)
+        if spec is None:
+            return None
+        a0, b0 = self._prior(spec, ctx)  # written only where the store has no such cell yet
+        return (self.cell_field(offer_id, self.cell(ctx)), a0, b0, float(d_alpha), float(d_beta))
+
+    def exposure_update(self, ctx: DecisionContext, offer_id: str):
+        """``(cell field, alpha if new, beta if new, d_alpha, d_beta)`` for a final decision, or None.
+
+        What :meth:`expose` would add (nothing unless exposure is counted at choice)."""
+        if not self.exposure_at_choice:
+            return None
+        return self._update(ctx, offer_id, 0.0, self.exposure(ctx))
+
+    def outcome_update(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None):
+        """The update :meth:`learn_one` would make for a closed decision, as :meth:`exposure_update`."""
+        y = bool(reward != 0) if converted is None else bool(converted)
+        return self._update(ctx, offer_id, float(y), 0.0 if self.exposure_at_choice else self.exposure(ctx))
+
+    def load_state(self, state: dict) -> None:
+        """Replace the posteriors with the store's hash: fields ``a:<cell field>``, ``b:<cell field>`` and ``n``
+        (outcomes learnt), as :meth:`exposure_update` and :meth:`outcome_update` build them.
+
+        >>> from models.catalogue import load_catalogue
+        >>> p = ThompsonPolicy(load_catalogue())
+        >>> p.load_state({b'a:["pct_10",[3]]': b"2.5", b'b:["pct_10",[3]]': b"4", b"n": b"7"})
+        >>> p.cells, p.n_learned
+        ({('pct_10', (3,)): [2.5, 4.0]}, 7)
+        """
+        cells: dict[tuple[str, tuple], list[float]] = {}
+        for raw, value in state.items():
+            name = raw.decode() if isinstance(raw, bytes) else raw
+            if name[:2] not in ("a:", "b:"):
+                continue
+            offer_id, cell = json.loads(name[2:])
+            if offer_id not in self.catalogue.offers:
+                continue  # an offer no longer in the catalogue
+            ab = cells.setdefault((offer_id, tuple(cell)), [0.0, 0.0])
+            ab[0 if name[0] == "a" else 1] = float(value)
+        self.cells = cells
+        n = state.get(b"n", state.get("n"))
+        self.n_learned = int(float(n)) if n is not None else 0
+
+    def state_fields(self) -> dict[str, str]:
+        """The current posteriors as the store's hash fields (:meth:`load_state` reads them back).
+
+        >>> from models.catalogue import load_catalogue
+        >>> p = ThompsonPolicy(load_catalogue())
+        >>> p.cells[("pct_10", (3,))] = [2.5, 4.0]
+        >>> p.state_fields()
+        {'a:["pct_10",[3]]': '2.5', 'b:["pct_10",[3]]': '4.0'}
+        """
+        out = {}
+        for (o, c), (a, b) in self.cells.items():
+            f = self.cell_field(o, c)
+            out["a:" + f], out["b:" + f] = repr(float(a)), repr(float(b))
+        return out
 
     # --- snapshots -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -131,6 +131,8 @@ class Engine:
         self.learned_offsets: dict[tuple[str, int], int] = {}
         self.restored_offsets: dict[tuple[str, int], int] = {}
         self._contrib = self._contribution_settings()
+        # the policy's posteriors travel in the users' commits and are read back from the store (see learn)
+        self.shares_policy = bool(getattr(store, "shares_policy", False)) and hasattr(self.policy, "load_state")
         if self._contrib is not None:
             learning.items_via_commit = True  # item statistics are written in the users' commits
 
@@ -303,13 +305,23 @@ class Engine:
                 plan.commit.contrib = contrib.to_json(cs["header"])
         return plan
 
-    @staticmethod
-    def _user_commit(plan: _UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
-        """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions."""
+    def _user_commit(self, plan: _UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
+        """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions,
+        and (``shares_policy``) the policy's posterior updates of the decisions made and closed."""
         fields = plan.profile.to_dict()  # plain values: the store encodes the whole document once
         fields[OPEN_FIELD] = [d.to_dict() for d in plan.open]
-        return UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
-                          open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open)
+        commit = UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
+                            open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open)
+        if self.shares_policy:
+            pol = self.policy
+            ups = [pol.exposure_update(ctx, offer_id) for ctx, offer_id in plan.exposures]
+            for c in plan.closed:
+                if c.decision.ctx:
+                    ups.append(pol.outcome_update(DecisionContext.from_dict(c.decision.ctx), c.decision.offer_id,
+                                                  c.reward, converted=c.converted))
+                    commit.policy_n += 1
+            commit.policy = [u for u in ups if u is not None]
+        return commit
 
     async def _reserve(self, plans: list[_UserPlan]) -> dict[str, dict[str, str]]:
         """Reserve the budgets the batch's decisions need; users whose reservation was refused, with why."""
@@ -350,7 +362,8 @@ class Engine:
             await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
             refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
-            expose = getattr(self.policy, "expose", None) if getattr(self.policy, "defer_exposure", False) else None
+            expose = (getattr(self.policy, "expose", None)
+                      if getattr(self.policy, "defer_exposure", False) and not self.shares_policy else None)
             for p in plans:
                 if p.user_id not in refused_users:
                     p.merge_into(result)
@@ -402,12 +415,17 @@ class Engine:
 
     async def learn(self, result: BatchResult) -> None:
         """After the commit: the commits' item contributions are applied, models learn, closed decisions teach
-        the policy (their budgets were settled before the commit)."""
+        the policy (their budgets were settled before the commit). With ``shares_policy`` the commits already
+        taught it: the policy reads its posteriors back from the store instead (:meth:`load_policy`)."""
         if result.parked:
             await self.store.apply_contributions(result.parked)
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
-        if not result.closed:
+        if self.shares_policy and (result.decisions or result.closed):
+            await self.load_policy()
+        if self.conversions is not None and result.closed:
+            self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
+        if self.shares_policy or not result.closed:
             return
         for c in result.closed:
             ctx = DecisionContext.from_dict(c.decision.ctx) if c.decision.ctx else None
@@ -416,8 +434,11 @@ class Engine:
                     self.policy.learn_one(ctx, c.decision.offer_id, c.reward, converted=c.converted)
                 except TypeError:  # a policy without the ``converted`` argument
                     self.policy.learn_one(ctx, c.decision.offer_id, c.reward)
-        if self.conversions is not None:
-            self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
+
+    async def load_policy(self) -> None:
+        """Read the policy's posteriors from the store (``shares_policy``): what every worker's commits taught it."""
+        if self.shares_policy:
+            self.policy.load_state(await self.store.policy_state())
 
     async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
         """Close attribution windows that expired by event time ``now_ms`` (default: the watermark) for

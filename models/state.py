@@ -60,6 +60,10 @@ class UserCommit:
     open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
     had_open: bool = True  # whether the store's index may list the user (False: nothing to remove from it)
     contrib: str = ""  # the user's item-statistics contributions (models.contrib payload JSON), or ""
+    # the policy's posterior updates of the user's decisions and closed decisions: (cell field, alpha if new,
+    # beta if new, d_alpha, d_beta) as models.bandit.ThompsonPolicy builds them; and how many outcomes they hold
+    policy: list = field(default_factory=list)
+    policy_n: int = 0
 
 
 def parked_field(version: str) -> str:
@@ -86,6 +90,9 @@ class EngineStore(Protocol):
         the profile version it was computed from). An entry whose user committed since is skipped: that commit
         wrote the index itself."""
 
+    async def policy_state(self) -> dict:
+        """The policy's posteriors as the commits built them (``shares_policy`` stores): ``{field: value}``."""
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -100,6 +107,23 @@ class MemoryStore:
         self.seen: set[tuple[str, str]] = set()
         self.decisions: dict[tuple[str, str], list] = {}
         self.open_until: dict[str, int] = {}
+        self.policy: dict[str, float] = {}
+
+    shares_policy = True
+    """Commits carry the policy's posterior updates (:class:`UserCommit` ``policy``); see ``policy_state``."""
+
+    def _apply_policy(self, updates: list, n: int = 0) -> None:
+        pol = self.policy
+        for f, a0, b0, da, db in updates:
+            pol.setdefault("a:" + f, float(a0))
+            pol.setdefault("b:" + f, float(b0))
+            pol["a:" + f] += da
+            pol["b:" + f] += db
+        if n:
+            pol["n"] = pol.get("n", 0) + n
+
+    async def policy_state(self) -> dict:
+        return dict(self.policy)
 
     async def load(self, event_ids, triggers):
         out = {}
@@ -132,6 +156,7 @@ class MemoryStore:
                 self.open_until[c.user_id] = c.open_until
             for trig, js in c.decisions:
                 self.decisions[(c.user_id, trig)] = [js, False]
+            self._apply_policy(c.policy, c.policy_n)
             ok.append(True)
         return ok
 
@@ -160,8 +185,9 @@ class MemoryStore:
 
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
-# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, open_index, user_id,
-#        open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
+# ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m,
+#        policy_hash, policy_n, k, (cell field, alpha if new, beta if new, d_alpha, d_beta) x k,
+#        open_index, user_id, open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
 # (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
 # is not the version the commit was planned from, or when any marker exists: nothing is written then. The
 # sweep's index of users with open decisions (a sorted set by earliest expiry) is updated in the same call, so
@@ -171,6 +197,9 @@ class MemoryStore:
 # the ``pending_set``), atomically with the markers; :data:`_APPLY_LUA` adds it to the item statistics after
 # the decisions are sent (off the decision's critical path), exactly once: the field is deleted in the script
 # that applies it, and what a crash leaves parked is applied by :meth:`RedisStore.apply_parked`.
+# The policy's posterior updates of the user's decisions and closed decisions are added to ``policy_hash``
+# (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing; ``n`` counts outcomes) in the same
+# call: a posterior update is applied exactly when the commit that holds the decision or its closing is.
 # KEYS: [the user's record {u:<user>}:c]; ARGV: [parked field w:<version>, pending set]. Applies the parked
 # payload to the item statistics (keys of models.item_store: outside the user's hash slot, so one Redis, not
 # Cluster), adds it to the record's totals (fields ``<i|p|q>:<grid epoch>:<item or a\x1fb>``, values relative to
@@ -287,6 +316,17 @@ for j = 1, m do
   redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
   redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
 end
+pos = pos + m
+local ph = ARGV[pos]
+if tonumber(ARGV[pos + 1]) > 0 then redis.call('HINCRBY', ph, 'n', ARGV[pos + 1]) end
+for j = 0, tonumber(ARGV[pos + 2]) - 1 do
+  local q = pos + 3 + 5 * j
+  local fa, fb = 'a:' .. ARGV[q], 'b:' .. ARGV[q]
+  redis.call('HSETNX', ph, fa, ARGV[q + 1])
+  redis.call('HSETNX', ph, fb, ARGV[q + 2])
+  if tonumber(ARGV[q + 3]) ~= 0 then redis.call('HINCRBYFLOAT', ph, fa, ARGV[q + 3]) end
+  if tonumber(ARGV[q + 4]) ~= 0 then redis.call('HINCRBYFLOAT', ph, fb, ARGV[q + 4]) end
+end
 if ARGV[#ARGV - 2] ~= '' then
   local rk = string.sub(KEYS[1], 1, -2) .. 'c'
   redis.call('HSET', rk, 'w:' .. tostring((tonumber(cur) or 0) + 1), ARGV[#ARGV - 2])
@@ -339,6 +379,9 @@ class RedisStore:
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
 
+    shares_policy = True
+    """Commits carry the policy's posterior updates into :attr:`policy_key`, read back by ``policy_state``."""
+
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
         import redis.asyncio as aioredis
@@ -371,6 +414,14 @@ class RedisStore:
     @property
     def open_key(self) -> str:
         return f"{self.prefix}:open"
+
+    @property
+    def policy_key(self) -> str:
+        """The policy's posteriors, shared by all workers (fields ``a:<cell>``, ``b:<cell>``, ``n``)."""
+        return f"{self.prefix}:policy"
+
+    async def policy_state(self) -> dict:
+        return await self.r.hgetall(self.policy_key)
 
     @property
     def parked_key(self) -> str:
@@ -466,6 +517,9 @@ class RedisStore:
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
+            args += [self.policy_key, int(c.policy_n), len(c.policy)]
+            for f, a0, b0, da, db in c.policy:
+                args += [f, repr(float(a0)), repr(float(b0)), repr(float(da)), repr(float(db))]
             # the sweep's index of users with open decisions, in the same atomic call (most users never had an
             # open decision: no index entry to remove)
             args += [self.open_key, c.user_id, "" if c.open_until is None else int(c.open_until),

@@ -245,17 +245,42 @@ def build_engine(settings: Settings) -> Engine:
                 log.info("learning core restored from its snapshot (covering %d partitions: %s)",
                          len(engine.restored_offsets),
                          ", ".join(f"{t}[{p}]<{o}" for (t, p), o in sorted(engine.restored_offsets.items())))
-        blob = client.get(policy_snapshot_key(settings))
-        if blob and hasattr(engine.policy, "load_bytes"):
-            engine.policy.load_bytes(blob)
-            log.info("policy %s restored from its snapshot", engine.policy.model_version)
+        restore_policy(client, engine, settings)
     finally:
         client.close()
     return engine
 
 
 def policy_snapshot_key(settings: Settings) -> str:
+    """Where versions before the shared posteriors kept the policy (read once, to carry it over)."""
     return f"{settings.redis_prefix}:snapshot:policy"
+
+
+def restore_policy(client, engine: Engine, settings: Settings) -> None:
+    """The policy's posteriors from the store's hash, which every worker's commits add to. A store written by an
+    earlier version has only the policy snapshot: it is loaded, and its cells are written where the hash has none
+    (HSETNX: a worker already sharing wins)."""
+    if not engine.shares_policy:
+        return
+    key = engine.store.policy_key
+    state = client.hgetall(key)
+    if not state:
+        blob = client.get(policy_snapshot_key(settings))
+        if blob and hasattr(engine.policy, "load_bytes"):
+            engine.policy.load_bytes(blob)
+            pipe = client.pipeline(transaction=False)
+            for f, v in engine.policy.state_fields().items():
+                pipe.hsetnx(key, f, v)
+            if engine.policy.n_learned:
+                pipe.hsetnx(key, "n", engine.policy.n_learned)
+            pipe.execute()
+            log.info("policy %s carried over from its snapshot into %s (%d cells)", engine.policy.model_version,
+                     key, len(engine.policy.cells))
+            state = client.hgetall(key)
+    engine.policy.load_state(state)
+    if state:
+        log.info("policy %s posteriors read from %s: %d cells, %d outcomes learnt", engine.policy.model_version,
+                 key, len(engine.policy.cells), engine.policy.n_learned)
 
 
 async def run_maintenance(settings: Settings, engine: Engine) -> None:
@@ -264,6 +289,7 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
         n = await apply_parked()  # contributions a killed worker committed but did not apply
         if n:
             log.info("applied %d item-statistics contributions left parked by an earlier worker", n)
+    await engine.load_policy()  # what other workers' commits taught the policy, even without own decisions
     now = engine.watermark_ms
     if now:
         await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
@@ -291,7 +317,7 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
         blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot(covered)
-    if hasattr(engine.policy, "to_bytes"):
+    if hasattr(engine.policy, "to_bytes") and not engine.shares_policy:
         blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
     if blobs:
         await asyncio.to_thread(_write_snapshots, settings, blobs)

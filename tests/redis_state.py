@@ -21,9 +21,9 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
   events; how a user's events were split into batches depends on timing. (Events applied twice would show in
   the profile itself and in the markers, which are compared.)
 * **Model snapshot blobs** (keys matching :data:`EXCLUDED_KEY_PATTERNS`: ``<prefix>:models:snapshot``, the
-  learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's serialised posteriors): copies of
-  in-memory models written every ``maintenance_interval_s`` seconds, so their bytes depend on when the worker
-  happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
+  learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's posteriors as versions before the shared
+  ``<prefix>:policy`` hash kept them): copies of in-memory models written every ``maintenance_interval_s``
+  seconds, so their bytes depend on when the worker happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
 
 What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
 (what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
@@ -67,6 +67,8 @@ DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (
     ("{b:*}:res", "", "campaign ledger: one entry per decision that got (or was refused) the offer"),
     ("{b:*}:open", "", "open reservations of the campaign's decisions"),
     ("{b:*}:gc", "", "forgetting schedule of the campaign's ledger entries"),
+    ("policy", "", "the policy's posteriors: sums of the decisions' exposures (p_buy at decision time) and "
+                   "outcomes, per offer and segment at decision time"),
     ("{u:*}:d:*", ".json.offer", "the offer the policy chose"),
     ("{u:*}:d:*", ".json.items", "recommend(): the item statistics as they were at decision time"),
     ("{u:*}:d:*", ".json.propensity", "the policy's probability of its choice"),

@@ -72,3 +72,15 @@ class EngineStoreContract:
         assert run(store.due_users(200)) == ["u2"]
         run(store.commit([UserCommit("u2", {"n": "1"}, ["e2"], [], version="1", had_open=True)]))
         assert run(store.due_users(10**9)) == []
+
+    def test_policy_updates_ride_on_the_commit_and_only_on_a_successful_one(self):
+        store = self.make_store()
+        f = '["c5",[3]]'
+        first = UserCommit("u1", {}, ["e1"], [], policy=[(f, 2.0, 1.0, 0.0, 0.25)])
+        assert run(store.commit([first])) == [True]
+        # the prior is written once (the first commit), increments add up, ``n`` counts outcomes
+        closing = UserCommit("u1", {}, ["e2"], [], version="1", policy=[(f, 9.0, 9.0, 1.0, 0.0)], policy_n=1)
+        refused = UserCommit("u1", {}, ["e3"], [], version="0", policy=[(f, 9.0, 9.0, 1.0, 1.0)], policy_n=1)
+        assert run(store.commit([closing, refused])) == [True, False]
+        state = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in run(store.policy_state()).items()}
+        assert state == {"a:" + f: 3.0, "b:" + f: 1.25, "n": 1.0}

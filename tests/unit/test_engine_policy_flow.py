@@ -65,6 +65,33 @@ def test_a_redemption_is_charged_even_when_the_worker_dies_right_after_the_commi
     assert spend.committed == 5.0 and spend.reserved == 0.0 and spend.n == 1
 
 
+def test_the_policy_learns_every_decision_exactly_once_across_a_kill_and_a_redelivery():
+    """The posterior updates ride on the users' commits: a worker killed after a commit (before ``learn``) loses
+    none of them, the restarted worker reads them back from the store, and the redelivered batch adds nothing."""
+    from models.policy import DecisionContext
+
+    store = MemoryStore()
+    eng = engine(store)
+    carts = [cart(i, user=f"u{i}") for i in range(6)]
+    decisions = run(eng.process_batch(carts, learn=False)).decisions  # committed; the worker dies before learn()
+    assert len(decisions) == 6
+    exposure = sum(ThompsonPolicy.exposure(DecisionContext.from_dict(d["ctx"]))
+                   for doc in store.profiles.values() for d in json.loads(doc)["open"])
+    buys = [Event(f"p{i}", "purchase", d.user_id, "i1", 10, price=50.0, decision_id=d.decision_id)
+            for i, d in enumerate(decisions[:4])]
+    assert len(run(eng.process_batch(buys, learn=False)).closed) == 4  # committed; the worker dies again
+
+    restarted = engine(store)
+    run(restarted.load_policy())
+    cells = {k: list(ab) for k, ab in restarted.policy.cells.items()}
+    assert restarted.policy.n_learned == 4
+    prior_beta = restarted.policy.prior_strength * len(cells)  # every cell starts at beta = prior_strength
+    assert abs(sum(b for _, b in cells.values()) - prior_beta - exposure) < 1e-9, "each exposure counted once"
+
+    assert run(restarted.process_batch(carts + buys)).duplicates == 10  # redelivered: nothing learnt twice
+    assert restarted.policy.n_learned == 4 and restarted.policy.cells == cells
+
+
 def test_budget_is_never_exceeded_and_offers_fall_back_to_none():
     eng = engine()
     decisions = [run(eng.process_batch([cart(i, user=f"u{i}")])).decisions[0] for i in range(20)]
