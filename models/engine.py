@@ -382,7 +382,8 @@ class Engine:
         for e in result.new_events:
             if e.ts > self.watermark_ms:
                 self.watermark_ms = e.ts
-        await self._release_stale_reservations(result.decisions)
+        # re-sent decisions too: a worker killed between their commit and this line left the stale reservation
+        await self._release_stale_reservations(result.decisions + result.resend)
         if learn:
             await self.learn(result)
         return result
@@ -404,7 +405,10 @@ class Engine:
 
         A worker that crashed after reserving but before committing left a reservation; the redelivered trigger
         is decided again (same decision id) and the policy, having learnt meanwhile, may pick another offer.
-        Settling the other campaigns at cost 0 returns that budget at once (a no-op where nothing is held).
+        Settling the other campaigns at cost 0 returns that budget at once (a no-op where nothing is held). It runs
+        for re-sent decisions too (a worker killed after such a commit, before this release, is covered when the
+        batch is redelivered); after ``mark_sent`` a redelivered trigger is not re-sent and its reservations lapse
+        with the attribution window (:meth:`models.budget.BudgetGate.sweep`).
         """
         if self.budget is None or not decisions:
             return

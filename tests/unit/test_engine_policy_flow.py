@@ -161,6 +161,34 @@ def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
     assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
 
 
+def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_the_commit():
+    """As above, but the second worker dies after its commit, before releasing: the third one, which gets the
+    batch redelivered and re-sends the stored decision, releases it."""
+    from models.policy import RulePolicy
+
+    budget, store = MemoryBudgetStore(), MemoryStore()
+    cat = parse_catalogue(CAT)
+    first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                   budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
+    plan = first._plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
+    run(first._reserve([plan]))  # the first worker dies before its commit
+    second = engine(store, budget_store=budget, holdout=100.0)
+
+    async def dies(decisions):
+        raise SystemExit("kill -9 after the commit")
+
+    second._release_stale_reservations = dies
+    try:
+        run(second.process_batch([cart(1)]))
+    except SystemExit:
+        pass
+    assert run(budget.spend(["c5"]))["c5"].reserved == 5.0  # held for an offer the stored decision does not give
+    third = engine(store, budget_store=budget, holdout=100.0)
+    res = run(third.process_batch([cart(1)]))  # redelivered: a duplicate, its stored decision re-sent
+    assert res.duplicates == 1 and [d.offer.offer_id for d in res.resend] == ["none"]
+    assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
+
+
 def test_sweep_corrects_a_stale_index_entry():
     """An index entry left behind (e.g. a crash between a commit and the index update) does not stay due."""
     store = MemoryStore()
