@@ -156,7 +156,8 @@ class Engine:
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
                       export_metrics: bool = False) -> "Engine":
-        """The production engine: Thompson-sampling policy with pacing, budgets in ``budget_store``."""
+        """The production engine: the policy ``settings.policy`` (Thompson sampling with pacing, or the rules),
+        budgets in ``budget_store``."""
         from models.attribution import ConversionStats
         from models.bandit import ThompsonPolicy
         from models.budget import BudgetGate
@@ -164,7 +165,10 @@ class Engine:
 
         catalogue = load_catalogue(settings.catalogue_path)
         pacing = PacingController(catalogue)
-        policy = ThompsonPolicy(catalogue, holdout_pct=settings.holdout_pct, pacing=pacing, defer_exposure=True)
+        if settings.policy == "rules":
+            policy = RulePolicy(catalogue, holdout_pct=settings.holdout_pct)
+        else:
+            policy = ThompsonPolicy(catalogue, holdout_pct=settings.holdout_pct, pacing=pacing, defer_exposure=True)
         gate = None
         if budget_store is not None:
             gate = BudgetGate(catalogue, budget_store, window_ms=settings.attribution_window_s * 1000,

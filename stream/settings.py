@@ -13,6 +13,7 @@ nothing else reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr
@@ -83,6 +84,11 @@ class Settings(BaseSettings):
     # --- policy -----------------------------------------------------------------------------
     catalogue_path: Path = DEFAULT_CATALOGUE
     holdout_pct: float = Field(5.0, ge=0, le=100)
+    policy: Literal["thompson", "rules"] = Field(
+        "thompson", description="thompson: the exploring policy that learns from every closed decision; rules: "
+        "the catalogue's static expected margin, no exploration (with learning off, every decision is a "
+        "function of the user's own events: two replays decide the same)"
+    )
     decision_cooldown_s: int = Field(1800, ge=0, description="min event time between two decisions for a user")
     attribution_window_s: int = Field(86_400, ge=60)
     recommend_k: int = Field(10, ge=1, le=100)

@@ -228,3 +228,13 @@ def test_a_decision_planned_again_counts_its_exposure_once():
         assert len(res.decisions) == 1
         totals[type(store).__name__] = beta_total(policy) - before
     assert totals["RefuseOnce"] == totals["MemoryStore"] > 0
+
+
+def test_the_policy_setting_picks_the_policy():
+    from models.policy import RulePolicy
+    from stream.settings import Settings
+
+    rules = Engine.from_settings(Settings(_env_file=None, policy="rules"), MemoryStore())
+    assert isinstance(rules.policy, RulePolicy) and not rules.shares_policy  # nothing learnt, nothing shared
+    default = Engine.from_settings(Settings(_env_file=None), MemoryStore())
+    assert isinstance(default.policy, ThompsonPolicy) and default.shares_policy
