@@ -236,9 +236,35 @@ class ConversionStats:
         self.converted = {"treatment": 0, "holdout": 0}
         self.money: dict[tuple[str, str], list[float]] = {}  # (offer, group) -> [revenue, cost, reward, redeemed]
 
+    def group(self, c: Closed) -> str:
+        return c.decision.group if c.decision.group in self.closed else "treatment"
+
+    def counts(self, closed: list[Closed]) -> dict[str, int]:
+        """``closed:<group>`` and ``converted:<group>`` increments of ``closed``, as a store's shared hash keeps
+        them (:meth:`load_state` reads them back).
+
+        >>> d = OpenDecision("d", "u", "none", "holdout", 0, 1)
+        >>> ConversionStats().counts([Closed(d, "expired", 0.0), Closed(d, "converted", 5.0)])
+        {'closed:holdout': 2, 'converted:holdout': 1}
+        """
+        out: dict[str, int] = {}
+        for c in closed:
+            g = self.group(c)
+            out["closed:" + g] = out.get("closed:" + g, 0) + 1
+            if c.converted:
+                out["converted:" + g] = out.get("converted:" + g, 0) + 1
+        return out
+
+    def load_state(self, state: dict) -> None:
+        """Take the closed and converted counts per group from a store's shared hash (all workers' decisions)."""
+        for g in self.closed:
+            for name, target in (("closed:", self.closed), ("converted:", self.converted)):
+                v = state.get(name + g, state.get((name + g).encode()))
+                target[g] = int(float(v)) if v is not None else 0
+
     def update(self, closed: list[Closed], export: bool = False) -> None:
         for c in closed:
-            g = c.decision.group if c.decision.group in self.closed else "treatment"
+            g = self.group(c)
             self.closed[g] += 1
             self.converted[g] += c.converted
             m = self.money.setdefault((c.decision.offer_id, g), [0.0, 0.0, 0.0, 0])
@@ -261,6 +287,7 @@ class ConversionStats:
         """Push ``closed`` and the current ratios to the Prometheus metrics of :mod:`stream.metrics`."""
         from stream import metrics as M
 
+        self.export_ratios()
         for c in closed:
             d = c.decision
             M.DECISIONS_CLOSED.labels(c.outcome).inc()
@@ -270,6 +297,11 @@ class ConversionStats:
                 M.ATTRIBUTED_REVENUE.labels(d.offer_id, d.group).inc(c.revenue)
             if c.cost:
                 M.OFFER_COST.labels(d.offer_id).inc(c.cost)
+
+    def export_ratios(self) -> None:
+        """Set the conversion and uplift gauges from the current counts."""
+        from stream import metrics as M
+
         for g in self.closed:
             v = self.conversion(g)
             if v is not None:

@@ -131,8 +131,11 @@ class Engine:
         self.learned_offsets: dict[tuple[str, int], int] = {}
         self.restored_offsets: dict[tuple[str, int], int] = {}
         self._contrib = self._contribution_settings()
-        # the policy's posteriors travel in the users' commits and are read back from the store (see learn)
-        self.shares_policy = bool(getattr(store, "shares_policy", False)) and hasattr(self.policy, "load_state")
+        # what decisions teach travels in the users' commits and is read back from the store (see learn): the
+        # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
+        shared = bool(getattr(store, "shares_policy", False))
+        self.shares_policy = shared and hasattr(self.policy, "load_state")
+        self.shares_outcomes = shared and conversions is not None and hasattr(conversions, "load_state")
         if self._contrib is not None:
             learning.items_via_commit = True  # item statistics are written in the users' commits
 
@@ -311,7 +314,8 @@ class Engine:
 
     def _user_commit(self, plan: _UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
         """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions,
-        and (``shares_policy``) the policy's posterior updates of the decisions made and closed."""
+        and what the decisions made and closed teach (``shares_policy``: posterior updates; ``shares_outcomes``:
+        conversion counts)."""
         fields = plan.profile.to_dict()  # plain values: the store encodes the whole document once
         fields[OPEN_FIELD] = [d.to_dict() for d in plan.open]
         commit = UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
@@ -323,8 +327,10 @@ class Engine:
                 if c.decision.ctx:
                     ups.append(pol.outcome_update(DecisionContext.from_dict(c.decision.ctx), c.decision.offer_id,
                                                   c.reward, converted=c.converted))
-                    commit.policy_n += 1
+                    commit.counts["n"] = commit.counts.get("n", 0) + 1
             commit.policy = [u for u in ups if u is not None]
+        if self.shares_outcomes and plan.closed:
+            commit.counts.update(self.conversions.counts(plan.closed))
         return commit
 
     async def _reserve(self, plans: list[_UserPlan]) -> dict[str, dict[str, str]]:
@@ -429,10 +435,10 @@ class Engine:
             await self.store.apply_contributions(result.parked)
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
-        if self.shares_policy and (result.decisions or result.closed):
-            await self.load_policy()
         if self.conversions is not None and result.closed:
             self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
+        if self.shares_policy and (result.decisions or result.closed) or self.shares_outcomes and result.closed:
+            await self.load_policy()
         if self.shares_policy or not result.closed:
             return
         for c in result.closed:
@@ -444,9 +450,17 @@ class Engine:
                     self.policy.learn_one(ctx, c.decision.offer_id, c.reward)
 
     async def load_policy(self) -> None:
-        """Read the policy's posteriors from the store (``shares_policy``): what every worker's commits taught it."""
+        """Read what every worker's commits taught from the store: the policy's posteriors (``shares_policy``) and
+        the conversion counts (``shares_outcomes``; their gauges are set when metrics are exported)."""
+        if not (self.shares_policy or self.shares_outcomes):
+            return
+        state = await self.store.policy_state()
         if self.shares_policy:
-            self.policy.load_state(await self.store.policy_state())
+            self.policy.load_state(state)
+        if self.shares_outcomes:
+            self.conversions.load_state(state)
+            if self.budget is not None and self.budget.export_metrics:
+                self.conversions.export_ratios()
 
     async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
         """Close attribution windows that expired by event time ``now_ms`` (default: the watermark) for

@@ -60,10 +60,11 @@ class UserCommit:
     open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
     had_open: bool = True  # whether the store's index may list the user (False: nothing to remove from it)
     contrib: str = ""  # the user's item-statistics contributions (models.contrib payload JSON), or ""
-    # the policy's posterior updates of the user's decisions and closed decisions: (cell field, alpha if new,
-    # beta if new, d_alpha, d_beta) as models.bandit.ThompsonPolicy builds them; and how many outcomes they hold
+    # what the user's decisions and closed decisions teach, added to the store's shared hash (``shares_policy``):
+    # posterior updates (cell field, alpha if new, beta if new, d_alpha, d_beta) as models.bandit.ThompsonPolicy
+    # builds them, and integer counts by field (outcomes learnt ``n``; ``closed:<group>``, ``converted:<group>``)
     policy: list = field(default_factory=list)
-    policy_n: int = 0
+    counts: dict = field(default_factory=dict)
 
 
 def parked_field(version: str) -> str:
@@ -91,7 +92,7 @@ class EngineStore(Protocol):
         wrote the index itself."""
 
     async def policy_state(self) -> dict:
-        """The policy's posteriors as the commits built them (``shares_policy`` stores): ``{field: value}``."""
+        """What the commits taught (``shares_policy`` stores): ``{field: value}``, posteriors and counts."""
 
     async def ping(self) -> bool: ...
 
@@ -110,17 +111,17 @@ class MemoryStore:
         self.policy: dict[str, float] = {}
 
     shares_policy = True
-    """Commits carry the policy's posterior updates (:class:`UserCommit` ``policy``); see ``policy_state``."""
+    """Commits carry what decisions teach (:class:`UserCommit` ``policy`` and ``counts``); see ``policy_state``."""
 
-    def _apply_policy(self, updates: list, n: int = 0) -> None:
+    def _apply_policy(self, updates: list, counts: dict) -> None:
         pol = self.policy
+        for f, n in counts.items():
+            pol[f] = pol.get(f, 0) + int(n)
         for f, a0, b0, da, db in updates:
             pol.setdefault("a:" + f, float(a0))
             pol.setdefault("b:" + f, float(b0))
             pol["a:" + f] += da
             pol["b:" + f] += db
-        if n:
-            pol["n"] = pol.get("n", 0) + n
 
     async def policy_state(self) -> dict:
         return dict(self.policy)
@@ -156,7 +157,7 @@ class MemoryStore:
                 self.open_until[c.user_id] = c.open_until
             for trig, js in c.decisions:
                 self.decisions[(c.user_id, trig)] = [js, False]
-            self._apply_policy(c.policy, c.policy_n)
+            self._apply_policy(c.policy, c.counts)
             ok.append(True)
         return ok
 
@@ -186,7 +187,8 @@ class MemoryStore:
 
 # KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
 # ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m,
-#        policy_hash, policy_n, k, (cell field, alpha if new, beta if new, d_alpha, d_beta) x k,
+#        policy_hash, nc, (count field, increment) x nc, k, (cell field, alpha if new, beta if new, d_alpha,
+#        d_beta) x k,
 #        open_index, user_id, open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
 # (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
 # is not the version the commit was planned from, or when any marker exists: nothing is written then. The
@@ -197,9 +199,10 @@ class MemoryStore:
 # the ``pending_set``), atomically with the markers; :data:`_APPLY_LUA` adds it to the item statistics after
 # the decisions are sent (off the decision's critical path), exactly once: the field is deleted in the script
 # that applies it, and what a crash leaves parked is applied by :meth:`RedisStore.apply_parked`.
-# The policy's posterior updates of the user's decisions and closed decisions are added to ``policy_hash``
-# (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing; ``n`` counts outcomes) in the same
-# call: a posterior update is applied exactly when the commit that holds the decision or its closing is.
+# What the user's decisions and closed decisions teach is added to ``policy_hash`` in the same call: integer
+# counts (``n`` outcomes learnt, ``closed:<group>``, ``converted:<group>``) and the policy's posterior updates
+# (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing). So each is applied exactly when
+# the commit that holds the decision or its closing is.
 # KEYS: [the user's record {u:<user>}:c]; ARGV: [parked field w:<version>, pending set]. Applies the parked
 # payload to the item statistics (keys of models.item_store: outside the user's hash slot, so one Redis, not
 # Cluster), adds it to the record's totals (fields ``<i|p|q>:<grid epoch>:<item or a\x1fb>``, values relative to
@@ -318,9 +321,13 @@ for j = 1, m do
 end
 pos = pos + m
 local ph = ARGV[pos]
-if tonumber(ARGV[pos + 1]) > 0 then redis.call('HINCRBY', ph, 'n', ARGV[pos + 1]) end
-for j = 0, tonumber(ARGV[pos + 2]) - 1 do
-  local q = pos + 3 + 5 * j
+local nc = tonumber(ARGV[pos + 1])
+for j = 0, nc - 1 do
+  redis.call('HINCRBY', ph, ARGV[pos + 2 + 2 * j], ARGV[pos + 3 + 2 * j])
+end
+pos = pos + 2 + 2 * nc
+for j = 0, tonumber(ARGV[pos]) - 1 do
+  local q = pos + 1 + 5 * j
   local fa, fb = 'a:' .. ARGV[q], 'b:' .. ARGV[q]
   redis.call('HSETNX', ph, fa, ARGV[q + 1])
   redis.call('HSETNX', ph, fb, ARGV[q + 2])
@@ -380,7 +387,7 @@ class RedisStore:
     """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
 
     shares_policy = True
-    """Commits carry the policy's posterior updates into :attr:`policy_key`, read back by ``policy_state``."""
+    """Commits carry what decisions teach into :attr:`policy_key`, read back by ``policy_state``."""
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
@@ -417,7 +424,8 @@ class RedisStore:
 
     @property
     def policy_key(self) -> str:
-        """The policy's posteriors, shared by all workers (fields ``a:<cell>``, ``b:<cell>``, ``n``)."""
+        """What the decisions taught, shared by all workers: the policy's posteriors (fields ``a:<cell>``,
+        ``b:<cell>``) and counts (``n``, ``closed:<group>``, ``converted:<group>``)."""
         return f"{self.prefix}:policy"
 
     async def policy_state(self) -> dict:
@@ -517,7 +525,10 @@ class RedisStore:
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
-            args += [self.policy_key, int(c.policy_n), len(c.policy)]
+            args += [self.policy_key, len(c.counts)]
+            for f, n in c.counts.items():
+                args += [f, int(n)]
+            args.append(len(c.policy))
             for f, a0, b0, da, db in c.policy:
                 args += [f, repr(float(a0)), repr(float(b0)), repr(float(da)), repr(float(db))]
             # the sweep's index of users with open decisions, in the same atomic call (most users never had an

@@ -257,13 +257,17 @@ def policy_snapshot_key(settings: Settings) -> str:
 
 
 def restore_policy(client, engine: Engine, settings: Settings) -> None:
-    """The policy's posteriors from the store's hash, which every worker's commits add to. A store written by an
-    earlier version has only the policy snapshot: it is loaded, and its cells are written where the hash has none
-    (HSETNX: a worker already sharing wins)."""
-    if not engine.shares_policy:
+    """The policy's posteriors and the conversion counts from the store's hash, which every worker's commits add
+    to. A store written by an earlier version has only the policy snapshot: it is loaded, and its cells are
+    written where the hash has none (HSETNX: a worker already sharing wins)."""
+    if not (engine.shares_policy or engine.shares_outcomes):
         return
     key = engine.store.policy_key
     state = client.hgetall(key)
+    if engine.shares_outcomes:
+        engine.conversions.load_state(state)
+    if not engine.shares_policy:
+        return
     if not state:
         blob = client.get(policy_snapshot_key(settings))
         if blob and hasattr(engine.policy, "load_bytes"):

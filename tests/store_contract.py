@@ -79,8 +79,9 @@ class EngineStoreContract:
         first = UserCommit("u1", {}, ["e1"], [], policy=[(f, 2.0, 1.0, 0.0, 0.25)])
         assert run(store.commit([first])) == [True]
         # the prior is written once (the first commit), increments add up, ``n`` counts outcomes
-        closing = UserCommit("u1", {}, ["e2"], [], version="1", policy=[(f, 9.0, 9.0, 1.0, 0.0)], policy_n=1)
-        refused = UserCommit("u1", {}, ["e3"], [], version="0", policy=[(f, 9.0, 9.0, 1.0, 1.0)], policy_n=1)
+        closing = UserCommit("u1", {}, ["e2"], [], version="1", policy=[(f, 9.0, 9.0, 1.0, 0.0)],
+                             counts={"n": 1, "closed:treatment": 1})
+        refused = UserCommit("u1", {}, ["e3"], [], version="0", policy=[(f, 9.0, 9.0, 1.0, 1.0)], counts={"n": 1})
         assert run(store.commit([closing, refused])) == [True, False]
         state = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in run(store.policy_state()).items()}
-        assert state == {"a:" + f: 3.0, "b:" + f: 1.25, "n": 1.0}
+        assert state == {"a:" + f: 3.0, "b:" + f: 1.25, "n": 1.0, "closed:treatment": 1.0}

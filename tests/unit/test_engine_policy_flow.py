@@ -85,11 +85,13 @@ def test_the_policy_learns_every_decision_exactly_once_across_a_kill_and_a_redel
     run(restarted.load_policy())
     cells = {k: list(ab) for k, ab in restarted.policy.cells.items()}
     assert restarted.policy.n_learned == 4
+    assert restarted.conversions.closed["treatment"] == restarted.conversions.converted["treatment"] == 4
     prior_beta = restarted.policy.prior_strength * len(cells)  # every cell starts at beta = prior_strength
     assert abs(sum(b for _, b in cells.values()) - prior_beta - exposure) < 1e-9, "each exposure counted once"
 
     assert run(restarted.process_batch(carts + buys)).duplicates == 10  # redelivered: nothing learnt twice
     assert restarted.policy.n_learned == 4 and restarted.policy.cells == cells
+    assert restarted.conversions.closed == {"treatment": 4, "holdout": 0}
 
 
 def test_budget_is_never_exceeded_and_offers_fall_back_to_none():
@@ -235,6 +237,6 @@ def test_the_policy_setting_picks_the_policy():
     from stream.settings import Settings
 
     rules = Engine.from_settings(Settings(_env_file=None, policy="rules"), MemoryStore())
-    assert isinstance(rules.policy, RulePolicy) and not rules.shares_policy  # nothing learnt, nothing shared
+    assert isinstance(rules.policy, RulePolicy) and not rules.shares_policy and rules.shares_outcomes
     default = Engine.from_settings(Settings(_env_file=None), MemoryStore())
-    assert isinstance(default.policy, ThompsonPolicy) and default.shares_policy
+    assert isinstance(default.policy, ThompsonPolicy) and default.shares_policy and default.shares_outcomes
