@@ -452,9 +452,11 @@ class Engine:
     async def load_policy(self) -> None:
         """Read what every worker's commits taught from the store: the policy's posteriors (``shares_policy``) and
         the conversion counts (``shares_outcomes``; their gauges are set when metrics are exported)."""
-        if not (self.shares_policy or self.shares_outcomes):
-            return
-        state = await self.store.policy_state()
+        if self.shares_policy or self.shares_outcomes:
+            self.take_shared_state(await self.store.policy_state())
+
+    def take_shared_state(self, state: dict) -> None:
+        """Adopt the store's shared hash (``policy_state``): posteriors and conversion counts, where shared."""
         if self.shares_policy:
             self.policy.load_state(state)
         if self.shares_outcomes:

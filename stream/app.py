@@ -264,11 +264,7 @@ def restore_policy(client, engine: Engine, settings: Settings) -> None:
         return
     key = engine.store.policy_key
     state = client.hgetall(key)
-    if engine.shares_outcomes:
-        engine.conversions.load_state(state)
-    if not engine.shares_policy:
-        return
-    if not state:
+    if engine.shares_policy and not state:
         blob = client.get(policy_snapshot_key(settings))
         if blob and hasattr(engine.policy, "load_bytes"):
             engine.policy.load_bytes(blob)
@@ -281,8 +277,8 @@ def restore_policy(client, engine: Engine, settings: Settings) -> None:
             log.info("policy %s carried over from its snapshot into %s (%d cells)", engine.policy.model_version,
                      key, len(engine.policy.cells))
             state = client.hgetall(key)
-    engine.policy.load_state(state)
-    if state:
+    engine.take_shared_state(state)
+    if state and engine.shares_policy:
         log.info("policy %s posteriors read from %s: %d cells, %d outcomes learnt", engine.policy.model_version,
                  key, len(engine.policy.cells), engine.policy.n_learned)
 
