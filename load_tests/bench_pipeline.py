@@ -285,17 +285,13 @@ class Proc:
         return int(count), (last or None)
 
     def metrics(self) -> dict:
-        from prometheus_client.parser import text_string_to_metric_families
+        from stream.metrics import parse_exposition
 
         status, text = http_get(self.base_url + "/metrics")
         if status != 200:
             self.check_alive()
             raise BenchError(f"{self.name} /metrics answered {status}: {text[:200]}")
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
+        return parse_exposition(text)
 
     def stop(self, timeout: float = 15.0) -> None:
         from stream.procs import stop_process
@@ -306,7 +302,9 @@ class Proc:
 
 def msum(samples: dict, name: str) -> float:
     """Sum of the samples called ``name`` (all label values) in a :meth:`Proc.metrics` answer."""
-    return sum(v for (n, _labels), v in samples.items() if n == name)
+    from stream.metrics import sample_sum
+
+    return sample_sum(samples, name)
 
 
 def _check_applied(worker: Proc, samples: dict, n_events: int) -> None:

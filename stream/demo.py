@@ -17,25 +17,15 @@ from pathlib import Path
 from stream import stack as st
 from stream.errors import PromoError
 from stream.procs import stop_process
+from stream.metrics import parse_exposition, sample_sum
 from stream.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "rees46_sample.csv"
 
 
 def _scrape(url: str) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(url, timeout=2) as r:
-        text = r.read().decode()
-    out: dict = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
-
-
-def _sum(samples: dict, name: str, **labels) -> float:
-    return sum(v for ls, v in samples.get(name, []) if all(ls.get(k) == x for k, x in labels.items()))
+        return parse_exposition(r.read().decode())
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -61,18 +51,21 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 def summary(samples: dict) -> dict:
-    buckets = [(float(ls["le"]), v) for ls, v in samples.get("promo_decision_latency_seconds_bucket", [])]
+    buckets = [(float(dict(ls)["le"]), v) for (n, ls), v in samples.items()
+               if n == "promo_decision_latency_seconds_bucket"]
     p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
     kinds: dict[str, float] = {}
-    for ls, v in samples.get("promo_decisions_total", []):
-        kinds[ls["offer_kind"]] = kinds.get(ls["offer_kind"], 0) + v
+    for (n, ls), v in samples.items():
+        if n == "promo_decisions_total":
+            kind = dict(ls)["offer_kind"]
+            kinds[kind] = kinds.get(kind, 0) + v
     return {
-        "events": int(_sum(samples, "promo_events_total")),
-        "duplicates": int(_sum(samples, "promo_events_duplicate_total")),
-        "dlq": int(_sum(samples, "promo_events_invalid_total")),
-        "decisions": int(_sum(samples, "promo_decisions_total")),
+        "events": int(sample_sum(samples, "promo_events_total")),
+        "duplicates": int(sample_sum(samples, "promo_events_duplicate_total")),
+        "dlq": int(sample_sum(samples, "promo_events_invalid_total")),
+        "decisions": int(sample_sum(samples, "promo_decisions_total")),
         "decisions_by_kind": {k: int(v) for k, v in sorted(kinds.items())},
-        "holdout": int(_sum(samples, "promo_decisions_total", group="holdout")),
+        "holdout": int(sample_sum(samples, "promo_decisions_total", group="holdout")),
         "latency_p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
         "latency_p99_ms": round(p99 * 1000, 2) if p99 is not None else None,
     }

@@ -92,3 +92,31 @@ BUDGET_REFUSED = Counter(
 PACING_PRICE = Gauge(
     "promo_pacing_shadow_price", "Pacing shadow price added per unit of offer cost", ["offer_id"], registry=REGISTRY
 )
+
+
+# --- reading an exposition back (demo summary, benchmarks, tests) ------------------------------
+def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text exposition -> ``{(sample name, frozenset(labels.items())): value}``.
+
+    >>> s = parse_exposition('promo_events_total{type="cart"} 3.0\\npromo_events_total{type="view"} 4.0\\n')
+    >>> s[("promo_events_total", frozenset({("type", "cart")}))]
+    3.0
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def sample_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``, in a :func:`parse_exposition` answer.
+
+    >>> s = parse_exposition('promo_events_total{type="cart"} 3.0\\npromo_events_total{type="view"} 4.0\\n')
+    >>> sample_sum(s, "promo_events_total"), sample_sum(s, "promo_events_total", type="view")
+    (7.0, 4.0)
+    """
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stream.metrics import parse_exposition, sample_sum
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,21 +55,8 @@ def http_get(url: str, timeout: float = 2.0, attempts: int = 1) -> tuple[int, st
     return 0, "unreachable"
 
 
-def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text exposition -> {(name, frozenset(labels.items())): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+parse_metrics = parse_exposition  # Prometheus text -> {(name, frozenset(labels.items())): value}
+metric = sample_sum  # sum of the samples of a name whose labels include the given ones
 
 
 class WorkerProcess:
