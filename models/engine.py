@@ -41,6 +41,7 @@ from models.events import Event
 from models.policy import DecisionContext, RulePolicy
 from models.contrib import Contribution
 from models.profile import EVENT_WEIGHTS, Profile
+from models import failpoints
 from models.state import EngineStore, UserCommit, parked_field
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
@@ -339,6 +340,7 @@ class Engine:
         if not reqs:
             return {}
         oks = await self.budget.reserve([r for _, r in reqs])
+        failpoints.hit("reserved")
         refused: dict[str, dict[str, str]] = {}
         for (p, r), ok in zip(reqs, oks):
             if not ok:
@@ -371,6 +373,8 @@ class Engine:
             to_commit = [p for p in plans if p.commit is not None]
             await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
+            if any(p.commit.decisions for p in to_commit):
+                failpoints.hit("committed")
             refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             expose = (getattr(self.policy, "expose", None)
                       if getattr(self.policy, "defer_exposure", False) and not self.shares_policy else None)
@@ -488,6 +492,8 @@ class Engine:
             to_commit = [p for p in plans if p.commit is not None]
             await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
+            if any(p.commit.decisions for p in to_commit):
+                failpoints.hit("committed")
             retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             for p in to_commit:
                 if p.user_id not in retry:

@@ -364,7 +364,10 @@ def _preflight(settings: Settings) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGTERM / Ctrl-C."""
+    from models import failpoints
+
     _preflight(settings)
+    failpoints.arm(settings.failpoint)  # tests only (PROMO_FAILPOINT); unarmed in production
     app = make_app(settings)
     if settings.learning:
         from models.learning import tune_gc

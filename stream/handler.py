@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from models import failpoints
 from models.engine import Engine
 from models.privacy import pseudonymise
 from stream import metrics as m
@@ -222,11 +223,15 @@ class BatchHandler:
             await asyncio.gather(*acks)  # durable on the broker before the batch is acknowledged
         sent_ns = time.perf_counter_ns()
         if decisions:
+            failpoints.hit("sent")
             await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
+            failpoints.hit("marked")
         # the models learn after the decisions are out: learning is not on the decision's critical path.
         # A crash before this line loses only this batch's learning, never state or decisions.
         await self._retry("learning from a batch", lambda: self.engine.learn(result))
         self._mark_learned(msgs)
+        if result.new_events:
+            failpoints.hit("learnt")
 
         self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
 

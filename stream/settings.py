@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "default_offers.yaml"
@@ -108,6 +108,18 @@ class Settings(BaseSettings):
         "makes the kept set depend on arrival order (item statistics are otherwise order-independent)"
     )
     seed: int = 0
+    failpoint: str = Field(
+        "", description="tests only: '<point>:<n>' makes the worker SIGKILL itself the n-th time a batch passes "
+        "<point> (models.failpoints.POINTS); empty in production"
+    )
+
+    @field_validator("failpoint")
+    @classmethod
+    def _valid_failpoint(cls, v: str) -> str:
+        from models.failpoints import Failpoints
+
+        Failpoints(v, action=lambda point: None)  # ValueError names the points
+        return v
 
     # --- derived ----------------------------------------------------------------------------
     @property
