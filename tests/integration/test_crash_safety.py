@@ -430,7 +430,9 @@ def test_kill_9_inside_every_window_of_a_batch_leaves_the_same_state(stack, star
     assert p.error is None and p.report["sent"] == len(events), (p.error, p.report)
     seen: dict[str, dict] = {}
     for point, n in FAILPOINTS:
-        w = start_worker(f.model_copy(update={"failpoint": f"{point}:{n}"}))
+        # no maintenance timer while it lives: nothing applies what killed workers left parked meanwhile, so each
+        # window is as the kill left it when it is inspected (the last worker's timer applies it all)
+        w = start_worker(f.model_copy(update={"failpoint": f"{point}:{n}", "maintenance_interval_s": 3600.0}))
         wait_until(lambda: w.proc.poll() is not None or settled(r, f.redis_prefix, len(events), watermark), 180,
                    f"the worker to reach failpoint {point}:{n}", interval=0.1)
         assert w.proc.poll() == -signal.SIGKILL, (
