@@ -22,7 +22,11 @@ and the script applying them after the batch, the item cap kept by
 it every ``PROMO_MAINTENANCE_INTERVAL_S``). Then ``bytes`` is the item statistics alone (``MEMORY USAGE`` summed
 over the ``sim:`` keys), and each row also reports the users' contribution records (``{u:<user>}:c``, kept so
 ``promo forget`` can subtract a user exactly): ``record_bytes`` grows with events, like the profiles, and is
-bounded in time by ``PROMO_PROFILE_TTL_S``, not by the cap.
+bounded in time by ``PROMO_PROFILE_TTL_S``, not by the cap. The rows also give all of a user's state (every key
+of its ``{u:<user>}`` hash tag but the per-event de-duplication markers) per user, the item statistics per item
+and the markers per event; ``per_1m`` in the report scales the last row to 1M users, 1M items and 1M events'
+markers (which expire after ``PROMO_DEDUP_TTL_S``), the performance budget's "memory per 1M users and per 1M
+items". Items beyond the cap are evicted, so 1M items of state needs a cap that large.
 """
 
 from __future__ import annotations
@@ -151,10 +155,18 @@ def _worker_rows(redis_url: str, client, prefix: str, base, checkpoints, batch_s
                 store.enforce_item_cap()
                 used, n_keys = _usage(client, f"{prefix}:sim:*")
                 rec, n_rec = _usage(client, f"{prefix}:{{u:*}}:c")
+                user_all, _ = _usage(client, f"{prefix}:{{u:*")  # every key of a user's hash tag
+                markers, n_markers = _usage(client, f"{prefix}:{{u:*}}:e:*")  # per event, expire with the TTL
+                _, n_users = _usage(client, f"{prefix}:{{u:*}}:p")
+                items = store.n_items()
                 row = {
                     "events": done, "bytes": used, "bytes_per_event": round(used / done, 2),
-                    "items": store.n_items(), "keys": n_keys, "under_cap": used <= config.memory_cap_bytes,
+                    "items": items, "keys": n_keys, "under_cap": used <= config.memory_cap_bytes,
+                    "bytes_per_item": round(used / items, 1) if items else None,
                     "record_bytes": rec, "record_bytes_per_event": round(rec / done, 2), "records": n_rec,
+                    "users": n_users, "user_bytes": user_all - markers,
+                    "bytes_per_user": round((user_all - markers) / n_users, 1) if n_users else None,
+                    "marker_bytes": markers, "marker_bytes_per_event": round(markers / n_markers, 1) if n_markers else None,
                     "elapsed_s": round(time.perf_counter() - t0, 2),
                 }
                 rows.append(row)
@@ -236,8 +248,18 @@ def _report(rows: list[dict], config, path: str, elapsed_s: float) -> dict:
         round((b["bytes"] / a["bytes"]) / (b["events"] / a["events"]), 4) if a["bytes"] > 0 else None
         for a, b in zip(rows, rows[1:])
     ]
+    last = rows[-1] if rows else {}
+    per_1m = {}
+    if last.get("bytes_per_user") is not None:  # the worker path: what 1M users and 1M items of it take
+        per_1m = {
+            "users_mb": round(last["bytes_per_user"] * 1e6 / 2**20, 1),  # profile, record, decisions (no markers)
+            "items_mb": round(last["bytes_per_item"] * 1e6 / 2**20, 1) if last["bytes_per_item"] else None,
+            "event_markers_mb": round(last["marker_bytes_per_event"] * 1e6 / 2**20, 1)
+            if last["marker_bytes_per_event"] else None,
+        }
     return {
         "path": path,
+        "per_1m": per_1m,
         "checkpoints": rows,
         "bytes_per_event": {str(r["events"]): r["bytes_per_event"] for r in rows},
         "memory_cap_bytes": config.memory_cap_bytes,

@@ -44,3 +44,9 @@ def test_similarity_memory_on_the_live_worker_path_is_capped_and_reports_the_rec
     assert r["under_cap"] and all(x["items"] <= r["item_cap"] for x in rows)
     # the users' contribution records (for an exact forget) grow with the users, outside the cap
     assert 0 < rows[0]["record_bytes"] < rows[1]["record_bytes"] and rows[1]["records"] > rows[0]["records"]
+    # the performance budget's memory per 1M users and per 1M items, from the last checkpoint
+    last = rows[-1]
+    assert last["users"] > rows[0]["users"] > 0 and last["user_bytes"] > last["record_bytes"]
+    assert last["bytes_per_item"] == round(last["bytes"] / last["items"], 1)
+    assert r["per_1m"]["users_mb"] == round(last["bytes_per_user"] * 1e6 / 2**20, 1) > 0
+    assert r["per_1m"]["items_mb"] > 0 and r["per_1m"]["event_markers_mb"] > 0
