@@ -148,3 +148,40 @@ def test_vocab_is_dense_and_stable():
     v = ItemVocab()
     assert v.index(["x", "y", "x"]).tolist() == [0, 1, 0]
     assert v.index(["y", "z"]).tolist() == [1, 2]
+
+
+def test_user_windows_pickle_round_trip_keeps_slots_and_what_comes_next():
+    """A snapshot restores the windows exactly: same slots, rows, recency and free list, so the next batches
+    count the same pairs and evict the same users as without the round trip."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    a, b = UserWindows(capacity=6, width=WIDTH), UserWindows(capacity=6, width=WIDTH)
+
+    def batch(n=5):
+        users = [f"u{x}" for x in rng.integers(0, 9, n)]
+        return users, rng.integers(0, 20, n).astype(np.int64), np.sort(rng.integers(0, 10_000, n)).astype(np.int64)
+
+    for _ in range(4):
+        users, items, ts = batch()
+        w = np.ones(len(users))
+        for win in (a, b):
+            count_pairs(win.slots_for(users), items, ts, w, win, 60_000)
+    b = pickle.loads(pickle.dumps(b))
+    assert b.slot == a.slot and b.free == a.free and b.tick == a.tick and b.owner == a.owner
+    occupied = list(a.slot.values())
+    assert np.array_equal(b.data[occupied], a.data[occupied]) and np.array_equal(b.used[occupied], a.used[occupied])
+    for _ in range(6):  # more users than slots: evictions happen
+        users, items, ts = batch()
+        w = np.ones(len(users))
+        got = [tuple(x.tolist()) for x in count_pairs(b.slots_for(users), items, ts, w, b, 60_000)]
+        want = [tuple(x.tolist()) for x in count_pairs(a.slots_for(users), items, ts, w, a, 60_000)]
+        assert got == want and b.slot == a.slot
+
+
+def test_user_windows_from_a_snapshot_in_the_full_form_still_load():
+    w = UserWindows(capacity=4, width=WIDTH)
+    w.slots_for(["a", "b"])
+    old_form = UserWindows.__new__(UserWindows)
+    old_form.__setstate__(dict(vars(w)))  # what unpickling a snapshot of the earlier form does
+    assert old_form.slot == w.slot and old_form.free == w.free and np.array_equal(old_form.data, w.data)
