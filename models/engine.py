@@ -492,8 +492,6 @@ class Engine:
             to_commit = [p for p in plans if p.commit is not None]
             await self._settle(to_commit)
             oks = await self.store.commit([p.commit for p in to_commit])
-            if any(p.commit.decisions for p in to_commit):
-                failpoints.hit("committed")
             retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
             for p in to_commit:
                 if p.user_id not in retry:
