@@ -130,6 +130,24 @@ def _usage(client, pattern: str) -> tuple[int, int]:
     return total, n
 
 
+def _user_usage(client, prefix: str) -> dict[str, list[int]]:
+    """``{kind: [bytes, keys]}`` of every key of a user's ``{u:<user>}`` hash tag, by what follows the tag
+    (``p`` profile, ``c`` contribution record, ``e`` event-id marker, ``d`` decision, ...): one scan."""
+    out: dict[str, list[int]] = {}
+    keys = list(client.scan_iter(match=f"{prefix}:{{u:*", count=5000))
+    for i in range(0, len(keys), 2000):
+        chunk = keys[i : i + 2000]
+        pipe = client.pipeline(transaction=False)
+        for k in chunk:
+            pipe.memory_usage(k, samples=0)
+        for k, used in zip(chunk, pipe.execute()):
+            kind = k.decode().split("}:", 1)[-1].split(":", 1)[0]
+            acc = out.setdefault(kind, [0, 0])
+            acc[0] += used or 0
+            acc[1] += 1
+    return out
+
+
 def _worker_rows(redis_url: str, client, prefix: str, base, checkpoints, batch_size: int, config) -> list[dict]:
     """The live worker's write path (see the module docstring); one row per checkpoint."""
     import asyncio
@@ -154,10 +172,11 @@ def _worker_rows(redis_url: str, client, prefix: str, base, checkpoints, batch_s
                 todo.pop(0)
                 store.enforce_item_cap()
                 used, n_keys = _usage(client, f"{prefix}:sim:*")
-                rec, n_rec = _usage(client, f"{prefix}:{{u:*}}:c")
-                user_all, _ = _usage(client, f"{prefix}:{{u:*")  # every key of a user's hash tag
-                markers, n_markers = _usage(client, f"{prefix}:{{u:*}}:e:*")  # per event, expire with the TTL
-                _, n_users = _usage(client, f"{prefix}:{{u:*}}:p")
+                users = _user_usage(client, prefix)
+                rec, n_rec = users.get("c", (0, 0))
+                markers, n_markers = users.get("e", (0, 0))  # per event, expire with the TTL
+                n_users = users.get("p", (0, 0))[1]
+                user_all = sum(b for b, _ in users.values())
                 items = store.n_items()
                 row = {
                     "events": done, "bytes": used, "bytes_per_event": round(used / done, 2),
