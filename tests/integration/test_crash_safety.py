@@ -193,10 +193,9 @@ def replay() -> tuple[list[dict], int]:
     return events, max(parse_ts(e["ts"]) for e in events)
 
 
-def uninterrupted(stack, start_worker, r, name: str, mode: str, events: list[dict], watermark: int, t_start: float,
-                  **overrides):
+def uninterrupted(stack, start_worker, r, name: str, mode: str, events: list[dict], watermark: int, t_start: float):
     """One worker, never interrupted, replays ``events`` into its own prefix; returns its settings."""
-    settings = isolated(stack, name, mode).model_copy(update=overrides)
+    settings = isolated(stack, name, mode)
     w = start_worker(settings)
     w.wait_ready()
     p = PacedProducer(settings, events, None)
