@@ -28,9 +28,11 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -59,6 +61,7 @@ class BatchResult:
     profiles: dict[str, Profile] = field(default_factory=dict)  # users' profiles after the batch
     closed: list[Closed] = field(default_factory=list)  # decisions whose attribution window closed
     parked: list[tuple[str, str]] = field(default_factory=list)  # (user, record field): contributions to apply
+    learnt: set[str] = field(default_factory=set)  # stages of Engine.learn done (a retried learn skips them)
 
     def to_send(self) -> list[Decision]:
         return self.decisions + self.resend
@@ -80,6 +83,30 @@ def _group(events: list[Event]) -> dict[str, list[Event]]:
     for e in events:
         by_user.setdefault(e.user_id, []).append(e)
     return by_user
+
+
+@dataclass
+class BatchProgress:
+    """How far :meth:`Engine.process_batch` got with one batch.
+
+    The caller passes the same object again after a transient error (Redis down, full or busy) and the batch
+    continues where it stopped: users whose commit landed stay in :attr:`result` and are not planned again
+    (so their events count once as applied, never as duplicates of the batch's own first attempt); users whose
+    commit failed are planned again. When a whole commit pipeline fails (the connection dropped while it ran),
+    whether each user's commit landed is unknown: the next attempt reads each user's commit token and accepts a
+    plan whose token is the stored one (:attr:`in_doubt`).
+    """
+
+    result: BatchResult = field(default_factory=BatchResult)
+    pending: dict[str, list[Event]] | None = None  # users still to commit, with their events (None: not started)
+    blocked: dict[str, dict[str, str]] = field(default_factory=dict)  # offers refused by budgets, per user
+    in_doubt: dict[str, "_UserPlan"] = field(default_factory=dict)  # plans whose commit may have landed
+    refusals: int = 0  # attempts in which another writer changed a user first (bounded by max_attempts)
+    released: bool = False  # stale reservations of the batch's decisions released
+
+    def remaining(self) -> list[Event]:
+        """The events of users not committed yet, per user in their order."""
+        return [e for evs in (self.pending or {}).values() for e in evs]
 
 
 class Engine:
@@ -132,6 +159,9 @@ class Engine:
         self.learned_offsets: dict[tuple[str, int], int] = {}
         self.restored_offsets: dict[tuple[str, int], int] = {}
         self._contrib = self._contribution_settings()
+        # commit tokens: unique per engine instance and commit, so a commit in doubt is recognised as ours
+        self._instance = uuid.uuid4().hex[:12]
+        self._commits = itertools.count(1)
         # what decisions teach travels in the users' commits and is read back from the store (see learn): the
         # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
         shared = bool(getattr(store, "shares_policy", False))
@@ -320,7 +350,8 @@ class Engine:
         fields = plan.profile.to_dict()  # plain values: the store encodes the whole document once
         fields[OPEN_FIELD] = [d.to_dict() for d in plan.open]
         commit = UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
-                            open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open)
+                            open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open,
+                            token=f"{self._instance}:{next(self._commits)}")
         if self.shares_policy:
             pol = self.policy
             ups = [pol.exposure_update(ctx, offer_id) for ctx, offer_id in plan.exposures]
@@ -347,60 +378,94 @@ class Engine:
                 refused.setdefault(p.user_id, {})[r.offer_id] = "budget taken meanwhile by another decision"
         return refused
 
-    async def process_batch(self, events: list[Event], learn: bool = True) -> BatchResult:
+    async def process_batch(self, events: list[Event], learn: bool = True,
+                            progress: BatchProgress | None = None) -> BatchResult:
         """Apply a batch; see the module docstring for the guarantees.
 
         With ``learn=False`` the models do not learn yet: the caller sends the decisions first and then
         calls :meth:`learn` (decision latency does not include learning).
+
+        ``progress``: pass the same :class:`BatchProgress` again after an exception to continue the batch where
+        it stopped (what was committed is not planned again); ``events`` must be the same batch then.
         """
-        result = BatchResult()
-        pending = _group(events)
-        blocked: dict[str, dict[str, str]] = {}
-        for _attempt in range(self.max_attempts):
-            ids = {u: [e.event_id for e in evs] for u, evs in pending.items()}
-            triggers = {u: [e.event_id for e in evs if e.type == "cart"] for u, evs in pending.items()}
-            loads = await self.store.load(ids, triggers)
-            plans = [self._plan_user(u, evs, loads[u], blocked.get(u)) for u, evs in pending.items()]
-            if self.budget is not None:
-                for _ in range(3):  # a refused reservation: decide again without that offer
-                    refused = await self._reserve(plans)
-                    if not refused:
-                        break
-                    for u, offers in refused.items():
-                        blocked.setdefault(u, {}).update(offers)
-                    plans = [self._plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id))
-                             if p.user_id in refused else p for p in plans]
-            to_commit = [p for p in plans if p.commit is not None]
-            await self._settle(to_commit)
-            oks = await self.store.commit([p.commit for p in to_commit])
-            if any(p.commit.decisions for p in to_commit):
-                failpoints.hit("committed")
-            refused_users = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
-            expose = (getattr(self.policy, "expose", None)
-                      if getattr(self.policy, "defer_exposure", False) and not self.shares_policy else None)
-            for p in plans:
-                if p.user_id not in refused_users:
-                    p.merge_into(result)
-                    if expose is not None:
-                        for ctx, offer_id in p.exposures:  # counted once the decision is final
-                            expose(ctx, offer_id)
-            # a refused user was changed meanwhile by another worker (rebalance) or the expiry sweep: re-plan
-            pending = {u: pending[u] for u in refused_users}
-            if not pending:
-                break
-        else:
-            raise RuntimeError(
-                f"{len(pending)} users' events could not be committed after {self.max_attempts} attempts: "
-                "another worker keeps changing the same users (rebalance storm?)"
-            )
+        if progress is None:
+            progress = BatchProgress()
+        result = progress.result
+        if progress.pending is None:
+            progress.pending = _group(events)
+        while progress.pending:
+            if progress.refusals >= self.max_attempts:
+                raise RuntimeError(
+                    f"{len(progress.pending)} users' events could not be committed after {self.max_attempts} "
+                    "attempts: another worker keeps changing the same users (rebalance storm?)"
+                )
+            await self._attempt(progress)
         for e in result.new_events:
             if e.ts > self.watermark_ms:
                 self.watermark_ms = e.ts
-        # re-sent decisions too: a worker killed between their commit and this line left the stale reservation
-        await self._release_stale_reservations(result.decisions + result.resend)
+        if not progress.released:
+            # re-sent decisions too: a worker killed between their commit and this line left the stale reservation
+            await self._release_stale_reservations(result.decisions + result.resend)
+            progress.released = True
         if learn:
             await self.learn(result)
         return result
+
+    async def _attempt(self, progress: BatchProgress) -> None:
+        """Load, plan, reserve, settle and commit the pending users once; committed users move to the result."""
+        pending = progress.pending
+        ids = {u: [e.event_id for e in evs] for u, evs in pending.items()}
+        triggers = {u: [e.event_id for e in evs if e.type == "cart"] for u, evs in pending.items()}
+        loads = await self.store.load(ids, triggers)
+        for u, plan in progress.in_doubt.items():  # a commit of the failed pipeline that did land is ours
+            if u in pending and plan.commit is not None and loads[u].token == plan.commit.token:
+                self._accept(plan, progress.result)
+                del pending[u]
+        progress.in_doubt.clear()
+        blocked = progress.blocked
+        plans = [self._plan_user(u, evs, loads[u], blocked.get(u)) for u, evs in pending.items()]
+        if self.budget is not None:
+            for _ in range(3):  # a refused reservation: decide again without that offer
+                refused = await self._reserve(plans)
+                if not refused:
+                    break
+                for u, offers in refused.items():
+                    blocked.setdefault(u, {}).update(offers)
+                plans = [self._plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id))
+                         if p.user_id in refused else p for p in plans]
+        to_commit = [p for p in plans if p.commit is not None]
+        await self._settle(to_commit)
+        try:
+            outcomes = await self.store.commit([p.commit for p in to_commit])
+        except BaseException:
+            progress.in_doubt = {p.user_id: p for p in to_commit}
+            raise
+        if any(p.commit.decisions for p, ok in zip(to_commit, outcomes) if ok is True):
+            failpoints.hit("committed")
+        refused_users = {p.user_id for p, ok in zip(to_commit, outcomes) if ok is False}
+        failed = {p.user_id: ok for p, ok in zip(to_commit, outcomes) if isinstance(ok, BaseException)}
+        for p in plans:
+            if p.user_id not in refused_users and p.user_id not in failed:
+                self._accept(p, progress.result)
+        # A refused user was changed meanwhile by another worker (rebalance) or the expiry sweep; a failed commit
+        # (its script answered an error) wrote nothing: plan both again. Either may still be ours: the Redis
+        # client re-runs a whole pipeline after a dropped connection, and a commit that landed in the first run
+        # is refused in the second; the next attempt recognises it by its token.
+        progress.pending = {u: pending[u] for u in pending if u in refused_users or u in failed}
+        progress.in_doubt = {p.user_id: p for p in to_commit if p.user_id in progress.pending}
+        if refused_users:
+            progress.refusals += 1
+        if failed:
+            raise next(iter(failed.values()))
+
+    def _accept(self, plan: "_UserPlan", result: BatchResult) -> None:
+        """A user's plan is final (committed, or nothing to commit): into the batch's result."""
+        plan.merge_into(result)
+        if getattr(self.policy, "defer_exposure", False) and not self.shares_policy:
+            expose = getattr(self.policy, "expose", None)
+            if expose is not None:
+                for ctx, offer_id in plan.exposures:  # counted once the decision is final
+                    expose(ctx, offer_id)
 
     async def _settle(self, plans: list["_UserPlan"]) -> None:
         """Settle the budgets of the decisions these commits close, BEFORE the commits (as reservations are made
@@ -434,15 +499,28 @@ class Engine:
     async def learn(self, result: BatchResult) -> None:
         """After the commit: the commits' item contributions are applied, models learn, closed decisions teach
         the policy (their budgets were settled before the commit). With ``shares_policy`` the commits already
-        taught it: the policy reads its posteriors back from the store instead (:meth:`load_policy`)."""
-        if result.parked:
-            await self.store.apply_contributions(result.parked)
+        taught it: the policy reads its posteriors back from the store instead (:meth:`load_policy`).
+
+        Safe to call again after an exception: each stage is done once (``result.learnt``); the in-memory stage
+        is marked done before it runs, so a failure inside it never makes the models learn a batch twice."""
+        done = result.learnt
+        if "contributions" not in done:
+            if result.parked:
+                await self.store.apply_contributions(result.parked)  # idempotent: applied fields are deleted
+            done.add("contributions")
+        if "models" not in done:
+            done.add("models")
+            self._learn_in_memory(result)
+        if "shared" not in done:
+            if self.shares_policy and (result.decisions or result.closed) or self.shares_outcomes and result.closed:
+                await self.load_policy()
+            done.add("shared")
+
+    def _learn_in_memory(self, result: BatchResult) -> None:
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
         if self.conversions is not None and result.closed:
             self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
-        if self.shares_policy and (result.decisions or result.closed) or self.shares_outcomes and result.closed:
-            await self.load_policy()
         if self.shares_policy or not result.closed:
             return
         for c in result.closed:
@@ -491,11 +569,15 @@ class Engine:
             await self.store.reindex(stale)
             to_commit = [p for p in plans if p.commit is not None]
             await self._settle(to_commit)
-            oks = await self.store.commit([p.commit for p in to_commit])
-            retry = {p.user_id for p, ok in zip(to_commit, oks) if not ok}
+            outcomes = await self.store.commit([p.commit for p in to_commit])
+            retry = {p.user_id for p, ok in zip(to_commit, outcomes) if ok is not True}
             for p in to_commit:
                 if p.user_id not in retry:
                     result.closed += p.closed
+            failed = [ok for ok in outcomes if isinstance(ok, BaseException)]
+            if failed:  # what closed is counted; the rest stays due for the next sweep
+                await self.learn(result)
+                raise failed[0]
             users = sorted(retry)
         await self.learn(result)
         return result

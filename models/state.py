@@ -46,6 +46,7 @@ class UserLoad:
     seen: set[str] = field(default_factory=set)
     stored: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # trigger event id -> (json, sent)
     version: str = ""  # the profile version read; a commit succeeds only if it is still current
+    token: str = ""  # the token of the user's last commit (models.engine.BatchProgress: a commit in doubt)
 
 
 @dataclass(slots=True)
@@ -65,6 +66,9 @@ class UserCommit:
     # builds them, and integer counts by field (outcomes learnt ``n``; ``closed:<group>``, ``converted:<group>``)
     policy: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    # unique per commit; stored with the profile (hash field ``tok``) so that a writer whose commit pipeline
+    # failed as a whole can tell, by reading it back, whether its commit landed
+    token: str = ""
 
 
 def parked_field(version: str) -> str:
@@ -77,8 +81,12 @@ class EngineStore(Protocol):
     async def load(self, event_ids: dict[str, list[str]], triggers: dict[str, list[str]]) -> dict[str, UserLoad]:
         """Profiles, already-applied event ids and stored decisions for the users of a batch."""
 
-    async def commit(self, commits: list[UserCommit]) -> list[bool]:
-        """Apply each user's commit atomically; ``False`` where a marker already existed (nothing written)."""
+    async def commit(self, commits: list[UserCommit]) -> list[bool | Exception]:
+        """Apply each user's commit atomically: ``True`` where it was applied, ``False`` where it was refused (a
+        marker already existed or the profile changed since it was loaded: nothing written), or the exception
+        the store answered for that commit (nothing written: Redis scripts are atomic, and a full Redis refuses
+        a script at its first write). An exception raised instead of the list means the outcome of every commit
+        is unknown (the connection dropped): read the users' tokens back (:attr:`UserLoad.token`)."""
 
     async def mark_sent(self, sent: list[tuple[str, str]]) -> None:
         """Flag stored decisions (user id, trigger event id) as delivered to the decisions topic."""
@@ -109,6 +117,7 @@ class MemoryStore:
         self.decisions: dict[tuple[str, str], list] = {}
         self.open_until: dict[str, int] = {}
         self.policy: dict[str, float] = {}
+        self.tokens: dict[str, str] = {}
 
     shares_policy = True
     """Commits carry what decisions teach (:class:`UserCommit` ``policy`` and ``counts``); see ``policy_state``."""
@@ -132,6 +141,7 @@ class MemoryStore:
             out[uid] = UserLoad(
                 profile=json.loads(self.profiles.get(uid, "{}")),  # a fresh copy, as from Redis
                 version=str(self.versions[uid]) if uid in self.versions else "",
+                token=self.tokens.get(uid, ""),
                 seen={e for e in eids if (uid, e) in self.seen},
                 stored={
                     t: (d[0], d[1]) for t in triggers.get(uid, ()) if (d := self.decisions.get((uid, t))) is not None
@@ -147,6 +157,8 @@ class MemoryStore:
                 ok.append(False)
                 continue
             self.versions[c.user_id] = self.versions.get(c.user_id, 0) + 1
+            if c.token:
+                self.tokens[c.user_id] = c.token
             self.seen.update((c.user_id, e) for e in c.event_ids)
             stored = json.loads(self.profiles.get(c.user_id, "{}"))
             stored.update(c.profile)
@@ -489,7 +501,7 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         plan = []
         for uid, eids in event_ids.items():
-            pipe.hmget(self.profile_key(uid), "v", "ver")
+            pipe.hmget(self.profile_key(uid), "v", "ver", "tok")
             for e in eids:
                 pipe.exists(self.marker_key(uid, e))
             trig = triggers.get(uid, ())
@@ -499,8 +511,9 @@ class RedisStore:
         res = await pipe.execute()
         out, i = {}, 0
         for uid, eids, trig in plan:
-            packed, ver = res[i]
-            load = UserLoad(profile=json.loads(packed) if packed else {}, version=ver.decode() if ver else "")
+            packed, ver, tok = res[i]
+            load = UserLoad(profile=json.loads(packed) if packed else {}, version=ver.decode() if ver else "",
+                            token=tok.decode() if tok else "")
             i += 1
             for e in eids:
                 if res[i]:
@@ -523,7 +536,9 @@ class RedisStore:
             keys += [self.marker_key(c.user_id, e) for e in c.event_ids]
             keys += [self.decision_key(c.user_id, t) for t, _ in c.decisions]
             packed = json.dumps(c.profile, separators=(",", ":"))
-            args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
+            fields = ["v", packed] + (["tok", c.token] if c.token else [])
+            args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s,
+                          len(fields) // 2, *fields]
             args += [js for _, js in c.decisions]
             args += [self.policy_key, len(c.counts)]
             for f, n in c.counts.items():
@@ -539,7 +554,8 @@ class RedisStore:
             args.append(self.parked_key)
             args.append(c.version)
             await self._commit(keys=keys, args=args, client=pipe)
-        return [bool(x) for x in await pipe.execute()]
+        # per-commit error replies come back in place (a full Redis refuses some scripts, not the pipeline)
+        return [x if isinstance(x, Exception) else bool(x) for x in await pipe.execute(raise_on_error=False)]
 
     async def mark_sent(self, sent):
         if not sent:

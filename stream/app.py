@@ -4,16 +4,24 @@ The agent takes batches (``stream.take_events``), hands raw messages to :class:`
 and returns; Faust acknowledges a batch's offsets only after that, so a crash redelivers it (and the engine's
 event-id de-duplication makes the redelivery harmless).
 
-Web (on ``PROMO_WEB_HOST:PROMO_WEB_PORT``): ``/metrics`` (Prometheus), ``/livez`` (process up),
-``/readyz`` (Redis answers PING, partitions assigned, not rebalancing; 503 otherwise).
+An exception the handler lets out (:mod:`stream.faults`: not transient, not one event's fault) stops the worker
+process at once (:func:`stop_worker`: one line on stderr, exit status :data:`EXIT_STOPPED`), before Faust could
+acknowledge the batch in hand: Faust's ``take_events`` acknowledges a batch's events when the agent leaves it,
+however it leaves it, and would otherwise restart the agent in-process with those events committed and lost.
+
+Web (on ``PROMO_WEB_HOST:PROMO_WEB_PORT``): ``/metrics`` (Prometheus), ``/livez`` (process up), ``/readyz``
+(200 when Redis and the broker answer, no batch step is retrying a transient error, partitions are assigned
+and no rebalance is in progress; 503 otherwise, the body says which).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
+from typing import NoReturn
 
 import faust
 from prometheus_client import generate_latest
@@ -22,11 +30,45 @@ from models.engine import Engine
 from models.state import RedisStore
 from stream import metrics as m
 from stream.errors import PromoError
-from stream.handler import BatchHandler, Health, RawMessage
+from stream.faults import Verdict, WorkerStop, classify_fault, describe
+from stream.handler import BatchHandler, RawMessage
+from stream.health import BrokerProbe, Health
+from stream.logguard import LogGuard, fetch_probes
 from stream.settings import Settings
 
 log = logging.getLogger("promo.worker")
 VERSION = "0.1.0"
+
+EXIT_STOPPED = 3
+"""Exit status of a worker stopped by its error policy (a bug, lost state or log, too many dead letters)."""
+
+
+def stop_worker(line: str, exc: BaseException | None = None) -> NoReturn:
+    """Stop this worker process now, without acknowledging anything more: log ``line`` (what happened, what to
+    do), print it as the CLI's one-line error, exit :data:`EXIT_STOPPED`. ``os._exit`` on purpose: a normal
+    shutdown would let Faust acknowledge and commit the batch in hand; the group redelivers it instead."""
+    if exc is not None and not isinstance(exc, WorkerStop):
+        log.error("unexpected error in the worker (traceback for the developers):", exc_info=exc)
+    log.critical("stopping the worker: %s", line)
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    try:
+        sys.stderr.write(f"promo: error: worker stopped: {line}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_STOPPED)
+
+
+def stop_line(exc: BaseException, where: str) -> str:
+    """The one line for an exception that stops the worker."""
+    if isinstance(exc, WorkerStop):
+        return str(exc)
+    return (f"{describe(exc)} while {where}; this is not a transient Redis or Kafka error nor one event's fault, "
+            "so the batch was not acknowledged and the consumer group redelivers it; see the traceback above, "
+            "fix the cause, restart the worker")
 
 
 def _credentials(settings: Settings):
@@ -105,6 +147,14 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
     app = base_app(settings)
     health = Health()
+    probe = BrokerProbe(settings)
+    guard = LogGuard(lambda wanted: fetch_probes(settings.kafka_client_kwargs(), wanted),
+                     load_marks=lambda: load_log_marks(settings, state["engine"]),
+                     on_reset=lambda topic, partition: m.LOG_RESETS.inc())
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app, assigned, **kwargs) -> None:  # verify every partition's log again
+        guard.assigned()
     if engine is None:
         engine = build_engine(settings)
     m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
@@ -128,7 +178,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         from stream.relearn import fetch_ranges
 
         handler = BatchHandler(settings, state["engine"], send, health,
-                               fetch=lambda ranges: fetch_ranges(settings, ranges))
+                               fetch=lambda ranges: fetch_ranges(settings, ranges), guard=guard,
+                               save_marks=lambda fields: save_log_marks(settings, state["engine"], fields))
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             msgs = [
                 RawMessage(
@@ -137,7 +188,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 )
                 for e in batch
             ]
-            await handler.handle(msgs)
+            await run_batch(handler, msgs, settings.shutdown_grace_s)
 
     async def is_ready() -> tuple[bool, dict]:
         eng = state["engine"]
@@ -145,26 +196,44 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             redis_ok = bool(eng) and await asyncio.wait_for(eng.store.ping(), 1.0)
         except Exception:
             redis_ok = False
+        kafka_ok, kafka_error = await probe.check()
         try:
             assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_events]
         except Exception:
             assigned = []
         rebalancing = bool(app.rebalancing)
-        ok = redis_ok and bool(assigned) and not rebalancing
+        errors = dict(health.failing)
+        if not redis_ok:
+            errors.setdefault("redis", f"no answer to PING at {settings.redis_url_safe}")
+        if not kafka_ok:
+            errors.setdefault("kafka", f"{kafka_error} (broker {settings.kafka_bootstrap})")
+        ok = not errors and bool(assigned) and not rebalancing
         m.READY.set(1 if ok else 0)
         m.ASSIGNED_PARTITIONS.set(len(assigned))
+        for comp in ("redis", "kafka"):
+            m.COMPONENT_UP.labels(component=comp).set(0 if comp in errors else 1)
         return ok, {
-            "ready": ok, "redis": redis_ok, "assigned_partitions": sorted(tp.partition for tp in assigned),
-            "rebalancing": rebalancing, "last_error": health.last_error,
+            "ready": ok, "redis": "redis" not in errors, "kafka": "kafka" not in errors, "errors": errors,
+            "assigned_partitions": sorted(tp.partition for tp in assigned), "rebalancing": rebalancing,
+            "last_error": health.last_error,
         }
 
     @app.timer(interval=settings.maintenance_interval_s)
     async def maintenance() -> None:
-        """Expiry sweep, budgets, quality gauges and a model snapshot; a failure is logged, never fatal."""
+        """Expiry sweep, budgets, quality gauges and a model snapshot. A transient error skips this period (the
+        next one tries again; every step is idempotent); anything else stops the worker, as in the batch loop."""
         try:
             await run_maintenance(settings, state["engine"])
-        except Exception as exc:  # Redis down: the agent's retry loop reports it; try again next period
-            log.warning("maintenance skipped: %s: %s", type(exc).__name__, exc)
+            if guard.dirty:
+                guard.dirty = False
+                await save_log_marks(settings, state["engine"], guard.encoded())
+        except Exception as exc:
+            fault = classify_fault(exc)
+            if fault.verdict is not Verdict.RETRY:
+                stop_worker(stop_line(exc, "running the maintenance timer (sweep, budgets, snapshot)"), exc)
+            m.TRANSIENT_ERRORS.labels(component=fault.component or "redis", kind=fault.kind).inc()
+            log.warning("maintenance skipped this period (%s, transient); next try in %.0fs", describe(exc),
+                        settings.maintenance_interval_s)
 
     forget_topic = app.topic(settings.topic_forget, key_type=bytes, value_type=bytes, internal=False)
 
@@ -215,6 +284,46 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     app.promo_state = state  # type: ignore[attr-defined]
     return app
+
+
+async def run_batch(handler: BatchHandler, msgs: list[RawMessage], grace_s: float) -> None:
+    """Hand one batch to the handler; every way out but success stops the worker before Faust acknowledges it.
+
+    On cancellation (SIGTERM, Ctrl-C) the batch gets ``grace_s`` to finish: if it does, the normal shutdown
+    acknowledges it; if not (say Redis is down and it is retrying), the process exits without acknowledging it.
+    """
+    task = asyncio.ensure_future(handler.handle(msgs))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            done, _ = await asyncio.wait({task}, timeout=grace_s)
+            if not done:
+                first = msgs[0] if msgs else None
+                where = f" from {first.topic}[{first.partition}]@{first.offset}" if first else ""
+                log.warning("stopping with a batch of %d message(s)%s still in progress after %.0fs: it is not "
+                            "acknowledged, the consumer group redelivers it", len(msgs), where, grace_s)
+                logging.shutdown()
+                os._exit(0)
+        if not task.cancelled() and task.exception() is not None:
+            stop_worker(stop_line(task.exception(), "applying a batch"), task.exception())
+        raise  # the batch completed: let Faust shut down normally (it acknowledges the batch)
+    except BaseException as exc:
+        stop_worker(stop_line(exc, "applying a batch"), exc)
+
+
+def log_marks_key(settings: Settings) -> str:
+    """Redis hash of the last message each partition's worker processed (:mod:`stream.logguard`)."""
+    return f"{settings.redis_prefix}:logmarks"
+
+
+async def load_log_marks(settings: Settings, engine: Engine) -> dict:
+    return LogGuard.decoded(await engine.store.r.hgetall(log_marks_key(settings)))
+
+
+async def save_log_marks(settings: Settings, engine: Engine, fields: dict[str, str]) -> None:
+    if fields:
+        await engine.store.r.hset(log_marks_key(settings), mapping=fields)
 
 
 def build_engine(settings: Settings) -> Engine:

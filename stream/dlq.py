@@ -18,22 +18,20 @@ dead-lettered and everything else is the consumer's problem):
   the partition), with the exception type and message as ``error``. ``internal_error`` is deliberately NOT in
   ``REASONS`` (those describe the *input*); :data:`DLQ_REASONS` is the full, fixed set of DLQ reasons and of
   ``promo_events_invalid_total{reason}`` label values, so that counter always equals the DLQ rate.
-* Infrastructure failures (Redis/Kafka connection errors, timeouts, ``OSError``) are *retriable*: the message
-  is fine, the world is not. :func:`retriable` says so; the worker must retry or crash, never dead-letter them.
-  :func:`classify` still returns ``("internal_error", ...)`` for them if asked.
+* Infrastructure failures (Redis/Kafka connection errors, timeouts, a full or busy Redis) are never
+  dead-lettered: the message is fine, the world is not. :func:`stream.faults.classify_fault` gives every
+  exception its verdict (retry, dead-letter, stop); the worker retries or stops. :func:`classify` still returns
+  ``("internal_error", ...)`` for them if asked.
 
 >>> from stream.validation import InvalidEvent
 >>> classify(InvalidEvent("wrong_type", "user_id must be a string, got integer 7"))
 ('wrong_type', 'user_id must be a string, got integer 7')
 >>> classify(ZeroDivisionError("division by zero"))
 ('internal_error', 'ZeroDivisionError: division by zero')
->>> retriable(ConnectionRefusedError(111, "Connection refused")), retriable(KeyError("x"))
-(True, False)
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from typing import Callable
@@ -95,34 +93,6 @@ def classify(exc: BaseException) -> tuple[str, str]:
                 return INTERNAL_ERROR, f"handler for {exc_type.__name__} returned unknown reason {reason!r}: {error}"
             return reason, error
     return _unexpected(exc)  # BaseException that is not an Exception
-
-
-def _retriable_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [OSError, asyncio.TimeoutError, TimeoutError]
-    try:
-        import redis.exceptions as rex
-
-        types += [rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.TryAgainError,
-                  rex.ClusterDownError, rex.ReadOnlyError]
-    except ImportError:  # pragma: no cover - redis is a dependency
-        pass
-    try:
-        import aiokafka.errors as kex
-
-        types += [kex.KafkaConnectionError, kex.KafkaTimeoutError, kex.RequestTimedOutError,
-                  kex.NotLeaderForPartitionError, kex.LeaderNotAvailableError, kex.NodeNotReadyError]
-    except ImportError:  # pragma: no cover - aiokafka is a dependency
-        pass
-    return tuple(types)
-
-
-RETRIABLE: tuple[type[BaseException], ...] = _retriable_types()
-"""Infrastructure exceptions: retry (or crash and let Kafka redeliver), never dead-letter."""
-
-
-def retriable(exc: BaseException) -> bool:
-    """True when ``exc`` is an infrastructure failure, not a property of the message."""
-    return isinstance(exc, RETRIABLE)
 
 
 def dlq_record(

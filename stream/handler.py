@@ -4,10 +4,18 @@ Order of effects for a batch (at-least-once, nothing lost, nothing applied twice
 
 1. decode + validate each message; invalid ones are dead-lettered (record with reason, raw bytes,
    topic/partition/offset) and counted;
-2. the engine applies the valid ones (de-duplicated by event id, one atomic commit per user); while Redis
-   is unreachable the batch is retried, the worker reports not-ready, and nothing is acknowledged;
-3. decisions are sent, and every send (DLQ and decisions) is awaited before the batch returns;
-4. the decisions are marked as sent. Only then does the caller acknowledge the batch's offsets.
+2. the engine applies the valid ones (de-duplicated by event id, one atomic commit per user);
+3. decisions are sent, and every send (DLQ and decisions) is acknowledged by the broker before the batch returns;
+4. the decisions are marked as sent, item contributions applied, the models taught. Only then does the caller
+   acknowledge the batch's offsets.
+
+Every exception has a verdict (:mod:`stream.faults`): a transient Redis or Kafka error is retried with back-off,
+the step where it happened resumes (a batch whose commit failed half-way continues with the users not committed,
+:class:`models.engine.BatchProgress`; a record whose ack failed is sent again), ``/readyz`` answers 503 meanwhile
+(:class:`stream.health.Health`) and nothing is acknowledged. Any other exception while applying the batch is
+pinned down by applying the events not yet committed one by one: an event that fails alone against a healthy
+store is dead-lettered (``internal_error``), unless too many do (:class:`stream.faults.DlqLimit`). Anything else
+propagates: the agent stops the worker process without acknowledging the batch, and the group redelivers it.
 """
 
 from __future__ import annotations
@@ -16,14 +24,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from models import failpoints
-from models.engine import Engine
+from models.engine import BatchProgress, BatchResult, Engine
+from models.events import Event
 from models.privacy import pseudonymise
 from stream import metrics as m
-from stream.dlq import classify, dlq_record, retriable
+from stream.dlq import classify, dlq_record
+from stream.faults import Backoff, DlqLimit, Fault, Verdict, WorkerStop, classify_fault, describe
+from stream.health import Health
+from stream.logguard import LogGuard
 from stream.settings import Settings
 from stream.validation import Limits, decode_event
 
@@ -31,6 +43,8 @@ log = logging.getLogger("promo.worker")
 
 # send(topic, key, value, headers) -> awaitable that completes when the broker acknowledged the record
 SendFn = Callable[[str, bytes | None, bytes, list | None], Awaitable[Awaitable]]
+
+__all__ = ["BatchHandler", "Health", "Outbox", "RawMessage"]
 
 
 @dataclass(slots=True)
@@ -43,19 +57,76 @@ class RawMessage:
     recv_ns: int  # time.perf_counter_ns() at receipt
 
 
-class Health:
-    """What ``/readyz`` reports besides the consumer's own state."""
+@dataclass(slots=True)
+class _Record:
+    topic: str
+    key: bytes | None
+    value: bytes
+    fault_point: str | None = None  # a failpoint that may fail this record's ack (tests only)
 
-    def __init__(self) -> None:
-        self.redis_ok = True
-        self.last_error: str | None = None
+
+class Outbox:
+    """The records one batch sends (DLQ records, decisions): sent at once, every ack awaited by :meth:`flush`.
+
+    A record whose send or ack fails with a transient Kafka error is sent again (only that record) after a
+    back-off, through ``retry``; any other failure propagates. So a batch is acknowledged only when all its
+    records are on the broker, and a failed ack never makes the agent drop or skip anything.
+    """
+
+    def __init__(self, send: SendFn) -> None:
+        self.send = send
+        self._inflight: list[tuple[_Record, Awaitable | BaseException]] = []
+
+    async def put(self, topic: str, key: bytes | None, value: bytes, fault_point: str | None = None) -> None:
+        rec = _Record(topic, key, value, fault_point)
+        self._inflight.append((rec, await self._start(rec)))
+
+    async def _start(self, rec: _Record) -> Awaitable | BaseException:
+        try:
+            fut = await self.send(rec.topic, rec.key, rec.value, None)
+        except Exception as exc:  # the producer refused it at once (no metadata, closed, ...): decided in flush
+            return exc
+        if rec.fault_point is not None and failpoints.fault(rec.fault_point):
+            from aiokafka.errors import KafkaTimeoutError
+
+            return KafkaTimeoutError(f"failpoint {rec.fault_point} (PROMO_FAILPOINT): this ack fails")
+        return fut
+
+    async def _acks(self) -> list[tuple[_Record, BaseException]]:
+        """Wait for every record in flight; the ones that failed, with their errors."""
+        inflight, self._inflight = self._inflight, []
+        futs = [f for _, f in inflight if not isinstance(f, BaseException)]
+        results = iter(await asyncio.gather(*futs, return_exceptions=True))
+        failed = []
+        for rec, f in inflight:
+            res = f if isinstance(f, BaseException) else next(results)
+            if isinstance(res, BaseException):
+                failed.append((rec, res))
+        return failed
+
+    async def flush(self, retry) -> None:
+        """Return when every record is acknowledged; ``retry(what, fn, component)`` runs the re-sends."""
+
+        async def attempt() -> None:
+            failed = await self._acks()
+            if failed:
+                for rec, _ in failed:  # sent again now; the retry loop waits and calls attempt() again
+                    self._inflight.append((rec, await self._start(rec)))
+                raise failed[0][1]
+
+        if self._inflight:
+            await retry(f"sending {len(self._inflight)} record(s) to the broker", attempt, "kafka")
 
 
 class BatchHandler:
     def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None,
-                 fetch=None) -> None:
+                 fetch=None, on_recovered=None, guard: LogGuard | None = None, save_marks=None) -> None:
         """``fetch(ranges) -> {(topic, partition): [message value, ...]}`` reads offsets ``[start, end)`` back
-        (:func:`stream.relearn.fetch_ranges`); without it, learning lost with a previous worker is only reported."""
+        (:func:`stream.relearn.fetch_ranges`); without it, learning lost with a previous worker is only reported.
+        ``on_recovered(component)``: awaited when a component that was failing answers again (the worker checks
+        that Redis still holds its state there); it may raise :class:`stream.faults.WorkerStop`.
+        ``guard``: checks the broker's log before a partition is consumed (:mod:`stream.logguard`);
+        ``save_marks(fields)`` persists its marks when a replaced log was accepted."""
         self.settings = settings
         self.engine = engine
         self.send = send
@@ -68,7 +139,11 @@ class BatchHandler:
         )
         self._seen_partitions: set[tuple[str, int]] = set()
         self.fetch = fetch
+        self.on_recovered = on_recovered
+        self.guard = guard
+        self.save_marks = save_marks
         self.relearn_max = settings.relearn_max_events
+        self.dlq_limit = DlqLimit(settings.dlq_max_ratio, settings.dlq_window, settings.dlq_max_consecutive)
 
     def _check_learning_gap(self, msgs: list[RawMessage]) -> dict[tuple[str, int], tuple[int, int]]:
         """At a partition's first batch: events between the restored model snapshot and where consumption
@@ -134,42 +209,61 @@ class BatchHandler:
             if msg.offset >= learned.get(tp, 0):
                 learned[tp] = msg.offset + 1
 
-    async def _retry(self, what: str, fn):
-        """Run ``fn()`` until it succeeds; infrastructure errors are retried, anything else raises."""
+    async def _retry(self, what: str, fn, component: str = "redis"):
+        """Run ``fn()`` until it succeeds. Transient errors (:func:`stream.faults.classify_fault`) are retried with
+        back-off while ``/readyz`` answers 503 for the component; anything else raises. ``component`` is whom a
+        transient error that names none (a bare timeout) is blamed on."""
+        backoff = Backoff(self.settings.redis_retry_s, self.settings.retry_max_s)
+        failing: set[str] = set()
         attempt = 0
         while True:
             try:
                 out = await fn()
-                if not self.health.redis_ok:
-                    log.info("Redis is reachable again; resuming")
-                self.health.redis_ok = True
-                return out
             except Exception as exc:
-                if not retriable(exc):
+                fault = classify_fault(exc)
+                if fault.verdict is not Verdict.RETRY:
                     raise
                 attempt += 1
-                m.REDIS_ERRORS.inc()
-                self.health.redis_ok = False
-                self.health.last_error = f"{type(exc).__name__}: {exc}"
-                if attempt == 1 or attempt % 20 == 0:
-                    log.error(
-                        "%s failed (%s); retrying every %.1fs, batch not acknowledged. Check Redis at %s "
-                        "(PROMO_REDIS_URL)", what, self.health.last_error, self.settings.redis_retry_s,
-                        self.settings.redis_url_safe,
-                    )
-                await asyncio.sleep(self.settings.redis_retry_s)  # back-off while Redis is down
+                failing.add(self._transient(what, fault, exc, attempt, component))
+                await asyncio.sleep(backoff.next())
+                continue
+            for comp in sorted(failing):
+                if self.health.recover(comp):
+                    log.info("%s answers again after %d failed attempt(s) at %s; resuming", comp, attempt, what)
+                    if self.on_recovered is not None:
+                        await self.on_recovered(comp)
+            return out
+
+    def _transient(self, what: str, fault: Fault, exc: BaseException, attempt: int, default: str) -> str:
+        comp = fault.component or default
+        m.TRANSIENT_ERRORS.labels(component=comp, kind=fault.kind).inc()
+        if comp == "redis":
+            m.REDIS_ERRORS.inc()
+        self.health.fail(comp, describe(exc))
+        if attempt == 1 or attempt % 20 == 0:
+            where = (f"check Redis at {self.settings.redis_url_safe} (PROMO_REDIS_URL)" if comp == "redis" else
+                     f"check the broker at {self.settings.kafka_bootstrap} (PROMO_KAFKA_BOOTSTRAP)")
+            log.error("%s failed (%s, transient: %s %s, attempt %d); retrying with back-off, /readyz answers 503 "
+                      "and the batch is not acknowledged meanwhile; %s", what, describe(exc), comp, fault.kind,
+                      attempt, where)
+        return comp
 
     async def handle(self, msgs: list[RawMessage]) -> None:
         t0 = time.perf_counter_ns()
         now_ms = time.time_ns() // 1_000_000
+        if self.guard is not None:  # before anything of a partition is applied: is it still the log we read?
+            first: dict[tuple[str, int], int] = {}
+            for msg in msgs:
+                first.setdefault((msg.topic, msg.partition), msg.offset)
+            await self._retry("checking the broker's log", lambda: self.guard.check(first), "kafka")
         gaps = self._check_learning_gap(msgs)
         if gaps:  # before this batch teaches anything: labels of pending points must not expire first
             await self._relearn(gaps, now_ms)
-        valid = []
+        valid: list[Event] = []
         clear_ids: dict[str, str] = {}  # pseudonym -> clear user id, for this batch's outgoing decisions only
         msg_by_event: dict[str, RawMessage] = {}
         recv_by_event: dict[str, int] = {}
-        acks: list[Awaitable] = []
+        outbox = Outbox(self.send)
         invalid: Counter = Counter()
         first_bad = None
         for msg in msgs:
@@ -181,7 +275,7 @@ class BatchHandler:
                 if first_bad is None:
                     first_bad = f"{msg.topic}[{msg.partition}]@{msg.offset} {reason}: {error}"
                 record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
-                acks.append(await self.send(self.topic_dlq, msg.key, record, None))
+                await outbox.put(self.topic_dlq, msg.key, record)
                 continue
             if self.pseudonym_key is not None:
                 clear = ev.user_id
@@ -198,29 +292,35 @@ class BatchHandler:
                 sum(invalid.values()), self.topic_dlq, dict(invalid), first_bad,
             )
 
+        progress = BatchProgress()
         try:
             result = await self._retry("applying a batch to Redis",
-                                       lambda: self.engine.process_batch(valid, learn=False))
-        except Exception as exc:  # a bug or an event the models cannot handle: isolate it, never stop the partition
-            log.exception("batch of %d events failed (%s); retrying event by event", len(valid), exc)
-            result, poison = await self._one_by_one(valid)
-            for ev, exc in poison:
-                msg = msg_by_event[ev.event_id]
-                reason, error = classify(exc)
-                m.EVENTS_INVALID.labels(reason=reason).inc()
-                log.error("event %s (%s[%d]@%d) failed in the engine and was dead-lettered: %s",
-                          ev.event_id, msg.topic, msg.partition, msg.offset, error)
-                record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
-                acks.append(await self.send(self.topic_dlq, msg.key, record, None))
+                                       lambda: self.engine.process_batch(valid, learn=False, progress=progress))
+            poison: list[tuple[Event, BaseException]] = []
+        except WorkerStop:
+            raise
+        except Exception as exc:  # not transient: find the event(s) it belongs to
+            result, poison = await self._isolate(progress, exc)
+        self.dlq_limit.check(len(valid), len(poison))  # raises WorkerStop before anything is dead-lettered
+        for ev, exc in poison:
+            msg = msg_by_event[ev.event_id]
+            reason, error = classify(exc)
+            m.EVENTS_INVALID.labels(reason=reason).inc()
+            log.error("event %s (%s[%d]@%d) fails in the engine when applied alone against a healthy store, so it "
+                      "is dead-lettered: %s; after a fix, send it back from %s", ev.event_id, msg.topic,
+                      msg.partition, msg.offset, error, self.topic_dlq)
+            await outbox.put(self.topic_dlq, msg.key,
+                             dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset))
 
+        if result.new_events and failpoints.fault("bug"):
+            raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
         decisions = result.to_send()
         for d in result.decisions:
             d.latency_ms = round((time.perf_counter_ns() - recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
-            acks.append(await self._send_decision(d, clear_ids))
+            await outbox.put(*self._decision_record(d, clear_ids), fault_point="decision_ack")
         for d in result.resend:
-            acks.append(await self._send_decision(d, clear_ids))
-        if acks:
-            await asyncio.gather(*acks)  # durable on the broker before the batch is acknowledged
+            await outbox.put(*self._decision_record(d, clear_ids), fault_point="decision_ack")
+        await outbox.flush(self._retry)  # durable on the broker before the batch is acknowledged
         sent_ns = time.perf_counter_ns()
         if decisions:
             failpoints.hit("sent")
@@ -230,32 +330,69 @@ class BatchHandler:
         # A crash before this line loses only this batch's learning, never state or decisions.
         await self._retry("learning from a batch", lambda: self.engine.learn(result))
         self._mark_learned(msgs)
+        if self.guard is not None:
+            last = {(msg.topic, msg.partition): msg for msg in msgs}  # a partition's messages come in order
+            for msg in last.values():
+                self.guard.processed(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+            if self.guard.urgent and self.save_marks is not None:
+                await self._retry("saving the log marks", lambda: self.save_marks(self.guard.encoded()))
+                self.guard.urgent = False
         if result.new_events:
             failpoints.hit("learnt")
 
         self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
 
-    async def _send_decision(self, d, clear_ids: dict[str, str]):
-        """Send with the shop's own user id (the engine keeps only the pseudonym when pseudonymising)."""
+    def _decision_record(self, d, clear_ids: dict[str, str]) -> tuple[str, bytes, bytes]:
+        """Topic, key and value of a decision, with the shop's own user id (the engine keeps only the pseudonym
+        when pseudonymising)."""
         if clear_ids and d.user_id in clear_ids:
-            from dataclasses import replace
-
             d = replace(d, user_id=clear_ids[d.user_id])
-        return await self.send(self.topic_decisions, d.user_id.encode(), d.to_json(), None)
+        return self.topic_decisions, d.user_id.encode(), d.to_json()
 
-    async def _one_by_one(self, events):
-        from models.engine import BatchResult
+    async def _isolate(self, progress: BatchProgress, exc: BaseException
+                       ) -> tuple[BatchResult, list[tuple[Event, BaseException]]]:
+        """The batch failed with a non-transient error: apply the events not yet committed one at a time (in order
+        per user). An event that fails alone while the store answers is poison; the rest are applied."""
+        remaining = progress.remaining()
+        log.error("applying a batch failed (%s); applying its %d events not yet committed one by one to find the "
+                  "event(s) it belongs to", describe(exc), len(remaining), exc_info=exc)
+        progress.pending = {}  # what was committed stays in the result; finish the batch's own bookkeeping
+        result = await self._retry("finishing a batch", lambda: self.engine.process_batch([], learn=False,
+                                                                                          progress=progress))
+        poison: list[tuple[Event, BaseException]] = []
+        for ev in remaining:
+            sub = BatchProgress()
+            backoff = Backoff(self.settings.redis_retry_s, self.settings.retry_max_s)
+            healthy_before = False  # the store answered before this attempt
+            while True:
+                try:
+                    r = await self._retry(f"applying event {ev.event_id} alone",
+                                          lambda ev=ev, sub=sub: self.engine.process_batch([ev], learn=False,
+                                                                                           progress=sub))
+                except WorkerStop:
+                    raise
+                except Exception as exc1:
+                    healthy_now = await self._store_answers()
+                    if healthy_before and healthy_now:  # failed alone against a store that answered throughout
+                        poison.append((ev, exc1))
+                        break
+                    if not healthy_now:  # not deterministic: the store failed meanwhile
+                        self._transient(f"applying event {ev.event_id} alone",
+                                        Fault(Verdict.RETRY, "redis", "connection"), exc1, 1, "redis")
+                        await asyncio.sleep(backoff.next())
+                    healthy_before = healthy_now
+                    continue
+                result.merge(r)
+                break
+        if self.health.recover("redis"):
+            log.info("Redis answers again; resuming")
+        return result, poison
 
-        total, poison = BatchResult(), []
-        for ev in events:
-            try:
-                r = await self._retry("applying an event to Redis",
-                                      lambda ev=ev: self.engine.process_batch([ev], learn=False))
-            except Exception as exc:
-                poison.append((ev, exc))
-                continue
-            total.merge(r)
-        return total, poison
+    async def _store_answers(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.engine.store.ping(), 2.0))
+        except Exception:
+            return False
 
     def _observe(self, msgs, result, recv_by_event, t0, sent_ns, now_ms) -> None:
         # metrics ---------------------------------------------------------------------------------

@@ -57,6 +57,35 @@ DECISIONS_RESENT = Counter(
 READY = Gauge("promo_worker_ready", "1 when the worker is ready (Redis up, partitions assigned)", registry=REGISTRY)
 ASSIGNED_PARTITIONS = Gauge("promo_assigned_partitions", "Partitions of the events topic assigned", registry=REGISTRY)
 REDIS_ERRORS = Counter("promo_redis_errors", "Redis operations that failed and were retried", registry=REGISTRY)
+TRANSIENT_ERRORS = Counter(
+    "promo_transient_errors",
+    "Transient infrastructure errors the batch loop retried, by component (redis, kafka) and kind "
+    "(stream.faults.KINDS: connection, timeout, oom, busy, loading, readonly, ...)",
+    ["component", "kind"], registry=REGISTRY,
+)
+LOG_RESETS = Counter(
+    "promo_log_resets",
+    "Partitions whose log the broker lost and that were consumed again from the new log's start "
+    "(stream.logguard)", registry=REGISTRY,
+)
+COMPONENT_UP = Gauge(
+    "promo_dependency_up", "1 when the dependency answers and no batch step is retrying against it",
+    ["component"], registry=REGISTRY,
+)
+
+
+def _init_fault_series() -> None:
+    """Export every (component, kind) of the transient-error counter from the start, at 0, so that rates and
+    dashboards work before the first fault (label values are fixed: stream.faults.COMPONENTS and KINDS)."""
+    from stream.faults import COMPONENTS, KINDS
+
+    for comp in COMPONENTS:
+        COMPONENT_UP.labels(component=comp)
+        for kind in KINDS:
+            TRANSIENT_ERRORS.labels(component=comp, kind=kind)
+
+
+_init_fault_series()
 FORGOTTEN = Counter("promo_users_forgotten", "Users whose data was deleted on request", registry=REGISTRY)
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
 

@@ -208,7 +208,7 @@ async def produce_events(
     from aiokafka.errors import KafkaError
 
     from stream.cli import PromoError
-    from stream.dlq import retriable
+    from stream.faults import transient
 
     topic = topic or settings.topic_events
     pacer = Pacer(rate, 0.0)  # validates rate before connecting
@@ -234,7 +234,7 @@ async def produce_events(
                         await fut
                         sent += n
                     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-                        if retriable(exc):  # the broker is gone or not answering: stop, don't spin
+                        if transient(exc):  # the broker is gone or not answering: stop, don't spin
                             raise _BrokerLost(exc) from exc
                         failed += n  # this batch was refused; carry on with the rest
                         note(f"{n} messages not delivered: {type(exc).__name__}: {exc}")

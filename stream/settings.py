@@ -59,7 +59,24 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         10.0, gt=0, le=90, description="a worker silent this long (e.g. kill -9) leaves the group; joins wait on it"
     )
-    redis_retry_s: float = Field(0.5, gt=0, description="pause between retries while Redis is down")
+    redis_retry_s: float = Field(
+        0.5, gt=0, description="first pause before retrying a transient Redis or Kafka error; it doubles on each "
+        "retry up to PROMO_RETRY_MAX_S"
+    )
+    retry_max_s: float = Field(5.0, gt=0, description="longest pause between two retries of a transient error")
+    dlq_max_ratio: float = Field(
+        0.01, gt=0, le=1, description="the worker stops instead of dead-lettering when the engine fails on more "
+        "than this share of the last PROMO_DLQ_WINDOW schema-valid events (a bug or a broken dependency, not bad "
+        "input); invalid input is not counted"
+    )
+    dlq_window: int = Field(1000, ge=1, description="schema-valid events the dead-letter ratio is taken over")
+    dlq_max_consecutive: int = Field(
+        50, ge=1, description="the worker stops when the engine fails on this many schema-valid events in a row"
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long a batch in progress may take to finish before the worker "
+        "exits without acknowledging it (the group redelivers it)"
+    )
     log_level: str = "INFO"
 
     # --- embedded stack ---------------------------------------------------------------------

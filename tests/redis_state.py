@@ -19,11 +19,14 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
 * **The profile's commit counter** (hash field ``ver`` of ``{u:<user>}:p``, :data:`EXCLUDED_HASH_FIELDS`): the
   optimistic-concurrency version, incremented once per successful commit, i.e. per batch that held the user's
   events; how a user's events were split into batches depends on timing. (Events applied twice would show in
-  the profile itself and in the markers, which are compared.)
+  the profile itself and in the markers, which are compared.) Likewise its commit token (field ``tok``), unique per
+  engine instance and commit (``models.engine.BatchProgress``: a commit in doubt is recognised by it).
 * **Model snapshot blobs** (keys matching :data:`EXCLUDED_KEY_PATTERNS`: ``<prefix>:models:snapshot``, the
   learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's posteriors as versions before the shared
   ``<prefix>:policy`` hash kept them): copies of in-memory models written every ``maintenance_interval_s``
   seconds, so their bytes depend on when the worker happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
+* **The log marks** (``<prefix>:logmarks``, :mod:`stream.logguard`): the last message processed per partition as
+  of the last maintenance period, a timing-dependent copy of the consumer's position.
 
 What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
 (what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
@@ -52,10 +55,10 @@ import json
 import math
 from collections import Counter
 
-EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*")
+EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "logmarks")
 """Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""
 
-EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"),)
+EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"), ("{u:*}:p", "tok"))
 """(key pattern after ``<prefix>:``, hash field) pairs left out of a dump; see the module docstring."""
 
 DECISION_RUN_FIELDS: tuple[str, ...] = ("ts", "latency_ms")

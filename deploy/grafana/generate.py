@@ -370,6 +370,32 @@ def pipeline_dashboard() -> db.Dashboard:
         [_query(f"sum by (instance) ({_rate('promo_redis_errors_total')})", "{{instance}}")],
         "ops", width=6,
     ))
+
+    d = d.with_row(db.Row("Faults").id(lay.id()))
+    d = d.with_panel(_timeseries(
+        lay, "Dependencies up, per worker",
+        "promo_dependency_up: 1 when Redis / the broker answers and no batch step is retrying against it. "
+        "While it is 0 the worker holds its batch, answers 503 on /readyz and acknowledges nothing.",
+        [_query(f"min by (instance, component) (promo_dependency_up{{{SEL}}})", "{{component}} {{instance}}")],
+        "none", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Transient errors retried, by component and kind",
+        "Transient infrastructure errors the batch loop retried with back-off, per second "
+        "(promo_transient_errors_total: oom = Redis maxmemory, busy = a long Lua script, connection, timeout, ...). "
+        "None of them dead-letters an event.",
+        [_query(f"sum by (component, kind) ({_rate('promo_transient_errors_total')}) > 0 or "
+                f"sum({_rate('promo_transient_errors_total')})", "{{component}} {{kind}}")],
+        "ops", width=8,
+    ))
+    d = d.with_panel(_stat(
+        lay, "Logs lost by the broker",
+        "Partitions whose log the broker lost (a memory-only broker restarted, an unclean leader election), "
+        "consumed again from the new log's start (promo_log_resets_total). A worker whose committed offsets "
+        "belong to a lost log stops instead, naming the partition.",
+        _query(f"sum(promo_log_resets_total{{{SEL}}})", "partitions"), "none",
+        thresholds=_thresholds((None, "green"), (1, "red")), width=8, height=8, decimals=0,
+    ))
     return d
 
 

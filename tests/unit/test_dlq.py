@@ -17,7 +17,6 @@ from stream.dlq import (
     dlq_record,
     raw_from_record,
     register,
-    retriable,
     unregister,
 )
 from stream.validation import REASONS, InvalidEvent, Limits, decode_event
@@ -128,12 +127,17 @@ def test_register_a_custom_mapping_and_bad_handler_reason():
     assert classify(InvalidEvent("bad_value", "v"))[0] == "bad_value"
 
 
-def test_retriable_infrastructure_errors():
+def test_infrastructure_errors_are_transient_never_dead_letter_reasons():
     import aiokafka.errors as kex
     import redis.exceptions as rex
 
+    from stream.faults import transient
+
     for exc in (rex.ConnectionError("down"), rex.TimeoutError(), ConnectionResetError(), asyncio.TimeoutError(),
-                kex.KafkaConnectionError(), kex.KafkaTimeoutError()):
-        assert retriable(exc), exc
-    for exc in (InvalidEvent("bad_json", "x"), KeyError("k"), rex.ResponseError("WRONGTYPE"), ValueError()):
-        assert not retriable(exc), exc
+                kex.KafkaConnectionError(), kex.KafkaTimeoutError(), rex.ResponseError("BUSY Redis is busy"),
+                rex.OutOfMemoryError("command not allowed"), rex.BusyLoadingError("loading"),
+                rex.ReadOnlyError("You can't write against a read only replica.")):
+        assert transient(exc), exc
+    for exc in (InvalidEvent("bad_json", "x"), KeyError("k"), rex.ResponseError("WRONGTYPE"), ValueError(),
+                rex.AuthenticationError("invalid password")):
+        assert not transient(exc), exc
