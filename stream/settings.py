@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     attribution_window_s: int = Field(86_400, ge=60)
     recommend_k: int = Field(10, ge=1, le=100)
     purchase_horizon_h: float = Field(24.0, gt=0, description="propensity label: purchase within H hours")
+    clock_idle_s: float = Field(
+        300.0, gt=0, description="a partition without events for this long (wall clock) stops holding the engine's "
+        "event-time clock back (models.clock), so one quiet partition cannot stop attribution windows from "
+        "expiring; its events that arrive later than the clock then are late (README, event time and lateness). "
+        "Keep it well above PROMO_MAINTENANCE_INTERVAL_S: other workers' partitions are refreshed at that period"
+    )
     maintenance_interval_s: float = Field(
         15.0, gt=0, description="expiry sweep, budget refresh/sweep and quality gauges period"
     )
