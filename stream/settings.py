@@ -79,7 +79,13 @@ class Settings(BaseSettings):
     max_price: float = Field(1_000_000.0, gt=0)
     max_quantity: int = Field(10_000, ge=1)
     min_ts_ms: int = Field(946_684_800_000, description="events before this (2000-01-01) are rejected")
-    max_future_skew_s: int = Field(86_400, ge=0, description="events this far after wall-clock now are rejected")
+    max_future_skew_s: int = Field(
+        300, ge=0, description="events more than this after wall-clock now are rejected (DLQ, bad_timestamp). An "
+        "event from the future has a wrong clock: NTP-synchronised devices and servers are seconds apart, while a "
+        "wrong time zone is 15 min or more; accepted, it would time its user's cooldowns, caps and attribution "
+        "windows by that clock. The engine's event-time clock never passes wall clock + this, so in live traffic "
+        "no attribution window closes more than this early (models.clock)"
+    )
 
     # --- policy -----------------------------------------------------------------------------
     catalogue_path: Path = DEFAULT_CATALOGUE
