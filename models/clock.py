@@ -25,8 +25,9 @@ watermark, so one wrong partition entry cannot move the clock either.
 Parameters
 ----------
 partitions
-    The partitions expected from the start (e.g. ``range(12)`` for the events topic); each holds the clock until it
-    has a watermark or has been idle ``idle_ms`` since the clock was made.
+    The partitions expected (e.g. ``range(12)`` for the events topic): from the first event observed with a
+    partition on, each holds the clock until it has a watermark or has been idle ``idle_ms``. (Events observed
+    without a partition, as one stream, leave them out.)
 window
     Recent event times kept per partition.
 quantile
@@ -125,9 +126,7 @@ class EventClock:
         self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self.time_ms = 0  # the clock: event-time "now" (0 until the first watermark)
         self._parts: dict[Hashable, _Partition] = {}
-        now = self.wall_ms()
-        for partition in partitions:
-            self._get(partition).seen_ms = now  # expected: holds the clock from now until it has a watermark
+        self._expected = list(partitions)  # registered at the first event observed with a partition
 
     def __repr__(self) -> str:
         marks = {k: p.watermark for k, p in self._parts.items()}
@@ -146,6 +145,11 @@ class EventClock:
         """Record one event time of ``partition`` (a Kafka partition number; ``None`` for a single stream)."""
         p = self._parts.get(partition)
         if p is None:
+            if self._expected and partition is not None:
+                now = self.wall_ms()
+                for q in self._expected:  # from now on each holds the clock until it has a watermark (or is idle)
+                    self._get(q).seen_ms = now
+                self._expected = []
             p = self._get(partition)
         p.recent.append(ts_ms)
         p.fresh = True

@@ -180,3 +180,5 @@ def test_a_partition_expected_from_the_start_holds_the_clock_until_it_shows_wher
     feed(quiet, 0, [T0 + i for i in range(10)])
     wall.ms += 60_001  # partitions 1 and 2 never had an event: after idle_ms they stop holding it
     assert feed(quiet, 0, [T0 + 10]) == T0 + 5
+    one_stream = clock(wall, partitions=range(3))  # events without a partition (no worker): nothing expected
+    assert feed(one_stream, None, [T0 + i for i in range(5)]) == T0 + 2
