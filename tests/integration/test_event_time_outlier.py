@@ -263,3 +263,28 @@ def test_one_event_23h_ahead_expires_no_open_decision_early_even_after_a_restart
     assert max(marks.values()) < poller.stream_ms[-1] + 1 and min(marks.values()) > poller.stream_ms[-1] - 30 * MIN
     print(f"{len(decisions)} decisions, {len(expired)} expired by the clock, {len(poller.closed) - len(expired)} "
           f"closed by purchases, {len(open_)} open at the end; {poller.polls} polls; clock {marks}")
+
+
+def test_published_watermarks_only_rise_and_every_workers_come_back(redis_url):
+    """``RedisStore.sync_clock``: one Lua call keeps the larger watermark and wall time per partition (a worker that
+    lost a partition in a rebalance cannot move it back) and returns every worker's entries."""
+    import asyncio
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from models.state import RedisStore
+
+    async def go():
+        store = RedisStore(aioredis.Redis.from_url(redis_url), prefix="t" + uuid.uuid4().hex[:8])
+        try:
+            assert await store.sync_clock({"0": [1_000, 50], "1": [2_000, 60]}) == {"0": [1_000, 50], "1": [2_000, 60]}
+            # another worker: partition 1 behind (it lost it), partition 2 its own
+            got = await store.sync_clock({"1": [1_500, 70], "2": [3_000, 80]})
+            assert got == {"0": [1_000, 50], "1": [2_000, 70], "2": [3_000, 80]}
+            assert await store.sync_clock({}) == got  # reading only
+            await store.r.delete(store.clock_key)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
