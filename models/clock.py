@@ -10,11 +10,11 @@ each partition's own watermark made robust to outliers:
   defaults at least 3 of the first 5 and 17 of the last 32;
 * **over partitions**: the clock is the lowest watermark of the *active* partitions (a low watermark: it trails
   every partition that still delivers events). A partition without a watermark yet holds the clock where it is:
-  one observed with too few events, and one of ``partitions`` (the topic's, known from the start) not observed at
-  all, as Flink holds an input that has sent nothing; otherwise a partition that is not consumed yet, behind the
-  others, would find the clock past its events. A partition **idle** for ``idle_ms`` of wall-clock time (no event observed, no newer watermark
-  merged) stops holding the clock back, so one quiet partition cannot stop it forever; its next event makes it
-  active again. When every partition is idle the clock stays where it is;
+  one observed with too few events, and one of ``partitions`` (the topic's) not observed yet, as Flink holds an
+  input that has sent nothing; otherwise a partition consumed later than the others, behind them, would find the
+  clock past its events. A partition **idle** for ``idle_ms`` of wall-clock time (no event observed, no newer
+  watermark merged) stops holding the clock back, so one quiet partition cannot stop it forever; its next event
+  makes it active again. When every partition is idle the clock stays where it is;
 * **bounded** by wall-clock now + ``max_future_skew_ms`` (when set) and **monotone**: it never goes back.
 
 Observing only records; the clock moves in :meth:`advance`, so everything read between two calls (one batch, one

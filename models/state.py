@@ -11,8 +11,8 @@ Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one 
 
 and, shared by all users, ``<prefix>:open``: the expiry sweep's index of users with open decisions (a sorted set
 by earliest expiry), and ``<prefix>:clock``: every partition's event-time watermark and when it last had an event
-(:mod:`models.clock`; workers combine them, and a restarted worker starts from them). Applying contributions and writing that index touch keys outside the user's slot: the engine
-needs one Redis, not Cluster.
+(:mod:`models.clock`; workers combine them, and a restarted worker starts from them). Applying contributions and
+writing that index touch keys outside the user's slot: the engine needs one Redis, not Cluster.
 
 :meth:`EngineStore.commit` writes a user's markers, profile, decisions and index entry in one atomic step, and
 refuses if any marker already exists (another worker got there first during a rebalance): a batch is applied
