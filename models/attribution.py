@@ -3,12 +3,17 @@
 Rules (event time):
 
 * a decision opens a window ``[ts, ts + window)`` (default 24 h);
-* a purchase carrying the decision's ``decision_id`` closes it as ``redeemed`` (when the offer's
-  conditions hold, e.g. ``min_spend``): reward = margin of the order - offer cost;
+* a purchase carrying the decision's ``decision_id`` and timed before the window's end closes it as ``redeemed``
+  (when the offer's conditions hold, e.g. ``min_spend``): reward = margin of the order - offer cost (timed before
+  the decision too: the shop's clock may be behind the one that timed the trigger);
 * any purchase by the user inside the window closes the user's open decisions as ``converted``
   (reward = margin; the offer was not used, so it cost nothing). Only the most recent decision gets the
   order's revenue (last touch), so revenue is never counted twice;
 * a window that ends without a purchase closes as ``expired`` with reward 0 (:func:`expire`, a timer sweep).
+
+A purchase closes a decision only by its own event time, whatever the engine's clock says: an open decision whose
+window a purchase is after stays open for the sweep to expire. So what closes a decision, and how, does not depend
+on when the sweep runs, unless the purchase is processed after the sweep's clock passed the window's end.
 
 Everything here is pure: the engine keeps the open decisions (e.g. in the user's Redis hash) and calls
 :func:`close_on_purchase` / :func:`expire`; :class:`AttributionTracker` is the in-memory version.
@@ -114,14 +119,20 @@ def close_on_purchase(
 ) -> tuple[list[Closed], list[OpenDecision]]:
     """Close the user's decisions that purchase ``p`` settles; returns (closed, still open).
 
-    The decision named by ``p.decision_id`` (if open) is redeemed; other open decisions of the user whose
-    window contains ``p.ts`` convert. The most recent closed decision gets the revenue.
+    The decision named by ``p.decision_id`` (if open, and ``p.ts`` before its window's end) is redeemed; other open
+    decisions of the user whose window contains ``p.ts`` convert. The most recent closed decision gets the revenue.
+
+    >>> from models.catalogue import load_catalogue
+    >>> d = OpenDecision("d1", "u1", "coupon_5", "treatment", ts=0, expires_ms=1000)
+    >>> closed, still = close_on_purchase(load_catalogue(), [d], Purchase("u1", 1000, 80.0, decision_id="d1"))
+    >>> closed, still == [d]  # timed after the window: the decision stays open, for the sweep to expire
+    ([], True)
     """
     hits: list[OpenDecision] = []
     rest: list[OpenDecision] = []
     for d in pending:
         named = p.decision_id is not None and d.decision_id == p.decision_id
-        if d.user_id == p.user_id and (named or d.ts <= p.ts < d.expires_ms):
+        if d.user_id == p.user_id and (d.ts <= p.ts or named) and p.ts < d.expires_ms:
             hits.append(d)
         else:
             rest.append(d)

@@ -38,6 +38,7 @@ from typing import Callable
 
 from models.attribution import Closed, OpenDecision, close_on_purchase, expire, orders_from_events
 from models.catalogue import Catalogue, load_catalogue
+from models.clock import EventClock
 from models.decision import Decision, decision_id_for
 from models.events import Event
 from models.policy import DecisionContext, RulePolicy
@@ -124,6 +125,9 @@ class Engine:
         the user's most recent ones and propensity is a frequency estimate.
     decision_cooldown_s
         Minimum event time between two decisions for one user; the first ``cart`` of a user always triggers.
+    event_clock
+        Event-time "now" of the expiry sweep and of lazy expiry (:class:`models.clock.EventClock`, fed each
+        batch's event times by their ``partition``); default: one without a wall-clock bound.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class Engine:
         max_attempts: int = 5,
         budget=None,
         conversions=None,
+        event_clock: EventClock | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
@@ -153,7 +158,8 @@ class Engine:
         self.max_attempts = max_attempts
         self.budget = budget  # models.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.attribution.ConversionStats (treatment vs holdout)
-        self.watermark_ms = 0  # largest event time applied: "now" for the expiry sweep
+        # "now" in event time for the expiry sweep and lazy expiry: one event (or a few) cannot move it
+        self.clock = event_clock or EventClock(wall_ms=self.clock_ms)
         # {(topic, partition): next offset} the models have learnt up to (kept by the caller, e.g. the worker's
         # batch handler), and those of the snapshot the models were restored from: snapshots carry them
         self.learned_offsets: dict[tuple[str, int], int] = {}
@@ -218,7 +224,32 @@ class Engine:
             recommend_k=settings.recommend_k,
             budget=gate,
             conversions=ConversionStats(),
+            # every partition of the events topic holds the clock until it shows where it is (or is idle)
+            event_clock=EventClock(range(settings.partitions), idle_ms=int(settings.clock_idle_s * 1000),
+                                   max_future_skew_ms=settings.max_future_skew_s * 1000),
         )
+
+    @property
+    def watermark_ms(self) -> int:
+        """Event-time "now" of the expiry sweep: :attr:`clock`'s time (a low watermark over partitions, robust
+        to outliers and bounded by wall clock + skew; :mod:`models.clock`)."""
+        return self.clock.time_ms
+
+    def observe_clock(self, events: list[Event]) -> int:
+        """Feed the events' times to :attr:`clock` by their ``partition`` and advance it; returns its time."""
+        observe = self.clock.observe
+        for e in events:
+            observe(e.partition, e.ts)
+        return self.clock.advance()
+
+    async def sync_clock(self) -> int:
+        """Publish this worker's partition watermarks to the store and merge every worker's (so the clock is a low
+        watermark over all partitions of the topic, not only this worker's), then advance it; returns its time.
+        A store without ``sync_clock`` leaves the clock local."""
+        sync = getattr(self.store, "sync_clock", None)
+        if sync is not None:
+            self.clock.merge(await sync(self.clock.state()))
+        return self.clock.advance()
 
     # ------------------------------------------------------------------------------------------
     def is_trigger(self, e: Event, prof: Profile) -> bool:
@@ -312,7 +343,10 @@ class Engine:
                 continue
             done.add(e.event_id)
             if open_:
-                closed, open_ = expire(open_, e.ts)
+                # at the event's time, but never past the clock: an event ahead of the stream (a device with a wrong
+                # clock) closes no window early, its user's included. The clock is fixed during a batch (re-plans
+                # close the same), and what it closes here the sweep could close now anyway: same outcome
+                closed, open_ = expire(open_, min(e.ts, self.clock.time_ms))
                 plan.closed += closed
             prof.apply(e)
             plan.new_events.append(e)
@@ -391,7 +425,8 @@ class Engine:
         if progress is None:
             progress = BatchProgress()
         result = progress.result
-        if progress.pending is None:
+        if progress.pending is None:  # the batch's first attempt
+            self.observe_clock(events)  # each event's ``partition`` (set by the worker; None offline: one stream)
             progress.pending = _group(events)
         while progress.pending:
             if progress.refusals >= self.max_attempts:
@@ -400,9 +435,6 @@ class Engine:
                     "attempts: another worker keeps changing the same users (rebalance storm?)"
                 )
             await self._attempt(progress)
-        for e in result.new_events:
-            if e.ts > self.watermark_ms:
-                self.watermark_ms = e.ts
         if not progress.released:
             # re-sent decisions too: a worker killed between their commit and this line left the stale reservation
             await self._release_stale_reservations(result.decisions + result.resend)
@@ -547,8 +579,8 @@ class Engine:
                 self.conversions.export_ratios()
 
     async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
-        """Close attribution windows that expired by event time ``now_ms`` (default: the watermark) for
-        ``user_ids`` (users whose open decisions the store lists as due). Reward 0, the policy learns."""
+        """Close attribution windows that expired by event time ``now_ms`` (default: :attr:`watermark_ms`, the
+        clock) for ``user_ids`` (users whose open decisions the store lists as due). Reward 0, the policy learns."""
         now_ms = self.watermark_ms if now_ms is None else now_ms
         result = BatchResult()
         users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)

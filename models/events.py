@@ -18,7 +18,9 @@ class Event:
     """One valid event v1. ``ts`` is event time in epoch milliseconds.
 
     ``recv_ns`` is the monotonic receipt time in the worker (``time.perf_counter_ns``), used only to measure
-    decision latency; it is 0 offline.
+    decision latency; it is 0 offline. ``partition`` is the events topic partition the worker read it from, for the
+    engine's event-time clock (a watermark per partition, :mod:`models.clock`); ``None`` offline (one stream). It is
+    a transport detail, left out of ``repr`` and equality.
     """
 
     event_id: str
@@ -34,6 +36,7 @@ class Event:
     decision_id: str | None = None
     context: dict[str, Any] = field(default_factory=dict)
     recv_ns: int = 0
+    partition: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def value(self) -> float:

@@ -10,8 +10,9 @@ Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one 
   and the applied totals ``promo forget`` subtracts (:mod:`models.contrib`)
 
 and, shared by all users, ``<prefix>:open``: the expiry sweep's index of users with open decisions (a sorted set
-by earliest expiry). Applying contributions and writing that index touch keys outside the user's slot: the engine
-needs one Redis, not Cluster.
+by earliest expiry), and ``<prefix>:clock``: every partition's event-time watermark and when it last had an event
+(:mod:`models.clock`; workers combine them, and a restarted worker starts from them). Applying contributions and
+writing that index touch keys outside the user's slot: the engine needs one Redis, not Cluster.
 
 :meth:`EngineStore.commit` writes a user's markers, profile, decisions and index entry in one atomic step, and
 refuses if any marker already exists (another worker got there first during a rebalance): a batch is applied
@@ -102,6 +103,10 @@ class EngineStore(Protocol):
     async def policy_state(self) -> dict:
         """What the commits taught (``shares_policy`` stores): ``{field: value}``, posteriors and counts."""
 
+    async def sync_clock(self, state: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Publish this worker's partition watermarks (``models.clock.EventClock.state``; each entry only ever
+        rises) and return every partition's, as published by all workers."""
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -118,6 +123,7 @@ class MemoryStore:
         self.open_until: dict[str, int] = {}
         self.policy: dict[str, float] = {}
         self.tokens: dict[str, str] = {}
+        self.clock: dict[str, list[int]] = {}
 
     shares_policy = True
     """Commits carry what decisions teach (:class:`UserCommit` ``policy`` and ``counts``); see ``policy_state``."""
@@ -134,6 +140,12 @@ class MemoryStore:
 
     async def policy_state(self) -> dict:
         return dict(self.policy)
+
+    async def sync_clock(self, state):
+        for key, (mark, seen) in state.items():
+            old = self.clock.get(key, [mark, seen])
+            self.clock[key] = [max(old[0], int(mark)), max(old[1], int(seen))]
+        return {k: list(v) for k, v in self.clock.items()}
 
     async def load(self, event_ids, triggers):
         out = {}
@@ -375,6 +387,25 @@ return 1
 """
 
 
+# KEYS: [clock hash]; ARGV: [partition, watermark, seen] x n. Each field ("<watermark> <seen>") keeps the larger
+# of each, so a worker that lost a partition in a rebalance cannot move its entry back; returns the whole hash.
+_CLOCK_LUA = """
+for i = 1, #ARGV, 3 do
+  local mark, seen = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if cur then
+    local m, s = string.match(cur, '^(%-?%d+) (%-?%d+)$')
+    if m then
+      mark = math.max(mark, tonumber(m))
+      seen = math.max(seen, tonumber(s))
+    end
+  end
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.0f %.0f', mark, seen))
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
 class RedisStore:
     """The production store on redis-py's asyncio client; one round trip per phase of a batch."""
 
@@ -394,6 +425,7 @@ class RedisStore:
         self._commit = client.register_script(_COMMIT_LUA)
         self._apply = client.register_script(_APPLY_LUA)
         self._reindex = client.register_script(_REINDEX_LUA)
+        self._clock = client.register_script(_CLOCK_LUA)
 
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.contrib`) and apply them."""
@@ -442,6 +474,20 @@ class RedisStore:
 
     async def policy_state(self) -> dict:
         return await self.r.hgetall(self.policy_key)
+
+    @property
+    def clock_key(self) -> str:
+        """Every partition's event-time watermark and the wall time of its last event (:mod:`models.clock`)."""
+        return f"{self.prefix}:clock"
+
+    async def sync_clock(self, state):
+        from models.clock import EventClock
+
+        args: list = []
+        for key, (mark, seen) in state.items():
+            args += [key, int(mark), int(seen)]
+        flat = await self._clock(keys=[self.clock_key], args=args)
+        return EventClock.decode(dict(zip(flat[::2], flat[1::2])))
 
     @property
     def parked_key(self) -> str:

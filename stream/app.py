@@ -350,14 +350,27 @@ def build_engine(settings: Settings) -> Engine:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
             if offsets is not None:
                 engine.restored_offsets = {k: v for k, v in offsets.items() if isinstance(k, tuple)}
-                engine.watermark_ms = max(engine.watermark_ms, learning.watermark)
                 log.info("learning core restored from its snapshot (covering %d partitions: %s)",
                          len(engine.restored_offsets),
                          ", ".join(f"{t}[{p}]<{o}" for (t, p), o in sorted(engine.restored_offsets.items())))
         restore_policy(client, engine, settings)
+        restore_clock(client, engine)
     finally:
         client.close()
     return engine
+
+
+def restore_clock(client, engine: Engine) -> None:
+    """Start the event-time clock from every partition's published watermark (``<prefix>:clock``), not from the
+    learning snapshot's largest event time (one event ahead of the stream would be in it). Each counts as seen now,
+    bounded by wall clock + skew, and they combine as a low watermark: one wrong entry cannot move the clock."""
+    key = getattr(engine.store, "clock_key", None)
+    if key is None:
+        return
+    state = engine.clock.decode(client.hgetall(key))
+    if state:
+        engine.clock.merge(state, restored=True)
+        log.info("event-time clock restored from %s: %d partitions, now %d ms", key, len(state), engine.clock.advance())
 
 
 def policy_snapshot_key(settings: Settings) -> str:
@@ -399,7 +412,8 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
         if n:
             log.info("applied %d item-statistics contributions left parked by an earlier worker", n)
     await engine.load_policy()  # what other workers' commits taught the policy, even without own decisions
-    now = engine.watermark_ms
+    # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
+    now = await engine.sync_clock()
     if now:
         await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
         if engine.budget is not None:

@@ -269,6 +269,7 @@ class BatchHandler:
         for msg in msgs:
             try:
                 ev = decode_event(msg.value, self.limits, now_ms, msg.recv_ns)
+                ev.partition = msg.partition  # the engine's event-time clock keeps a watermark per partition
             except Exception as exc:  # every exception class maps to a DLQ reason (stream.dlq.classify)
                 reason, error = classify(exc)
                 invalid[reason] += 1

@@ -96,7 +96,13 @@ class Settings(BaseSettings):
     max_price: float = Field(1_000_000.0, gt=0)
     max_quantity: int = Field(10_000, ge=1)
     min_ts_ms: int = Field(946_684_800_000, description="events before this (2000-01-01) are rejected")
-    max_future_skew_s: int = Field(86_400, ge=0, description="events this far after wall-clock now are rejected")
+    max_future_skew_s: int = Field(
+        300, ge=0, description="events more than this after wall-clock now are rejected (DLQ, bad_timestamp). An "
+        "event from the future has a wrong clock: NTP-synchronised devices and servers are seconds apart, while a "
+        "wrong time zone is 15 min or more; accepted, it would time its user's cooldowns, caps and attribution "
+        "windows by that clock. The engine's event-time clock never passes wall clock + this, so in live traffic "
+        "no attribution window closes more than this early (models.clock)"
+    )
 
     # --- policy -----------------------------------------------------------------------------
     catalogue_path: Path = DEFAULT_CATALOGUE
@@ -110,6 +116,12 @@ class Settings(BaseSettings):
     attribution_window_s: int = Field(86_400, ge=60)
     recommend_k: int = Field(10, ge=1, le=100)
     purchase_horizon_h: float = Field(24.0, gt=0, description="propensity label: purchase within H hours")
+    clock_idle_s: float = Field(
+        300.0, gt=0, description="a partition without events for this long (wall clock) stops holding the engine's "
+        "event-time clock back (models.clock), so one quiet partition cannot stop attribution windows from "
+        "expiring; its events that arrive later than the clock then are late (README, event time and lateness). "
+        "Keep it well above PROMO_MAINTENANCE_INTERVAL_S: other workers' partitions are refreshed at that period"
+    )
     maintenance_interval_s: float = Field(
         15.0, gt=0, description="expiry sweep, budget refresh/sweep and quality gauges period"
     )

@@ -100,7 +100,7 @@ class Limits:
     max_price: float = 1_000_000.0
     max_quantity: int = 10_000
     min_ts_ms: int = 946_684_800_000
-    max_future_skew_s: int = 86_400
+    max_future_skew_s: int = 300  # as stream.settings.Settings
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":

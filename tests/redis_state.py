@@ -27,6 +27,9 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
   seconds, so their bytes depend on when the worker happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
 * **The log marks** (``<prefix>:logmarks``, :mod:`stream.logguard`): the last message processed per partition as
   of the last maintenance period, a timing-dependent copy of the consumer's position.
+* **The event-time clock** (``<prefix>:clock``, :mod:`models.clock`): per partition the wall time of its last
+  event, and a watermark published every ``maintenance_interval_s`` from the event times seen by then. What the
+  clock closed is not excluded: the closed decisions show in the profiles, the policy counts and the ledgers.
 
 What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
 (what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
@@ -55,7 +58,7 @@ import json
 import math
 from collections import Counter
 
-EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "logmarks")
+EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "logmarks", "clock")
 """Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""
 
 EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"), ("{u:*}:p", "tok"))

@@ -3,9 +3,10 @@
 A 20,000-event replay - the first 2,566 Taobao events (users and items prefixed ``tb-``; dated 2017, so the item
 statistics also move between epochs of their time grid) followed by all 17,434 real REES46 events of 2019 (they
 have prices, so offers, budgets and attribution are exercised), in event-time order - is processed on the real
-embedded broker and Redis. (In event-time order because the expiry sweep closes decisions by the largest event
-time applied across partitions: had the 2019 events come first, a 2017 decision would be swept as soon as it
-is made, and whether its user's purchase minutes later still converts would depend on when the sweep ran.)
+embedded broker and Redis. (In event-time order because the expiry sweep closes decisions by the event-time clock,
+a low watermark over partitions (``models.clock``): had the 2019 events come first, every 2017 event would be late,
+a 2017 decision would be swept as soon as it is made, and whether its user's purchase minutes later still converts
+would depend on when the sweep ran. In order, no event is late and closings are a function of the events.)
 
 * runs A and C: one worker each, never interrupted, each into its own Redis prefix and topics (C is a control:
   what differs between two runs without any crash);

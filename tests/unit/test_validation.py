@@ -249,7 +249,7 @@ def test_unknown_type(etype):
         ("1999-12-31T23:59:59Z", "before the minimum"),
         (1_569_888_000, "looks like epoch seconds"),
         (-1, "before the minimum"),
-        (NOW_MS + 86_400_000 + 1, "more than 86400 s after now"),
+        (NOW_MS + 300_000 + 1, "more than 300 s after now"),
         (1_569_888_000_000_000, "looks like microseconds"),
         ("2100-01-01T00:00:00Z", "after now"),
     ],
