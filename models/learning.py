@@ -31,7 +31,11 @@ Snapshots: :meth:`snapshot` pickles the models, windows, pending points and cate
 offsets they cover (``{(topic, partition): next offset}`` or any picklable dict); :meth:`restore` puts them
 back and returns the offsets to resume from. The item store is included only when it lives in memory (Redis
 holds its own). :func:`save_snapshot` / :func:`load_snapshot` keep the bytes under ONE Redis key. A snapshot
-is a pickle: load only snapshots written by the engine's own Redis.
+is a pickle (not compressed): load only snapshots written by the engine's own Redis.
+
+Forgetting users: :meth:`held_users` lists every user id the in-memory state holds (windows, decision points
+with their features, last decision-point times; nothing else holds ids), :meth:`forget_users` drops them, and
+:func:`scrub_snapshot` does the same to the snapshot stored in Redis (``promo forget``).
 
 Examples
 --------
