@@ -170,6 +170,44 @@ def test_forgetting_an_unknown_user_says_so(engine_settings, redis_client):
     assert not redis_client.exists(f"{s.redis_prefix}:forgotten")  # nothing forgotten: not counted
 
 
+def test_an_interrupted_forget_finishes_exactly_when_run_again(rees46, redis_url, redis_client):
+    """Each step subtracts and deletes the same record fields atomically: a forget that dies after a few steps
+    (the CLI killed, Redis gone) leaves a record of what is still to subtract, and running it again finishes."""
+    from models.item_store import RedisItemStore
+    from stream.forget import forget_everything
+    from stream.settings import Settings
+
+    victim = Counter(e.user_id for e in rees46).most_common(1)[0][0]
+    batches = chunks(rees46, 100)
+    a, c = f"inta{uuid.uuid4().hex[:6]}", f"intc{uuid.uuid4().hex[:6]}"
+    replay(redis_url, a, batches)
+    replay(redis_url, c, [[e for e in b if e.user_id != victim] for b in batches])
+    store = RedisItemStore(redis_client, prefix=a)
+    record = store.record_key(victim)
+    fields = redis_client.hlen(record)
+    steps = []
+    real_call = store._forget_call
+
+    def dies_after_three_steps(key, args, stats):
+        if len(steps) == 3:
+            raise ConnectionError("the forget was killed here")
+        steps.append(len(args) - 1)  # the fields of this step
+        return real_call(key, args, stats)
+
+    store._forget_call = dies_after_three_steps
+    with pytest.raises(ConnectionError):
+        store.subtract_record(victim, chunk_fields=5)
+    assert 0 < redis_client.hlen(record) == fields - sum(steps)  # what the three steps did is gone, only that
+    removed, items = forget_everything(Settings(_env_file=None, redis_url=redis_url, redis_prefix=a),
+                                       redis_client, victim)
+    assert items["counted"] == 1 and removed["profile"] == 1 and not redis_client.exists(record)
+    diff = compare_states(item_state(redis_client, a), item_state(redis_client, c), rel=1e-9)
+    assert diff == [], "\n".join(diff[:40])
+    removed, items = forget_everything(Settings(_env_file=None, redis_url=redis_url, redis_prefix=a),
+                                       redis_client, victim)
+    assert items["counted"] == 0 and items["fields"] == 0 and sum(removed.values()) == 0  # nothing left
+
+
 # --- the record cap -----------------------------------------------------------------------------------------
 def test_a_user_past_the_record_cap_contributes_nothing_more_and_forget_stays_exact(rees46, redis_url,
                                                                                     redis_client):
