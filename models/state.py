@@ -220,16 +220,19 @@ local function f17(x) return string.format('%.17g', x) end
 local rk = KEYS[1]
 local cj = redis.call('HGET', rk, ARGV[1])
 if not cj then return 0 end
-local c = cjson.decode(cj)
-local cap = tonumber(ARGV[3]) or 0
-if cap > 0 and (redis.call('HEXISTS', rk, 'capped') == 1
-                or redis.call('HLEN', rk) + #c.i + #c.p + #c.q > cap) then
-  redis.call('HSET', rk, 'capped', '1')
+local function unpark()  -- the parked field goes in the same call that applies (or skips) it: exactly once
   redis.call('HDEL', rk, ARGV[1])
   if redis.call('HINCRBY', rk, 'parked', -1) <= 0 then
     redis.call('HDEL', rk, 'parked')
     redis.call('SREM', ARGV[2], rk)
   end
+end
+local c = cjson.decode(cj)
+local cap = tonumber(ARGV[3]) or 0
+if cap > 0 and (redis.call('HEXISTS', rk, 'capped') == 1
+                or redis.call('HLEN', rk) + #c.i + #c.p + #c.q > cap) then
+  redis.call('HSET', rk, 'capped', '1')
+  unpark()
   return 2
 end
 local P, hl, phl, minsc, maxnb, maxpop = c.P, c.hl, c.phl, c.minsc, c.maxnb, c.maxpop
@@ -307,11 +310,7 @@ if #c.q > 0 then
   local card = redis.call('ZCARD', pz)
   if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
 end
-redis.call('HDEL', rk, ARGV[1])
-if redis.call('HINCRBY', rk, 'parked', -1) <= 0 then
-  redis.call('HDEL', rk, 'parked')
-  redis.call('SREM', ARGV[2], rk)
-end
+unpark()
 return 1
 """
 
