@@ -523,13 +523,12 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         plan = []
         for uid, eids in event_ids.items():
-            tag = self.user_tag(uid)
-            pipe.hmget(f"{tag}:p", "v", "ver")
+            pipe.hmget(self.profile_key(uid), "v", "ver")
             for e in eids:
-                pipe.exists(f"{tag}:e:{e}")
+                pipe.exists(self.marker_key(uid, e))
             trig = triggers.get(uid, ())
             for t in trig:
-                pipe.hmget(f"{tag}:d:{t}", "json", "sent")
+                pipe.hmget(self.decision_key(uid, t), "json", "sent")
             plan.append((uid, eids, trig))
         res = await pipe.execute()
         out, i = {}, 0
@@ -554,10 +553,9 @@ class RedisStore:
             return []
         pipe = self.r.pipeline(transaction=False)
         for c in commits:
-            tag = self.user_tag(c.user_id)
-            keys = [f"{tag}:p"]
-            keys += [f"{tag}:e:{e}" for e in c.event_ids]
-            keys += [f"{tag}:d:{t}" for t, _ in c.decisions]
+            keys = [self.profile_key(c.user_id)]
+            keys += [self.marker_key(c.user_id, e) for e in c.event_ids]
+            keys += [self.decision_key(c.user_id, t) for t, _ in c.decisions]
             packed = json.dumps(c.profile, separators=(",", ":"))
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s, 1, "v", packed]
             args += [js for _, js in c.decisions]
