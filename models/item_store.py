@@ -28,8 +28,9 @@ Two writers, one layout. :meth:`ItemStore.apply` takes a batch's aggregated incr
 evaluation, benchmarks, an engine without Redis state). The live worker does not call it: each user's commit
 parks the user's own increments at their event times, on epochs of a fixed grid (:mod:`models.contrib`), and a
 script of :class:`models.state.RedisStore` applies them once, keeping a per-user record that
-:meth:`RedisItemStore.forget_user` subtracts; the item cap is then kept by :meth:`RedisItemStore.enforce_item_cap`
-from the worker's maintenance timer. Reads are the same for both.
+:meth:`RedisItemStore.forget_user` subtracts in bounded steps (at most ``FORGET_CHUNK_FIELDS`` record fields per
+Lua call, each step idempotent); the item cap is then kept by :meth:`RedisItemStore.enforce_item_cap` from the
+worker's maintenance timer. Reads are the same for both.
 
 Redis layout (one hash tag per item, ``{i:<item>}``; :meth:`RedisItemStore.apply` sends ONE pipeline with one
 Lua call per touched item, one for popularity and one ``ZADD`` to the index)::
@@ -60,6 +61,8 @@ import math
 import numpy as np
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+from models.keys import escape_user_id
 
 def _pow2(x: float) -> float:
     """``2 ** x`` that saturates instead of raising ``OverflowError`` (an event dated hundreds of half-lives
@@ -448,14 +451,27 @@ return card
 """
 
 
-# KEYS: [the user's contribution record <prefix>:{u:<user>}:c]; ARGV: [prefix, half_life_ms, pop_half_life_ms]
-# Subtracts the record (models.contrib) from item counts, neighbour maps and popularity, each converted to the
-# target's epoch; a value left at most 1e-9 of what it was (rounding of the user's own share) is removed, and
-# an item whose count is gone loses its keys. Returns {items, pairs, popularity entries} touched.
+# A user's contribution record (models.contrib) is subtracted in bounded steps. Each call handles the fields it is
+# given (or, finishing, the whole record when it is small) and deletes exactly the fields it subtracted, in the
+# same call: a forget interrupted anywhere leaves every field either subtracted and gone or untouched and still
+# there, so running it again finishes it exactly. Values are converted to the target's current epoch when
+# subtracted; a value left at most 1e-9 of what it was (rounding of the user's own share) is removed, and an item
+# whose count is gone loses its keys. Pairs and popularity of a call are subtracted before its item counts. The
+# item keys are outside the record's hash slot (one Redis, not Cluster, as for the apply script).
+# KEYS: [the user's record <prefix>:{u:<user>}:c]
+# ARGV: [prefix, half_life_ms, pop_half_life_ms, mode, ...]
+#   mode 'fields': ARGV[5..] are field names (from HSCAN); returns {items, pairs, popularity entries, fields}
+#   mode 'finish': ARGV[5] = most fields to handle, ARGV[6] = parked set ('' none), ARGV[7] = open-decision index
+#     ('' none), ARGV[8] = the user's member in it, ARGV[9] = forgotten-users counter ('' none), ARGV[10] = '1' if
+#     the caller found something of the user. With more than ARGV[5] fields left returns {-1} and does nothing;
+#     otherwise subtracts what is left (contributions applied meanwhile), deletes the record (parked, never
+#     applied contributions with it), its parked-set entry and the user's index entry, counts the user in the
+#     counter if anything was found, and returns {items, pairs, popularity, fields, had record, index entries
+#     removed, counter value (-1: no counter), counted}.
 _FORGET_LUA = """
 local function f17(x) return string.format('%.17g', x) end
-local P, hl, phl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local all = redis.call('HGETALL', KEYS[1])
+local rk = KEYS[1]
+local P, hl, phl, mode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
 local function epoch(item) return tonumber(redis.call('HGET', ikey(item), 't')) end
 local function zsub(key, member, amount)
@@ -465,45 +481,77 @@ local function zsub(key, member, amount)
   if left <= 1e-9 * math.abs(cur) then redis.call('ZREM', key, member) else redis.call('ZADD', key, f17(left), member) end
   return 1
 end
-local ni, np, nq = 0, 0, 0
-local items = {}
-for i = 1, #all, 2 do
-  local f, v = all[i], tonumber(all[i + 1])
-  local kind = string.sub(f, 1, 1)
-  if string.sub(f, 2, 2) ~= ':' or kind == 'w' then kind = '' end  -- bookkeeping, or parked (never applied)
-  local sp = string.find(f, ':', 3, true)
-  local g, rest = tonumber(string.sub(f, 3, sp - 1)), string.sub(f, sp + 1)
-  if kind == 'p' then
-    local sep = string.find(rest, '\\31', 1, true)
-    local a, b = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
-    local ea, eb = epoch(a), epoch(b)
-    if ea then np = np + zsub(ikey(a) .. ':nb', b, v * 2 ^ ((g - ea) / hl)) end
-    if eb then zsub(ikey(b) .. ':nb', a, v * 2 ^ ((g - eb) / hl)) end
-  elseif kind == 'q' then
-    local pe = tonumber(redis.call('GET', P .. ':sim:{pop}:t'))
-    if pe then nq = nq + zsub(P .. ':sim:{pop}:z', rest, v * 2 ^ ((g - pe) / phl)) end
-  elseif kind == 'i' then
-    items[#items + 1] = {rest, g, v}
-  end
-end
-for _, x in ipairs(items) do
-  local k = ikey(x[1])
-  local cur = redis.call('HMGET', k, 'n', 't')
-  local n, e = tonumber(cur[1]), tonumber(cur[2])
-  if n ~= nil then
-    ni = ni + 1
-    local left = n - x[3] * 2 ^ ((x[2] - e) / hl)
-    if left <= 1e-9 * math.abs(n) then
-      redis.call('DEL', k, k .. ':nb')
-      redis.call('ZREM', P .. ':sim:idx', x[1])
-    else
-      redis.call('HSET', k, 'n', f17(left))
+local function subtract(fields)
+  local ni, np, nq = 0, 0, 0
+  local items, done = {}, {}
+  local pe = false
+  for _, f in ipairs(fields) do
+    local kind = string.sub(f, 1, 1)
+    if string.sub(f, 2, 2) == ':' and (kind == 'p' or kind == 'q' or kind == 'i') then
+      local v = tonumber(redis.call('HGET', rk, f))
+      if v ~= nil then  -- nil: subtracted by an earlier call (HSCAN may return a field twice)
+        done[#done + 1] = f
+        local sp = string.find(f, ':', 3, true)
+        local g, rest = tonumber(string.sub(f, 3, sp - 1)), string.sub(f, sp + 1)
+        if kind == 'p' then
+          local sep = string.find(rest, '\\31', 1, true)
+          local a, b = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
+          local ea, eb = epoch(a), epoch(b)
+          if ea then np = np + zsub(ikey(a) .. ':nb', b, v * 2 ^ ((g - ea) / hl)) end
+          if eb then zsub(ikey(b) .. ':nb', a, v * 2 ^ ((g - eb) / hl)) end
+        elseif kind == 'q' then
+          if pe == false then pe = tonumber(redis.call('GET', P .. ':sim:{pop}:t')) end
+          if pe then nq = nq + zsub(P .. ':sim:{pop}:z', rest, v * 2 ^ ((g - pe) / phl)) end
+        else
+          items[#items + 1] = {rest, g, v}
+        end
+      end
     end
   end
+  for _, x in ipairs(items) do
+    local k = ikey(x[1])
+    local cur = redis.call('HMGET', k, 'n', 't')
+    local n, e = tonumber(cur[1]), tonumber(cur[2])
+    if n ~= nil then
+      ni = ni + 1
+      local left = n - x[3] * 2 ^ ((x[2] - e) / hl)
+      if left <= 1e-9 * math.abs(n) then
+        redis.call('DEL', k, k .. ':nb')
+        redis.call('ZREM', P .. ':sim:idx', x[1])
+      else
+        redis.call('HSET', k, 'n', f17(left))
+      end
+    end
+  end
+  for i = 1, #done, 1000 do redis.call('HDEL', rk, unpack(done, i, math.min(i + 999, #done))) end
+  return ni, np, nq, #done
 end
-redis.call('DEL', KEYS[1])
-return {ni, np, nq, #all > 0 and 1 or 0}
+if mode == 'fields' then
+  local fields = {}
+  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+  local ni, np, nq, nf = subtract(fields)
+  return {ni, np, nq, nf}
+end
+if redis.call('HLEN', rk) > tonumber(ARGV[5]) then return {-1} end
+local had = redis.call('EXISTS', rk)
+local ni, np, nq, nf = subtract(redis.call('HKEYS', rk))
+redis.call('DEL', rk)
+if ARGV[6] ~= '' then redis.call('SREM', ARGV[6], rk) end
+local zr = 0
+if ARGV[7] ~= '' then zr = redis.call('ZREM', ARGV[7], ARGV[8]) end
+local total, counted = -1, 0
+if ARGV[9] ~= '' then
+  if ARGV[10] == '1' or had == 1 or zr == 1 then
+    total, counted = redis.call('INCR', ARGV[9]), 1
+  else
+    total = tonumber(redis.call('GET', ARGV[9]) or '0')
+  end
+end
+return {ni, np, nq, nf, had, zr, total, counted}
 """
+
+FORGET_CHUNK_FIELDS = 500
+"""Record fields one forget call subtracts (about 2-5 ms of Redis time; see ``load_tests/forget_hot_user.py``)."""
 
 
 class RedisItemStore(ItemStore):
@@ -532,6 +580,7 @@ class RedisItemStore(ItemStore):
         self._item_sha = hashlib.sha1(self._item_lua.encode()).hexdigest()
         self._pop_sha = hashlib.sha1(self._pop_lua.encode()).hexdigest()
         self._scripts_loaded = False
+        self._forget_script = None
         self.pop_key = f"{prefix}:sim:{{pop}}:z"
         self.pop_epoch_key = f"{prefix}:sim:{{pop}}:t"
         self.idx_key = f"{prefix}:sim:idx"
@@ -623,17 +672,91 @@ class RedisItemStore(ItemStore):
             self._prune(card - cap)
 
     def record_key(self, user_id: str) -> str:
-        """The user's contribution record (:mod:`models.contrib`), under the user's hash tag."""
-        return f"{self.prefix}:{{u:{user_id}}}:c"
+        """The user's contribution record (:mod:`models.contrib`), under the user's hash tag (the id escaped as in
+        every user key: :func:`models.keys.escape_user_id`)."""
+        return f"{self.prefix}:{{u:{escape_user_id(user_id)}}}:c"
 
-    def forget_user(self, user_id: str) -> dict[str, int]:
-        """Subtract the user's recorded contributions from the item statistics and delete the record, atomically
-        (one script: a worker's concurrent commits land before or after it). Returns how many items, pairs and
-        popularity entries were reduced, and ``record``: 1 if the user had a record."""
+    def _forget_call(self, key: str, args: list, stats: dict) -> list:
+        import time
+
+        if self._forget_script is None:
+            self._forget_script = self.r.register_script(_FORGET_LUA)
         cfg = self.config
-        ni, np_, nq, _had_record = self.r.eval(_FORGET_LUA, 1, self.record_key(user_id), self.prefix, int(cfg.half_life_ms),
-                                  int(cfg.pop_half_life_ms))
-        return {"items": int(ni), "pairs": int(np_), "popularity": int(nq), "record": int(_had_record)}
+        t0 = time.perf_counter()
+        res = self._forget_script(keys=[key], args=[self.prefix, int(cfg.half_life_ms), int(cfg.pop_half_life_ms),
+                                                      *args])
+        ms = (time.perf_counter() - t0) * 1000
+        stats["calls"] += 1
+        stats["max_call_ms"] = max(stats["max_call_ms"], round(ms, 3))
+        return [int(x) for x in res]
+
+    @staticmethod
+    def _forget_stats() -> dict:
+        return {"items": 0, "pairs": 0, "popularity": 0, "fields": 0, "calls": 0, "max_call_ms": 0.0}
+
+    def subtract_record(self, user_id: str, chunk_fields: int = FORGET_CHUNK_FIELDS, stats: dict | None = None) -> dict:
+        """Subtract the user's recorded contributions from the item statistics, ``chunk_fields`` record fields per
+        Lua call (pairs and popularity first, then item counts), each call deleting the fields it subtracted.
+
+        Idempotent and resumable: interrupted anywhere, running it again subtracts exactly what is left. Returns
+        (adds to ``stats``) how many items, pairs and popularity entries were reduced, fields handled, Lua calls
+        and the longest call in ms. The record's bookkeeping (parked contributions) stays: :meth:`drop_record`
+        deletes it."""
+        stats = stats if stats is not None else self._forget_stats()
+        key = self.record_key(user_id)
+        for match in ("[pq]:*", "i:*"):  # an item whose count is gone loses its keys: its pairs go first
+            cursor = 0
+            while True:
+                cursor, found = self.r.hscan(key, cursor, match=match, count=chunk_fields)
+                fields = list(found)
+                for i in range(0, len(fields), chunk_fields):  # HSCAN's COUNT is a hint
+                    ni, np_, nq, nf = self._forget_call(key, ["fields", *fields[i : i + chunk_fields]], stats)
+                    stats["items"] += ni
+                    stats["pairs"] += np_
+                    stats["popularity"] += nq
+                    stats["fields"] += nf
+                if int(cursor) == 0:
+                    break
+        return stats
+
+    def drop_record(self, user_id: str, *, limit: int = FORGET_CHUNK_FIELDS, parked_key: str = "",
+                    open_index: tuple[str, str] | None = None, counter_key: str = "", found: bool = False,
+                    stats: dict | None = None) -> dict | None:
+        """The last step of forgetting the user, one atomic call: when the record holds at most ``limit`` fields,
+        subtract what contributions were applied since :meth:`subtract_record`, delete the record (parked,
+        never applied contributions with it) and its entry in ``parked_key``, remove the user's member from the
+        ``open_index`` ``(key, member)``, and count the user in ``counter_key`` if ``found`` or the record or the
+        index entry existed. Returns ``None`` (and does nothing) when the record is larger: subtract again first.
+        Otherwise ``stats`` with ``record`` (1 if the record existed here), ``open_index`` (entries removed),
+        ``forgotten_total`` (the counter after, -1 without one) and ``counted``."""
+        stats = stats if stats is not None else self._forget_stats()
+        index_key, member = open_index if open_index is not None else ("", "")
+        res = self._forget_call(self.record_key(user_id), [
+            "finish", int(limit), parked_key, index_key, member, counter_key, "1" if found else "0"], stats)
+        if res[0] == -1:
+            return None
+        ni, np_, nq, nf, had, zr, total, counted = res
+        stats["items"] += ni
+        stats["pairs"] += np_
+        stats["popularity"] += nq
+        stats["fields"] += nf
+        stats.update(record=had, open_index=zr, forgotten_total=total, counted=counted)
+        return stats
+
+    def forget_user(self, user_id: str, chunk_fields: int = FORGET_CHUNK_FIELDS, max_rounds: int = 20) -> dict:
+        """Subtract the user's recorded contributions from the item statistics and delete the record, in bounded
+        steps (:meth:`subtract_record`, then :meth:`drop_record`; again while the user's contributions keep
+        arriving). Returns how many items, pairs and popularity entries were reduced, ``record`` (1 if the user
+        had a record), Lua calls and the longest one in ms."""
+        stats = self._forget_stats()
+        had = bool(self.r.exists(self.record_key(user_id)))
+        for _ in range(max_rounds):
+            self.subtract_record(user_id, chunk_fields, stats)
+            if self.drop_record(user_id, limit=chunk_fields, stats=stats) is not None:
+                stats["record"] = int(had or stats["record"])
+                return stats
+        raise RuntimeError(f"the contribution record kept growing during {max_rounds} rounds of forgetting "
+                           "(contributions of the user arrive faster than they are subtracted); run it again")
 
     def enforce_item_cap(self) -> int:
         """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` (the worker's

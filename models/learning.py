@@ -31,7 +31,11 @@ Snapshots: :meth:`snapshot` pickles the models, windows, pending points and cate
 offsets they cover (``{(topic, partition): next offset}`` or any picklable dict); :meth:`restore` puts them
 back and returns the offsets to resume from. The item store is included only when it lives in memory (Redis
 holds its own). :func:`save_snapshot` / :func:`load_snapshot` keep the bytes under ONE Redis key. A snapshot
-is a pickle: load only snapshots written by the engine's own Redis.
+is a pickle (not compressed): load only snapshots written by the engine's own Redis.
+
+Forgetting users: :meth:`held_users` lists every user id the in-memory state holds (windows, decision points
+with their features, last decision-point times; nothing else holds ids), :meth:`forget_users` drops them, and
+:func:`scrub_snapshot` does the same to the snapshot stored in Redis (``promo forget``).
 
 Examples
 --------
@@ -70,7 +74,8 @@ from models.recommend import recommend as _recommend
 from models.segments import ProfileSegments
 from models.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
 
-__all__ = ["LearningCore", "save_snapshot", "load_snapshot", "snapshot_key", "tune_gc", "SNAPSHOT_VERSION"]
+__all__ = ["LearningCore", "save_snapshot", "load_snapshot", "scrub_snapshot", "snapshot_key", "tune_gc",
+           "SNAPSHOT_VERSION"]
 
 HOUR_MS = 3_600_000
 SNAPSHOT_VERSION = 1
@@ -377,6 +382,29 @@ class LearningCore:
                  dropped=self.labels.n_dropped)
         return q
 
+    # --- forgetting users -------------------------------------------------------------------------------
+    def held_users(self) -> set[str]:
+        """Every user id the in-memory state holds (what a snapshot would carry): recent windows, decision
+        points (open, or labelled and waiting for their horizon, with their features) and the time of the last
+        decision point. Segments, conversion counts, category prices and the models hold no user id.
+
+        >>> from models.events import Event
+        >>> from models.profile import Profile
+        >>> core = LearningCore(horizon_h=1.0, decision_points="batch")
+        >>> evs = [Event("e1", "view", "u1", "a", 1_000), Event("e2", "view", "u2", "b", 2_000)]
+        >>> core.learn_batch(evs, {e.user_id: Profile() for e in evs})
+        >>> sorted(core.held_users())
+        ['u1', 'u2']
+        >>> core.forget_users(["u1"]), sorted(core.held_users()), len(core.labels)
+        (1, ['u2'], 1)
+        """
+        return set(self.windows.slot) | self.labels.users() | set(self.last_sample)
+
+    def forget_users(self, users) -> int:
+        """Drop ``users`` from every in-memory per-user structure (see :meth:`held_users`); their decision
+        points are dropped unlearnt. Returns how many of them were held."""
+        return _forget_users(self.windows, self.labels, self.last_sample, users)
+
     # --- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self, offsets: dict) -> bytes:
         """The learnt state and the offsets it covers, as bytes."""
@@ -442,6 +470,50 @@ def load_snapshot(client, core: LearningCore, prefix: str = "promo") -> dict | N
     if data is None:
         return None
     return core.restore(data)
+
+
+def _forget_users(windows: UserWindows, labels: DelayedLabelLearner, last_sample: dict, users) -> int:
+    users = set(users)
+    held = (set(windows.slot) | labels.users() | last_sample.keys()) & users
+    if held:
+        windows.drop(held)
+        labels.forget(held)
+        for u in held:
+            last_sample.pop(u, None)
+    return len(held)
+
+
+def scrub_snapshot(client, users, prefix: str = "promo", attempts: int = 10) -> int:
+    """Remove ``users`` from the model snapshot stored in Redis (sync client), as :meth:`LearningCore.forget_users`
+    would; returns how many of them it held (0: the snapshot was left as it is).
+
+    The snapshot is a pickle (no compression): a user id it holds is in its bytes as UTF-8, so a snapshot without
+    those bytes is not even decoded. The rewrite is optimistic (``WATCH``): a worker writing a newer snapshot
+    meanwhile wins, and the check runs again on that one."""
+    import redis
+
+    key = snapshot_key(prefix)
+    needles = [u.encode("utf-8", "surrogatepass") for u in users]
+    for _ in range(attempts):
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                data = pipe.get(key)
+                if data is None or not any(n in data for n in needles):
+                    return 0
+                state = pickle.loads(data)
+                if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+                    return 0  # not a snapshot this engine reads: a worker refuses it at start and says why
+                n = _forget_users(state["windows"], state["labels"], state["last_sample"], users)
+                if not n:
+                    return 0
+                pipe.multi()
+                pipe.set(key, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+                pipe.execute()
+                return n
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"the model snapshot {key} changed {attempts} times while users were removed from it")
 
 
 def tune_gc(gen0_threshold: int = 50_000) -> tuple[int, int, int]:

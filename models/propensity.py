@@ -475,6 +475,24 @@ class DelayedLabelLearner:
             if pt.label >= 0:
                 self.baseline.learn_one(bool(pt.label))  # the horizon elapsed: unbiased global rate
 
+    def users(self) -> set[str]:
+        """Users with a decision point held: open, or labelled and waiting for its horizon (with its features)."""
+        return set(self.by_user) | {pt.user for pt in self.queue}
+
+    def forget(self, users) -> int:
+        """Drop every decision point of ``users`` (open or waiting for its horizon, features included) without
+        learning or scoring it; returns how many points were dropped."""
+        users = set(users)
+        for u in users & self.by_user.keys():
+            for pt in self.by_user.pop(u):
+                if pt.open:
+                    pt.open = False
+                    self.n_open -= 1
+        before = len(self.queue)
+        if any(pt.user in users for pt in self.queue):
+            self.queue = deque(pt for pt in self.queue if pt.user not in users)
+        return before - len(self.queue)
+
     # ----------------------------------------------------------------------------------------
     def _close(self, pt: _Point) -> None:
         pt.open = False

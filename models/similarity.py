@@ -319,6 +319,26 @@ class UserWindows:
             self.data[s, 0] = 0.0
             self.free.append(s)
 
+    def drop(self, users) -> int:
+        """Forget ``users``' windows (their slots are freed); returns how many were held.
+
+        >>> w = UserWindows(capacity=4, width=2)
+        >>> _ = w.slots_for(["a", "b"])
+        >>> w.drop(["a", "x"]), sorted(w.slot), len(w.free)
+        (1, ['b'], 3)
+        """
+        n = 0
+        for u in users:
+            s = self.slot.pop(u, None)
+            if s is None:
+                continue
+            self.owner[s] = None
+            self.data[s, :] = 0.0
+            self.used[s] = 0
+            self.free.append(s)
+            n += 1
+        return n
+
     def window(self, user: str) -> list[int]:
         """Item indices of a user's window, most recent first."""
         s = self.slot.get(user)

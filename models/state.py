@@ -1,6 +1,7 @@
 """Engine state: a typed interface with an in-memory and a Redis implementation.
 
-Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic):
+Per user the engine keeps (all under the user's hash tag ``{u:<user>}``, so one Lua call is atomic; ``<user>`` is
+the id escaped by :func:`models.keys.escape_user_id`, so that no other user's keys start with a user's tag):
 
 * ``<prefix>:{u:<user>}:p``             the profile hash (field ``v``: the profile's fields as one JSON object,
   absolute values; one field instead of one per profile field keeps a batch's load and commit small), idle TTL
@@ -37,6 +38,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from models.keys import escape_user_id
 
 
 @dataclass(slots=True)
@@ -227,16 +230,35 @@ class MemoryStore:
 # counts (``n`` outcomes learnt, ``closed:<group>``, ``converted:<group>``) and the policy's posterior updates
 # (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing). So each is applied exactly when
 # the commit that holds the decision or its closing is.
-# KEYS: [the user's record {u:<user>}:c]; ARGV: [parked field w:<version>, pending set]. Applies the parked
-# payload to the item statistics (keys of models.item_store: outside the user's hash slot, so one Redis, not
-# Cluster), adds it to the record's totals (fields ``<i|p|q>:<grid epoch>:<item or a\x1fb>``, values relative to
-# that epoch: what ``promo forget`` subtracts), deletes the field. Returns 0 when the field is gone (applied).
+# KEYS: [the user's record {u:<user>}:c]; ARGV: [parked field w:<version>, pending set, most record fields
+# (0: no cap)]. Applies the parked payload to the item statistics (keys of models.item_store: outside the user's
+# hash slot, so one Redis, not Cluster), adds it to the record's totals (fields ``<i|p|q>:<grid epoch>:<item or
+# a\x1fb>``, values relative to that epoch: what ``promo forget`` subtracts), deletes the field. Returns 0 when
+# the field is gone (applied). The record is capped: a payload that would take it past the most fields marks the
+# record ``capped``, and from then on no payload of the user is applied (each is deleted unapplied, returning 2)
+# until the record is deleted (forget, or idle expiry with the profile). So what the statistics hold of a user is
+# always in the record, forget stays exact, and one hot user or bot neither grows an unbounded record nor keeps
+# adding to the statistics.
 _APPLY_LUA = """
 local function f17(x) return string.format('%.17g', x) end
 local rk = KEYS[1]
 local cj = redis.call('HGET', rk, ARGV[1])
 if not cj then return 0 end
+local function unpark()  -- the parked field goes in the same call that applies (or skips) it: exactly once
+  redis.call('HDEL', rk, ARGV[1])
+  if redis.call('HINCRBY', rk, 'parked', -1) <= 0 then
+    redis.call('HDEL', rk, 'parked')
+    redis.call('SREM', ARGV[2], rk)
+  end
+end
 local c = cjson.decode(cj)
+local cap = tonumber(ARGV[3]) or 0
+if cap > 0 and (redis.call('HEXISTS', rk, 'capped') == 1
+                or redis.call('HLEN', rk) + #c.i + #c.p + #c.q > cap) then
+  redis.call('HSET', rk, 'capped', '1')
+  unpark()
+  return 2
+end
 local P, hl, phl, minsc, maxnb, maxpop = c.P, c.hl, c.phl, c.minsc, c.maxnb, c.maxpop
 local eps = {}
 local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
@@ -312,11 +334,7 @@ if #c.q > 0 then
   local card = redis.call('ZCARD', pz)
   if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
 end
-redis.call('HDEL', rk, ARGV[1])
-if redis.call('HINCRBY', rk, 'parked', -1) <= 0 then
-  redis.call('HDEL', rk, 'parked')
-  redis.call('SREM', ARGV[2], rk)
-end
+unpark()
 return 1
 """
 
@@ -416,9 +434,13 @@ class RedisStore:
         dedup_ttl_s: int = 7 * 86400,
         profile_ttl_s: int = 90 * 86400,
         decision_ttl_s: int = 2 * 86400,
+        max_record_fields: int = 0,
     ) -> None:
         self.r = client
         self.prefix = prefix
+        # cap of a user's contribution record (see _APPLY_LUA; 0: none); contributions left unapplied by it
+        self.max_record_fields = int(max_record_fields)
+        self.contributions_capped = 0
         self.dedup_ttl_s = dedup_ttl_s
         self.profile_ttl_s = profile_ttl_s
         self.decision_ttl_s = decision_ttl_s
@@ -447,11 +469,14 @@ class RedisStore:
             dedup_ttl_s=settings.dedup_ttl_s,
             profile_ttl_s=settings.profile_ttl_s,
             decision_ttl_s=settings.attribution_window_s * 2,
+            max_record_fields=settings.contrib_record_max_fields,
         )
 
     # keys ------------------------------------------------------------------------------------
     def user_tag(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}"
+        """``<prefix>:{u:<id>}``, the id escaped (:func:`models.keys.escape_user_id`): no other user's keys
+        start with it."""
+        return f"{self.prefix}:{{u:{escape_user_id(user_id)}}}"
 
     def profile_key(self, user_id: str) -> str:
         return f"{self.user_tag(user_id)}:p"
@@ -494,15 +519,24 @@ class RedisStore:
         """The set of users' records holding contributions committed but not yet applied."""
         return f"{self.prefix}:sim:parked"
 
+    def _applied(self, results) -> int:
+        """How many apply scripts applied their payload; those the record cap left out are counted in
+        :attr:`contributions_capped`."""
+        codes = [int(x) for x in results]
+        self.contributions_capped += codes.count(2)
+        return codes.count(1)
+
     async def apply_contributions(self, parked: list[tuple[str, str]]) -> int:
         """Apply parked contributions ``(user id, field)`` to the item statistics, one script each, in one
-        pipeline; already applied ones are skipped. Returns how many were applied."""
+        pipeline; already applied ones are skipped, and those of a user whose record is at
+        :attr:`max_record_fields` are deleted unapplied. Returns how many were applied."""
         if not parked:
             return 0
         pipe = self.r.pipeline(transaction=False)
         for uid, fld in parked:
-            await self._apply(keys=[f"{self.user_tag(uid)}:c"], args=[fld, self.parked_key], client=pipe)
-        return sum(int(x) for x in await pipe.execute())
+            await self._apply(keys=[f"{self.user_tag(uid)}:c"], args=[fld, self.parked_key, self.max_record_fields],
+                              client=pipe)
+        return self._applied(await pipe.execute())
 
     async def apply_parked(self, limit: int = 1000) -> int:
         """Apply what commits parked and nobody applied (a worker died between commit and apply): up to
@@ -527,8 +561,8 @@ class RedisStore:
             return 0
         pipe = self.r.pipeline(transaction=False)
         for k, fld in todo:
-            await self._apply(keys=[k], args=[fld, self.parked_key], client=pipe)
-        return sum(int(x) for x in await pipe.execute())
+            await self._apply(keys=[k], args=[fld, self.parked_key, self.max_record_fields], client=pipe)
+        return self._applied(await pipe.execute())
 
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         return [u.decode() for u in await self.r.zrangebyscore(self.open_key, "-inf", now_ms, start=0, num=limit)]

@@ -239,7 +239,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     @app.agent(forget_topic, name="promo-forget")
     async def process_forget(stream):
-        """``{"user_id": "..."}`` (or the bare id as text): delete the user's state, as ``promo forget`` does."""
+        """``{"user_id": "..."}`` (or the bare id as text): delete the user's state, as ``promo forget`` does, and
+        drop the user from this worker's in-memory models at once (other workers do at their next snapshot)."""
         import json
 
         import redis
@@ -247,7 +248,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         from stream.dlq import dlq_record
         from stream.forget import engine_user_id, forget_everything, keys_removed
 
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
         async for ev in stream.events():
             raw, msg = ev.value, ev.message
             try:
@@ -256,17 +257,32 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 if text.lstrip().startswith("{"):
                     uid = json.loads(text)["user_id"]
                 if not isinstance(uid, str) or not uid or len(uid) > settings.max_string_len:
-                    raise ValueError("user_id must be a non-empty string")
-            except Exception as exc:
+                    raise ValueError(f"user_id must be a string of 1..{settings.max_string_len} characters")
+            except Exception as exc:  # the error names no id: json and codec messages carry positions only
                 m.EVENTS_INVALID.labels(reason="bad_value").inc()
-                log.warning("invalid forget request %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+                log.warning("invalid forget request %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset,
+                            type(exc).__name__, exc)
                 await (await send(settings.topic_dlq, msg.key, dlq_record(
-                    raw, "bad_value", f"forget request: {exc}", msg.topic, msg.partition, msg.offset), None))
+                    raw, "bad_value", f"forget request: {type(exc).__name__}: {exc}", msg.topic, msg.partition,
+                    msg.offset), None))
                 continue
-            removed, items = await asyncio.to_thread(forget_everything, settings, client, engine_user_id(settings, uid))
-            m.FORGOTTEN.inc()
-            log.info("forgot a user (%d keys removed, %d item counts and %d pairs reduced) on request %s[%d]@%d",
-                     keys_removed(removed), items["items"], items["pairs"], msg.topic, msg.partition, msg.offset)
+            uid = engine_user_id(settings, uid)
+            while True:  # a forget request is never dropped: Redis trouble is waited out
+                try:
+                    removed, items = await asyncio.to_thread(forget_everything, settings, client, uid)
+                    break
+                except (redis.RedisError, PromoError) as exc:
+                    log.warning("forget request %s[%d]@%d not done yet (%s: %s); retrying in %.1f s", msg.topic,
+                                msg.partition, msg.offset, type(exc).__name__, exc, settings.redis_retry_s)
+                    await asyncio.sleep(settings.redis_retry_s)
+            learning = getattr(state["engine"], "learning", None)
+            held = learning.forget_users([uid]) if learning is not None else 0
+            m.raise_to(m.FORGOTTEN, items["forgotten_total"])
+            log.info("forgot a user on request %s[%d]@%d: %s (%d keys removed, %d item counts and %d pairs reduced "
+                     "in %d calls of at most %.1f ms, %s in this worker's models)", msg.topic, msg.partition,
+                     msg.offset, "found" if items["counted"] else "nothing held", keys_removed(removed),
+                     items["items"], items["pairs"], items["calls"], items["max_call_ms"],
+                     "held" if held else "not")
 
     @app.page("/metrics")
     async def metrics_view(web, request):
@@ -405,12 +421,39 @@ def restore_policy(client, engine: Engine, settings: Settings) -> None:
                  key, len(engine.policy.cells), engine.policy.n_learned)
 
 
+async def drop_forgotten_users(engine: Engine, chunk: int = 5000) -> int:
+    """Drop from the in-memory models every user they hold whose profile is gone from Redis (forgotten by any
+    path - ``promo forget`` in another process, another worker's forget topic - or expired): one pipelined
+    ``EXISTS`` per held user, ``chunk`` per round trip. No list of forgotten ids is kept anywhere. Returns how
+    many users were dropped.
+
+    A user who sends an event between the check and the drop loses only the in-memory learning of that event."""
+    learning, store = engine.learning, engine.store
+    if learning is None or not hasattr(store, "profile_key") or not hasattr(store, "r"):
+        return 0
+    held = list(learning.held_users())
+    gone: list[str] = []
+    for i in range(0, len(held), chunk):
+        part = held[i : i + chunk]
+        pipe = store.r.pipeline(transaction=False)
+        for uid in part:
+            pipe.exists(store.profile_key(uid))
+        gone += [uid for uid, exists in zip(part, await pipe.execute()) if not exists]
+    return learning.forget_users(gone) if gone else 0
+
+
 async def run_maintenance(settings: Settings, engine: Engine) -> None:
     apply_parked = getattr(engine.store, "apply_parked", None)
     if apply_parked is not None:
         n = await apply_parked()  # contributions a killed worker committed but did not apply
         if n:
             log.info("applied %d item-statistics contributions left parked by an earlier worker", n)
+    if hasattr(engine.store, "r"):
+        from stream.forget import forgotten_key
+
+        # every forget path counts in one shared key: the cluster-wide total (max across workers, not sum)
+        m.raise_to(m.FORGOTTEN, int(await engine.store.r.get(forgotten_key(settings.redis_prefix)) or 0))
+    m.raise_to(m.CONTRIBUTIONS_CAPPED, getattr(engine.store, "contributions_capped", 0))
     await engine.load_policy()  # what other workers' commits taught the policy, even without own decisions
     # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
     now = await engine.sync_clock()
@@ -437,6 +480,10 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
     if engine.learning is not None:
         from models.learning import snapshot_key
 
+        dropped = await drop_forgotten_users(engine)  # forgotten users never reach a snapshot again
+        if dropped:
+            log.info("dropped %d users whose profile is gone (forgotten or expired) from the in-memory models "
+                     "before the snapshot", dropped)
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
         blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot(covered)

@@ -132,7 +132,10 @@ def demo(rate: float, file: Path | None, fmt: str, once: bool) -> None:
 @click.argument("user_id")
 @click.option("--json", "as_json", is_flag=True)
 def forget(user_id: str, as_json: bool) -> None:
-    """Delete everything the engine holds about USER_ID."""
+    """Delete everything the engine holds about USER_ID.
+
+    Exit status 0 also when the engine held nothing about the user: the report says "found": false and one line
+    on stderr says so."""
     from stream.forget import forget_user
 
     emit(forget_user(_settings(), user_id), as_json)

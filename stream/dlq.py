@@ -24,8 +24,8 @@ dead-lettered and everything else is the consumer's problem):
   ``("internal_error", ...)`` for them if asked.
 
 >>> from stream.validation import InvalidEvent
->>> classify(InvalidEvent("wrong_type", "user_id must be a string, got integer 7"))
-('wrong_type', 'user_id must be a string, got integer 7')
+>>> classify(InvalidEvent("wrong_type", "user_id must be a string, got an integer"))
+('wrong_type', 'user_id must be a string, got an integer')
 >>> classify(ZeroDivisionError("division by zero"))
 ('internal_error', 'ZeroDivisionError: division by zero')
 """

@@ -1,16 +1,28 @@
 """``promo forget USER_ID`` and the ``<prefix>.forget`` topic: delete everything the engine holds about a user.
 
 Removed: the profile (counts, session, cart, caps and offer history, open decisions), every de-duplication
-marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`` -, the user's entry in the
-expiry sweep's index of open decisions, and the user's contributions to item statistics where the learning core
-keeps them (``forget_user`` of the item store, when it has one).
+marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`` (the id escaped,
+:func:`models.keys.escape_user_id`, so the pattern matches this user's keys and no other user's) -, the user's
+entry in the expiry sweep's index of open decisions and in the set of records with parked contributions, the
+user's contributions to item statistics (subtracted from them in bounded, idempotent steps of at most
+``FORGET_CHUNK_FIELDS`` record fields per Lua call, :meth:`models.item_store.RedisItemStore.subtract_record`),
+and the user's entries in the stored model snapshot (:func:`models.learning.scrub_snapshot`). Workers drop the
+user from their in-memory models at their next snapshot (``stream.app.run_maintenance``), the worker that takes a
+``<prefix>.forget`` request at once.
 With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
 
-Events of the user that arrive after the forget are new data and build a new profile.
+Order, so that an interrupted forget can be run again and finishes exactly: subtract the contribution record
+(each step deletes the fields it subtracted), delete the user's other keys, then one atomic call subtracts what
+was applied meanwhile, deletes the record and the index entries and counts the user in ``<prefix>:forgotten``
+(the cluster-wide count every worker exports as ``promo_users_forgotten_total``).
+
+Events of the user that arrive after the forget are new data and build a new profile; events that arrive while
+it runs may be forgotten in part (their profile update or their contributions).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from models.privacy import pseudonymise
@@ -24,18 +36,39 @@ def engine_user_id(settings: Settings, user_id: str) -> str:
     return user_id
 
 
+def forgotten_key(prefix: str) -> str:
+    """The shared count of users forgotten (every path adds to it in the step that completes a forget)."""
+    return f"{prefix}:forgotten"
+
+
 def _kind(key: bytes, tag: str) -> str:
     rest = key.decode(errors="replace")[len(tag) + 1 :]
     return {"p": "profile", "e": "markers", "d": "decisions", "c": "item_record"}.get(rest.split(":", 1)[0], "other")
 
 
-def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
-    """Delete every key of user ``uid`` (sync redis-py client); counts of what was removed, by kind."""
-    tag = f"{prefix}:{{u:{uid}}}"
+def user_pattern(prefix: str, uid: str) -> tuple[str, str]:
+    """``(tag, SCAN pattern)`` of user ``uid``'s keys: the escaped id holds no ``}``, so the pattern matches
+    exactly this user's keys; glob characters are escaped for ``MATCH``.
+
+    >>> user_pattern("promo", "victim}:o*")
+    ('promo:{u:victim%7D:o*}', 'promo:{u:victim%7D:o\\\\*}:*')
+    """
+    from models.keys import escape_user_id
+
+    tag = f"{prefix}:{{u:{escape_user_id(uid)}}}"
     pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
+    return tag, pattern
+
+
+def forget_keys(client, prefix: str, uid: str, keep: frozenset[bytes] = frozenset()) -> dict[str, int]:
+    """Delete every key of user ``uid`` but those in ``keep`` (sync redis-py client); counts of what was removed,
+    by kind."""
+    tag, pattern = user_pattern(prefix, uid)
     removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "item_record": 0, "other": 0}
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
+        if key in keep:
+            continue
         removed[_kind(key, tag)] += 1
         batch.append(key)
         if len(batch) >= 500:
@@ -46,13 +79,23 @@ def forget_keys(client, prefix: str, uid: str) -> dict[str, int]:
     return removed
 
 
+KEY_KINDS = ("profile", "markers", "decisions", "item_record", "other")
+
+
 def keys_removed(removed: dict[str, int]) -> int:
-    """How many keys ``removed`` counts (the open-decision index entry is a member of a shared key)."""
-    return sum(n for kind, n in removed.items() if kind != "open_index")
+    """How many keys ``removed`` counts (the open-decision index entry is a member of a shared key, the snapshot
+    entry a part of a shared value)."""
+    return sum(removed.get(kind, 0) for kind in KEY_KINDS)
 
 
 def forget_user(settings: Settings, user_id: str) -> dict:
+    """``promo forget``: forget ``user_id`` (clear, as the shop knows it) and report what was removed.
+
+    ``found`` is false when the engine held nothing about the user (a one-line note goes to stderr; the exit
+    status stays 0: nothing is held, which is what a forget asks for)."""
     import redis
+
+    import models.learning  # noqa: F401  (its imports take a second: not part of the forget's time)
 
     if not user_id or len(user_id) > settings.max_string_len:
         raise PromoError(f"user id must be 1..{settings.max_string_len} characters, got {len(user_id)}")
@@ -66,8 +109,13 @@ def forget_user(settings: Settings, user_id: str) -> dict:
             f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; nothing was deleted"
         ) from exc
     client.close()
+    found = bool(items.pop("counted"))
+    if not found:
+        print("promo forget: the engine holds nothing about this user (no keys, contributions, open decision "
+              "or snapshot entry); nothing was deleted", file=sys.stderr)
     return {
         "user_id": user_id if not settings.pseudonymise_key else uid,
+        "found": found,
         "removed": removed,
         "item_contributions": items,
         "keys_removed": keys_removed(removed),
@@ -75,14 +123,33 @@ def forget_user(settings: Settings, user_id: str) -> dict:
     }
 
 
-def forget_everything(settings: Settings, client, uid: str) -> tuple[dict[str, int], dict[str, int]]:
-    """The user's contributions subtracted from the item statistics (which reads their record, so first), then
-    every key of the user deleted; ``uid`` as the engine knows it (pseudonymised already). Sync client."""
+def forget_everything(settings: Settings, client, uid: str, max_rounds: int = 20) -> tuple[dict[str, int], dict]:
+    """Forget ``uid`` as the engine knows it (pseudonymised already), in the order of the module docstring.
+    Sync client. Returns the keys removed by kind (``open_index``: the index entry, ``snapshot``: 1 if the stored
+    model snapshot held the user) and the contributions subtracted (``items``, ``pairs``, ``popularity``,
+    ``fields``, ``calls``, ``max_call_ms``: the longest Lua call, ``forgotten_total``: the shared count after,
+    ``counted``: 1 if something of the user was found and the user was counted)."""
     from models.item_store import RedisItemStore
+    from models.learning import scrub_snapshot
 
-    items = RedisItemStore(client, prefix=settings.redis_prefix).forget_user(uid)
-    removed = forget_keys(client, settings.redis_prefix, uid)
-    removed["item_record"] += items.pop("record")  # deleted by forget_user
-    # the expiry sweep's index of users with open decisions (a member of a shared key, not a key of the user)
-    removed["open_index"] = int(client.zrem(f"{settings.redis_prefix}:open", uid))
-    return removed, items
+    prefix = settings.redis_prefix
+    store = RedisItemStore(client, prefix=prefix)
+    record = store.record_key(uid)
+    had_record = bool(client.exists(record))
+    stats = store.subtract_record(uid)
+    removed = forget_keys(client, prefix, uid, keep=frozenset({record.encode()}))
+    scrubbed = scrub_snapshot(client, [uid], prefix)
+    found = had_record or keys_removed(removed) > 0 or scrubbed > 0
+    for _ in range(max_rounds):
+        done = store.drop_record(uid, parked_key=f"{prefix}:sim:parked", open_index=(f"{prefix}:open", uid),
+                                 counter_key=forgotten_key(prefix), found=found, stats=stats)
+        if done is not None:
+            break
+        store.subtract_record(uid, stats=stats)  # the user's contributions kept arriving: subtract them too
+    else:
+        raise PromoError(f"the user's contributions kept arriving during {max_rounds} rounds of forgetting; the "
+                         "user's keys are deleted but part of the contribution record is left: run the forget again")
+    removed["item_record"] += int(stats.pop("record") or had_record)
+    removed["open_index"] = stats.pop("open_index")
+    removed["snapshot"] = scrubbed
+    return removed, stats

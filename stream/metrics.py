@@ -86,13 +86,20 @@ def _init_fault_series() -> None:
 
 
 _init_fault_series()
-FORGOTTEN = Counter("promo_users_forgotten", "Users whose data was deleted on request", registry=REGISTRY)
+FORGOTTEN = Counter(
+    "promo_users_forgotten", "Users whose data was deleted on request, cluster-wide (every forget path adds to one "
+    "count in Redis; each worker exports it: aggregate with max across workers, not sum)", registry=REGISTRY,
+)
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
 
 # --- learning (issue: online learning core) --------------------------------------------------
 MODEL_AUC = Gauge("promo_model_auc", "Online (prequential) AUC of a model", ["model"], registry=REGISTRY)
 MODEL_LOGLOSS = Gauge("promo_model_logloss", "Online (prequential) log loss of a model", ["model"], registry=REGISTRY)
 MODEL_SNAPSHOTS = Counter("promo_model_snapshots", "Model snapshots written to Redis", registry=REGISTRY)
+CONTRIBUTIONS_CAPPED = Counter(
+    "promo_contributions_capped", "Users' commits whose item contributions were not applied because the user's "
+    "contribution record is at PROMO_CONTRIB_RECORD_MAX_FIELDS", registry=REGISTRY,
+)
 
 # --- policy, budgets, attribution (issue: offer policy) --------------------------------------
 REDEMPTIONS = Counter("promo_redemptions", "Decisions redeemed by a purchase", ["offer_id", "group"], registry=REGISTRY)
@@ -121,6 +128,25 @@ BUDGET_REFUSED = Counter(
 PACING_PRICE = Gauge(
     "promo_pacing_shadow_price", "Pacing shadow price added per unit of offer cost", ["offer_id"], registry=REGISTRY
 )
+
+
+# --- counts kept elsewhere ---------------------------------------------------------------------
+_EXPORTED: dict[int, float] = {}
+
+
+def raise_to(counter: Counter, total: float) -> None:
+    """Raise ``counter`` (no labels) to ``total``, a count kept elsewhere (shared in Redis, or by a store
+    object); it never goes down, so it stays a counter when the source is reset.
+
+    >>> c = Counter("promo_doctest_things", "doc", registry=CollectorRegistry())
+    >>> raise_to(c, 3); raise_to(c, 2); raise_to(c, 5)
+    >>> c._value.get()
+    5.0
+    """
+    done = _EXPORTED.get(id(counter), 0.0)
+    if total > done:
+        counter.inc(total - done)
+        _EXPORTED[id(counter)] = float(total)
 
 
 # --- reading an exposition back (demo summary, benchmarks, tests) ------------------------------

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     topic_prefix: str = "promo"
     partitions: int = Field(12, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1)
+    events_retention_s: int = Field(
+        7 * 86400, ge=3600, description="retention of the events topic, set when it is created; also of the "
+        "decisions and forget topics, which carry user ids too (Kafka retention.ms)",
+    )
+    dlq_retention_s: int = Field(
+        30 * 86400, ge=3600, description="retention of the dead-letter topic, set when it is created: time to "
+        "inspect and replay dead-lettered events (Kafka retention.ms)",
+    )
 
     # --- worker -----------------------------------------------------------------------------
     app_id: str = "promo-engine"
@@ -88,6 +96,11 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = Field(7 * 86400, ge=60, description="how long event ids are remembered")
     profile_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a profile expires")
     pseudonymise_key: SecretStr | None = Field(None, description="if set, user ids are keyed-hashed on ingestion")
+    contrib_record_max_fields: int = Field(
+        20_000, ge=0, description="most fields of a user's contribution record (what `promo forget` subtracts); "
+        "a user whose contributions would go past it contributes nothing more to item statistics until the "
+        "record expires or is forgotten (0: no cap)",
+    )
 
     # --- input limits (bad input goes to the DLQ) --------------------------------------------
     max_event_bytes: int = Field(16384, ge=256)
@@ -170,6 +183,16 @@ class Settings(BaseSettings):
     @property
     def all_topics(self) -> list[str]:
         return [self.topic_events, self.topic_decisions, self.topic_dlq, self.topic_forget]
+
+    def topic_retention_ms(self, topic: str) -> int:
+        """``retention.ms`` a topic is created with: :attr:`dlq_retention_s` for the DLQ, else
+        :attr:`events_retention_s`.
+
+        >>> s = Settings(_env_file=None)
+        >>> s.topic_retention_ms(s.topic_events), s.topic_retention_ms(s.topic_dlq)
+        (604800000, 2592000000)
+        """
+        return 1000 * (self.dlq_retention_s if topic == self.topic_dlq else self.events_retention_s)
 
     @property
     def kafka_host(self) -> str:

@@ -21,7 +21,13 @@ Checks, in order (the first failure wins):
    and integer ``ts`` must be integral), ``unknown_type`` (``type`` not in :data:`models.events.EVENT_TYPES`),
    ``bad_timestamp`` (unparsable ``ts`` string, before ``min_ts_ms`` or after now + ``max_future_skew_s``),
    ``bad_value`` (negative or absurd ``price``, ``quantity`` outside 1..max, a string longer than
-   ``max_string_len``, too many ``context`` keys, a ``context`` value that is not a string or a finite number).
+   ``max_string_len``, too many ``context`` keys, a ``context`` value that is not a string or a finite number,
+   a control character U+0000-U+001F or U+007F in ``event_id``, ``user_id`` or ``item_id``: ids name Redis keys,
+   and U+001F separates the two items of a pair in a user's contribution record).
+
+Error texts never repeat the value of an id (``event_id``, ``user_id``, ``item_id``, ``session_id``, ``order_id``,
+``decision_id``): they reach logs and the DLQ record's ``error``, where a user id must not appear in clear when
+``PROMO_PSEUDONYMISE_KEY`` is set. The DLQ record's ``raw`` keeps the original message.
 
 Leniencies (also in the schema): optional fields may be ``null`` (= absent); an optional string field equal to
 ``""`` is treated as absent; integral floats (``2.0``) are accepted where an integer is required, as JSON Schema
@@ -37,7 +43,7 @@ does; unknown top-level fields are ignored.
 ...     decode_event(b'{"event_id":"e1","type":"cart","user_id":7,"item_id":"i9","ts":1}', limits, now)
 ... except InvalidEvent as exc:
 ...     print(exc.reason, "|", exc.error)
-wrong_type | user_id must be a string, got integer 7
+wrong_type | user_id must be a string, got an integer
 """
 
 from __future__ import annotations
@@ -149,6 +155,25 @@ def nesting_depth(text: str) -> int:
         elif ch == "]" or ch == "}":
             depth -= 1
     return top
+
+
+ID_FIELDS: tuple[str, ...] = ("event_id", "user_id", "item_id", "session_id", "order_id", "decision_id")
+"""Fields whose value an error text never repeats (see the module docstring)."""
+
+_KIND = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+         list: "an array", dict: "an object"}
+
+
+def _kind(value) -> str:
+    """The JSON type of a value, and nothing of the value itself (for the id fields).
+
+    >>> _kind(541312140), _kind("u1"), _kind(None)
+    ('an integer', 'a string', 'null')
+    """
+    return _KIND.get(type(value), type(value).__name__)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _describe(value) -> str:
@@ -296,7 +321,7 @@ def _check_required_slow(doc: dict, limits: Limits) -> None:
     for name in ("event_id", "type", "user_id", "item_id"):
         v = doc[name]
         if type(v) is not str:
-            raise _bad("wrong_type", f"{name} must be a string, got {_describe(v)}")
+            raise _bad("wrong_type", f"{name} must be a string, got {_kind(v) if name in ID_FIELDS else _describe(v)}")
         if len(v) > limits.max_string_len:
             raise _bad("bad_value", f"{name} is {len(v)} characters long, more than the maximum {limits.max_string_len}")
 
@@ -333,7 +358,7 @@ def _opt_str(doc: dict, name: str, maxlen: int) -> str | None:
     if v is None or v == "":
         return None
     if type(v) is not str:
-        raise _bad("wrong_type", f"{name} must be a string, got {_describe(v)}")
+        raise _bad("wrong_type", f"{name} must be a string, got {_kind(v) if name in ID_FIELDS else _describe(v)}")
     if len(v) > maxlen:
         raise _bad("bad_value", f"{name} is {len(v)} characters long, more than the maximum {maxlen}")
     return v
@@ -472,6 +497,12 @@ def decode_event(raw: bytes | None, limits: Limits, now_ms: int, recv_ns: int = 
     )
     if "\\ud" in text or "\\uD" in text:  # a \uD800-\uDFFF escape: maybe a lone surrogate
         _check_surrogates(event)
+    # JSON strings hold control characters only as escapes (and DEL as itself): most messages skip the check
+    if ("\\" in text or "\x7f" in text) and (
+        _CONTROL.search(event_id) or _CONTROL.search(user_id) or _CONTROL.search(item_id)
+    ):
+        name = next(n for n in ("event_id", "user_id", "item_id") if _CONTROL.search(getattr(event, n)))
+        raise _bad("bad_value", f"{name} contains a control character (U+0000-U+001F or U+007F); ids may not")
     return event
 
 

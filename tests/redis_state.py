@@ -320,13 +320,18 @@ def compare_states(a: dict, b: dict, rel: float = 1e-9, limit: int = 200) -> lis
 
 # --- views of a dump ------------------------------------------------------------------------------------------
 def profile_counts(state: dict) -> dict[str, "Counter[str]"]:
-    """user id -> event counts by type (zero counts dropped), from the profile hashes ``{u:<user>}:p`` of a dump.
+    """user id -> event counts by type (zero counts dropped), from the profile hashes ``{u:<user>}:p`` of a dump
+    (the id in the key is escaped, :func:`models.keys.escape_user_id`).
 
     >>> profile_counts({"{u:7}:p": {"type": "hash", "expires": True,
     ...                              "value": {"v": {"counts": {"view": 2, "cart": 0}}}}})
     {'7': Counter({'view': 2})}
+    >>> list(profile_counts({"{u:a%7D:b}:p": {"type": "hash", "expires": True, "value": {"v": {}}}}))
+    ['a}:b']
     """
     from collections import Counter
+
+    from models.keys import unescape_user_id
 
     out = {}
     for key, entry in state.items():
@@ -334,7 +339,7 @@ def profile_counts(state: dict) -> dict[str, "Counter[str]"]:
             value = entry["value"]
             prof = value.get("v", value) if isinstance(value, dict) else {}
             counts = prof.get("counts", {}) if isinstance(prof, dict) else {}
-            out[key[3:-3]] = Counter({t: n for t, n in counts.items() if n})
+            out[unescape_user_id(key[3:-3])] = Counter({t: n for t, n in counts.items() if n})
     return out
 
 

@@ -253,12 +253,15 @@ def pipeline_dashboard() -> db.Dashboard:
     d = d.with_panel(_timeseries(
         lay, "Duplicates skipped, decisions re-sent, users forgotten",
         "Events skipped because their event_id was already applied (redelivery, producer retries), "
-        "stored decisions re-sent because their trigger was redelivered, and users deleted on request "
-        "through the forget topic.",
+        "stored decisions re-sent because their trigger was redelivered, users deleted on request (promo forget "
+        "or the forget topic; every worker exports the cluster-wide count, hence max, not sum), and users' "
+        "commits whose item contributions were left out because the user's contribution record is at "
+        "PROMO_CONTRIB_RECORD_MAX_FIELDS (a hot user or a bot).",
         [
             _query(f"sum({_rate('promo_events_duplicate_total')})", "duplicate events", "A"),
             _query(f"sum({_rate('promo_decisions_resent_total')})", "decisions re-sent", "B"),
-            _query(f"sum({_rate('promo_users_forgotten_total')})", "users forgotten", "C"),
+            _query(f"max({_rate('promo_users_forgotten_total')})", "users forgotten", "C"),
+            _query(f"sum({_rate('promo_contributions_capped_total')})", "contributions capped", "D"),
         ],
         "ops", width=8,
     ))

@@ -213,6 +213,33 @@ def test_kafka_init_creates_every_topic_with_the_configured_partitions(compose):
     assert worker_env["PROMO_PARTITIONS"] == "24" and worker_env["PROMO_TOPIC_PREFIX"] == "shop7"
 
 
+def test_kafka_init_sets_the_configured_retention_of_every_topic(compose, tmp_path):
+    """The init script runs (bash, kafka-topics.sh replaced by a stub that prints its arguments): each topic is
+    created with the retention.ms stream/topics.py gives it, from the same PROMO_* settings."""
+    env = {**TEST_SECRET_ENV, "PROMO_TOPIC_PREFIX": "shop7", "PROMO_EVENTS_RETENTION_S": "86400",
+           "PROMO_DLQ_RETENTION_S": "1209600"}
+    proc = compose("config", "--format", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    init = cfg["services"]["kafka-init"]
+    stub = tmp_path / "kafka-topics.sh"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    script = init["command"][0].replace("$$", "$").replace("/opt/kafka/bin/kafka-topics.sh", str(stub))
+    run = subprocess.run(["bash", "-ec", script], env={"PATH": os.environ["PATH"], **_env(init)},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    created = {}
+    for line in run.stdout.splitlines():
+        args = line.split()
+        if "--create" in args:
+            created[args[args.index("--topic") + 1]] = args[args.index("--config") + 1]
+    s = Settings(_env_file=None, **{k.removeprefix("PROMO_").lower(): v for k, v in _env(cfg["services"]["worker"]).items()
+                                    if k.startswith("PROMO_")})
+    assert s.events_retention_s == 86400 and s.dlq_retention_s == 1209600
+    assert created == {t: f"retention.ms={s.topic_retention_ms(t)}" for t in s.all_topics}
+
+
 def test_worker_starts_after_topics_and_redis_and_can_scale(config):
     w = config["services"]["worker"]
     assert w["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"

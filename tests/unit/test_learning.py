@@ -137,6 +137,52 @@ def test_snapshot_lives_in_one_redis_key(redis_client):
             redis_client.delete(key)
 
 
+def _with_victim(n: int = 400):
+    """Synthetic events with the busiest user renamed to an id no other string contains."""
+    from collections import Counter
+    from dataclasses import replace
+
+    evs = synthetic_events(n)
+    busiest = Counter(e.user_id for e in evs).most_common(1)[0][0]
+    return [replace(e, user_id="forget-me-4711") if e.user_id == busiest else e for e in evs]
+
+
+def test_forgotten_users_leave_every_in_memory_structure_and_the_next_snapshot():
+    core = LearningCore(MemoryItemStore(), decision_points="batch")  # windows in use: items not via commits
+    evs = _with_victim()
+    feed(core, evs[:300])
+    held = core.held_users()
+    assert "forget-me-4711" in held and "forget-me-4711" in core.windows.slot
+    assert b"forget-me-4711" in core.snapshot({})
+    assert core.forget_users(["forget-me-4711", "never-seen"]) == 1
+    assert core.held_users() == held - {"forget-me-4711"}
+    assert b"forget-me-4711" not in core.snapshot({})
+    assert len(core.labels) == sum(1 for pt in core.labels.queue if pt.open)  # the open count stays true
+    assert core.forget_users(["forget-me-4711"]) == 0
+    feed(core, [e for e in evs[300:] if e.user_id != "forget-me-4711"])  # learning goes on as before
+    assert "forget-me-4711" not in core.held_users()
+
+
+def test_the_stored_snapshot_is_scrubbed_in_place(redis_client):
+    from models.learning import scrub_snapshot
+
+    prefix = "tl" + uuid.uuid4().hex[:8]
+    core = LearningCore(RedisItemStore(redis_client, prefix), decision_points="batch")
+    try:
+        feed(core, _with_victim(200))
+        assert scrub_snapshot(redis_client, ["forget-me-4711"], prefix) == 0  # no snapshot yet
+        save_snapshot(redis_client, core, {("promo.events", 0): 200}, prefix)
+        assert scrub_snapshot(redis_client, ["forget-me-4711"], prefix) == 1
+        assert b"forget-me-4711" not in redis_client.get(snapshot_key(prefix))
+        assert scrub_snapshot(redis_client, ["forget-me-4711"], prefix) == 0
+        fresh = LearningCore(RedisItemStore(redis_client, prefix))
+        assert load_snapshot(redis_client, fresh, prefix) == {("promo.events", 0): 200}
+        assert fresh.held_users() == core.held_users() - {"forget-me-4711"}
+    finally:
+        for key in redis_client.scan_iter(match=f"{prefix}*", count=1000):
+            redis_client.delete(key)
+
+
 def test_parameters_are_validated():
     with pytest.raises(ValueError, match="horizon_h"):
         LearningCore(horizon_h=0)

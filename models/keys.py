@@ -1,0 +1,42 @@
+"""User ids in Redis key names: escaped so that one user's keys can never match another user's pattern.
+
+Every key of a user is ``<prefix>:{u:<escaped id>}:<kind>...`` (:class:`models.state.RedisStore`,
+:meth:`models.item_store.RedisItemStore.record_key`, ``promo forget``). The escaped id contains no ``}``, so the
+hash tag ends right after it: ``promo forget`` scans ``<prefix>:{u:<escaped id>}:*`` and matches the keys of that
+user and of no other (before, ``{u:victim}:*`` also matched every key of a user called ``victim}:other``), and
+Redis Cluster hashes each user's keys to one slot whatever the id holds.
+
+Escaping is percent-encoding of ``%``, ``{``, ``}`` and the control characters U+0000-U+001F and U+007F (those
+are rejected at validation anyway; a ``promo forget`` argument may still hold one). Everything else is kept, so
+ordinary ids (``512386086``, ``shop:42``, pseudonyms ``p-<hex>``) name the same keys as before and existing data
+stays readable. ``%`` is escaped too, which makes the mapping one-to-one: the id ``a%7D`` (``a%257D``) and the id
+``a}`` (``a%7D``) never share keys.
+
+>>> escape_user_id("512386086"), escape_user_id("shop:42"), escape_user_id("victim}:other")
+('512386086', 'shop:42', 'victim%7D:other')
+>>> escape_user_id("a%7D"), escape_user_id("{x}\\x1f")
+('a%257D', '%7Bx%7D%1F')
+>>> all(unescape_user_id(escape_user_id(u)) == u for u in ("a%7D", "a}", "%", "{u:1}", "é\\x7f"))
+True
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+__all__ = ["escape_user_id", "unescape_user_id", "CONTROL_CHARS"]
+
+CONTROL_CHARS = frozenset(map(chr, [*range(0x20), 0x7F]))
+"""Characters an id may not contain (validation rejects them; keys escape them)."""
+
+_ESCAPE = {ord(c): f"%{ord(c):02X}" for c in ("%", "{", "}", *CONTROL_CHARS)}
+
+
+def escape_user_id(user_id: str) -> str:
+    """The form of ``user_id`` used inside key names (see the module docstring)."""
+    return user_id.translate(_ESCAPE)
+
+
+def unescape_user_id(escaped: str) -> str:
+    """The user id an escaped key part stands for (inverse of :func:`escape_user_id`)."""
+    return unquote(escaped) if "%" in escaped else escaped
