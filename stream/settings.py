@@ -64,7 +64,10 @@ class Settings(BaseSettings):
 
     # --- embedded stack ---------------------------------------------------------------------
     state_dir: Path = Field(Path(".promo"), description="pid files, logs and Redis data of `promo stack`")
-    durable: bool = Field(False, description="embedded Redis with AOF (appendfsync always)")
+    durable: bool = Field(
+        True, description="embedded Redis with its append-only file (appendfsync always), so the engine's state "
+        "survives a Redis restart; false keeps it in memory only (lost with the process)"
+    )
 
     # --- state ------------------------------------------------------------------------------
     redis_prefix: str = "promo"
