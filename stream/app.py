@@ -6,6 +6,10 @@ event-id de-duplication makes the redelivery harmless).
 
 Web (on ``PROMO_WEB_HOST:PROMO_WEB_PORT``): ``/metrics`` (Prometheus), ``/livez`` (process up),
 ``/readyz`` (Redis answers PING, partitions assigned, not rebalancing; 503 otherwise).
+
+Lost Redis state (:mod:`stream.epoch`): the worker starts only in the epoch its start-up check found or wrote,
+and stops (one line, exit 2) as soon as Redis holds another one: on every new connection of the engine's
+clients, and at every maintenance period.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from prometheus_client import generate_latest
 from models.engine import Engine
 from models.state import RedisStore
 from stream import metrics as m
+from stream.epoch import Epoch, EpochGuard, StateLostError, check_at_start, stop_worker
 from stream.errors import PromoError
 from stream.handler import BatchHandler, Health, RawMessage
 from stream.settings import Settings
@@ -101,14 +106,19 @@ def base_app(settings: Settings) -> faust.App:
     )
 
 
-def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
-    """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | None = None) -> faust.App:
+    """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``.
+
+    ``epoch``: the one :func:`stream.epoch.check_at_start` returned; the app then stops the process when Redis
+    holds another (``state["epoch_guard"]``, an :class:`stream.epoch.EpochGuard`; ``None`` without an epoch).
+    """
     app = base_app(settings)
     health = Health()
+    guard = EpochGuard(settings, epoch, on_lost=stop_worker) if epoch is not None else None
     if engine is None:
-        engine = build_engine(settings)
+        engine = build_engine(settings, guard)
     m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
-    state: dict = {"engine": engine}
+    state: dict = {"engine": engine, "epoch_guard": guard}
     events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
 
     async def send(topic: str, key, value: bytes, headers):
@@ -160,9 +170,12 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     @app.timer(interval=settings.maintenance_interval_s)
     async def maintenance() -> None:
-        """Expiry sweep, budgets, quality gauges and a model snapshot; a failure is logged, never fatal."""
+        """The epoch check, expiry sweep, budgets, quality gauges and a model snapshot. Lost state stops the
+        worker; any other failure is logged and tried again next period."""
         try:
-            await run_maintenance(settings, state["engine"])
+            await run_maintenance(settings, state["engine"], state["epoch_guard"])
+        except StateLostError as exc:  # never "skipped": the next period would work on another state
+            stop_worker(exc)
         except Exception as exc:  # Redis down: the agent's retry loop reports it; try again next period
             log.warning("maintenance skipped: %s: %s", type(exc).__name__, exc)
 
@@ -217,25 +230,33 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     return app
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The production engine: Redis state, Thompson policy with budgets and pacing, the learning core."""
+def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
+    """The production engine: Redis state, Thompson policy with budgets and pacing, the learning core.
+
+    With ``guard``, every Redis client of the engine checks the epoch on each new connection
+    (:meth:`stream.epoch.EpochGuard.watch`)."""
     import redis
 
     from models.budget import RedisBudgetStore
+
+    def watched(client):
+        return guard.watch(client) if guard is not None else client
 
     learning = None
     if settings.learning:
         from models.item_store import RedisItemStore, SimilarityConfig
         from models.learning import LearningCore, load_snapshot
 
-        learning = LearningCore(
-            RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
-                                    config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours)),
-            horizon_h=settings.purchase_horizon_h,
-        )
-    engine = Engine.from_settings(settings, RedisStore.from_settings(settings), learning=learning,
-                                  budget_store=RedisBudgetStore.from_settings(settings), export_metrics=True)
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
+                                             config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
+        watched(item_store.r)
+        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h)
+    store = RedisStore.from_settings(settings)
+    budget_store = RedisBudgetStore.from_settings(settings)
+    watched(store.r)
+    watched(budget_store.r)
+    engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store, export_metrics=True)
+    client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0))
     try:
         if learning is not None:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
@@ -283,7 +304,11 @@ def restore_policy(client, engine: Engine, settings: Settings) -> None:
                  key, len(engine.policy.cells), engine.policy.n_learned)
 
 
-async def run_maintenance(settings: Settings, engine: Engine) -> None:
+async def run_maintenance(settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
+    """One maintenance period; with ``guard``, first the epoch check (raises :class:`stream.epoch.StateLostError`
+    before anything is written)."""
+    if guard is not None:
+        await guard.verify()
     apply_parked = getattr(engine.store, "apply_parked", None)
     if apply_parked is not None:
         n = await apply_parked()  # contributions a killed worker committed but did not apply
@@ -320,14 +345,16 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
     if hasattr(engine.policy, "to_bytes") and not engine.shares_policy:
         blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
     if blobs:
-        await asyncio.to_thread(_write_snapshots, settings, blobs)
+        await asyncio.to_thread(_write_snapshots, settings, blobs, guard)
         m.MODEL_SNAPSHOTS.inc()
 
 
-def _write_snapshots(settings: Settings, blobs: dict[str, bytes]) -> None:
+def _write_snapshots(settings: Settings, blobs: dict[str, bytes], guard: EpochGuard | None = None) -> None:
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+    if guard is not None:
+        guard.watch(client)  # written on a connection that found the worker's epoch
     try:
         pipe = client.pipeline(transaction=False)
         for key, blob in blobs.items():
@@ -337,8 +364,9 @@ def _write_snapshots(settings: Settings, blobs: dict[str, bytes]) -> None:
         client.close()
 
 
-def _preflight(settings: Settings) -> None:
-    """Fail fast with one line when the broker or Redis is not there; create topics up front."""
+def _preflight(settings: Settings) -> Epoch:
+    """Fail fast with one line when the broker or Redis is not there; create topics up front; check the Redis
+    state's epoch (:func:`stream.epoch.check_at_start`: :class:`stream.epoch.StateLostError` when it was lost)."""
     import redis
 
     from stream.topics import ensure_topics
@@ -359,16 +387,22 @@ def _preflight(settings: Settings) -> None:
             f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; "
             "start the embedded stack with `promo stack up`"
         ) from exc
+    epoch = check_at_start(settings)
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above closed the default loop
+    return epoch
 
 
 def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGTERM / Ctrl-C."""
     from models import failpoints
 
-    _preflight(settings)
+    # start-up lines (the epoch check, the snapshot restore) in the format of Faust's worker, which replaces this
+    # handler when it sets up logging
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="[%(asctime)s] [%(process)s] [%(levelname)s]: %(message)s")
+    epoch = _preflight(settings)
     failpoints.arm(settings.failpoint)  # tests only (PROMO_FAILPOINT); unarmed in production
-    app = make_app(settings)
+    app = make_app(settings, epoch=epoch)
     if settings.learning:
         from models.learning import tune_gc
 

@@ -58,6 +58,14 @@ READY = Gauge("promo_worker_ready", "1 when the worker is ready (Redis up, parti
 ASSIGNED_PARTITIONS = Gauge("promo_assigned_partitions", "Partitions of the events topic assigned", registry=REGISTRY)
 REDIS_ERRORS = Counter("promo_redis_errors", "Redis operations that failed and were retried", registry=REGISTRY)
 FORGOTTEN = Counter("promo_users_forgotten", "Users whose data was deleted on request", registry=REGISTRY)
+STATE_REINITIALISED = Counter(
+    "promo_state_reinitialised", "Starts on lost Redis state that wrote a new epoch (PROMO_ON_STATE_LOSS=reinit)",
+    registry=REGISTRY,
+)
+STATE_EPOCH_CREATED = Gauge(
+    "promo_state_epoch_created_timestamp_seconds", "When the epoch of the Redis state this worker runs in began "
+    "(a change means the state was re-initialised)", registry=REGISTRY,
+)
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
 
 # --- learning (issue: online learning core) --------------------------------------------------

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = Field(7 * 86400, ge=60, description="how long event ids are remembered")
     profile_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a profile expires")
     pseudonymise_key: SecretStr | None = Field(None, description="if set, user ids are keyed-hashed on ingestion")
+    on_state_loss: Literal["stop", "reinit"] = Field(
+        "stop", description="a worker that finds the Redis state lost (no epoch marker while its consumer group "
+        "has committed offsets; stream/epoch.py): stop refuses to start with one line; reinit starts over on the "
+        "empty state with an ERROR line, promo_state_reinitialised_total and a new epoch (set it for one start)"
+    )
 
     # --- input limits (bad input goes to the DLQ) --------------------------------------------
     max_event_bytes: int = Field(16384, ge=256)

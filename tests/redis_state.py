@@ -24,6 +24,8 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
   learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's posteriors as versions before the shared
   ``<prefix>:policy`` hash kept them): copies of in-memory models written every ``maintenance_interval_s``
   seconds, so their bytes depend on when the worker happened to snapshot. (What the models decide is not excluded: it shows in the stored decisions.)
+* **The epoch marker** (``<prefix>:epoch``, :mod:`stream.epoch`): a random id and the time the first worker
+  started on the prefix; every store has its own.
 
 What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
 (what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
@@ -52,7 +54,7 @@ import json
 import math
 from collections import Counter
 
-EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*")
+EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "epoch")
 """Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""
 
 EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"),)
