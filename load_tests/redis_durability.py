@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,34 +37,22 @@ from pathlib import Path
 
 import redis
 
+from load_tests.bench_pipeline import cpu_seconds, free_port
 from stream.stack import redis_args, redis_binary
 
 MODES = ("none", "everysec", "always")
 VALUE = b"x" * 300
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _log(msg: str) -> None:
     print(f"[durability] {msg}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
 class Server:
     """One redis-server child on a free port, data in ``directory``."""
 
     def __init__(self, directory: Path, mode: str) -> None:
-        self.directory, self.mode, self.port = directory, mode, _free_port()
+        self.directory, self.mode, self.port = directory, mode, free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
@@ -174,7 +161,7 @@ def cost(mode: str, work: Path, seconds: float) -> dict:
     try:
         for workload in ("batch", "single"):
             n = 0
-            cpu0, t0 = _cpu_s(server.proc.pid), time.perf_counter()
+            cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 if workload == "batch":
                     pipe = client.pipeline(transaction=False)
@@ -186,7 +173,7 @@ def cost(mode: str, work: Path, seconds: float) -> dict:
                     client.set(f"s:{n}", VALUE)
                     n += 1
             wall = time.perf_counter() - t0
-            cpu = _cpu_s(server.proc.pid) - cpu0
+            cpu = cpu_seconds(server.proc.pid) - cpu0
             out[workload] = {"writes": n, "writes_per_s": round(n / wall), "redis_cpu_us_per_write": round(cpu / n * 1e6, 3)}
             _log(f"{mode}: {workload}: {n / wall:,.0f} writes/s, redis-server {cpu / n * 1e6:.2f} us CPU per write")
     finally:

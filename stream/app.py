@@ -192,6 +192,8 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         from stream.forget import engine_user_id, forget_everything, keys_removed
 
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        if guard is not None:  # a forget done on a Redis that lost the state would be undone by its restore
+            guard.watch(client)
         async for ev in stream.events():
             raw, msg = ev.value, ev.message
             try:

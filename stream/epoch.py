@@ -9,30 +9,26 @@ and de-duplication would start again from zero. The marker makes it visible.
 ``<prefix>:epoch`` (:func:`epoch_key`) holds a small JSON document (:class:`Epoch`: a random id, when and why it
 was written), without TTL. Only a worker's start-up check (:func:`check_at_start`) writes it, with ``SET NX``:
 
-======================  ===========================================  ==========================================
-marker                  group's committed offsets on the events       what the worker does
-                        topic (group id ``Settings.app_id``)
-======================  ===========================================  ==========================================
-present                 any                                           runs in that epoch
-missing                 none                                          a fresh install: writes a new marker
-missing                 some                                          ``PROMO_ON_STATE_LOSS=stop`` (default):
-                                                                      :class:`StateLostError`, one line, exit 2;
-                                                                      ``reinit``: an ERROR line,
-                                                                      ``promo_state_reinitialised_total``, a new
-                                                                      marker, and it runs on the empty state
-======================  ===========================================  ==========================================
+* marker present: the worker runs in that epoch (whatever the offsets);
+* marker missing, no committed offset beyond 0 on the events topic for the worker's consumer group
+  (``Settings.app_id``, Faust's group id): a fresh install, the worker writes a new marker;
+* marker missing, committed offsets: the state was lost. ``PROMO_ON_STATE_LOSS=stop`` (the default):
+  :class:`StateLostError`, one line, exit 2, nothing written; ``reinit``: an ERROR line,
+  ``promo_state_reinitialised_total``, a new marker, and the worker runs on the empty state from the committed
+  offsets.
 
 While it runs, a worker compares the marker with the epoch it started in: :meth:`EpochGuard.verify` (one ``GET``;
 the maintenance timer calls it every period, the batch loop whenever Redis answers again after an error) and
 :meth:`EpochGuard.watch`, which checks every new connection of a client to Redis before its first command, so
 nothing is written to a Redis that restarted empty under the worker. A marker missing or different stops the
 worker whatever ``PROMO_ON_STATE_LOSS`` says: its in-memory models, caches and offsets belong to the old epoch,
-and its restart applies the table above.
+and its restart applies the rules above.
 
 Nothing else writes the marker: not ``promo stack up`` (it cannot know whether the group has read events; a
 marker written on a Redis that restarted empty would hide the loss from the next worker), not ``promo forget``,
-the demo or the benchmarks (their workers do). A worker of a version before the marker, on a store with
-committed offsets, is refused once: ``PROMO_ON_STATE_LOSS=reinit`` for one start adopts the store as it is.
+the demo or the benchmarks (their workers do). A store written by a version before the marker, whose group has
+committed offsets, looks lost: ``PROMO_ON_STATE_LOSS=reinit`` for one start adopts it (``reinit`` deletes nothing,
+it writes the marker).
 
 Examples
 --------
@@ -284,7 +280,7 @@ def check_at_start(settings: Settings, client=None,
         client = redis.Redis.from_url(settings.redis_url, **kw)
     key = epoch_key(settings.redis_prefix)
     try:
-        marker = _parse_stored(settings, client.get(key))
+        marker = read_epoch(settings, client)
         committed: dict[int, int] = {}
         if marker is None:
             committed = (read_committed or (lambda s: asyncio.run(committed_offsets(s))))(settings)
@@ -308,8 +304,9 @@ def check_at_start(settings: Settings, client=None,
                 log.error(
                     "Redis state lost and re-initialised as PROMO_ON_STATE_LOSS=reinit asks: %s had no epoch "
                     "marker %s%s while consumer group %s has committed offsets on %s (%d partitions); the worker "
-                    "goes on from those offsets on an empty state (budgets, caps and de-duplication from zero) "
-                    "in the new epoch %s. Unset PROMO_ON_STATE_LOSS once this start is done",
+                    "goes on from those offsets with what Redis holds now (restarted empty: budgets, caps and "
+                    "de-duplication from zero) in the new epoch %s. Unset PROMO_ON_STATE_LOSS once this start "
+                    "is done",
                     settings.redis_url_safe, key, f" ({facts})" if facts else "", settings.app_id,
                     settings.topic_events, len(committed), marker.describe(),
                 )
@@ -318,6 +315,13 @@ def check_at_start(settings: Settings, client=None,
     finally:
         if own:
             client.close()
+
+
+def read_epoch(settings: Settings, client) -> Epoch | None:
+    """The marker under ``settings.redis_prefix`` (sync client), ``None`` when there is none: for processes that
+    must not work on a Redis without the engine's state and must not write the marker themselves (a ``promo
+    forget`` on a Redis that lost its state deletes nothing, and the restore brings the user back)."""
+    return _parse_stored(settings, client.get(epoch_key(settings.redis_prefix)))
 
 
 def _parse_stored(settings: Settings, raw) -> Epoch | None:
