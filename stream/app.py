@@ -12,6 +12,10 @@ however it leaves it, and would otherwise restart the agent in-process with thos
 Web (on ``PROMO_WEB_HOST:PROMO_WEB_PORT``): ``/metrics`` (Prometheus), ``/livez`` (process up), ``/readyz``
 (200 when Redis and the broker answer, no batch step is retrying a transient error, partitions are assigned
 and no rebalance is in progress; 503 otherwise, the body says which).
+
+Lost Redis state (:mod:`stream.epoch`): the worker starts only in the epoch its start-up check found or wrote,
+and stops (one line, exit 2) as soon as Redis holds another one: on every new connection of the engine's
+clients, and at every maintenance period.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from prometheus_client import generate_latest
 from models.engine import Engine
 from models.state import RedisStore
 from stream import metrics as m
+from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
 from stream.handler import BatchHandler, RawMessage
@@ -43,11 +48,13 @@ EXIT_STOPPED = 3
 """Exit status of a worker stopped by its error policy (a bug, lost state or log, too many dead letters)."""
 
 
-def stop_worker(line: str, exc: BaseException | None = None) -> NoReturn:
+def stop_worker(line: str, exc: BaseException | None = None, code: int = EXIT_STOPPED) -> NoReturn:
     """Stop this worker process now, without acknowledging anything more: log ``line`` (what happened, what to
-    do), print it as the CLI's one-line error, exit :data:`EXIT_STOPPED`. ``os._exit`` on purpose: a normal
-    shutdown would let Faust acknowledge and commit the batch in hand; the group redelivers it instead."""
-    if exc is not None and not isinstance(exc, WorkerStop):
+    do), print it as the CLI's one-line error, exit ``code`` (:data:`EXIT_STOPPED`, or
+    :data:`stream.epoch.EXIT_STATE_LOST` for lost Redis state). ``os._exit`` on purpose: a normal shutdown would
+    let Faust acknowledge and commit the batch in hand, and this also runs inside Faust's timers and redis-py's
+    connect callbacks, where an exception would be logged and retried; the group redelivers the batch instead."""
+    if exc is not None and not isinstance(exc, (WorkerStop, StateLostError)):
         log.error("unexpected error in the worker (traceback for the developers):", exc_info=exc)
     log.critical("stopping the worker: %s", line)
     for h in logging.getLogger().handlers:
@@ -59,7 +66,7 @@ def stop_worker(line: str, exc: BaseException | None = None) -> NoReturn:
         sys.stderr.write(f"promo: error: worker stopped: {line}\n")
         sys.stderr.flush()
     finally:
-        os._exit(EXIT_STOPPED)
+        os._exit(code)
 
 
 def stop_line(exc: BaseException, where: str) -> str:
@@ -143,22 +150,34 @@ def base_app(settings: Settings) -> faust.App:
     )
 
 
-def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
-    """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``."""
+def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | None = None) -> faust.App:
+    """Build the worker's Faust app. ``engine`` defaults to the Redis-backed engine from ``settings``.
+
+    ``epoch``: the one :func:`stream.epoch.check_at_start` returned; the app then stops the process when Redis
+    holds another (``state["epoch_guard"]``, an :class:`stream.epoch.EpochGuard`; ``None`` without an epoch).
+    """
     app = base_app(settings)
     health = Health()
     probe = BrokerProbe(settings)
-    guard = LogGuard(lambda wanted: fetch_probes(settings.kafka_client_kwargs(), wanted),
+    log_guard = LogGuard(lambda wanted: fetch_probes(settings.kafka_client_kwargs(), wanted),
                      load_marks=lambda: load_log_marks(settings, state["engine"]),
                      on_reset=lambda topic, partition: m.LOG_RESETS.inc())
 
+    async def on_recovered(component: str) -> None:
+        """Redis answers again after failing: is it still the state this worker started in? (A restart breaks
+        every connection and the epoch guard checks each new one; this catches what a reused connection hides.)"""
+        if component == "redis" and epoch_guard is not None:
+            await epoch_guard.verify()
+
     @app.on_partitions_assigned.connect
     async def on_assigned(app, assigned, **kwargs) -> None:  # verify every partition's log again
-        guard.assigned()
+        log_guard.assigned()
+    epoch_guard = (EpochGuard(settings, epoch, on_lost=lambda exc: stop_worker(str(exc), exc, EXIT_STATE_LOST))
+                   if epoch is not None else None)
     if engine is None:
-        engine = build_engine(settings)
+        engine = build_engine(settings, epoch_guard)
     m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
-    state: dict = {"engine": engine}
+    state: dict = {"engine": engine, "epoch_guard": epoch_guard}
     events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
 
     async def send(topic: str, key, value: bytes, headers):
@@ -178,7 +197,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         from stream.relearn import fetch_ranges
 
         handler = BatchHandler(settings, state["engine"], send, health,
-                               fetch=lambda ranges: fetch_ranges(settings, ranges), guard=guard,
+                               fetch=lambda ranges: fetch_ranges(settings, ranges), guard=log_guard,
+                               on_recovered=on_recovered,
                                save_marks=lambda fields: save_log_marks(settings, state["engine"], fields))
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             msgs = [
@@ -220,13 +240,16 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     @app.timer(interval=settings.maintenance_interval_s)
     async def maintenance() -> None:
-        """Expiry sweep, budgets, quality gauges and a model snapshot. A transient error skips this period (the
-        next one tries again; every step is idempotent); anything else stops the worker, as in the batch loop."""
+        """The epoch check, expiry sweep, budgets, quality gauges and a model snapshot. A transient error skips
+        this period (the next one tries again; every step is idempotent); lost Redis state and anything else
+        stop the worker, as in the batch loop."""
         try:
-            await run_maintenance(settings, state["engine"])
-            if guard.dirty:
-                guard.dirty = False
-                await save_log_marks(settings, state["engine"], guard.encoded())
+            await run_maintenance(settings, state["engine"], state["epoch_guard"])
+            if log_guard.dirty:
+                log_guard.dirty = False
+                await save_log_marks(settings, state["engine"], log_guard.encoded())
+        except StateLostError as exc:  # never "skipped": the next period would work on another state
+            stop_worker(str(exc), exc, EXIT_STATE_LOST)
         except Exception as exc:
             fault = classify_fault(exc)
             if fault.verdict is not Verdict.RETRY:
@@ -249,6 +272,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         from stream.forget import engine_user_id, forget_everything, keys_removed
 
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+        if epoch_guard is not None:  # a forget done on a Redis that lost the state would be undone by its restore
+            epoch_guard.watch(client)
         async for ev in stream.events():
             raw, msg = ev.value, ev.message
             try:
@@ -342,25 +367,33 @@ async def save_log_marks(settings: Settings, engine: Engine, fields: dict[str, s
         await engine.store.r.hset(log_marks_key(settings), mapping=fields)
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The production engine: Redis state, Thompson policy with budgets and pacing, the learning core."""
+def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
+    """The production engine: Redis state, Thompson policy with budgets and pacing, the learning core.
+
+    With ``guard``, every Redis client of the engine checks the epoch on each new connection
+    (:meth:`stream.epoch.EpochGuard.watch`)."""
     import redis
 
     from models.budget import RedisBudgetStore
+
+    def watched(client):
+        return guard.watch(client) if guard is not None else client
 
     learning = None
     if settings.learning:
         from models.item_store import RedisItemStore, SimilarityConfig
         from models.learning import LearningCore, load_snapshot
 
-        learning = LearningCore(
-            RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
-                                    config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours)),
-            horizon_h=settings.purchase_horizon_h,
-        )
-    engine = Engine.from_settings(settings, RedisStore.from_settings(settings), learning=learning,
-                                  budget_store=RedisBudgetStore.from_settings(settings), export_metrics=True)
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
+                                             config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
+        watched(item_store.r)
+        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h)
+    store = RedisStore.from_settings(settings)
+    budget_store = RedisBudgetStore.from_settings(settings)
+    watched(store.r)
+    watched(budget_store.r)
+    engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store, export_metrics=True)
+    client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0))
     try:
         if learning is not None:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
@@ -442,7 +475,11 @@ async def drop_forgotten_users(engine: Engine, chunk: int = 5000) -> int:
     return learning.forget_users(gone) if gone else 0
 
 
-async def run_maintenance(settings: Settings, engine: Engine) -> None:
+async def run_maintenance(settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
+    """One maintenance period; with ``guard``, first the epoch check (raises :class:`stream.epoch.StateLostError`
+    before anything is written)."""
+    if guard is not None:
+        await guard.verify()
     apply_parked = getattr(engine.store, "apply_parked", None)
     if apply_parked is not None:
         n = await apply_parked()  # contributions a killed worker committed but did not apply
@@ -490,14 +527,16 @@ async def run_maintenance(settings: Settings, engine: Engine) -> None:
     if hasattr(engine.policy, "to_bytes") and not engine.shares_policy:
         blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
     if blobs:
-        await asyncio.to_thread(_write_snapshots, settings, blobs)
+        await asyncio.to_thread(_write_snapshots, settings, blobs, guard)
         m.MODEL_SNAPSHOTS.inc()
 
 
-def _write_snapshots(settings: Settings, blobs: dict[str, bytes]) -> None:
+def _write_snapshots(settings: Settings, blobs: dict[str, bytes], guard: EpochGuard | None = None) -> None:
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+    if guard is not None:
+        guard.watch(client)  # written on a connection that found the worker's epoch
     try:
         pipe = client.pipeline(transaction=False)
         for key, blob in blobs.items():
@@ -507,8 +546,9 @@ def _write_snapshots(settings: Settings, blobs: dict[str, bytes]) -> None:
         client.close()
 
 
-def _preflight(settings: Settings) -> None:
-    """Fail fast with one line when the broker or Redis is not there; create topics up front."""
+def _preflight(settings: Settings) -> Epoch:
+    """Fail fast with one line when the broker or Redis is not there; create topics up front; check the Redis
+    state's epoch (:func:`stream.epoch.check_at_start`: :class:`stream.epoch.StateLostError` when it was lost)."""
     import redis
 
     from stream.topics import ensure_topics
@@ -529,16 +569,22 @@ def _preflight(settings: Settings) -> None:
             f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; "
             "start the embedded stack with `promo stack up`"
         ) from exc
+    epoch = check_at_start(settings)
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above closed the default loop
+    return epoch
 
 
 def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGTERM / Ctrl-C."""
     from models import failpoints
 
-    _preflight(settings)
+    # start-up lines (the epoch check, the snapshot restore) in the format of Faust's worker, which replaces this
+    # handler when it sets up logging
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="[%(asctime)s] [%(process)s] [%(levelname)s]: %(message)s")
+    epoch = _preflight(settings)
     failpoints.arm(settings.failpoint)  # tests only (PROMO_FAILPOINT); unarmed in production
-    app = make_app(settings)
+    app = make_app(settings, epoch=epoch)
     if settings.learning:
         from models.learning import tune_gc
 

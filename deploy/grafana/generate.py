@@ -399,6 +399,23 @@ def pipeline_dashboard() -> db.Dashboard:
         _query(f"sum(promo_log_resets_total{{{SEL}}})", "partitions"), "none",
         thresholds=_thresholds((None, "green"), (1, "red")), width=8, height=8, decimals=0,
     ))
+    d = d.with_panel(_timeseries(
+        lay, "Age of the Redis state epoch per worker",
+        "Time since the epoch of the Redis state each worker runs in began "
+        "(promo_state_epoch_created_timestamp_seconds; stream/epoch.py). Workers of one engine show one line; "
+        "a line that drops to zero is a state begun again after a loss.",
+        [_query(f"time() - max by (instance) (promo_state_epoch_created_timestamp_seconds{{{SEL}}} > 0)",
+                "{{instance}}")],
+        "s", width=18,
+    ))
+    d = d.with_panel(_stat(
+        lay, "State re-initialisations",
+        "Workers that started on lost Redis state and began it again (promo_state_reinitialised_total, "
+        "PROMO_ON_STATE_LOSS=reinit): budgets, caps and de-duplication started from zero. See the "
+        "PromoStateReinitialised alert.",
+        _query(f"sum(promo_state_reinitialised_total{{{SEL}}}) or vector(0)", "re-initialisations"), "none",
+        thresholds=_thresholds((None, "green"), (1, "red")), width=6, height=8,
+    ))
     return d
 
 

@@ -144,12 +144,13 @@ def test_events_dedup_dlq_decisions_and_metrics(engine_settings, start_worker, r
 
 
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen:
-    from stream.stack import redis_binary
+    """A redis-server as ``promo stack up`` starts one (append-only file in ``workdir``): stopped and started
+    again, it comes back with its data, the epoch marker included (one restarted empty stops the worker:
+    tests/integration/test_redis_state_lost.py)."""
+    from stream.stack import APPENDFSYNC, redis_args, redis_binary
 
-    return subprocess.Popen(
-        [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    return subprocess.Popen([str(redis_binary()), *redis_args(port, workdir, APPENDFSYNC)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_readyz_follows_redis_and_nothing_is_lost_while_it_is_down(engine_settings, start_worker, tmp_path):

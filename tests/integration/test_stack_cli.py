@@ -40,15 +40,19 @@ def test_up_twice_status_down(stack_env):
     rep = json.loads(first.stdout)
     assert rep["ok"] and rep["kafka"]["state"] == "started" and rep["redis"]["state"] == "started"
     assert rep["topics"] == {"promo.events": 6, "promo.decisions": 6, "promo.events.dlq": 6, "promo.forget": 6}
+    # durable by default: the append-only file, fsynced before every reply
+    assert rep["redis"]["durable"] is True and rep["redis"]["appendfsync"] == "always"
 
     second = promo(stack_env, "stack", "up", "--json")
     assert second.returncode == 0, second.stderr
     rep2 = json.loads(second.stdout)
     assert rep2["kafka"]["state"] == rep2["redis"]["state"] == "already running"
     assert rep2["kafka"]["pid"] == rep["kafka"]["pid"] and rep2["redis"]["pid"] == rep["redis"]["pid"]
+    assert rep2["redis"]["durable"] is True and "warning" not in rep2["redis"] and not second.stderr.strip()
 
     st = promo(stack_env, "stack", "status", "--json")
     assert st.returncode == 0 and json.loads(st.stdout)["ok"]
+    assert json.loads(st.stdout)["redis"]["durable"] is True
 
     down = promo(stack_env, "stack", "down", "--json")
     assert down.returncode == 0
@@ -59,6 +63,25 @@ def test_up_twice_status_down(stack_env):
     assert not rep["ok"] and not rep["kafka"]["answers"] and not rep["redis"]["answers"]
     again = promo(stack_env, "stack", "down", "--json")
     assert json.loads(again.stdout) == {"ok": True, "kafka": "not running", "redis": "not running"}
+
+
+def test_no_durable_runs_redis_in_memory_and_a_durable_up_says_so(stack_env):
+    first = promo(stack_env, "stack", "up", "--no-durable", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["redis"]["durable"] is False
+    st = promo(stack_env, "stack", "status", "--json")
+    assert json.loads(st.stdout)["redis"]["durable"] is False
+    # PROMO_DURABLE=false is the same setting
+    assert json.loads(promo({**stack_env, "PROMO_DURABLE": "false"}, "stack", "up", "--json").stdout)["redis"] \
+        .get("warning") is None
+
+    again = promo(stack_env, "stack", "up", "--json")  # durable asked, an in-memory Redis found running
+    assert again.returncode == 0, again.stderr
+    redis_rep = json.loads(again.stdout)["redis"]
+    assert redis_rep["state"] == "already running" and redis_rep["durable"] is False
+    assert "without its append-only file" in redis_rep["warning"]
+    warn = again.stderr.strip().splitlines()
+    assert len(warn) == 1 and warn[0].startswith("promo: warning: Redis on port ")
 
 
 def test_down_stops_only_what_up_started(stack_env, tmp_path):

@@ -16,7 +16,6 @@ from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 from models.engine import Engine
 from models.state import MemoryStore
 from stream.faults import WorkerStop
-from stream.handler import BatchHandler, Health
 from tests.unit.test_handler import Sink, ev, make, msg
 
 OOM = rex.ResponseError("Error running script (call to f_1): @user_script: 9: -OOM command not allowed when used "
