@@ -36,7 +36,7 @@ from stream import metrics as m
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
-from stream.handler import BatchHandler, RawMessage
+from stream.handler import BatchHandler, Outbox, RawMessage
 from stream.health import BrokerProbe, Health
 from stream.logguard import LogGuard, fetch_probes
 from stream.settings import Settings
@@ -49,14 +49,13 @@ EXIT_STOPPED = 3
 
 
 def stop_worker(line: str, exc: BaseException | None = None, code: int = EXIT_STOPPED) -> NoReturn:
-    """Stop this worker process now, without acknowledging anything more: log ``line`` (what happened, what to
-    do), print it as the CLI's one-line error, exit ``code`` (:data:`EXIT_STOPPED`, or
+    """Stop this worker process now, without acknowledging anything more: ``line`` (what happened, what to do)
+    as the CLI's one-line error on stderr, where the worker logs too, then exit ``code`` (:data:`EXIT_STOPPED`, or
     :data:`stream.epoch.EXIT_STATE_LOST` for lost Redis state). ``os._exit`` on purpose: a normal shutdown would
     let Faust acknowledge and commit the batch in hand, and this also runs inside Faust's timers and redis-py's
     connect callbacks, where an exception would be logged and retried; the group redelivers the batch instead."""
     if exc is not None and not isinstance(exc, (WorkerStop, StateLostError)):
         log.error("unexpected error in the worker (traceback for the developers):", exc_info=exc)
-    log.critical("stopping the worker: %s", line)
     for h in logging.getLogger().handlers:
         try:
             h.flush()
@@ -208,7 +207,9 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                 )
                 for e in batch
             ]
-            await run_batch(handler, msgs, settings.shutdown_grace_s)
+            first = msgs[0]
+            await run_to_completion(handler.handle(msgs), f"a batch of {len(msgs)} message(s) from {first.topic}"
+                                    f"[{first.partition}]@{first.offset}", settings.shutdown_grace_s)
 
     async def is_ready() -> tuple[bool, dict]:
         eng = state["engine"]
@@ -274,8 +275,10 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
         if epoch_guard is not None:  # a forget done on a Redis that lost the state would be undone by its restore
             epoch_guard.watch(client)
-        async for ev in stream.events():
-            raw, msg = ev.value, ev.message
+        # a forget waiting out Redis trouble shows on /readyz like a batch does: the same Health
+        retry = BatchHandler(settings, state["engine"], send, health)._retry
+
+        async def forget_one(raw: bytes | None, msg) -> None:
             try:
                 text = raw.decode("utf-8")
                 uid = text.strip()
@@ -287,19 +290,23 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                 m.EVENTS_INVALID.labels(reason="bad_value").inc()
                 log.warning("invalid forget request %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset,
                             type(exc).__name__, exc)
-                await (await send(settings.topic_dlq, msg.key, dlq_record(
+                outbox = Outbox(send)
+                await outbox.put(settings.topic_dlq, msg.key, dlq_record(
                     raw, "bad_value", f"forget request: {type(exc).__name__}: {exc}", msg.topic, msg.partition,
-                    msg.offset), None))
-                continue
+                    msg.offset))
+                await outbox.flush(retry)
+                return
             uid = engine_user_id(settings, uid)
-            while True:  # a forget request is never dropped: Redis trouble is waited out
+
+            async def attempt():
                 try:
-                    removed, items = await asyncio.to_thread(forget_everything, settings, client, uid)
-                    break
-                except (redis.RedisError, PromoError) as exc:
-                    log.warning("forget request %s[%d]@%d not done yet (%s: %s); retrying in %.1f s", msg.topic,
-                                msg.partition, msg.offset, type(exc).__name__, exc, settings.redis_retry_s)
-                    await asyncio.sleep(settings.redis_retry_s)
+                    return await asyncio.to_thread(forget_everything, settings, client, uid)
+                except PromoError as exc:  # the user's events kept arriving meanwhile: run it again
+                    raise TimeoutError(str(exc)) from exc
+
+            # a forget request is never dropped: transient Redis trouble is retried, anything else stops the worker
+            removed, items = await retry(f"forgetting a user on request {msg.topic}[{msg.partition}]@{msg.offset}",
+                                         attempt)
             learning = getattr(state["engine"], "learning", None)
             held = learning.forget_users([uid]) if learning is not None else 0
             m.raise_to(m.FORGOTTEN, items["forgotten_total"])
@@ -308,6 +315,11 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                      msg.offset, "found" if items["counted"] else "nothing held", keys_removed(removed),
                      items["items"], items["pairs"], items["calls"], items["max_call_ms"],
                      "held" if held else "not")
+
+        async for ev in stream.events():
+            msg = ev.message
+            await run_to_completion(forget_one(ev.value, msg), f"a forget request {msg.topic}[{msg.partition}]"
+                                    f"@{msg.offset}", settings.shutdown_grace_s)
 
     @app.page("/metrics")
     async def metrics_view(web, request):
@@ -327,30 +339,29 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
     return app
 
 
-async def run_batch(handler: BatchHandler, msgs: list[RawMessage], grace_s: float) -> None:
-    """Hand one batch to the handler; every way out but success stops the worker before Faust acknowledges it.
+async def run_to_completion(work, what: str, grace_s: float) -> None:
+    """Await ``work`` (a batch, a forget request); every way out but success stops the worker before Faust
+    acknowledges what was taken: Faust acknowledges an agent's events when it leaves them, however it leaves.
 
-    On cancellation (SIGTERM, Ctrl-C) the batch gets ``grace_s`` to finish: if it does, the normal shutdown
+    On cancellation (SIGTERM, Ctrl-C) the work gets ``grace_s`` to finish: if it does, the normal shutdown
     acknowledges it; if not (say Redis is down and it is retrying), the process exits without acknowledging it.
     """
-    task = asyncio.ensure_future(handler.handle(msgs))
+    task = asyncio.ensure_future(work)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
         if not task.done():
             done, _ = await asyncio.wait({task}, timeout=grace_s)
             if not done:
-                first = msgs[0] if msgs else None
-                where = f" from {first.topic}[{first.partition}]@{first.offset}" if first else ""
-                log.warning("stopping with a batch of %d message(s)%s still in progress after %.0fs: it is not "
-                            "acknowledged, the consumer group redelivers it", len(msgs), where, grace_s)
+                log.warning("stopping with %s still in progress after %.0fs: it is not acknowledged, the consumer "
+                            "group redelivers it", what, grace_s)
                 logging.shutdown()
                 os._exit(0)
         if not task.cancelled() and task.exception() is not None:
-            stop_worker(stop_line(task.exception(), "applying a batch"), task.exception())
-        raise  # the batch completed: let Faust shut down normally (it acknowledges the batch)
+            stop_worker(stop_line(task.exception(), f"processing {what}"), task.exception())
+        raise  # the work completed: let Faust shut down normally (it acknowledges it)
     except BaseException as exc:
-        stop_worker(stop_line(exc, "applying a batch"), exc)
+        stop_worker(stop_line(exc, f"processing {what}"), exc)
 
 
 def log_marks_key(settings: Settings) -> str:
