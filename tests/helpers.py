@@ -5,6 +5,7 @@ parsing, raw Kafka produce/consume. Fixtures are in ``tests/conftest.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -110,6 +111,28 @@ class WorkerProcess:
 
         stop_process(self.proc, timeout)
         self._log.close()
+
+
+@contextlib.contextmanager
+def private_stack(tmp_path: Path, name: str, **settings):
+    """An embedded stack of a test's own, on free ports under ``tmp_path`` (for tests that kill or restart the
+    broker or Redis, which the session stack must survive), with its own prefixes, group and web port; stopped on
+    exit. ``settings``: overrides (``durable``, ``redis_retry_s``, ...)."""
+    import uuid
+
+    from stream import stack as st
+
+    tag = name + uuid.uuid4().hex[:8]
+    s = Settings(
+        _env_file=None, state_dir=tmp_path / "stack", kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", topic_prefix=tag, redis_prefix=tag, app_id=f"promo-{tag}",
+        web_port=free_port(), **settings,
+    )
+    st.up(s)
+    try:
+        yield s
+    finally:
+        st.down(s)
 
 
 # --- Kafka helpers --------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 
 import pytest
@@ -29,7 +28,7 @@ import redis
 from stream import stack as st
 from stream.settings import Settings
 from stream.sources import read_events
-from tests.helpers import DATA, consume_all, free_port, http_get, metric, wait_until
+from tests.helpers import DATA, consume_all, http_get, metric, private_stack, wait_until
 from tests.integration.test_crash_safety import PacedProducer
 from tests.redis_state import dump_state, profile_counts
 
@@ -202,18 +201,10 @@ def test_an_unexpected_error_stops_the_worker_unacknowledged_and_the_next_worker
 
 @pytest.fixture
 def own_stack(tmp_path):
-    """A stack of this test's own (the session broker must not die), on free ports."""
-    tag = "brk" + uuid.uuid4().hex[:8]
-    s = Settings(
-        _env_file=None, state_dir=tmp_path / "stack", kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        redis_url=f"redis://127.0.0.1:{free_port()}/0", topic_prefix=tag, redis_prefix=tag, app_id=f"promo-{tag}",
-        web_port=free_port(), redis_retry_s=0.1, retry_max_s=1.0, session_timeout_s=3.0, rebalance_timeout_s=3.0,
-    )
-    st.up(s)
-    try:
+    """A stack of this test's own (the session broker must not die)."""
+    with private_stack(tmp_path, "brk", redis_retry_s=0.1, retry_max_s=1.0, session_timeout_s=3.0,
+                       rebalance_timeout_s=3.0) as s:
         yield s
-    finally:
-        st.down(s)
 
 
 def test_broker_killed_and_restarted_empty_skips_no_new_event(own_stack, start_worker):

@@ -16,16 +16,14 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 
 import pytest
 import redis
 
 from stream import stack as st
-from stream.settings import Settings
 from stream.sources import read_events
-from tests.helpers import DATA, free_port, metric, wait_until
+from tests.helpers import DATA, metric, private_stack, wait_until
 from tests.integration.test_crash_safety import PacedProducer
 from tests.redis_state import dump_state, profile_counts
 
@@ -42,17 +40,8 @@ def log(msg: str) -> None:
 
 @pytest.fixture
 def durable_stack(tmp_path):
-    tag = "aof" + uuid.uuid4().hex[:8]
-    s = Settings(
-        _env_file=None, state_dir=tmp_path / "stack", durable=True,
-        kafka_bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        topic_prefix=tag, redis_prefix=tag, app_id=f"promo-{tag}", web_port=free_port(), redis_retry_s=0.1,
-    )
-    st.up(s)
-    try:
+    with private_stack(tmp_path, "aof", durable=True, redis_retry_s=0.1) as s:
         yield s
-    finally:
-        st.down(s)
 
 
 def marker_keys(r: redis.Redis, prefix: str) -> set[bytes]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import uuid
 
 import pytest
 import redis
@@ -26,7 +25,7 @@ from stream import stack as st
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start, committed_offsets, epoch_key
 from stream.settings import Settings
 from stream.sources import read_events
-from tests.helpers import ROOT, free_port, metric, wait_until
+from tests.helpers import ROOT, free_port, metric, private_stack, wait_until
 from tests.integration.test_crash_safety import PacedProducer
 
 pytestmark = pytest.mark.integration
@@ -78,20 +77,11 @@ def end_offsets(settings: Settings, topic: str) -> int:
 @pytest.fixture
 def memory_stack(tmp_path):
     """Its own embedded stack with Redis in memory (``--no-durable``): a restart comes back empty."""
-    tag = "lost" + uuid.uuid4().hex[:8]
     catalogue = tmp_path / "offers.yaml"
     catalogue.write_text(CATALOGUE)
-    s = Settings(
-        _env_file=None, state_dir=tmp_path / "stack", durable=False,
-        kafka_bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        topic_prefix=tag, redis_prefix=tag, app_id=f"promo-{tag}", web_port=free_port(), redis_retry_s=0.1,
-        catalogue_path=catalogue, holdout_pct=0.0, decision_cooldown_s=0,
-    )
-    st.up(s)
-    try:
+    with private_stack(tmp_path, "lost", durable=False, redis_retry_s=0.1, catalogue_path=catalogue,
+                       holdout_pct=0.0, decision_cooldown_s=0) as s:
         yield s
-    finally:
-        st.down(s)
 
 
 def test_redis_restarted_empty_mid_replay_stops_the_worker_and_a_restart_refuses(memory_stack, start_worker):
