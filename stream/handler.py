@@ -32,7 +32,7 @@ from models.engine import BatchProgress, BatchResult, Engine
 from models.events import Event
 from models.privacy import pseudonymise
 from stream import metrics as m
-from stream.dlq import classify, dlq_record
+from stream.dlq import INTERNAL_ERROR, classify, dlq_record
 from stream.faults import Backoff, DlqLimit, Fault, Verdict, WorkerStop, classify_fault, describe
 from stream.health import Health
 from stream.logguard import LogGuard
@@ -264,6 +264,7 @@ class BatchHandler:
         msg_by_event: dict[str, RawMessage] = {}
         recv_by_event: dict[str, int] = {}
         outbox = Outbox(self.send)
+        decoder_failed: list[tuple[RawMessage, bytes]] = []
         invalid: Counter = Counter()
         first_bad = None
         for msg in msgs:
@@ -276,7 +277,10 @@ class BatchHandler:
                 if first_bad is None:
                     first_bad = f"{msg.topic}[{msg.partition}]@{msg.offset} {reason}: {error}"
                 record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
-                await outbox.put(self.topic_dlq, msg.key, record)
+                if reason == INTERNAL_ERROR:  # the decoder failed, not the input: counts against the DLQ limit
+                    decoder_failed.append((msg, record))
+                else:
+                    await outbox.put(self.topic_dlq, msg.key, record)
                 continue
             if self.pseudonym_key is not None:
                 clear = ev.user_id
@@ -302,7 +306,10 @@ class BatchHandler:
             raise
         except Exception as exc:  # not transient: find the event(s) it belongs to
             result, poison = await self._isolate(progress, exc)
-        self.dlq_limit.check(len(valid), len(poison))  # raises WorkerStop before anything is dead-lettered
+        # raises WorkerStop before any of it is dead-lettered
+        self.dlq_limit.check(len(valid) + len(decoder_failed), len(poison) + len(decoder_failed))
+        for msg, record in decoder_failed:
+            await outbox.put(self.topic_dlq, msg.key, record)
         for ev, exc in poison:
             msg = msg_by_event[ev.event_id]
             reason, error = classify(exc)

@@ -251,6 +251,7 @@ def test_broker_killed_and_restarted_empty_skips_no_new_event(own_stack, start_w
         return markers(r, s.redis_prefix) >= {e["event_id"] for e in events}
 
     wait_until(all_applied, 120, "every event produced after the restart to be applied")
+    wait_until(lambda: workers[-1].ready_status() == 200, 30, "/readyz back to 200 with the broker back")
     ready.stop()
     for w in workers[:-1]:  # a worker that stopped did so with one line and a non-zero exit
         assert w.proc.returncode not in (0, None), w.log_tail()

@@ -220,3 +220,22 @@ def test_decisions_sent_after_retries_are_marked_sent_once():
     asyncio.run(h.handle([msg(ev("a1", "cart"), 0)]))
     assert [v[1] for v in store.decisions.values()] == [True]
     json.dumps(h.health.failing)
+
+
+def test_a_decoder_that_fails_on_everything_stops_the_worker_instead_of_dead_lettering(monkeypatch):
+    import stream.handler as handler
+
+    def broken(*a, **kw):
+        raise ZeroDivisionError("a bug in the decoder")
+
+    s, h, sink = make(dlq_max_consecutive=5, dlq_max_ratio=1.0)
+    monkeypatch.setattr(handler, "decode_event", broken)
+    with pytest.raises(WorkerStop, match="in a row"):
+        asyncio.run(h.handle([msg(ev(f"e{i}"), i) for i in range(6)]))
+    assert sink.on(s.topic_dlq) == []
+
+
+def test_bad_input_is_dead_lettered_and_never_counts_against_the_limit():
+    s, h, sink = make(dlq_max_consecutive=2, dlq_max_ratio=0.01)
+    asyncio.run(h.handle([msg(b"{not json", i) for i in range(50)]))
+    assert len(sink.on(s.topic_dlq)) == 50
