@@ -6,12 +6,12 @@ What is measured, in one process and one run (so the ratios compare like with li
    ``LearningCore.learn_batch`` (numba pair counting, item store updates, category stats, propensity decision
    points and delayed labels with River, segments), on an in-memory item store, batches of ``batch_size``;
 2. **numba vs pure Python**: the same pair counter (window update + pair increments + aggregation of identical
-   pairs) as the numba kernel (:func:`models.similarity.count_pairs`) and as the pure-Python reference
-   (:func:`models.similarity.count_pairs_py`) on identical int arrays in batches of ``batch_size``, garbage
+   pairs) as the numba kernel (:func:`models.learning.similarity.count_pairs`) and as the pure-Python reference
+   (:func:`models.learning.similarity.count_pairs_py`) on identical int arrays in batches of ``batch_size``, garbage
    collector paused; ``numba_vs_python`` is the median ratio of their events/s over alternated passes
    (``counters_agree`` checks both produced the same pairs; see :func:`bench_counters` for the
    interleaved variant also reported);
-3. **garbage collection**: the main pass runs with :func:`models.learning.tune_gc` (start-up objects frozen,
+3. **garbage collection**: the main pass runs with :func:`models.learning.core.tune_gc` (start-up objects frozen,
    young collections every 50,000 allocations), as a worker should; ``events_per_s_default_gc`` is the same
    pass with Python's defaults, run first (the benchmark keeps every profile in memory, which makes default
    collections scan hundreds of thousands of objects);
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from models.events import Event
-from models.item_store import MemoryItemStore
-from models.learning import LearningCore, tune_gc
+from models.state.item_memory import MemoryItemStore
+from models.learning.core import LearningCore, tune_gc
 from models.profile import EVENT_WEIGHTS, Profile
-from models.similarity import ItemVocab, UserWindows, count_pairs, count_pairs_py
+from models.learning.similarity import ItemVocab, UserWindows, count_pairs, count_pairs_py
 
 DATA = Path(os.environ.get("PROMO_DATA_DIR", "/work/shared/data"))
 TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
@@ -49,7 +49,7 @@ def _say(msg: str) -> None:
 
 def real_events(n_events: int, path: Path = TAOBAO, fmt: str = "taobao") -> list[Event]:
     """``n_events`` events from a real log, looped with shifted user ids (``<user>~<loop>``) and event times."""
-    from models.prequential import load_events
+    from models.evaluation.prequential import load_events
 
     base, _ = load_events(path, fmt, limit=min(n_events, 10**9))
     if not base:
@@ -182,7 +182,7 @@ def run(n_events: int = 200_000, batch_size: int = 500, n_decisions: int = 2000,
         compare_default_gc: bool = True) -> dict:
     """Run the benchmark; returns the report (keys in the module docstring and ``ARCHITECTURE.md``).
 
-    The main learning pass runs with :func:`models.learning.tune_gc` (what a worker should do at start-up);
+    The main learning pass runs with :func:`models.learning.core.tune_gc` (what a worker should do at start-up);
     with ``compare_default_gc`` the same pass first runs with Python's default collector settings, reported
     as ``events_per_s_default_gc``.
     """

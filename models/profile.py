@@ -159,7 +159,7 @@ class Profile:
     last_purchase_ts: int = 0
     cart: dict[str, list] = field(default_factory=dict)
     recent_items: list[str] = field(default_factory=list)
-    # the co-occurrence window [[item, ts, weight], ...] most recent first (models.contrib; the engine moves it)
+    # the co-occurrence window [[item, ts, weight], ...] most recent first (models.learning.contrib; the engine moves it)
     win: list = field(default_factory=list)
     last_decision_ts: int = 0
     n_decisions: int = 0

@@ -31,7 +31,7 @@ import faust
 from prometheus_client import generate_latest
 
 from models.engine import Engine
-from models.state import RedisStore
+from models.state.engine_redis import RedisStore
 from stream import metrics as m
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
@@ -385,15 +385,17 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     (:meth:`stream.epoch.EpochGuard.watch`)."""
     import redis
 
-    from models.budget import RedisBudgetStore
+    from models.state.budget_redis import RedisBudgetStore
 
     def watched(client):
         return guard.watch(client) if guard is not None else client
 
     learning = None
     if settings.learning:
-        from models.item_store import RedisItemStore, SimilarityConfig
-        from models.learning import LearningCore, load_snapshot
+        from models.state.item_redis import RedisItemStore
+        from models.state.item_store import SimilarityConfig
+        from models.learning.core import LearningCore
+        from models.learning.snapshot import load_snapshot
 
         item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
                                              config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
@@ -526,7 +528,7 @@ async def run_maintenance(settings: Settings, engine: Engine, guard: EpochGuard 
     # serialise in the loop (the models are not touched concurrently), write from a thread
     blobs: dict[str, bytes] = {}
     if engine.learning is not None:
-        from models.learning import snapshot_key
+        from models.learning.snapshot import snapshot_key
 
         dropped = await drop_forgotten_users(engine)  # forgotten users never reach a snapshot again
         if dropped:
@@ -597,7 +599,7 @@ def run_worker(settings: Settings) -> None:
     failpoints.arm(settings.failpoint)  # tests only (PROMO_FAILPOINT); unarmed in production
     app = make_app(settings, epoch=epoch)
     if settings.learning:
-        from models.learning import tune_gc
+        from models.learning.core import tune_gc
 
         tune_gc()  # freeze start-up objects, collect young objects less often (bench core: ~+25 % events/s)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr)

@@ -157,7 +157,7 @@ def evaluate() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | None, as_json: bool) -> None:
     """Prequential (predict-then-learn) evaluation of models/ on an event log, vs baselines."""
-    from models.prequential import evaluate_file
+    from models.evaluation.prequential import evaluate_file
 
     emit(evaluate_file(file, fmt, limit=limit, horizon_h=horizon_h), as_json)
 
@@ -169,7 +169,7 @@ def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | 
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_policy(file: Path, fmt: str, seed: int, as_json: bool) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR) on logged decisions."""
-    from models.ope import evaluate_file
+    from models.evaluation.ope import evaluate_file
 
     if not file.exists():
         raise PromoError(f"{file}: no such file or directory")

@@ -5,8 +5,8 @@ marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`
 :func:`models.keys.escape_user_id`, so the pattern matches this user's keys and no other user's) -, the user's
 entry in the expiry sweep's index of open decisions and in the set of records with parked contributions, the
 user's contributions to item statistics (subtracted from them in bounded, idempotent steps of at most
-``FORGET_CHUNK_FIELDS`` record fields per Lua call, :meth:`models.item_store.RedisItemStore.subtract_record`),
-and the user's entries in the stored model snapshot (:func:`models.learning.scrub_snapshot`). Workers drop the
+``FORGET_CHUNK_FIELDS`` record fields per Lua call, :meth:`models.state.item_redis.RedisItemStore.subtract_record`),
+and the user's entries in the stored model snapshot (:func:`models.learning.core.scrub_snapshot`). Workers drop the
 user from their in-memory models at their next snapshot (``stream.app.run_maintenance``), the worker that takes a
 ``<prefix>.forget`` request at once.
 With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
@@ -95,7 +95,7 @@ def forget_user(settings: Settings, user_id: str) -> dict:
     status stays 0: nothing is held, which is what a forget asks for)."""
     import redis
 
-    import models.learning  # noqa: F401  (its imports take a second: not part of the forget's time)
+    import models.learning.core  # noqa: F401  (its imports take a second: not part of the forget's time)
 
     if not user_id or len(user_id) > settings.max_string_len:
         raise PromoError(f"user id must be 1..{settings.max_string_len} characters, got {len(user_id)}")
@@ -129,8 +129,8 @@ def forget_everything(settings: Settings, client, uid: str, max_rounds: int = 20
     model snapshot held the user) and the contributions subtracted (``items``, ``pairs``, ``popularity``,
     ``fields``, ``calls``, ``max_call_ms``: the longest Lua call, ``forgotten_total``: the shared count after,
     ``counted``: 1 if something of the user was found and the user was counted)."""
-    from models.item_store import RedisItemStore
-    from models.learning import scrub_snapshot
+    from models.state.item_redis import RedisItemStore
+    from models.learning.snapshot import scrub_snapshot
 
     prefix = settings.redis_prefix
     store = RedisItemStore(client, prefix=prefix)

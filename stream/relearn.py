@@ -1,11 +1,11 @@
 """Read back the events a previous worker applied after the last model snapshot, so the models learn them again.
 
 A restarted worker restores the models' snapshot with the Kafka offsets it covers
-(:func:`models.learning.load_snapshot`) and resumes consuming at the group's committed offsets, usually further
+(:func:`models.learning.core.load_snapshot`) and resumes consuming at the group's committed offsets, usually further
 on: the events in between are complete in Redis, but the in-memory models never learnt them (a redelivery would
 find them duplicates). :func:`fetch_ranges` reads exactly those offsets with a plain aiokafka consumer (no group,
 nothing committed); :class:`stream.handler.BatchHandler` decodes them and hands them to
-:meth:`models.learning.LearningCore.relearn` before the partition's first batch is processed.
+:meth:`models.learning.core.LearningCore.relearn` before the partition's first batch is processed.
 """
 
 from __future__ import annotations

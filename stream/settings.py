@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "default_offers.yaml"
+DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "policy" / "default_offers.yaml"
 
 
 class Settings(BaseSettings):

@@ -1,10 +1,10 @@
-"""One contract every :class:`models.state.EngineStore` passes; run against each implementation."""
+"""One contract every :class:`models.state.engine_store.EngineStore` passes; run against each implementation."""
 
 from __future__ import annotations
 
 import asyncio
 
-from models.state import UserCommit
+from models.state.engine_store import UserCommit
 
 
 def run(coro):

@@ -1,7 +1,7 @@
 """Budgets on the real embedded Redis: the store contract, and two worker processes sharing a small budget.
 
 The two workers decide for their own users (as Kafka partitions split users), each through a
-:class:`models.budget.BudgetGate` and the Thompson policy, reserving concurrently in one campaign, re-sending
+:class:`models.policy.budget.BudgetGate` and the Thompson policy, reserving concurrently in one campaign, re-sending
 some decisions (redelivery) and settling closed ones. After every operation each worker reads the campaign
 and records the spend; the budget must hold at every observed point and at the end.
 """
@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from models.budget import UNITS, RedisBudgetStore
+from models.state.budget_redis import RedisBudgetStore
+from models.state.budget_store import UNITS
 from tests.unit.test_policy_budget import BudgetStoreContract
 
 BUDGET = 60.0
@@ -53,11 +54,11 @@ def _worker(redis_url: str, prefix: str, wid: int, n: int, barrier, out) -> None
     """One worker process: n decisions for its own users, some redelivered, some settled."""
     import redis.asyncio as aioredis
 
-    from models.bandit import ThompsonPolicy
-    from models.budget import BudgetGate
-    from models.catalogue import parse_catalogue
+    from models.policy.thompson import ThompsonPolicy
+    from models.policy.budget import BudgetGate
+    from models.policy.catalogue import parse_catalogue
     from models.decision import decision_id_for
-    from models.policy import DecisionContext
+    from models.policy.base import DecisionContext
 
     async def go():
         cat = parse_catalogue(CATALOGUE, "budget.yaml")

@@ -307,7 +307,7 @@ def check_same_state(mode: str, state_a: dict, others: dict[str, dict]) -> None:
         return
 
     # item statistics (item counts, neighbour maps, popularity, the item index) and the users' contribution
-    # records are written in the users' atomic commits from event times only (models.contrib): equal in every
+    # records are written in the users' atomic commits from event times only (models.learning.contrib): equal in every
     # run, floats within 1e-9 relative
     def items_of(st):
         return {k: v for k, v in st.items() if k.startswith("sim:") or k.endswith("}:c")}

@@ -273,7 +273,7 @@ def test_published_watermarks_only_rise_and_every_workers_come_back(redis_url):
 
     import redis.asyncio as aioredis
 
-    from models.state import RedisStore
+    from models.state.engine_redis import RedisStore
 
     async def go():
         store = RedisStore(aioredis.Redis.from_url(redis_url), prefix="t" + uuid.uuid4().hex[:8])

@@ -29,7 +29,7 @@ import pytest
 from pydantic import SecretStr
 
 from models.events import Event
-from models.prequential import load_events
+from models.evaluation.prequential import load_events
 from tests.helpers import DATA, ROOT, consume_all, event_bytes, metric, produce_raw, wait_until
 from tests.redis_state import compare_states, dump_state, profile_counts
 
@@ -59,9 +59,10 @@ def replay(redis_url: str, prefix: str, batches, cap: int = 0, neighbours: int =
     import redis.asyncio as aioredis
 
     from models.engine import Engine
-    from models.item_store import RedisItemStore, SimilarityConfig
-    from models.learning import LearningCore
-    from models.state import RedisStore
+    from models.state.item_redis import RedisItemStore
+    from models.state.item_store import SimilarityConfig
+    from models.learning.core import LearningCore
+    from models.state.engine_redis import RedisStore
 
     async def go() -> int:
         client = aioredis.Redis.from_url(redis_url)
@@ -173,7 +174,7 @@ def test_forgetting_an_unknown_user_says_so(engine_settings, redis_client):
 def test_an_interrupted_forget_finishes_exactly_when_run_again(rees46, redis_url, redis_client):
     """Each step subtracts and deletes the same record fields atomically: a forget that dies after a few steps
     (the CLI killed, Redis gone) leaves a record of what is still to subtract, and running it again finishes."""
-    from models.item_store import RedisItemStore
+    from models.state.item_redis import RedisItemStore
     from stream.forget import forget_everything
     from stream.settings import Settings
 
@@ -227,7 +228,7 @@ def test_a_user_past_the_record_cap_contributes_nothing_more_and_forget_stays_ex
     capped_c = {k[3:-3] for k, v in dump_state(redis_client, c).items() if k.endswith("}:c") and "capped" in v["value"]}
     assert capped_c == capped - {victim}
 
-    from models.item_store import RedisItemStore
+    from models.state.item_redis import RedisItemStore
 
     got = RedisItemStore(redis_client, prefix=a).forget_user(victim)
     assert got["record"] == 1 and got["items"] > 0
@@ -339,7 +340,8 @@ def every_value(r, prefix: str) -> dict[bytes, list[bytes]]:
 def traces(r, prefix: str, needles: list[str]) -> list[str]:
     """Where any needle occurs (not as part of a longer number: digit ids occur inside timestamps) in any key or
     value; model snapshots (pickles, uncompressed) are also decoded and their held users checked."""
-    from models.learning import LearningCore, snapshot_key
+    from models.learning.core import LearningCore
+    from models.learning.snapshot import snapshot_key
 
     pats = [re.compile(rb"(?<![0-9])" + re.escape(n.encode()) + rb"(?![0-9])") for n in needles]
     found = []
@@ -359,7 +361,8 @@ def traces(r, prefix: str, needles: list[str]) -> list[str]:
 @pytest.mark.parametrize("pseudonymise", [False, True])
 def test_no_trace_of_a_forgotten_user_after_the_next_snapshot(engine_settings, start_worker, redis_client,
                                                              pseudonymise):
-    from models.learning import LearningCore, snapshot_key
+    from models.learning.core import LearningCore
+    from models.learning.snapshot import snapshot_key
     from stream.forget import engine_user_id
     from stream.sources import read_events
 

@@ -1,4 +1,4 @@
-"""Item statistics written in the users' commits (``models.contrib``) on the real Redis: exact and removable.
+"""Item statistics written in the users' commits (``models.learning.contrib``) on the real Redis: exact and removable.
 
 The engine (RedisStore + RedisItemStore, as the worker builds it) replays the first 4,000 REES46 events:
 
@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from models.prequential import load_events
+from models.evaluation.prequential import load_events
 from tests.helpers import DATA
 from tests.redis_state import compare_states, dump_state
 
@@ -45,9 +45,10 @@ def run(redis_url: str, prefix: str, batches, crash_after_commit=()) -> None:
     import redis.asyncio as aioredis
 
     from models.engine import Engine
-    from models.item_store import RedisItemStore, SimilarityConfig
-    from models.learning import LearningCore
-    from models.state import RedisStore
+    from models.state.item_redis import RedisItemStore
+    from models.state.item_store import SimilarityConfig
+    from models.learning.core import LearningCore
+    from models.state.engine_redis import RedisStore
 
     async def go():
         client = aioredis.Redis.from_url(redis_url)
@@ -113,7 +114,7 @@ def test_commit_order_and_redelivery_do_not_change_item_statistics(events, redis
 
 
 def test_forget_leaves_the_item_statistics_of_a_replay_without_the_user(events, redis_url, redis_client):
-    from models.item_store import RedisItemStore
+    from models.state.item_redis import RedisItemStore
 
     counts = Counter(e.user_id for e in events)
     uid = next(u for u, n in counts.most_common() if n >= 20)

@@ -5,8 +5,9 @@ import uuid
 import pytest
 import redis
 
-from models.item_store import ItemBatch, RedisItemStore
-from models.learning import LearningCore
+from models.state.item_redis import RedisItemStore
+from models.state.item_store import ItemBatch
+from models.learning.core import LearningCore
 
 pytestmark = pytest.mark.integration
 

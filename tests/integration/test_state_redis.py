@@ -6,7 +6,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from models.state import RedisStore, UserCommit
+from models.state.engine_redis import RedisStore
+from models.state.engine_store import UserCommit
 from tests.store_contract import EngineStoreContract
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ their realised incremental margins are directly comparable:
     incremental = [buy under the chosen offer] * (margin - cost) - [buy under none] * margin
 
 Every policy runs under the same constraints: eligibility, per-user caps, campaign budgets (reserved in a
-:class:`models.budget.MemoryBudgetStore`, settled when the window closes) and pacing. After every decision
+:class:`models.state.budget_memory.MemoryBudgetStore`, settled when the window closes) and pacing. After every decision
 and every settlement the simulator checks that no budget and no cap is exceeded.
 
 Run: ``.venv/bin/python tests/sim/promo_sim.py --users 50000 --seed 1`` (JSON on stdout, progress on stderr).
@@ -29,13 +29,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.attribution import AttributionTracker, OpenDecision, Purchase  # noqa: E402
-from models.bandit import ThompsonPolicy  # noqa: E402
-from models.budget import MemoryBudgetStore, ReserveRequest  # noqa: E402
-from models.catalogue import NONE_ID, Catalogue, parse_catalogue  # noqa: E402
+from models.policy.attribution import AttributionTracker, OpenDecision, Purchase  # noqa: E402
+from models.policy.thompson import ThompsonPolicy  # noqa: E402
+from models.state.budget_memory import MemoryBudgetStore
+from models.state.budget_store import ReserveRequest  # noqa: E402
+from models.policy.catalogue import NONE_ID, Catalogue, parse_catalogue  # noqa: E402
 from models.decision import decision_id_for  # noqa: E402
-from models.pacing import PacingController  # noqa: E402
-from models.policy import DecisionContext, PolicyChoice, filter_offers, holdout  # noqa: E402
+from models.policy.pacing import PacingController  # noqa: E402
+from models.policy.base import DecisionContext, PolicyChoice
+from models.policy.eligibility import filter_offers, holdout  # noqa: E402
 
 DAY = 86_400_000
 HOUR = 3_600_000

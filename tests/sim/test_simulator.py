@@ -9,8 +9,8 @@ import random
 import pytest
 
 import promo_sim as S
-from models.catalogue import NONE_ID
-from models.policy import PolicyChoice
+from models.policy.catalogue import NONE_ID
+from models.policy.base import PolicyChoice
 
 
 @pytest.fixture(scope="module")

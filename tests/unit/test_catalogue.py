@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from models.catalogue import DEFAULT_PATH, CatalogueError, load_catalogue, parse_catalogue
+from models.policy.catalogue import DEFAULT_PATH, CatalogueError, load_catalogue, parse_catalogue
 
 GOOD = textwrap.dedent("""\
     version: 1

@@ -1,4 +1,4 @@
-"""Every learning model and store passes the contract suite of :mod:`models.checks` (River style)."""
+"""Every learning model and store passes the contract suite of :mod:`models.learning.checks` (River style)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import uuid
 
 import pytest
 
-from models import checks
-from models.item_store import MemoryItemStore, RedisItemStore, SimilarityConfig
-from models.learning import LearningCore
+from models.learning import checks
+from models.state.item_memory import MemoryItemStore
+from models.state.item_redis import RedisItemStore
+from models.state.item_store import SimilarityConfig
+from models.learning.core import LearningCore
 from models.profile import Profile
-from models.propensity import DelayedLabelLearner, PurchasePropensity
-from models.segments import ProfileSegments
+from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
+from models.learning.segments import ProfileSegments
 
 FACTORIES = {
     "LearningCore": lambda: LearningCore(MemoryItemStore(), horizon_h=0.5),

@@ -1,4 +1,4 @@
-"""models.contrib: the per-user contributions the engine commits (pure logic; the Redis side is in
+"""models.learning.contrib: the per-user contributions the engine commits (pure logic; the Redis side is in
 tests/integration/test_item_contributions.py)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.contrib import GRID_HALF_LIVES, Contribution, grid
-from models.similarity import count_pairs_py
+from models.learning.contrib import GRID_HALF_LIVES, Contribution, grid
+from models.learning.similarity import count_pairs_py
 
 HL = 7 * 86_400_000
 WIDTH, WINDOW_MS = 4, 3_600_000

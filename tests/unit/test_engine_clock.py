@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import random
 
-from models.attribution import ConversionStats
-from models.budget import BudgetGate, MemoryBudgetStore
-from models.catalogue import parse_catalogue
+from models.policy.attribution import ConversionStats
+from models.policy.budget import BudgetGate
+from models.state.budget_memory import MemoryBudgetStore
+from models.policy.catalogue import parse_catalogue
 from models.clock import EventClock
 from models.decision import decision_id_for
 from models.engine import Engine
 from models.events import Event
-from models.policy import RulePolicy
-from models.state import MemoryStore
+from models.policy.rules import RulePolicy
+from models.state.engine_memory import MemoryStore
 
 CAT = """
 offers:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-from models.attribution import ConversionStats
-from models.bandit import ThompsonPolicy
-from models.budget import BudgetGate, MemoryBudgetStore
-from models.catalogue import parse_catalogue
+from models.policy.attribution import ConversionStats
+from models.policy.thompson import ThompsonPolicy
+from models.policy.budget import BudgetGate
+from models.state.budget_memory import MemoryBudgetStore
+from models.policy.catalogue import parse_catalogue
 from models.engine import Engine
 from models.events import Event
-from models.state import MemoryStore
+from models.state.engine_memory import MemoryStore
 
 CAT = """
 offers:
@@ -68,7 +69,7 @@ def test_a_redemption_is_charged_even_when_the_worker_dies_right_after_the_commi
 def test_the_policy_learns_every_decision_exactly_once_across_a_kill_and_a_redelivery():
     """The posterior updates ride on the users' commits: a worker killed after a commit (before ``learn``) loses
     none of them, the restarted worker reads them back from the store, and the redelivered batch adds nothing."""
-    from models.policy import DecisionContext
+    from models.policy.base import DecisionContext
 
     store = MemoryStore()
     eng = engine(store)
@@ -145,7 +146,7 @@ def test_a_stale_plan_is_refused_and_replanned():
 
 def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
     """Crash between reserve and commit; the redelivered trigger gets another offer: no budget stays held."""
-    from models.policy import RulePolicy
+    from models.policy.rules import RulePolicy
 
     budget, store = MemoryBudgetStore(), MemoryStore()
     cat = parse_catalogue(CAT)
@@ -166,7 +167,7 @@ def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
 def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_the_commit():
     """As above, but the second worker dies after its commit, before releasing: the third one, which gets the
     batch redelivered and re-sends the stored decision, releases it."""
-    from models.policy import RulePolicy
+    from models.policy.rules import RulePolicy
 
     budget, store = MemoryBudgetStore(), MemoryStore()
     cat = parse_catalogue(CAT)
@@ -233,7 +234,7 @@ def test_a_decision_planned_again_counts_its_exposure_once():
 
 
 def test_the_policy_setting_picks_the_policy():
-    from models.policy import RulePolicy
+    from models.policy.rules import RulePolicy
     from stream.settings import Settings
 
     rules = Engine.from_settings(Settings(_env_file=None, policy="rules"), MemoryStore())

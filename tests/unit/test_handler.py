@@ -9,7 +9,7 @@ import time
 import pytest
 
 from models.engine import Engine
-from models.state import MemoryStore
+from models.state.engine_memory import MemoryStore
 from stream.handler import BatchHandler, Health, RawMessage
 from stream.settings import Settings
 
@@ -145,8 +145,8 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
     after the snapshot. The handler reads the gap back and the point is labelled positive before the first
     live batch teaches anything (without it the point would expire as a negative)."""
     from models.events import Event
-    from models.item_store import MemoryItemStore
-    from models.learning import LearningCore
+    from models.state.item_memory import MemoryItemStore
+    from models.learning.core import LearningCore
     from models.profile import Profile
 
     t0 = NOW - 10 * 60_000
@@ -179,8 +179,8 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
 def test_reading_back_is_capped_to_the_newest_events_and_can_be_turned_off(cap, want, caplog):
     """A snapshot far behind (written long ago, or by another worker) must not make a restart read millions of
     events into memory: only the newest PROMO_RELEARN_MAX_EVENTS per partition are read back."""
-    from models.item_store import MemoryItemStore
-    from models.learning import LearningCore
+    from models.state.item_memory import MemoryItemStore
+    from models.learning.core import LearningCore
 
     asked = []
 

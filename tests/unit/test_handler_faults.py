@@ -14,7 +14,7 @@ import redis.exceptions as rex
 from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 
 from models.engine import Engine
-from models.state import MemoryStore
+from models.state.engine_memory import MemoryStore
 from stream.faults import WorkerStop
 from tests.unit.test_handler import Sink, ev, make, msg
 
@@ -110,8 +110,8 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
     learning = CountingLearning()
     store = PolicyStateFailsOnce()
     s, h, sink = make(store)
-    from models.bandit import ThompsonPolicy
-    from models.catalogue import load_catalogue
+    from models.policy.thompson import ThompsonPolicy
+    from models.policy.catalogue import load_catalogue
 
     # the exploring policy reads what the commits taught back from the store after a batch with decisions
     h.engine = Engine(store, ThompsonPolicy(load_catalogue(), holdout_pct=0.0), holdout_pct=0.0, learning=learning)

@@ -12,14 +12,9 @@ import uuid
 
 import pytest
 
-from models.item_store import (
-    HOUR_MS,
-    ItemBatch,
-    ItemStore,
-    MemoryItemStore,
-    RedisItemStore,
-    SimilarityConfig,
-)
+from models.state.item_memory import MemoryItemStore
+from models.state.item_redis import RedisItemStore
+from models.state.item_store import HOUR_MS, ItemBatch, ItemStore, SimilarityConfig
 
 T0 = 1_700_000_000_000
 HL = 10 * HOUR_MS
@@ -246,7 +241,8 @@ def test_config_is_validated():
 
 def test_events_far_older_than_the_epoch_do_not_overflow():
     """A valid 2000-era event after 2019 data: popularity and similarity stay finite (no OverflowError)."""
-    from models.item_store import ItemBatch, MemoryItemStore
+    from models.state.item_memory import MemoryItemStore
+    from models.state.item_store import ItemBatch
 
     store = MemoryItemStore()
     y2019, y2001 = 1_569_888_000_000, 978_307_200_000

@@ -7,10 +7,12 @@ import uuid
 
 import pytest
 
-from models.checks import events as synthetic_events
+from models.learning.checks import events as synthetic_events
 from models.events import Event
-from models.item_store import MemoryItemStore, RedisItemStore
-from models.learning import LearningCore, load_snapshot, save_snapshot, snapshot_key
+from models.state.item_memory import MemoryItemStore
+from models.state.item_redis import RedisItemStore
+from models.learning.core import LearningCore
+from models.learning.snapshot import load_snapshot, save_snapshot, snapshot_key
 from models.profile import Profile
 
 T0 = 1_700_000_000_000
@@ -164,7 +166,7 @@ def test_forgotten_users_leave_every_in_memory_structure_and_the_next_snapshot()
 
 
 def test_the_stored_snapshot_is_scrubbed_in_place(redis_client):
-    from models.learning import scrub_snapshot
+    from models.learning.snapshot import scrub_snapshot
 
     prefix = "tl" + uuid.uuid4().hex[:8]
     core = LearningCore(RedisItemStore(redis_client, prefix), decision_points="batch")
@@ -188,3 +190,36 @@ def test_parameters_are_validated():
         LearningCore(horizon_h=0)
     with pytest.raises(ValueError, match="decision_points"):
         LearningCore(decision_points="sometimes")
+
+
+def test_a_snapshot_written_before_the_package_move_still_loads(monkeypatch):
+    """Snapshots in Redis name the classes' modules: those written when the models lived in ``models.similarity``,
+    ``models.propensity``, ... must restore after the move into ``models.learning`` (an upgrade keeps its models)."""
+    import sys
+
+    import models.learning.propensity as prop
+    import models.learning.segments as seg
+    import models.learning.similarity as sim
+    from models.learning.snapshot import MOVED_MODULES
+
+    core = LearningCore(horizon_h=1.0)
+    evs = [Event(f"e{i}", "cart" if i % 5 == 0 else "view", f"u{i % 7}", f"i{i % 11}", 1_000 * i) for i in range(200)]
+    profiles: dict = {}
+    for e in evs:
+        profiles.setdefault(e.user_id, Profile()).apply(e)
+    core.learn_batch(evs, profiles)
+    with monkeypatch.context() as m:  # pickle as the earlier layout did: classes in the old modules
+        for old, mod in (("models.similarity", sim), ("models.propensity", prop), ("models.segments", seg)):
+            assert old in MOVED_MODULES
+            m.setitem(sys.modules, old, mod)
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, type) and obj.__module__ == mod.__name__:
+                    m.setattr(obj, "__module__", old)
+        legacy = core.snapshot({("promo.events", 0): 200})
+    assert b"models.similarity" in legacy and b"models.learning.similarity" not in legacy
+    assert "models.similarity" not in sys.modules
+    fresh = LearningCore(horizon_h=1.0)
+    assert fresh.restore(legacy) == {("promo.events", 0): 200}
+    probe = Profile(recent_items=["i1", "i2"])
+    assert fresh.recommend(probe, 5) == core.recommend(probe, 5)
+    assert fresh.propensity(profiles["u1"], 200_000) == core.propensity(profiles["u1"], 200_000)

@@ -9,7 +9,7 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from models.ope import LoggedRow, PolicyDataError, evaluate_file, evaluate_rows, obd_to_jsonl
+from models.evaluation.ope import LoggedRow, PolicyDataError, evaluate_file, evaluate_rows, obd_to_jsonl
 from stream.cli import cli
 
 ACTIONS = ["none", "c5", "p10"]

@@ -6,17 +6,8 @@ import random
 
 import pytest
 
-from models.attribution import (
-    AttributionTracker,
-    Closed,
-    ConversionStats,
-    OpenDecision,
-    Purchase,
-    close_on_purchase,
-    expire,
-    orders_from_events,
-)
-from models.catalogue import load_catalogue
+from models.policy.attribution import AttributionTracker, Closed, ConversionStats, OpenDecision, Purchase, close_on_purchase, expire, orders_from_events
+from models.policy.catalogue import load_catalogue
 from models.events import Event
 
 CAT = load_catalogue()

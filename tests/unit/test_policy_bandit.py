@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from models.bandit import ThompsonPolicy
-from models.catalogue import parse_catalogue
-from models.policy import DecisionContext, Policy, filter_offers
+from models.policy.thompson import ThompsonPolicy
+from models.policy.catalogue import parse_catalogue
+from models.policy.base import DecisionContext, Policy
+from models.policy.eligibility import filter_offers
 
 CAT = parse_catalogue(
     """

@@ -8,10 +8,12 @@ import random
 
 import pytest
 
-from models.budget import BudgetGate, MemoryBudgetStore, ReserveRequest
-from models.catalogue import parse_catalogue
-from models.pacing import BudgetPacer, PacingController
-from models.policy import DecisionContext
+from models.policy.budget import BudgetGate
+from models.state.budget_memory import MemoryBudgetStore
+from models.state.budget_store import ReserveRequest
+from models.policy.catalogue import parse_catalogue
+from models.policy.pacing import BudgetPacer, PacingController
+from models.policy.base import DecisionContext
 
 
 def req(did: str, amount: float = 5.0, budget: float = 20.0, offer: str = "c", open_until: int = 1000,

@@ -6,8 +6,10 @@ import random
 
 import pytest
 
-from models.catalogue import load_catalogue, parse_catalogue
-from models.policy import DecisionContext, Policy, RulePolicy, filter_offers, holdout
+from models.policy.catalogue import load_catalogue, parse_catalogue
+from models.policy.base import DecisionContext, Policy
+from models.policy.eligibility import filter_offers, holdout
+from models.policy.rules import RulePolicy
 
 NOW = 1_700_000_000_000
 CAT = parse_catalogue(

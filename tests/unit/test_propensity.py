@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from models.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
-from models.segments import ProfileSegments
+from models.learning.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.segments import ProfileSegments
 
 H = 1_000
 

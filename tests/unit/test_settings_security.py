@@ -49,7 +49,7 @@ async def test_worker_consumer_fetch_wait_follows_the_setting():
 
     from stream.app import make_app
     from models.engine import Engine
-    from models.state import MemoryStore
+    from models.state.engine_memory import MemoryStore
 
     app = make_app(Settings(_env_file=None, fetch_max_wait_ms=7), engine=Engine(MemoryStore()))
     thread = faust_aiokafka.AIOKafkaConsumerThread(app.consumer)

@@ -7,14 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.similarity import (
-    ItemVocab,
-    UserWindows,
-    aggregate_items,
-    aggregate_pairs,
-    count_pairs,
-    count_pairs_py,
-)
+from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, aggregate_pairs, count_pairs, count_pairs_py
 
 WIDTH = 4
 WINDOW = 1_000

@@ -1,4 +1,4 @@
-from models.state import MemoryStore
+from models.state.engine_memory import MemoryStore
 from tests.store_contract import EngineStoreContract
 
 

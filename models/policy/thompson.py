@@ -22,8 +22,8 @@ logged ``propensity`` is the exact probability of the chosen offer given the sta
 off-policy evaluation needs. "none" wins when no offer pays.
 
 >>> import random
->>> from models.catalogue import load_catalogue
->>> from models.policy import DecisionContext
+>>> from models.policy.catalogue import load_catalogue
+>>> from models.policy.base import DecisionContext
 >>> policy = ThompsonPolicy(load_catalogue(), holdout_pct=0.0)
 >>> ctx = DecisionContext("u1", 1_700_000_000_000, 120.0, ["i1"], ["apparel"], False, 3, 2, 0.5, 0.1)
 >>> choice = policy.choose(ctx, random.Random(42))
@@ -41,8 +41,9 @@ import random
 
 import numpy as np
 
-from models.catalogue import NONE_ID, Catalogue, OfferSpec
-from models.policy import DecisionContext, PolicyChoice, filter_offers, holdout
+from models.policy.catalogue import NONE_ID, Catalogue, OfferSpec
+from models.policy.base import DecisionContext, PolicyChoice
+from models.policy.eligibility import filter_offers, holdout
 
 MIN_EXPOSURE = 1e-3
 
@@ -78,7 +79,7 @@ class ThompsonPolicy:
         Context fields a cell is made of: ``"segment"``, ``"new"`` or a key of ``ctx.features``.
     pacing
         Optional object with ``price(offer_id) -> float`` (shadow price per unit of cost,
-        :class:`models.pacing.PacingController`).
+        :class:`models.policy.pacing.PacingController`).
     exposure_at_choice
         Count a decision's exposure in :meth:`choose` (default). Set False to count it in
         :meth:`learn_one` instead (e.g. when replaying logged decisions).
@@ -270,7 +271,7 @@ class ThompsonPolicy:
         """Replace the posteriors with the store's hash: fields ``a:<cell field>``, ``b:<cell field>`` and ``n``
         (outcomes learnt), as :meth:`exposure_update` and :meth:`outcome_update` build them.
 
-        >>> from models.catalogue import load_catalogue
+        >>> from models.policy.catalogue import load_catalogue
         >>> p = ThompsonPolicy(load_catalogue())
         >>> p.load_state({b'a:["pct_10",[3]]': b"2.5", b'b:["pct_10",[3]]': b"4", b"n": b"7"})
         >>> p.cells, p.n_learned
@@ -293,7 +294,7 @@ class ThompsonPolicy:
     def state_fields(self) -> dict[str, str]:
         """The current posteriors as the store's hash fields (:meth:`load_state` reads them back).
 
-        >>> from models.catalogue import load_catalogue
+        >>> from models.policy.catalogue import load_catalogue
         >>> p = ThompsonPolicy(load_catalogue())
         >>> p.cells[("pct_10", (3,))] = [2.5, 4.0]
         >>> p.state_fields()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.catalogue import Catalogue
+from models.policy.catalogue import Catalogue
 
 
 @dataclass(slots=True)
@@ -77,7 +77,7 @@ class PacingController:
     The engine calls :meth:`update` with the spend per offer (e.g. after reading the budget store once
     per batch); the policy calls :meth:`price`.
 
-    >>> from models.catalogue import parse_catalogue
+    >>> from models.policy.catalogue import parse_catalogue
     >>> cat = parse_catalogue('''
     ... offers:
     ...   - {offer_id: c, kind: coupon, value: 5, budget: 100, period: {start: 0, end: 1000}}

@@ -18,7 +18,7 @@ on when the sweep runs, unless the purchase is processed after the sweep's clock
 Everything here is pure: the engine keeps the open decisions (e.g. in the user's Redis hash) and calls
 :func:`close_on_purchase` / :func:`expire`; :class:`AttributionTracker` is the in-memory version.
 
->>> from models.catalogue import load_catalogue
+>>> from models.policy.catalogue import load_catalogue
 >>> cat = load_catalogue()
 >>> d = OpenDecision("d1", "u1", "coupon_5", "treatment", ts=0, expires_ms=1000, cart_value=80.0)
 >>> closed, still = close_on_purchase(cat, [d], Purchase("u1", 10, 80.0, decision_id="d1"))
@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import asdict, dataclass, field
 
-from models.catalogue import NONE_ID, Catalogue
+from models.policy.catalogue import NONE_ID, Catalogue
 
 OUTCOMES: tuple[str, ...] = ("redeemed", "converted", "expired")
 
@@ -122,7 +122,7 @@ def close_on_purchase(
     The decision named by ``p.decision_id`` (if open, and ``p.ts`` before its window's end) is redeemed; other open
     decisions of the user whose window contains ``p.ts`` convert. The most recent closed decision gets the revenue.
 
-    >>> from models.catalogue import load_catalogue
+    >>> from models.policy.catalogue import load_catalogue
     >>> d = OpenDecision("d1", "u1", "coupon_5", "treatment", ts=0, expires_ms=1000)
     >>> closed, still = close_on_purchase(load_catalogue(), [d], Purchase("u1", 1000, 80.0, decision_id="d1"))
     >>> closed, still == [d]  # timed after the window: the decision stays open, for the sweep to expire
@@ -165,7 +165,7 @@ def expire(pending: list[OpenDecision], now_ms: int) -> tuple[list[Closed], list
 class AttributionTracker:
     """In-memory open windows for many users (simulator, offline evaluation, single-process runs).
 
-    >>> from models.catalogue import load_catalogue
+    >>> from models.policy.catalogue import load_catalogue
     >>> t = AttributionTracker(load_catalogue(), window_ms=1000)
     >>> t.open(OpenDecision("d1", "u1", "none", "holdout", 0, 0, 50.0))
     >>> t.open(OpenDecision("d2", "u2", "coupon_5", "treatment", 0, 0, 50.0))

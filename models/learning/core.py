@@ -5,15 +5,15 @@ Design
 :class:`LearningCore` owns everything that learns from the event stream, except the profiles (the engine folds
 events into :class:`models.profile.Profile` and writes them to Redis atomically per user):
 
-* **item similarity**: per-user recent windows (:class:`models.similarity.UserWindows`, in worker memory, a
+* **item similarity**: per-user recent windows (:class:`models.learning.similarity.UserWindows`, in worker memory, a
   user always maps to one partition hence one worker) and the numba kernel turn a batch into aggregated pair
-  and item increments, applied to the :class:`models.item_store.ItemStore` in ONE call (one Redis pipeline).
+  and item increments, applied to the :class:`models.state.item_store.ItemStore` in ONE call (one Redis pipeline).
   In the live worker the engine sets ``items_via_commit``: each user's commit writes that user's increments
-  (:mod:`models.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
+  (:mod:`models.learning.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
 * **category price reference** (:class:`models.profile.CategoryStats`) for the profiles' price level;
-* **purchase propensity** with delayed labels (:class:`models.propensity.DelayedLabelLearner`) and a frequency
+* **purchase propensity** with delayed labels (:class:`models.learning.propensity.DelayedLabelLearner`) and a frequency
   baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
-* **segments** (:class:`models.segments.ProfileSegments`).
+* **segments** (:class:`models.learning.segments.ProfileSegments`).
 
 Per batch (:meth:`LearningCore.learn_batch`): events are de-duplicated and in partition order; ``profiles``
 are the users' profiles AFTER the batch. River is not called per event: a user has at most one **decision
@@ -30,12 +30,12 @@ Decision time: :meth:`recommend`, :meth:`propensity` and :meth:`segment` read on
 Snapshots: :meth:`snapshot` pickles the models, windows, pending points and category stats with the Kafka
 offsets they cover (``{(topic, partition): next offset}`` or any picklable dict); :meth:`restore` puts them
 back and returns the offsets to resume from. The item store is included only when it lives in memory (Redis
-holds its own). :func:`save_snapshot` / :func:`load_snapshot` keep the bytes under ONE Redis key. A snapshot
-is a pickle (not compressed): load only snapshots written by the engine's own Redis.
+holds its own). :mod:`models.learning.snapshot` keeps the bytes under ONE Redis key and reads snapshots written
+before the package layout changed.
 
 Forgetting users: :meth:`held_users` lists every user id the in-memory state holds (windows, decision points
 with their features, last decision-point times; nothing else holds ids), :meth:`forget_users` drops them, and
-:func:`scrub_snapshot` does the same to the snapshot stored in Redis (``promo forget``).
+:func:`models.learning.snapshot.scrub_snapshot` does the same to the snapshot stored in Redis (``promo forget``).
 
 Examples
 --------
@@ -61,24 +61,23 @@ from __future__ import annotations
 
 import gc
 import math
-import pickle
 import time
 
 import numpy as np
 
 from models.events import Event
-from models.item_store import ItemBatch, ItemStore, MemoryItemStore
+from models.state.item_memory import MemoryItemStore
+from models.state.item_store import ItemBatch, ItemStore
 from models.profile import EVENT_WEIGHTS, FEATURE_NAMES, CategoryStats, Profile
-from models.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
-from models.recommend import recommend as _recommend
-from models.segments import ProfileSegments
-from models.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
+from models.learning.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.recommend import recommend as _recommend
+from models.learning.segments import ProfileSegments
+from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
+from models.learning.snapshot import SNAPSHOT_VERSION, dumps, forget_users_in, loads
 
-__all__ = ["LearningCore", "save_snapshot", "load_snapshot", "scrub_snapshot", "snapshot_key", "tune_gc",
-           "SNAPSHOT_VERSION"]
+__all__ = ["LearningCore", "tune_gc"]
 
 HOUR_MS = 3_600_000
-SNAPSHOT_VERSION = 1
 CONTEXT_FEATURES = ("item_conversion", "category_conversion")
 _ALL_NAMES = FEATURE_NAMES + CONTEXT_FEATURES
 DEFAULT_CONTEXT_KEYS = frozenset({"channel", "device", "behavior", "platform", "country"})
@@ -110,9 +109,9 @@ class LearningCore:
     keep_predictions
         Keep every scored ``(label, engine p, baseline p)`` (offline evaluation).
     recommend_options
-        Keyword arguments of :func:`models.recommend.recommend`.
+        Keyword arguments of :func:`models.learning.recommend.recommend`.
     propensity_options
-        Keyword arguments of :class:`models.propensity.PurchasePropensity`.
+        Keyword arguments of :class:`models.learning.propensity.PurchasePropensity`.
     context_keys
         Event ``context`` keys whose string values become one-hot features (low-cardinality ones: channel,
         device, ...); numeric context values are always features.
@@ -358,7 +357,7 @@ class LearningCore:
         return x or None
 
     def recommend(self, profile: Profile, k: int, now_ms: int | None = None) -> list[str]:
-        """Up to ``k`` items for the user, best first (:func:`models.recommend.recommend`)."""
+        """Up to ``k`` items for the user, best first (:func:`models.learning.recommend.recommend`)."""
         now = now_ms if now_ms is not None else (profile.last_ts or self.watermark)
         return _recommend(profile.recent_items, k, self.store, now, **self.recommend_options)
 
@@ -403,7 +402,7 @@ class LearningCore:
     def forget_users(self, users) -> int:
         """Drop ``users`` from every in-memory per-user structure (see :meth:`held_users`); their decision
         points are dropped unlearnt. Returns how many of them were held."""
-        return _forget_users(self.windows, self.labels, self.last_sample, users)
+        return forget_users_in(self.windows, self.labels, self.last_sample, users)
 
     # --- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self, offsets: dict) -> bytes:
@@ -423,12 +422,12 @@ class LearningCore:
             "n_events": self.n_events,
             "store": self.store if isinstance(self.store, MemoryItemStore) else None,
         }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return dumps(state)
 
     def restore(self, data: bytes) -> dict:
         """Load a :meth:`snapshot`; returns the offsets it covers. Raises ``ValueError`` on a bad snapshot."""
         try:
-            state = pickle.loads(data)
+            state = loads(data)
         except Exception as exc:
             raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
                              "delete the snapshot key to start from empty models") from exc
@@ -449,71 +448,6 @@ class LearningCore:
         if state["store"] is not None and isinstance(self.store, MemoryItemStore):
             self.store = state["store"]
         return state["offsets"]
-
-
-# --- Redis helpers ---------------------------------------------------------------------------------------------
-def snapshot_key(prefix: str = "promo") -> str:
-    """The one Redis key holding the model snapshot."""
-    return f"{prefix}:models:snapshot"
-
-
-def save_snapshot(client, core: LearningCore, offsets: dict, prefix: str = "promo") -> int:
-    """Write ``core.snapshot(offsets)`` under :func:`snapshot_key` (one ``SET``); returns its size in bytes."""
-    data = core.snapshot(offsets)
-    client.set(snapshot_key(prefix), data)
-    return len(data)
-
-
-def load_snapshot(client, core: LearningCore, prefix: str = "promo") -> dict | None:
-    """Restore ``core`` from Redis; returns the offsets covered, or ``None`` when there is no snapshot."""
-    data = client.get(snapshot_key(prefix))
-    if data is None:
-        return None
-    return core.restore(data)
-
-
-def _forget_users(windows: UserWindows, labels: DelayedLabelLearner, last_sample: dict, users) -> int:
-    users = set(users)
-    held = (set(windows.slot) | labels.users() | last_sample.keys()) & users
-    if held:
-        windows.drop(held)
-        labels.forget(held)
-        for u in held:
-            last_sample.pop(u, None)
-    return len(held)
-
-
-def scrub_snapshot(client, users, prefix: str = "promo", attempts: int = 10) -> int:
-    """Remove ``users`` from the model snapshot stored in Redis (sync client), as :meth:`LearningCore.forget_users`
-    would; returns how many of them it held (0: the snapshot was left as it is).
-
-    The snapshot is a pickle (no compression): a user id it holds is in its bytes as UTF-8, so a snapshot without
-    those bytes is not even decoded. The rewrite is optimistic (``WATCH``): a worker writing a newer snapshot
-    meanwhile wins, and the check runs again on that one."""
-    import redis
-
-    key = snapshot_key(prefix)
-    needles = [u.encode("utf-8", "surrogatepass") for u in users]
-    for _ in range(attempts):
-        with client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(key)
-                data = pipe.get(key)
-                if data is None or not any(n in data for n in needles):
-                    return 0
-                state = pickle.loads(data)
-                if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
-                    return 0  # not a snapshot this engine reads: a worker refuses it at start and says why
-                n = _forget_users(state["windows"], state["labels"], state["last_sample"], users)
-                if not n:
-                    return 0
-                pipe.multi()
-                pipe.set(key, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-                pipe.execute()
-                return n
-            except redis.WatchError:
-                continue
-    raise RuntimeError(f"the model snapshot {key} changed {attempts} times while users were removed from it")
 
 
 def tune_gc(gen0_threshold: int = 50_000) -> tuple[int, int, int]:

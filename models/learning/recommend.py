@@ -12,7 +12,8 @@ The item the user is looking at now (the last recent item) is never recommended;
 
 Examples
 --------
->>> from models.item_store import ItemBatch, MemoryItemStore
+>>> from models.state.item_memory import MemoryItemStore
+>>> from models.state.item_store import ItemBatch
 >>> store = MemoryItemStore()
 >>> store.apply(ItemBatch(ts=0, items=["a", "b", "c", "d"], item_inc=[1.0, 1.0, 1.0, 5.0],
 ...                       pair_a=["a", "a"], pair_b=["b", "c"], pair_inc=[1.0, 0.5]))
@@ -24,7 +25,7 @@ Examples
 
 from __future__ import annotations
 
-from models.item_store import ItemStore
+from models.state.item_store import ItemStore
 
 
 def recommend(

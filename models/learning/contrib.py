@@ -3,7 +3,7 @@
 The live engine does not learn item similarity from batches (whose boundaries depend on timing): each user's
 events are turned into **contributions** while the user is planned, from the user's own recent window kept in
 the profile (:attr:`models.profile.Profile.win`), and parked in the user's atomic commit together with the
-event markers (:class:`models.state.RedisStore`); once the batch's decisions are sent, one script per user
+event markers (:class:`models.state.engine_redis.RedisStore`); once the batch's decisions are sent, one script per user
 applies the parked payload to the item statistics and deletes it, and what a killed worker left parked is
 applied by the next worker's maintenance (``RedisStore.apply_parked``). So item statistics are a function of
 the committed events alone: a redelivered event is a duplicate and adds nothing, a crash can not lose or repeat
@@ -18,7 +18,7 @@ sums differ only by rounding, far below 1e-9 relative).
 Each user also keeps a **record** of what they contributed (same units), under their own hash tag, for as long
 as their profile lives (``PROMO_PROFILE_TTL_S``, refreshed at every commit): ``promo forget`` subtracts it.
 
-Pairs follow :mod:`models.similarity`: for each event of weight ``w > 0``, one increment ``min(w, w_j)`` with
+Pairs follow :mod:`models.learning.similarity`: for each event of weight ``w > 0``, one increment ``min(w, w_j)`` with
 every other item ``j`` of the user's window seen at most ``window_ms`` before; repeating the window's front item
 emits nothing; then the item moves to the front (its weight is the largest seen).
 
@@ -123,7 +123,7 @@ class Contribution:
             del win[width:]
 
     def to_json(self, header: dict | None = None) -> str:
-        """The payload of the user's commit script (see :class:`models.state.RedisStore`), after ``header``
+        """The payload of the user's commit script (see :class:`models.state.engine_redis.RedisStore`), after ``header``
         (the item store's prefix and bounds)."""
         return json.dumps({
             **(header or {}),

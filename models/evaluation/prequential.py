@@ -10,11 +10,11 @@ then replayed in batches of ``batch_size`` events, as the worker would see them:
 
 * **next item** — for every event of a user whose item differs from the user's previous item (a repeat of
   the item being looked at is not a prediction task), *before* the event is applied: the engine's
-  :meth:`models.learning.LearningCore.recommend` (neighbours of the recent items + popularity) and the
+  :meth:`models.learning.core.LearningCore.recommend` (neighbours of the recent items + popularity) and the
   baseline (recency-weighted popularity, the current item excluded) each propose 20 items; HR@20 is the share
   of events whose item is in the list, MRR@20 the mean of ``1 / rank`` (0 when absent). The models and the item
   store have learnt from the previous batches only; the profile includes the user's earlier events.
-* **purchase within H** — the core's decision points (see :mod:`models.learning`) are scored when their
+* **purchase within H** — the core's decision points (see :mod:`models.learning.core`) are scored when their
   delayed label arrives, with the prediction made at the decision point, for the engine model and the
   frequency baseline; AUC (exact, rank-based) and log loss are computed over the points whose horizon closed
   before the log ends (``scored_points``): a positive label arrives early and a negative one only when H
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from models.events import Event
-from models.item_store import MemoryItemStore
-from models.learning import LearningCore
+from models.state.item_memory import MemoryItemStore
+from models.learning.core import LearningCore
 from models.profile import Profile
 
 __all__ = ["evaluate_file", "evaluate_events", "load_events", "roc_auc", "log_loss"]

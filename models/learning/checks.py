@@ -19,7 +19,7 @@ The contract:
 
 Examples
 --------
->>> from models.item_store import MemoryItemStore
+>>> from models.state.item_memory import MemoryItemStore
 >>> for check in yield_checks(MemoryItemStore()):
 ...     check(MemoryItemStore())
 >>> [c.__name__ for c in yield_checks(MemoryItemStore())]
@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from models.events import Event
-from models.item_store import ItemStore, MemoryItemStore
-from models.learning import LearningCore
+from models.state.item_memory import MemoryItemStore
+from models.state.item_store import ItemStore
+from models.learning.core import LearningCore
 from models.profile import Profile
-from models.propensity import DelayedLabelLearner, PurchasePropensity
-from models.segments import ProfileSegments
+from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
+from models.learning.segments import ProfileSegments
 
 __all__ = ["events", "yield_checks", "ADAPTERS", "Adapter"]
 
@@ -275,7 +276,7 @@ def adapter_for(obj) -> Adapter:
     for a in ADAPTERS:
         if isinstance(obj, a.kind):
             return a
-    raise TypeError(f"no contract adapter for {type(obj).__name__}; add one to models.checks.ADAPTERS")
+    raise TypeError(f"no contract adapter for {type(obj).__name__}; add one to models.learning.checks.ADAPTERS")
 
 
 # --- the checks -----------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Evaluating offline: prequential evaluation of the models, off-policy evaluation of policies."""

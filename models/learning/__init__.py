@@ -1,0 +1,1 @@
+"""Learning online from every event: item similarity, purchase propensity, segments, the learning core."""

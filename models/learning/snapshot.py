@@ -1,0 +1,118 @@
+"""Model snapshots in Redis: one key per engine, the learning core's state as a pickle with the offsets it covers.
+
+:meth:`models.learning.core.LearningCore.snapshot` and ``restore`` make and read the bytes (:func:`dumps`,
+:func:`loads`); this module keeps them under ONE key (:func:`snapshot_key`), and removes forgotten users from the
+stored snapshot (:func:`scrub_snapshot`, used by ``promo forget``). A snapshot is a pickle (not compressed):
+load only snapshots written by the engine's own Redis.
+
+Snapshots written before the models moved into packages (``models.similarity``, ``models.propensity``, ...) still
+load: :func:`loads` finds each class where it lives now (:data:`MOVED_MODULES`).
+
+>>> from models.learning.similarity import ItemVocab
+>>> v = ItemVocab()
+>>> _ = v.index(["a", "b"])
+>>> loads(dumps({"vocab": v}))["vocab"].index(["b"]).tolist()
+[1]
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+
+SNAPSHOT_VERSION = 1
+
+MOVED_MODULES: dict[str, tuple[str, ...]] = {
+    "models.similarity": ("models.learning.similarity",),
+    "models.propensity": ("models.learning.propensity",),
+    "models.segments": ("models.learning.segments",),
+    "models.contrib": ("models.learning.contrib",),
+    "models.learning": ("models.learning.core",),
+    "models.item_store": ("models.state.item_memory", "models.state.item_store"),
+}
+"""Where the classes of a module that moved live now (the first module that has the name wins)."""
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        for new in MOVED_MODULES.get(module, ()):
+            mod = importlib.import_module(new)
+            if hasattr(mod, name):
+                return getattr(mod, name)
+        return super().find_class(module, name)
+
+
+def dumps(state: dict) -> bytes:
+    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes):
+    """Unpickle a snapshot, also one written before the package layout changed."""
+    return _Unpickler(io.BytesIO(data)).load()
+
+
+def snapshot_key(prefix: str = "promo") -> str:
+    """The one Redis key holding the model snapshot."""
+    return f"{prefix}:models:snapshot"
+
+
+def save_snapshot(client, core, offsets: dict, prefix: str = "promo") -> int:
+    """Write ``core.snapshot(offsets)`` under :func:`snapshot_key` (one ``SET``); returns its size in bytes."""
+    data = core.snapshot(offsets)
+    client.set(snapshot_key(prefix), data)
+    return len(data)
+
+
+def load_snapshot(client, core, prefix: str = "promo") -> dict | None:
+    """Restore ``core`` from Redis; returns the offsets covered, or ``None`` when there is no snapshot."""
+    data = client.get(snapshot_key(prefix))
+    if data is None:
+        return None
+    return core.restore(data)
+
+
+def forget_users_in(windows, labels, last_sample: dict, users) -> int:
+    """Drop ``users`` from a core's windows, pending decision points and last-sample times; how many it held."""
+    users = set(users)
+    held = (set(windows.slot) | labels.users() | last_sample.keys()) & users
+    if held:
+        windows.drop(held)
+        labels.forget(held)
+        for u in held:
+            last_sample.pop(u, None)
+    return len(held)
+
+
+def scrub_snapshot(client, users, prefix: str = "promo", attempts: int = 10) -> int:
+    """Remove ``users`` from the model snapshot stored in Redis (sync client), as
+    :meth:`models.learning.core.LearningCore.forget_users` would; returns how many of them it held (0: the
+    snapshot was left as it is).
+
+    The snapshot is a pickle (no compression): a user id it holds is in its bytes as UTF-8, so a snapshot without
+    those bytes is not even decoded. The rewrite is optimistic (``WATCH``): a worker writing a newer snapshot
+    meanwhile wins, and the check runs again on that one."""
+    import redis
+
+    key = snapshot_key(prefix)
+    needles = [u.encode("utf-8", "surrogatepass") for u in users]
+    for _ in range(attempts):
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                data = pipe.get(key)
+                if data is None or not any(n in data for n in needles):
+                    return 0
+                state = loads(data)
+                if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+                    return 0  # not a snapshot this engine reads: a worker refuses it at start and says why
+                n = forget_users_in(state["windows"], state["labels"], state["last_sample"], users)
+                if not n:
+                    return 0
+                pipe.multi()
+                pipe.set(key, dumps(state))
+                pipe.execute()
+                return n
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"the model snapshot {key} changed {attempts} times while users were removed from it")

@@ -1,0 +1,1 @@
+"""Deciding: the policy interface and its implementations, the offer catalogue, budgets, pacing, attribution."""

@@ -1,0 +1,75 @@
+"""The policy interface: the decision context a policy sees, the choice it returns, and what it learns from.
+
+The engine builds a :class:`DecisionContext` for a triggering event, seeds a ``random.Random`` from the
+decision id (a redelivered trigger reproduces the same choice) and calls ``policy.choose(ctx, rng)``.
+When the attribution window of a decision closes, it calls ``policy.learn_one(ctx, offer_id, reward)``.
+Implementations: :class:`models.policy.rules.RulePolicy`, :class:`models.policy.thompson.ThompsonPolicy`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+from models.decision import Offer
+
+
+@dataclass(slots=True)
+class DecisionContext:
+    """Everything a policy may look at to decide for one user at one moment.
+
+    ``offers_today`` counts offers (any kind but none) the user got in the current UTC day;
+    ``last_offer_ms`` maps offer id -> event time of the last time the user got it.
+    ``offer_counts_today`` / ``offer_counts_total`` count per offer (for per-offer caps) and
+    ``blocked`` maps offer id -> reason for offers the engine already knows are unavailable
+    (e.g. budget exhausted); those are filtered before the policy draws, so propensities stay exact.
+    """
+
+    user_id: str
+    now_ms: int
+    cart_value: float
+    cart_items: list[str]
+    cart_categories: list[str]
+    is_new: bool
+    n_purchases: int
+    segment: int | None
+    churn_risk: float
+    propensity: float
+    features: dict[str, float] = field(default_factory=dict)
+    offers_today: int = 0
+    last_offer_ms: dict[str, int] = field(default_factory=dict)
+    offer_counts_today: dict[str, int] = field(default_factory=dict)
+    offer_counts_total: dict[str, int] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (stored with a pending decision so the policy can learn when it closes)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecisionContext":
+        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class PolicyChoice:
+    """What the policy chose: the offer, the exact probability it had, scores and explanations."""
+
+    offer: Offer
+    propensity: float
+    scores: dict[str, float]
+    group: str
+    reasons: list[str]
+    model_version: str
+
+
+@runtime_checkable
+class Policy(Protocol):
+    model_version: str
+
+    def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice: ...
+
+    def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
+        """Outcome of a closed decision: ``reward`` = margin - cost (0 when expired); ``converted`` whether
+        the user bought inside the window (default ``reward != 0``)."""

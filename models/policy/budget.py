@@ -1,0 +1,122 @@
+"""Campaign budgets around the policy: block offers whose budget is short, reserve before sending, settle on close.
+
+The store that keeps the money (atomic, idempotent per decision id, shared by all workers) is
+:mod:`models.state.budget_store`.
+"""
+
+from __future__ import annotations
+
+from models.policy.catalogue import Catalogue
+from models.state.budget_store import BudgetStore, CampaignSpend, ReserveRequest
+
+
+class BudgetGate:
+    """What the engine calls around the policy: blocks offers whose budget is short, reserves, settles.
+
+    Per batch: ``await gate.refresh(now_ms)`` (one round trip; also updates pacing), then for each
+    decision ``ctx.blocked = gate.blocked(ctx)`` before ``policy.choose``, ``gate.request(...)`` for the
+    chosen offer, and ``await gate.reserve(requests)`` before sending. A refused reservation (another
+    worker took the rest of the budget meanwhile) means: decide again with that offer blocked.
+
+    >>> import asyncio
+    >>> from models.policy.catalogue import parse_catalogue
+    >>> from models.policy.base import DecisionContext
+    >>> from models.state.budget_memory import MemoryBudgetStore
+    >>> cat = parse_catalogue("offers: [{offer_id: c, kind: coupon, value: 5, budget: 7}]")
+    >>> gate = BudgetGate(cat, MemoryBudgetStore(), window_ms=1000)
+    >>> _ = asyncio.run(gate.refresh(0))
+    >>> ctx = DecisionContext("u", 0, 50.0, [], [], False, 0, None, 0.0, 0.1)
+    >>> gate.blocked(ctx)
+    {}
+    >>> req = gate.request("d1", "c", 50.0, 0)
+    >>> gate.blocked(ctx)                  # 2 left, an offer may cost 5
+    {'c': 'budget exhausted (2.00 of 7 left)'}
+    >>> asyncio.run(gate.reserve([req]))
+    [True]
+    """
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        store: BudgetStore,
+        window_ms: int = 86_400_000,
+        grace_ms: int = 3_600_000,
+        forget_ms: int = 7 * 86_400_000,
+        pacing=None,
+        export_metrics: bool = False,
+    ) -> None:
+        self.catalogue = catalogue
+        self.store = store
+        self.window_ms = window_ms
+        self.grace_ms = grace_ms
+        self.forget_ms = forget_ms
+        self.pacing = pacing
+        self.export_metrics = export_metrics
+        self.budgets = catalogue.budgets()
+        self.local: dict[str, float] = {o: 0.0 for o in self.budgets}
+
+    async def refresh(self, now_ms: int) -> dict[str, CampaignSpend]:
+        """Read every campaign's spend (one round trip), update pacing; returns the spends.
+
+        Pacing follows the committed spend (actual redemption costs): reservations hold the most an offer
+        may cost for a whole attribution window, far more than it will cost on average.
+        """
+        spends = await self.store.spend(list(self.budgets))
+        self.local = {o: s.spent for o, s in spends.items()}
+        if self.pacing is not None:
+            self.pacing.update(now_ms, {o: s.committed for o, s in spends.items()})
+        if self.export_metrics:
+            from stream import metrics as M
+
+            for o, s in spends.items():
+                M.BUDGET_SPENT.labels(o).set(s.spent)
+                M.BUDGET_REMAINING.labels(o).set(self.budgets[o] - s.spent)
+                if self.pacing is not None:
+                    M.PACING_PRICE.labels(o).set(self.pacing.price(o))
+        return spends
+
+    def remaining(self) -> dict[str, float]:
+        return {o: b - self.local.get(o, 0.0) for o, b in self.budgets.items()}
+
+    def blocked(self, ctx) -> dict[str, str]:
+        """Offers whose budget left (as last read, minus this batch's requests) cannot cover one more."""
+        out = {}
+        for oid, budget in self.budgets.items():
+            left = budget - self.local.get(oid, 0.0)
+            if left < self.catalogue[oid].max_cost(ctx.cart_value):
+                out[oid] = f"budget exhausted ({max(left, 0.0):.2f} of {budget:g} left)"
+        return out
+
+    def request(self, decision_id: str, offer_id: str, cart_value: float, ts_ms: int) -> ReserveRequest | None:
+        """The reservation a decision needs (``None`` for ``none`` and offers without a budget)."""
+        if offer_id not in self.budgets:
+            return None
+        amount = self.catalogue[offer_id].max_cost(cart_value)
+        self.local[offer_id] = self.local.get(offer_id, 0.0) + amount
+        return ReserveRequest(offer_id, decision_id, amount, self.budgets[offer_id],
+                              ts_ms + self.window_ms + self.grace_ms, ts_ms + self.forget_ms)
+
+    async def reserve(self, reqs: list[ReserveRequest]) -> list[bool]:
+        """Reserve (one pipelined round trip); ``False`` where the budget could not cover the request."""
+        res = await self.store.reserve(reqs)
+        for q, r in zip(reqs, res):
+            self.local[q.offer_id] = max(self.local.get(q.offer_id, 0.0), r.spent)
+        if self.export_metrics:
+            from stream import metrics as M
+
+            for q, r in zip(reqs, res):
+                if not r.ok:
+                    M.BUDGET_REFUSED.labels(q.offer_id).inc()
+        return [r.ok for r in res]
+
+    async def settle(self, items: list[tuple[str, str, float]]) -> list[float | None]:
+        """``(offer_id, decision_id, actual_cost)`` for closed decisions of budgeted offers."""
+        idx = [k for k, i in enumerate(items) if i[0] in self.budgets]
+        res = await self.store.settle([items[k] for k in idx])
+        out: list[float | None] = [None] * len(items)
+        for k, r in zip(idx, res):
+            out[k] = r
+        return out
+
+    async def sweep(self, now_ms: int) -> dict[str, int]:
+        return await self.store.sweep(list(self.budgets), now_ms)

@@ -1,0 +1,78 @@
+"""Campaign budgets in Redis: one Lua call per request, pipelined per batch; key layout in
+:mod:`models.state.budget_store`, scripts in ``models/state/lua/budget_*.lua``."""
+
+from __future__ import annotations
+
+from models.state.budget_store import UNITS, CampaignSpend, ReserveResult, to_units, to_units_floor
+from models.state.scripts import lua
+
+
+class RedisBudgetStore:
+    """Budgets in Redis (redis-py asyncio client): one Lua call per request, pipelined per batch."""
+
+    def __init__(self, client, prefix: str = "promo") -> None:
+        self.r = client
+        self.prefix = prefix
+        self._reserve = client.register_script(lua("budget_reserve"))
+        self._settle = client.register_script(lua("budget_settle"))
+        self._sweep = client.register_script(lua("budget_sweep"))
+
+    @classmethod
+    def from_settings(cls, settings) -> "RedisBudgetStore":
+        import redis.asyncio as aioredis
+
+        kw = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        if settings.redis_ssl_ca_certs:
+            kw["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+        return cls(aioredis.Redis.from_url(settings.redis_url, **kw), prefix=settings.redis_prefix)
+
+    def keys(self, offer_id: str) -> list[str]:
+        tag = f"{self.prefix}:{{b:{offer_id}}}"
+        return [tag, f"{tag}:res", f"{tag}:open", f"{tag}:gc"]
+
+    async def reserve(self, reqs):
+        if not reqs:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for q in reqs:
+            await self._reserve(
+                keys=self.keys(q.offer_id),
+                args=[to_units(q.amount), to_units_floor(q.budget), q.open_until_ms, q.forget_at_ms, q.decision_id],
+                client=pipe,
+            )
+        res = await pipe.execute()
+        return [ReserveResult(bool(ok), int(sp) / UNITS) for ok, sp in res]
+
+    async def settle(self, items):
+        if not items:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for oid, did, cost in items:
+            await self._settle(keys=self.keys(oid)[:3], args=[to_units(max(0.0, cost)), did], client=pipe)
+        res = await pipe.execute()
+        return [None if int(x) < 0 else int(x) / UNITS for x in res]
+
+    async def spend(self, offer_ids):
+        if not offer_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for oid in offer_ids:
+            pipe.hmget(self.keys(oid)[0], "spent", "reserved", "committed", "n")
+        res = await pipe.execute()
+        out = {}
+        for oid, vals in zip(offer_ids, res):
+            s, r, c, n = (int(v) if v is not None else 0 for v in vals)
+            out[oid] = CampaignSpend(s / UNITS, r / UNITS, c / UNITS, n)
+        return out
+
+    async def sweep(self, offer_ids, now_ms, limit=1000):
+        if not offer_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for oid in offer_ids:
+            await self._sweep(keys=self.keys(oid), args=[now_ms, limit], client=pipe)
+        res = await pipe.execute()
+        return {oid: int(n) for oid, n in zip(offer_ids, res)}
+
+    async def close(self) -> None:
+        await self.r.aclose()

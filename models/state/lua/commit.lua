@@ -1,0 +1,68 @@
+-- KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
+-- ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m,
+--        policy_hash, nc, (count field, increment) x nc, k, (cell field, alpha if new, beta if new, d_alpha,
+--        d_beta) x k,
+--        open_index, user_id, open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
+-- (RedisStore writes one field, ``v``; the script takes any number). Refused (0) when the profile's ``ver``
+-- is not the version the commit was planned from, or when any marker exists: nothing is written then. The
+-- sweep's index of users with open decisions (a sorted set by earliest expiry) is updated in the same call, so
+-- a crash can neither leave an open decision out of it (it would never expire) nor list a closed one.
+-- ``contrib`` ('' for none) is a models.contrib payload: the user's item, pair and popularity increments. The
+-- commit only parks it in the user's record ``{u:<user>}:c`` as field ``w:<new version>`` (and the record in
+-- the ``pending_set``), atomically with the markers; :data:`_APPLY_LUA` adds it to the item statistics after
+-- the decisions are sent (off the decision's critical path), exactly once: the field is deleted in the script
+-- that applies it, and what a crash leaves parked is applied by :meth:`RedisStore.apply_parked`.
+-- What the user's decisions and closed decisions teach is added to ``policy_hash`` in the same call: integer
+-- counts (``n`` outcomes learnt, ``closed:<group>``, ``converted:<group>``) and the policy's posterior updates
+-- (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing). So each is applied exactly when
+-- the commit that holds the decision or its closing is.
+local n = tonumber(ARGV[1])
+local cur = redis.call('HGET', KEYS[1], 'ver') or ''
+if cur ~= ARGV[#ARGV] then return 0 end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + i]) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[1], 'ver', tostring((tonumber(cur) or 0) + 1))
+for i = 1, n do
+  redis.call('SET', KEYS[1 + i], '1', 'EX', ARGV[2])
+end
+local nf = tonumber(ARGV[5])
+local pos = 6
+for j = 0, nf - 1 do
+  redis.call('HSET', KEYS[1], ARGV[pos + 2 * j], ARGV[pos + 2 * j + 1])
+end
+pos = pos + 2 * nf
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local m = #KEYS - 1 - n
+for j = 1, m do
+  redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
+  redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
+end
+pos = pos + m
+local ph = ARGV[pos]
+local nc = tonumber(ARGV[pos + 1])
+for j = 0, nc - 1 do
+  redis.call('HINCRBY', ph, ARGV[pos + 2 + 2 * j], ARGV[pos + 3 + 2 * j])
+end
+pos = pos + 2 + 2 * nc
+for j = 0, tonumber(ARGV[pos]) - 1 do
+  local q = pos + 1 + 5 * j
+  local fa, fb = 'a:' .. ARGV[q], 'b:' .. ARGV[q]
+  redis.call('HSETNX', ph, fa, ARGV[q + 1])
+  redis.call('HSETNX', ph, fb, ARGV[q + 2])
+  if tonumber(ARGV[q + 3]) ~= 0 then redis.call('HINCRBYFLOAT', ph, fa, ARGV[q + 3]) end
+  if tonumber(ARGV[q + 4]) ~= 0 then redis.call('HINCRBYFLOAT', ph, fb, ARGV[q + 4]) end
+end
+if ARGV[#ARGV - 2] ~= '' then
+  local rk = string.sub(KEYS[1], 1, -2) .. 'c'
+  redis.call('HSET', rk, 'w:' .. tostring((tonumber(cur) or 0) + 1), ARGV[#ARGV - 2])
+  redis.call('HINCRBY', rk, 'parked', 1)
+  redis.call('EXPIRE', rk, ARGV[3])
+  redis.call('SADD', ARGV[#ARGV - 1], rk)
+end
+if ARGV[#ARGV - 4] ~= '' then
+  redis.call('ZADD', ARGV[#ARGV - 6], ARGV[#ARGV - 4], ARGV[#ARGV - 5])
+elseif ARGV[#ARGV - 3] == '1' then
+  redis.call('ZREM', ARGV[#ARGV - 6], ARGV[#ARGV - 5])
+end
+return 1
