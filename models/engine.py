@@ -169,30 +169,25 @@ class Engine:
         # commit tokens: unique per engine instance and commit, so a commit in doubt is recognised as ours
         self._instance = uuid.uuid4().hex[:12]
         self._commits = itertools.count(1)
+        self._started = False  # start() ran
         # what decisions teach travels in the users' commits and is read back from the store (see learn): the
         # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
-        shared = bool(getattr(store, "shares_policy", False))
-        self.shares_policy = shared and hasattr(self.policy, "load_state")
-        self.shares_outcomes = shared and conversions is not None and hasattr(conversions, "load_state")
+        self.shares_policy = self.policy.shares_state
+        self.shares_outcomes = conversions is not None
         if self._contrib is not None:
             learning.items_via_commit = True  # item statistics are written in the users' commits
 
     def _contribution_settings(self) -> dict | None:
-        """With a Redis item store and a store that applies contributions, item statistics are learnt in the users'
-        atomic commits (:mod:`models.learning.contrib`): exact across crashes, redeliveries and batch timing, and removable
-        by ``promo forget``. Otherwise (offline, tests) the learning core counts them per batch."""
-        learning = self.learning
-        item_store = getattr(learning, "store", None)
-        if not getattr(self.store, "applies_contributions", False) or not hasattr(item_store, "r"):
+        """With an engine store that applies contributions and an item store they can be applied to (both in one
+        Redis), item statistics are learnt in the users' atomic commits (:mod:`models.learning.contrib`): exact
+        across crashes, redeliveries and batch timing, and removable by ``promo forget``. Otherwise (offline,
+        tests) the learning core counts them per batch."""
+        if self.learning is None or not self.store.applies_contributions:
             return None
-        cfg = item_store.config
-        return {
-            # the header of every payload: what the apply script reads
-            "header": {"P": item_store.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
-                       "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours),
-                       "maxpop": int(cfg.popular_cap())},
-            "width": int(learning.window_width), "window_ms": int(learning.window_ms),
-        }
+        header = self.learning.store.contribution_header()  # what the apply script reads from every payload
+        if header is None:
+            return None
+        return {"header": header, "width": int(self.learning.window_width), "window_ms": int(self.learning.window_ms)}
 
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
@@ -246,10 +241,8 @@ class Engine:
     async def sync_clock(self) -> int:
         """Publish this worker's partition watermarks to the store and merge every worker's (so the clock is a low
         watermark over all partitions of the topic, not only this worker's), then advance it; returns its time.
-        A store without ``sync_clock`` leaves the clock local."""
-        sync = getattr(self.store, "sync_clock", None)
-        if sync is not None:
-            self.clock.merge(await sync(self.clock.state()))
+        """
+        self.clock.merge(await self.store.sync_clock(self.clock.state()))
         return self.clock.advance()
 
     # ------------------------------------------------------------------------------------------
@@ -269,7 +262,7 @@ class Engine:
             is_new=prof.is_new,
             n_purchases=prof.n_orders,
             segment=learning.segment(prof) if learning is not None else None,
-            churn_risk=float(getattr(prof, "churn_risk", 0.0) or 0.0),
+            churn_risk=float(prof.churn_risk or 0.0),
             propensity=(
                 learning.propensity(prof, e.ts) if learning is not None
                 else (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10)
@@ -279,7 +272,7 @@ class Engine:
             offer_counts_today={k: sum(1 for t in v if t >= day_start) for k, v in prof.offer_history.items()},
             offer_counts_total={k: len(v) for k, v in prof.offer_history.items()},
         )
-        if learning is not None and hasattr(learning, "features"):
+        if learning is not None:
             ctx.features = learning.features(prof, e.ts, e.context or None)
         block = dict(self.budget.blocked(ctx)) if self.budget is not None else {}
         if blocked:
@@ -494,11 +487,9 @@ class Engine:
     def _accept(self, plan: "_UserPlan", result: BatchResult) -> None:
         """A user's plan is final (committed, or nothing to commit): into the batch's result."""
         plan.merge_into(result)
-        if getattr(self.policy, "defer_exposure", False) and not self.shares_policy:
-            expose = getattr(self.policy, "expose", None)
-            if expose is not None:
-                for ctx, offer_id in plan.exposures:  # counted once the decision is final
-                    expose(ctx, offer_id)
+        if self.policy.defer_exposure and not self.shares_policy:
+            for ctx, offer_id in plan.exposures:  # counted once the decision is final
+                self.policy.expose(ctx, offer_id)
 
     async def _settle(self, plans: list["_UserPlan"]) -> None:
         """Settle the budgets of the decisions these commits close, BEFORE the commits (as reservations are made
@@ -559,10 +550,21 @@ class Engine:
         for c in result.closed:
             ctx = DecisionContext.from_dict(c.decision.ctx) if c.decision.ctx else None
             if ctx is not None:
-                try:
-                    self.policy.learn_one(ctx, c.decision.offer_id, c.reward, converted=c.converted)
-                except TypeError:  # a policy without the ``converted`` argument
-                    self.policy.learn_one(ctx, c.decision.offer_id, c.reward)
+                self.policy.learn_one(ctx, c.decision.offer_id, c.reward, converted=c.converted)
+
+    async def start(self) -> None:
+        """Before the first batch of a process (idempotent): adopt what every worker's commits taught (policy
+        posteriors, conversion counts) and start the event-time clock from every partition's published watermark
+        - not from a model snapshot's largest event time, which one event ahead of the stream would be. Each
+        restored watermark counts as seen now, bounded by wall clock + skew, and they combine as a low
+        watermark: one wrong entry cannot move the clock."""
+        if self._started:
+            return
+        await self.load_policy()
+        restored = await self.store.sync_clock({})
+        if restored:
+            self.clock.merge(restored, restored=True)
+        self._started = True
 
     async def load_policy(self) -> None:
         """Read what every worker's commits taught from the store: the policy's posteriors (``shares_policy``) and

@@ -195,6 +195,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         stream.add_processor(stamp)
         from stream.relearn import fetch_ranges
 
+        await state["engine"].start()  # shared policy state and the clock, before the first decision
         handler = BatchHandler(settings, state["engine"], send, health,
                                fetch=lambda ranges: fetch_ranges(settings, ranges), guard=log_guard,
                                on_recovered=on_recovered,
@@ -239,13 +240,15 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             "last_error": health.last_error,
         }
 
+    maintenance_run = Maintenance(settings, engine, epoch_guard)
+
     @app.timer(interval=settings.maintenance_interval_s)
     async def maintenance() -> None:
         """The epoch check, expiry sweep, budgets, quality gauges and a model snapshot. A transient error skips
         this period (the next one tries again; every step is idempotent); lost Redis state and anything else
         stop the worker, as in the batch loop."""
         try:
-            await run_maintenance(settings, state["engine"], state["epoch_guard"])
+            await maintenance_run.run()
             if log_guard.dirty:
                 log_guard.dirty = False
                 await save_log_marks(settings, state["engine"], log_guard.encoded())
@@ -307,7 +310,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             # a forget request is never dropped: transient Redis trouble is retried, anything else stops the worker
             removed, items = await retry(f"forgetting a user on request {msg.topic}[{msg.partition}]@{msg.offset}",
                                          attempt)
-            learning = getattr(state["engine"], "learning", None)
+            learning = state["engine"].learning
             held = learning.forget_users([uid]) if learning is not None else 0
             m.raise_to(m.FORGOTTEN, items["forgotten_total"])
             log.info("forgot a user on request %s[%d]@%d: %s (%d keys removed, %d item counts and %d pairs reduced "
@@ -415,132 +418,73 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
                 log.info("learning core restored from its snapshot (covering %d partitions: %s)",
                          len(engine.restored_offsets),
                          ", ".join(f"{t}[{p}]<{o}" for (t, p), o in sorted(engine.restored_offsets.items())))
-        restore_policy(client, engine, settings)
-        restore_clock(client, engine)
     finally:
         client.close()
     return engine
 
 
-def restore_clock(client, engine: Engine) -> None:
-    """Start the event-time clock from every partition's published watermark (``<prefix>:clock``), not from the
-    learning snapshot's largest event time (one event ahead of the stream would be in it). Each counts as seen now,
-    bounded by wall clock + skew, and they combine as a low watermark: one wrong entry cannot move the clock."""
-    key = getattr(engine.store, "clock_key", None)
-    if key is None:
-        return
-    state = engine.clock.decode(client.hgetall(key))
-    if state:
-        engine.clock.merge(state, restored=True)
-        log.info("event-time clock restored from %s: %d partitions, now %d ms", key, len(state), engine.clock.advance())
+class Maintenance:
+    """What the worker's maintenance timer does every ``PROMO_MAINTENANCE_INTERVAL_S``: the epoch check, parked
+    contributions, shared counters, the event-time clock, the expiry sweep, budgets, the item cap, quality gauges,
+    and every ``PROMO_SNAPSHOT_INTERVAL_S`` a model snapshot. Every step is idempotent: a period that fails
+    (transient) is simply done again by the next."""
 
+    def __init__(self, settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
+        self.settings, self.engine, self.guard = settings, engine, guard
+        self.last_snapshot = 0.0  # time.monotonic() of the last snapshot
 
-def policy_snapshot_key(settings: Settings) -> str:
-    """Where versions before the shared posteriors kept the policy (read once, to carry it over)."""
-    return f"{settings.redis_prefix}:snapshot:policy"
-
-
-def restore_policy(client, engine: Engine, settings: Settings) -> None:
-    """The policy's posteriors and the conversion counts from the store's hash, which every worker's commits add
-    to. A store written by an earlier version has only the policy snapshot: it is loaded, and its cells are
-    written where the hash has none (HSETNX: a worker already sharing wins)."""
-    if not (engine.shares_policy or engine.shares_outcomes):
-        return
-    key = engine.store.policy_key
-    state = client.hgetall(key)
-    if engine.shares_policy and not state:
-        blob = client.get(policy_snapshot_key(settings))
-        if blob and hasattr(engine.policy, "load_bytes"):
-            engine.policy.load_bytes(blob)
-            pipe = client.pipeline(transaction=False)
-            for f, v in engine.policy.state_fields().items():
-                pipe.hsetnx(key, f, v)
-            if engine.policy.n_learned:
-                pipe.hsetnx(key, "n", engine.policy.n_learned)
-            pipe.execute()
-            log.info("policy %s carried over from its snapshot into %s (%d cells)", engine.policy.model_version,
-                     key, len(engine.policy.cells))
-            state = client.hgetall(key)
-    engine.take_shared_state(state)
-    if state and engine.shares_policy:
-        log.info("policy %s posteriors read from %s: %d cells, %d outcomes learnt", engine.policy.model_version,
-                 key, len(engine.policy.cells), engine.policy.n_learned)
-
-
-async def drop_forgotten_users(engine: Engine, chunk: int = 5000) -> int:
-    """Drop from the in-memory models every user they hold whose profile is gone from Redis (forgotten by any
-    path - ``promo forget`` in another process, another worker's forget topic - or expired): one pipelined
-    ``EXISTS`` per held user, ``chunk`` per round trip. No list of forgotten ids is kept anywhere. Returns how
-    many users were dropped.
-
-    A user who sends an event between the check and the drop loses only the in-memory learning of that event."""
-    learning, store = engine.learning, engine.store
-    if learning is None or not hasattr(store, "profile_key") or not hasattr(store, "r"):
-        return 0
-    held = list(learning.held_users())
-    gone: list[str] = []
-    for i in range(0, len(held), chunk):
-        part = held[i : i + chunk]
-        pipe = store.r.pipeline(transaction=False)
-        for uid in part:
-            pipe.exists(store.profile_key(uid))
-        gone += [uid for uid, exists in zip(part, await pipe.execute()) if not exists]
-    return learning.forget_users(gone) if gone else 0
-
-
-async def run_maintenance(settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
-    """One maintenance period; with ``guard``, first the epoch check (raises :class:`stream.epoch.StateLostError`
-    before anything is written)."""
-    if guard is not None:
-        await guard.verify()
-    apply_parked = getattr(engine.store, "apply_parked", None)
-    if apply_parked is not None:
-        n = await apply_parked()  # contributions a killed worker committed but did not apply
+    async def run(self) -> None:
+        """One period; with the epoch guard, first the epoch check (raises :class:`stream.epoch.StateLostError`
+        before anything is written)."""
+        engine, settings = self.engine, self.settings
+        if self.guard is not None:
+            await self.guard.verify()
+        await engine.start()  # the shared policy state and clock, once (the agent may not have started yet)
+        n = await engine.store.apply_parked()  # contributions a killed worker committed but did not apply
         if n:
             log.info("applied %d item-statistics contributions left parked by an earlier worker", n)
-    if hasattr(engine.store, "r"):
-        from stream.forget import forgotten_key
-
         # every forget path counts in one shared key: the cluster-wide total (max across workers, not sum)
-        m.raise_to(m.FORGOTTEN, int(await engine.store.r.get(forgotten_key(settings.redis_prefix)) or 0))
-    m.raise_to(m.CONTRIBUTIONS_CAPPED, getattr(engine.store, "contributions_capped", 0))
-    await engine.load_policy()  # what other workers' commits taught the policy, even without own decisions
-    # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
-    now = await engine.sync_clock()
-    if now:
-        await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
-        if engine.budget is not None:
-            await engine.budget.sweep(now)
-            await engine.budget.refresh(now)
-    if engine.learning is not None:
-        cap = getattr(engine.learning.store, "enforce_item_cap", None)
-        if cap is not None and engine.learning.items_via_commit:
-            await asyncio.to_thread(cap)  # the commits add items; the cap is kept here
-        q = engine.learning.quality()
-        for name, auc, ll in (("propensity", "auc", "logloss"), ("propensity_baseline", "base_auc", "base_logloss")):
-            if q.get(auc) == q.get(auc):  # not NaN
-                m.MODEL_AUC.labels(model=name).set(q[auc])
-            if q.get(ll) == q.get(ll):
-                m.MODEL_LOGLOSS.labels(model=name).set(q[ll])
-    if time.monotonic() - getattr(engine, "_last_snapshot", 0.0) < settings.snapshot_interval_s:
-        return
-    engine._last_snapshot = time.monotonic()  # type: ignore[attr-defined]
-    # serialise in the loop (the models are not touched concurrently), write from a thread
-    blobs: dict[str, bytes] = {}
-    if engine.learning is not None:
+        m.raise_to(m.FORGOTTEN, await engine.store.forgotten_total())
+        m.raise_to(m.CONTRIBUTIONS_CAPPED, engine.store.contributions_capped)
+        await engine.load_policy()  # what other workers' commits taught the policy, even without own decisions
+        # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
+        now = await engine.sync_clock()
+        if now:
+            await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
+            if engine.budget is not None:
+                await engine.budget.sweep(now)
+                await engine.budget.refresh(now)
+        if engine.learning is not None:
+            if engine.learning.items_via_commit:  # the commits add items; the item cap is kept here
+                await asyncio.to_thread(engine.learning.store.enforce_item_cap)
+            q = engine.learning.quality()
+            for name, auc, ll in (("propensity", "auc", "logloss"),
+                                  ("propensity_baseline", "base_auc", "base_logloss")):
+                if q.get(auc) == q.get(auc):  # not NaN
+                    m.MODEL_AUC.labels(model=name).set(q[auc])
+                if q.get(ll) == q.get(ll):
+                    m.MODEL_LOGLOSS.labels(model=name).set(q[ll])
+        if time.monotonic() - self.last_snapshot >= settings.snapshot_interval_s:
+            self.last_snapshot = time.monotonic()
+            await self.snapshot()
+
+    async def snapshot(self) -> None:
+        """The learning core's snapshot, without users whose profile is gone, with the offsets it covers."""
+        engine = self.engine
+        if engine.learning is None:
+            return
         from models.learning.snapshot import snapshot_key
 
-        dropped = await drop_forgotten_users(engine)  # forgotten users never reach a snapshot again
+        gone = await engine.store.missing_profiles(sorted(engine.learning.held_users()))
+        dropped = engine.learning.forget_users(gone) if gone else 0  # forgotten users never reach a snapshot
         if dropped:
             log.info("dropped %d users whose profile is gone (forgotten or expired) from the in-memory models "
                      "before the snapshot", dropped)
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
-        blobs[snapshot_key(settings.redis_prefix)] = engine.learning.snapshot(covered)
-    if hasattr(engine.policy, "to_bytes") and not engine.shares_policy:
-        blobs[policy_snapshot_key(settings)] = engine.policy.to_bytes()
-    if blobs:
-        await asyncio.to_thread(_write_snapshots, settings, blobs, guard)
+        blob = engine.learning.snapshot(covered)  # serialised in the loop (nothing touches the models meanwhile)
+        await asyncio.to_thread(_write_snapshots, self.settings, {snapshot_key(self.settings.redis_prefix): blob},
+                                self.guard)
         m.MODEL_SNAPSHOTS.inc()
 
 

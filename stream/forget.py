@@ -7,7 +7,7 @@ entry in the expiry sweep's index of open decisions and in the set of records wi
 user's contributions to item statistics (subtracted from them in bounded, idempotent steps of at most
 ``FORGET_CHUNK_FIELDS`` record fields per Lua call, :meth:`models.state.item_redis.RedisItemStore.subtract_record`),
 and the user's entries in the stored model snapshot (:func:`models.learning.core.scrub_snapshot`). Workers drop the
-user from their in-memory models at their next snapshot (``stream.app.run_maintenance``), the worker that takes a
+user from their in-memory models at their next snapshot (``stream.app.Maintenance``), the worker that takes a
 ``<prefix>.forget`` request at once.
 With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
 
@@ -26,6 +26,7 @@ import sys
 import time
 
 from models.privacy import pseudonymise
+from models.state.engine_redis import forgotten_key
 from stream.errors import PromoError
 from stream.settings import Settings
 
@@ -34,11 +35,6 @@ def engine_user_id(settings: Settings, user_id: str) -> str:
     if settings.pseudonymise_key:
         return pseudonymise(user_id, settings.pseudonymise_key.get_secret_value().encode())
     return user_id
-
-
-def forgotten_key(prefix: str) -> str:
-    """The shared count of users forgotten (every path adds to it in the step that completes a forget)."""
-    return f"{prefix}:forgotten"
 
 
 def _kind(key: bytes, tag: str) -> str:

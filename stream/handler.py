@@ -175,7 +175,7 @@ class BatchHandler:
     async def _relearn(self, gaps: dict[tuple[str, int], tuple[int, int]], now_ms: int) -> None:
         """Read the gaps back and let the models learn what depends on events alone (never fatal)."""
         learning = self.engine.learning
-        if not gaps or self.fetch is None or learning is None or not hasattr(learning, "relearn"):
+        if not gaps or self.fetch is None or learning is None:
             return
         t0 = time.perf_counter()
         try:

@@ -9,8 +9,8 @@ Implementations: :class:`models.policy.rules.RulePolicy`, :class:`models.policy.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
 
 from models.decision import Offer
 
@@ -64,12 +64,52 @@ class PolicyChoice:
     model_version: str
 
 
-@runtime_checkable
-class Policy(Protocol):
-    model_version: str
+class Policy(ABC):
+    """Chooses an offer for a decision context, and learns from closed decisions.
 
-    def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice: ...
+    Lifecycle: :meth:`choose` for every triggering event (deterministic given ``rng``, which the engine seeds
+    from the decision id, so a redelivered trigger gets the same choice); when the decision's attribution window
+    closes, :meth:`learn_one` with its reward.
 
+    A policy that :attr:`shares_state` learns through the engine store instead, so that every worker learns from
+    every worker's decisions and nothing learnt dies with a worker: the engine puts :meth:`exposure_update` and
+    :meth:`outcome_update` into the users' atomic commits and hands the store's sum back to :meth:`load_state`.
+    ``models/checks.py`` runs one suite over every policy.
+    """
+
+    model_version: str = "unknown"
+    """Written into every decision (``model_version``)."""
+
+    shares_state: bool = False
+    """Learns through the engine store's shared hash (the three methods below) instead of :meth:`learn_one`."""
+
+    defer_exposure: bool = False
+    """Exposures are counted when the engine reports a decision final (:meth:`expose`), not at :meth:`choose`:
+    a decision planned again after a refused commit or reservation is counted once."""
+
+    @abstractmethod
+    def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice:
+        """The offer for ``ctx``, with the exact probability this policy gave it."""
+
+    @abstractmethod
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
         """Outcome of a closed decision: ``reward`` = margin - cost (0 when expired); ``converted`` whether
         the user bought inside the window (default ``reward != 0``)."""
+
+    @abstractmethod
+    def clone(self) -> "Policy":
+        """A new policy with the same parameters and nothing learnt."""
+
+    def expose(self, ctx: DecisionContext, offer_id: str) -> None:
+        """A decision with this offer is final (with :attr:`defer_exposure`)."""
+
+    def exposure_update(self, ctx: DecisionContext, offer_id: str):
+        """What a final decision teaches, as an update of the shared hash, or None (:attr:`shares_state`)."""
+        return None
+
+    def outcome_update(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None):
+        """What a closed decision teaches, as an update of the shared hash, or None (:attr:`shares_state`)."""
+        return None
+
+    def load_state(self, state: dict) -> None:
+        """Adopt the shared hash every worker's commits added to (:attr:`shares_state`)."""

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import random
 
-from models.policy.base import DecisionContext, PolicyChoice
+from models.policy.base import DecisionContext, Policy, PolicyChoice
 from models.policy.catalogue import NONE_ID, Catalogue
 from models.policy.eligibility import _clip01, filter_offers, holdout, static_score
 
 
-class RulePolicy:
+class RulePolicy(Policy):
     """Eligibility and caps filter, then the eligible offer with the best static expected incremental margin.
 
     The static response model is the context's purchase ``propensity`` for ``none`` and
@@ -58,3 +58,6 @@ class RulePolicy:
 
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
         return None
+
+    def clone(self) -> "RulePolicy":
+        return RulePolicy(self.catalogue, self.holdout_pct, self.holdout_salt)

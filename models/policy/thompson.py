@@ -42,7 +42,7 @@ import random
 import numpy as np
 
 from models.policy.catalogue import NONE_ID, Catalogue, OfferSpec
-from models.policy.base import DecisionContext, PolicyChoice
+from models.policy.base import DecisionContext, Policy, PolicyChoice
 from models.policy.eligibility import filter_offers, holdout
 
 MIN_EXPOSURE = 1e-3
@@ -56,7 +56,7 @@ def _cell_value(ctx: DecisionContext, key: str):
     return ctx.features.get(key) if ctx.features else None
 
 
-class ThompsonPolicy:
+class ThompsonPolicy(Policy):
     """Thompson sampling over eligible offers with per-offer, per-cell purchase-lift models.
 
     Parameters
@@ -90,6 +90,7 @@ class ThompsonPolicy:
     """
 
     model_version = "ts-2"
+    shares_state = True
 
     def __init__(
         self,
@@ -136,6 +137,13 @@ class ThompsonPolicy:
         return [lift * self.prior_strength, self.prior_strength]
 
     def _ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+        """The cell's ``[alpha, beta]`` to read: its prior while nothing was learnt in it (reading stores nothing,
+        so choosing never changes what the policy learns next)."""
+        return self.cells.get((spec.offer_id, self.cell(ctx))) or self._prior(spec, ctx)
+
+    def _learning_ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+        """The cell's ``[alpha, beta]`` to update in place, created from the prior of the context that first
+        teaches it (as the store's shared hash creates it from the first update)."""
         key = (spec.offer_id, self.cell(ctx))
         ab = self.cells.get(key)
         if ab is None:
@@ -149,6 +157,11 @@ class ThompsonPolicy:
         return min(1.0, self.exposure(ctx) * a / b)
 
     # --- policy interface --------------------------------------------------------------------
+    def clone(self) -> "ThompsonPolicy":
+        return ThompsonPolicy(self.catalogue, self.holdout_pct, self.holdout_salt, self.floor, self.n_draws,
+                              self.prior_strength, self.temper, self.cell_keys, self.pacing, self.exposure_at_choice,
+                              self.defer_exposure)
+
     def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice:
         none = self.catalogue[NONE_ID]
         if holdout(ctx.user_id, self.holdout_pct, self.holdout_salt):
@@ -212,13 +225,13 @@ class ThompsonPolicy:
 
     def _expose(self, spec: OfferSpec, ctx: DecisionContext) -> None:
         if self.exposure_at_choice and not self.defer_exposure:
-            self._ab(spec, ctx)[1] += self.exposure(ctx)
+            self._learning_ab(spec, ctx)[1] += self.exposure(ctx)
 
     def expose(self, ctx: DecisionContext, offer_id: str) -> None:
         """Count the exposure of a final decision (with ``defer_exposure``; otherwise :meth:`choose` did)."""
         spec = self.catalogue.offers.get(offer_id)
         if spec is not None and self.exposure_at_choice and self.defer_exposure:
-            self._ab(spec, ctx)[1] += self.exposure(ctx)
+            self._learning_ab(spec, ctx)[1] += self.exposure(ctx)
 
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
         """Learn the outcome of a closed decision (holdout decisions teach ``none`` too).
@@ -229,7 +242,7 @@ class ThompsonPolicy:
         if spec is None:
             return None
         y = bool(reward != 0) if converted is None else bool(converted)
-        ab = self._ab(spec, ctx)
+        ab = self._learning_ab(spec, ctx)
         ab[0] += y
         if not self.exposure_at_choice:
             ab[1] += self.exposure(ctx)
@@ -237,8 +250,8 @@ class ThompsonPolicy:
         return None
 
     # --- posteriors shared through the store --------------------------------------------------
-    # A worker on a store with ``shares_policy`` (models.state) does not change ``cells`` itself: every decision's
-    # exposure and every closed decision's outcome travel as an update in the user's atomic commit, which adds it
+    # Under the engine (``shares_state``) the policy does not change ``cells`` itself: every decision's exposure
+    # and every closed decision's outcome travel as an update in the user's atomic commit, which adds it
     # to one hash in the store, exactly once (a redelivered batch commits nothing), and :meth:`load_state` reads
     # that hash back as the worker's view. Nothing learnt is lost when a worker dies, and all workers learn
     # from all decisions.
@@ -290,33 +303,3 @@ class ThompsonPolicy:
         self.cells = cells
         n = state.get(b"n", state.get("n"))
         self.n_learned = int(float(n)) if n is not None else 0
-
-    def state_fields(self) -> dict[str, str]:
-        """The current posteriors as the store's hash fields (:meth:`load_state` reads them back).
-
-        >>> from models.policy.catalogue import load_catalogue
-        >>> p = ThompsonPolicy(load_catalogue())
-        >>> p.cells[("pct_10", (3,))] = [2.5, 4.0]
-        >>> p.state_fields()
-        {'a:["pct_10",[3]]': '2.5', 'b:["pct_10",[3]]': '4.0'}
-        """
-        out = {}
-        for (o, c), (a, b) in self.cells.items():
-            f = self.cell_field(o, c)
-            out["a:" + f], out["b:" + f] = repr(float(a)), repr(float(b))
-        return out
-
-    # --- snapshots -------------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        """The learned state as JSON bytes, for a Redis snapshot."""
-        cells = [[o, list(c), a, b] for (o, c), (a, b) in self.cells.items()]
-        return json.dumps({"v": 2, "n": self.n_learned, "keys": list(self.cell_keys), "cells": cells}).encode()
-
-    def load_bytes(self, blob: bytes) -> None:
-        """Restore :meth:`to_bytes` output; cells of offers no longer in the catalogue are dropped."""
-        state = json.loads(blob)
-        if state.get("v") != 2 or tuple(state["keys"]) != self.cell_keys:
-            raise ValueError(f"snapshot v{state.get('v')} with cells {state.get('keys')} does not fit "
-                             f"ThompsonPolicy v2 with cells {list(self.cell_keys)}: start from the prior instead")
-        self.cells = {(o, tuple(c)): [float(a), float(b)] for o, c, a, b in state["cells"] if o in self.catalogue}
-        self.n_learned = int(state["n"])

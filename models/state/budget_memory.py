@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
-from models.state.budget_store import UNITS, CampaignSpend, ReserveRequest, ReserveResult, to_units, to_units_floor
+from models.state.budget_store import UNITS, BudgetStore, CampaignSpend, ReserveRequest, ReserveResult, to_units, to_units_floor
 
 
-class MemoryBudgetStore:
+class MemoryBudgetStore(BudgetStore):
     """In-process implementation (tests, simulator, offline runs). Thread-safe; same semantics as Redis."""
 
     def __init__(self) -> None:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from models.state.budget_store import UNITS, CampaignSpend, ReserveResult, to_units, to_units_floor
+from models.state.budget_store import UNITS, BudgetStore, CampaignSpend, ReserveResult, to_units, to_units_floor
 from models.state.scripts import lua
 
 
-class RedisBudgetStore:
+class RedisBudgetStore(BudgetStore):
     """Budgets in Redis (redis-py asyncio client): one Lua call per request, pipelined per batch."""
 
     def __init__(self, client, prefix: str = "promo") -> None:

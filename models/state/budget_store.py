@@ -36,8 +36,8 @@ CampaignSpend(spent=3.5, reserved=0.0, committed=3.5, n=2)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 UNITS = 10_000  # amounts are stored as integers of 1/UNITS currency units: no float drift in Redis
 
@@ -77,19 +77,31 @@ class CampaignSpend:
     n: int = 0
 
 
-class BudgetStore(Protocol):
+class BudgetStore(ABC):
+    """Campaign budgets shared by all workers: :meth:`reserve` before a decision is sent, :meth:`settle` when its
+    window closes, :meth:`sweep` what never settles, :meth:`spend` to read. Every operation is atomic and keyed by
+    decision id (idempotent). ``tests/contracts/`` runs one suite over every implementation."""
+
+    @abstractmethod
     async def reserve(self, reqs: list[ReserveRequest]) -> list[ReserveResult]:
         """Reserve each request atomically, in order; refused when it would exceed its budget."""
 
+    @abstractmethod
     async def settle(self, items: list[tuple[str, str, float]]) -> list[float | None]:
         """``(offer_id, decision_id, actual_cost)`` -> amount charged (at most the reservation), ``None``
         when there is no open reservation (refused, unknown or already settled)."""
 
-    async def spend(self, offer_ids: list[str]) -> dict[str, CampaignSpend]: ...
+    @abstractmethod
+    async def spend(self, offer_ids: list[str]) -> dict[str, CampaignSpend]:
+        """Every campaign's spend, reserved and committed amounts and number of reservations."""
 
+    @abstractmethod
     async def sweep(self, offer_ids: list[str], now_ms: int, limit: int = 1000) -> dict[str, int]:
         """Release reservations open past their window and forget old decision ids; returns the number of
         released reservations per offer."""
+
+    async def close(self) -> None:
+        """Release connections."""
 
 
 def to_units_floor(amount: float) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from models.state.engine_store import UserLoad
+from models.state.engine_store import EngineStore, UserLoad
 
 
-class MemoryStore:
+class MemoryStore(EngineStore):
     """In-process store for tests, offline evaluation and benchmarks. No TTLs."""
 
     def __init__(self) -> None:
@@ -19,9 +19,6 @@ class MemoryStore:
         self.policy: dict[str, float] = {}
         self.tokens: dict[str, str] = {}
         self.clock: dict[str, list[int]] = {}
-
-    shares_policy = True
-    """Commits carry what decisions teach (:class:`UserCommit` ``policy`` and ``counts``); see ``policy_state``."""
 
     def _apply_policy(self, updates: list, counts: dict) -> None:
         pol = self.policy
@@ -96,6 +93,9 @@ class MemoryStore:
                 self.open_until.pop(uid, None)
             else:
                 self.open_until[uid] = until
+
+    async def missing_profiles(self, user_ids: list[str]) -> list[str]:
+        return [u for u in user_ids if u not in self.profiles]
 
     async def ping(self) -> bool:
         return True

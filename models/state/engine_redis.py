@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 
 from models.keys import escape_user_id
-from models.state.engine_store import UserLoad
+from models.state.engine_store import EngineStore, UserLoad
 from models.state.scripts import lua
 
 
-class RedisStore:
+def forgotten_key(prefix: str) -> str:
+    """The count of users forgotten (:meth:`RedisStore.forgotten_total`)."""
+    return f"{prefix}:forgotten"
+
+
+class RedisStore(EngineStore):
     """The production store on redis-py's asyncio client; one round trip per phase of a batch."""
 
     def __init__(
@@ -37,9 +42,6 @@ class RedisStore:
 
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.learning.contrib`) and apply them."""
-
-    shares_policy = True
-    """Commits carry what decisions teach into :attr:`policy_key`, read back by ``policy_state``."""
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
@@ -230,6 +232,24 @@ class RedisStore:
         for uid, trig in sent:
             pipe.hset(self.decision_key(uid, trig), "sent", "1")
         await pipe.execute()
+
+    async def missing_profiles(self, user_ids: list[str], chunk: int = 5000) -> list[str]:
+        gone: list[str] = []
+        for i in range(0, len(user_ids), chunk):  # one pipelined EXISTS per user, ``chunk`` per round trip
+            part = user_ids[i : i + chunk]
+            pipe = self.r.pipeline(transaction=False)
+            for uid in part:
+                pipe.exists(self.profile_key(uid))
+            gone += [uid for uid, exists in zip(part, await pipe.execute()) if not exists]
+        return gone
+
+    @property
+    def forgotten_key(self) -> str:
+        """The count every forget path adds to (``promo forget``, the forget topic), in the same atomic step."""
+        return forgotten_key(self.prefix)
+
+    async def forgotten_total(self) -> int:
+        return int(await self.r.get(self.forgotten_key) or 0)
 
     async def ping(self) -> bool:
         try:

@@ -39,8 +39,8 @@ Examples
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -66,7 +66,7 @@ class UserCommit:
     open_until: int | None = None  # earliest expiry of the user's open decisions (None: none open)
     had_open: bool = True  # whether the store's index may list the user (False: nothing to remove from it)
     contrib: str = ""  # the user's item-statistics contributions (models.learning.contrib payload JSON), or ""
-    # what the user's decisions and closed decisions teach, added to the store's shared hash (``shares_policy``):
+    # what the user's decisions and closed decisions teach, added to the store's shared hash:
     # posterior updates (cell field, alpha if new, beta if new, d_alpha, d_beta) as models.policy.thompson.ThompsonPolicy
     # builds them, and integer counts by field (outcomes learnt ``n``; ``closed:<group>``, ``converted:<group>``)
     policy: list = field(default_factory=list)
@@ -82,35 +82,85 @@ def parked_field(version: str) -> str:
     return f"w:{int(version or 0) + 1}"
 
 
-class EngineStore(Protocol):
+class EngineStore(ABC):
+    """What the engine reads and writes per user, and the state all workers share.
+
+    Lifecycle of a batch: :meth:`load` (one round trip for every user of the batch) -> the engine plans each user
+    -> :meth:`commit` (one atomic step per user) -> the decisions are sent -> :meth:`mark_sent` -> with
+    :attr:`applies_contributions`, :meth:`apply_contributions` applies the item statistics the commits parked.
+    The expiry sweep uses :meth:`due_users` and :meth:`reindex`; every worker reads what the commits taught with
+    :meth:`policy_state` and shares its event-time clock with :meth:`sync_clock`. ``tests/contracts/`` runs one
+    suite over every implementation.
+    """
+
+    applies_contributions: bool = False
+    """Commits carry the users' item-statistics contributions (:mod:`models.learning.contrib`), parked with the
+    markers, and :meth:`apply_contributions` applies them to an item store on the same server (Redis). Without it
+    the learning core counts item statistics per batch itself."""
+
+    contributions_capped: int = 0
+    """Parked contributions left unapplied because the user's contribution record was full (a counter)."""
+
+    @abstractmethod
     async def load(self, event_ids: dict[str, list[str]], triggers: dict[str, list[str]]) -> dict[str, UserLoad]:
         """Profiles, already-applied event ids and stored decisions for the users of a batch."""
 
+    @abstractmethod
     async def commit(self, commits: list[UserCommit]) -> list[bool | Exception]:
         """Apply each user's commit atomically: ``True`` where it was applied, ``False`` where it was refused (a
         marker already existed or the profile changed since it was loaded: nothing written), or the exception
         the store answered for that commit (nothing written: Redis scripts are atomic, and a full Redis refuses
         a script at its first write). An exception raised instead of the list means the outcome of every commit
-        is unknown (the connection dropped): read the users' tokens back (:attr:`UserLoad.token`)."""
+        is unknown (the connection dropped): read the users' tokens back (:attr:`UserLoad.token`).
 
+        What the users' decisions and closings teach (:attr:`UserCommit.policy`, :attr:`UserCommit.counts`) is
+        added to the shared state :meth:`policy_state` reads, in the same atomic step."""
+
+    @abstractmethod
     async def mark_sent(self, sent: list[tuple[str, str]]) -> None:
         """Flag stored decisions (user id, trigger event id) as delivered to the decisions topic."""
 
+    @abstractmethod
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         """Users whose earliest open decision expires at or before event time ``now_ms``."""
 
+    @abstractmethod
     async def reindex(self, entries: list[tuple[str, int | None, str]]) -> None:
         """Correct the index of users with open decisions: (user id, earliest expiry or None when none open,
         the profile version it was computed from). An entry whose user committed since is skipped: that commit
         wrote the index itself."""
 
+    @abstractmethod
     async def policy_state(self) -> dict:
-        """What the commits taught (``shares_policy`` stores): ``{field: value}``, posteriors and counts."""
+        """What the commits taught, shared by all workers: ``{field: value}``, posteriors and counts."""
 
+    @abstractmethod
     async def sync_clock(self, state: dict[str, list[int]]) -> dict[str, list[int]]:
         """Publish this worker's partition watermarks (``models.clock.EventClock.state``; each entry only ever
         rises) and return every partition's, as published by all workers."""
 
-    async def ping(self) -> bool: ...
+    @abstractmethod
+    async def missing_profiles(self, user_ids: list[str]) -> list[str]:
+        """The users of ``user_ids`` whose profile is gone (forgotten by any path, or expired): the worker drops
+        them from its in-memory models before a snapshot, so no list of forgotten ids is kept anywhere."""
 
-    async def close(self) -> None: ...
+    async def forgotten_total(self) -> int:
+        """How many users every forget path removed so far, all workers together (0 where not counted)."""
+        return 0
+
+    async def apply_contributions(self, parked: list[tuple[str, str]]) -> int:
+        """Apply parked contributions ``(user id, record field)`` (:attr:`applies_contributions` stores; each
+        exactly once); returns how many were applied. A store that parks none has nothing to apply."""
+        return 0
+
+    async def apply_parked(self, limit: int = 1000) -> int:
+        """Apply what commits parked and nobody applied (a worker died between commit and apply); returns how
+        many. A store that parks none has nothing to apply."""
+        return 0
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when the store answers."""
+
+    async def close(self) -> None:
+        """Release connections."""

@@ -219,6 +219,11 @@ class RedisItemStore(ItemStore):
         raise RuntimeError(f"the contribution record kept growing during {max_rounds} rounds of forgetting "
                            "(contributions of the user arrive faster than they are subtracted); run it again")
 
+    def contribution_header(self) -> dict:
+        cfg = self.config
+        return {"P": self.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
+                "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours), "maxpop": int(cfg.popular_cap())}
+
     def enforce_item_cap(self) -> int:
         """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` (the worker's
         maintenance timer calls this when the users' commits write the statistics); returns how many."""

@@ -173,6 +173,17 @@ class ItemStore(ABC):
     def _popular_raw(self, k: int) -> tuple[int, list[tuple[str, float]]]:
         """``(epoch, top-k (item, stored score))`` in Redis ``ZREVRANGE`` order."""
 
+    def contribution_header(self) -> dict | None:
+        """The header of the users' contribution payloads (:mod:`models.learning.contrib`) that the engine
+        store's apply script reads to write this store's keys, when this store lives on the same server (Redis);
+        None when contributions cannot be applied to it through the users' commits (in memory)."""
+        return None
+
+    def enforce_item_cap(self) -> int:
+        """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` when items arrive other
+        than through :meth:`apply` (which keeps the cap itself); returns how many were deleted."""
+        return 0
+
     @abstractmethod
     def n_items(self) -> int:
         """Number of items with a count."""

@@ -17,7 +17,6 @@ import pytest
 
 from models.state.budget_redis import RedisBudgetStore
 from models.state.budget_store import UNITS
-from tests.unit.test_policy_budget import BudgetStoreContract
 
 BUDGET = 60.0
 CATALOGUE = f"""
@@ -26,28 +25,6 @@ offers:
   - {{offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.5, budget: {BUDGET}}}
   - {{offer_id: p10, kind: percent_off, value: 10, max_discount: 7, prior_uplift: 0.5, budget: {BUDGET}}}
 """
-
-
-class TestRedisBudgetStore(BudgetStoreContract):
-    """The same behaviour as the in-memory store, on the real redis-server."""
-
-    @pytest.fixture
-    def store(self, redis_url):
-        import redis.asyncio as aioredis
-
-        self.loop = asyncio.new_event_loop()
-        client = aioredis.Redis.from_url(redis_url)
-        st = RedisBudgetStore(client, prefix="t" + uuid.uuid4().hex[:10])
-        yield st
-        self.loop.run_until_complete(st.close())
-        self.loop.close()
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def test_keys_share_one_hash_tag(self, store):
-        keys = store.keys("c5")
-        assert all(k.startswith(f"{store.prefix}:{{b:c5}}") for k in keys) and len(set(keys)) == 4
 
 
 def _worker(redis_url: str, prefix: str, wid: int, n: int, barrier, out) -> None:

@@ -107,6 +107,9 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
         def segment(self, prof):
             return 0
 
+        def features(self, prof, now, context=None):
+            return {}
+
     learning = CountingLearning()
     store = PolicyStateFailsOnce()
     s, h, sink = make(store)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from models.learning.checks import events as synthetic_events
+from models.checks import events as synthetic_events
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.state.item_redis import RedisItemStore

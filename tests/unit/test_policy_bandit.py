@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
@@ -116,14 +117,23 @@ def test_filtered_offers_are_never_chosen_and_reasons_explain():
     assert ch.reasons[-1].startswith(f"{ch.offer.offer_id}: ")
 
 
-def test_snapshot_roundtrip():
+def test_shared_state_roundtrip():
+    """What the policy learnt, as the updates the engine commits, summed by a store and loaded back, is what it
+    learnt itself (the worker's view of the policy is the store's hash)."""
+    from models.state.engine_memory import MemoryStore
+
     p = ThompsonPolicy(CAT, holdout_pct=0.0)
-    _train(p, {"none": 1.0, "cheap": 2.0, "dear": 1.0, "pct": 1.0}, 300)
+    store = MemoryStore()
+    rng = random.Random(3)
+    for i in range(200):
+        ctx = DecisionContext(f"u{i}", 0, 80.0, [], [], i % 2 == 0, i % 4, i % 3, 0.3, 0.2)
+        choice = p.choose(ctx, rng)
+        store._apply_policy([u for u in (p.exposure_update(ctx, choice.offer.offer_id),
+                                          p.outcome_update(ctx, choice.offer.offer_id, 1.0 if i % 5 else 0.0))
+                             if u is not None], {"n": 1})
     q = ThompsonPolicy(CAT, holdout_pct=0.0)
-    q.load_bytes(p.to_bytes())
-    assert q.cells == p.cells and q.n_learned == p.n_learned == 300
-    with pytest.raises(ValueError, match="does not fit"):
-        ThompsonPolicy(CAT, cell_keys=("segment", "new")).load_bytes(p.to_bytes())
+    q.load_state(asyncio.run(store.policy_state()))
+    assert q.n_learned == 200 and q.cells and all(a > 0 and b > 0 for a, b in q.cells.values())
 
 
 def test_bad_context_values_do_not_crash():

@@ -1,12 +1,10 @@
-"""Budget store semantics (shared mixin: the Redis run is in tests/integration/test_budget_two_workers.py),
-budget gate and pacing."""
+"""The budget gate and pacing (the budget stores' contract is in tests/contracts/)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 
-import pytest
 
 from models.policy.budget import BudgetGate
 from models.state.budget_memory import MemoryBudgetStore
@@ -19,81 +17,6 @@ from models.policy.base import DecisionContext
 def req(did: str, amount: float = 5.0, budget: float = 20.0, offer: str = "c", open_until: int = 1000,
         forget_at: int = 10_000) -> ReserveRequest:
     return ReserveRequest(offer, did, amount, budget, open_until, forget_at)
-
-
-class BudgetStoreContract:
-    """Behaviour every BudgetStore implementation must have. Subclasses provide ``store`` (a fixture)."""
-
-    def run(self, coro):
-        return asyncio.run(coro)
-
-    def test_reserve_until_budget_then_refuse(self, store):
-        res = self.run(store.reserve([req(f"d{i}") for i in range(6)]))
-        assert [r.ok for r in res] == [True] * 4 + [False] * 2
-        assert [r.spent for r in res] == [5.0, 10.0, 15.0, 20.0, 20.0, 20.0]
-        sp = self.run(store.spend(["c", "other"]))
-        assert (sp["c"].spent, sp["c"].reserved, sp["c"].committed, sp["c"].n) == (20.0, 20.0, 0.0, 4)
-        assert sp["other"].spent == 0.0 and sp["other"].n == 0
-
-    def test_idempotent_per_decision(self, store):
-        a = self.run(store.reserve([req("d1"), req("d1"), req("d1")]))
-        assert [r.ok for r in a] == [True] * 3 and self.run(store.spend(["c"]))["c"].spent == 5.0
-        # a refused decision stays refused even if budget frees up later (same answer on redelivery)
-        self.run(store.reserve([req(f"x{i}") for i in range(3)]))
-        assert self.run(store.reserve([req("late")]))[0].ok is False
-        self.run(store.settle([("c", "x0", 0.0)]))
-        assert self.run(store.reserve([req("late")]))[0].ok is False
-        assert self.run(store.reserve([req("new")]))[0].ok is True
-
-    def test_settle_charges_at_most_the_reservation_once(self, store):
-        self.run(store.reserve([req("a"), req("b"), req("c2")]))
-        out = self.run(store.settle([("c", "a", 2.5), ("c", "a", 2.5), ("c", "b", 99.0), ("c", "zz", 1.0),
-                                     ("c", "c2", -3.0)]))
-        assert out == [2.5, None, 5.0, None, 0.0]
-        sp = self.run(store.spend(["c"]))["c"]
-        assert (sp.spent, sp.reserved, sp.committed) == (7.5, 0.0, 7.5)
-        # freed budget can be reserved again
-        assert [r.ok for r in self.run(store.reserve([req(f"n{i}") for i in range(3)]))] == [True, True, False]
-
-    def test_sweep_releases_lapsed_reservations_and_forgets_old_ids(self, store):
-        self.run(store.reserve([req("early", open_until=100, forget_at=500), req("later", open_until=900)]))
-        assert self.run(store.sweep(["c"], 99)) == {"c": 0}
-        assert self.run(store.sweep(["c"], 100)) == {"c": 1}
-        sp = self.run(store.spend(["c"]))["c"]
-        assert (sp.spent, sp.reserved, sp.committed) == (5.0, 5.0, 0.0)
-        assert self.run(store.settle([("c", "early", 1.0)])) == [None]  # already released
-        assert self.run(store.settle([("c", "later", 1.0)])) == [1.0]
-        self.run(store.sweep(["c"], 600))  # "early" forgotten: its id could be reserved anew
-        assert self.run(store.reserve([req("early", open_until=700)]))[0].ok is True
-
-    def test_fractional_amounts_do_not_drift(self, store):
-        reqs = [req(f"f{i}", amount=0.1, budget=1.0) for i in range(12)]
-        res = self.run(store.reserve(reqs))
-        assert sum(r.ok for r in res) == 10
-        assert self.run(store.spend(["c"]))["c"].spent == pytest.approx(1.0, abs=1e-9)
-
-    def test_random_sequences_never_exceed_budget(self, store):
-        rnd = random.Random(3)
-        budget = 50.0
-        open_ids = []
-        for step in range(300):
-            if open_ids and rnd.random() < 0.4:
-                did = open_ids.pop(rnd.randrange(len(open_ids)))
-                self.run(store.settle([("c", did, rnd.uniform(0, 8))]))
-            else:
-                did = f"r{step}"
-                r = self.run(store.reserve([req(did, amount=rnd.uniform(0.5, 7.0), budget=budget)]))[0]
-                if r.ok:
-                    open_ids.append(did)
-            sp = self.run(store.spend(["c"]))["c"]
-            assert sp.spent <= budget + 1e-9
-            assert sp.spent == pytest.approx(sp.reserved + sp.committed, abs=1e-6)
-
-
-class TestMemoryBudgetStore(BudgetStoreContract):
-    @pytest.fixture
-    def store(self):
-        return MemoryBudgetStore()
 
 
 CAT = parse_catalogue(

@@ -1,4 +1,4 @@
-"""Contract checks every learning model and store passes, in the style of ``river.checks``.
+"""Contract checks every learning model, item store and policy passes, in the style of ``river.checks``.
 
 :func:`yield_checks` yields, for one object, check functions that each take the object and raise
 ``AssertionError`` with a message on failure. Objects are driven through an adapter for their kind
@@ -16,6 +16,17 @@ The contract:
   same (no hidden global state, no unseeded randomness, no dependence on dict/set iteration of salted hashes);
 * ``check_empty_and_unseen``: a fresh object answers questions about unseen users and items with valid,
   empty-ish answers (no exception), and a trained one answers about never-seen users and items the same way.
+
+Policies (:class:`models.policy.base.Policy`) are trained on decision contexts drawn from the same events, with
+rewards, and fingerprinted by their choices on probe contexts; they also pass:
+
+* ``check_choices_are_valid``: every choice is an eligible, unblocked offer of the catalogue (``none`` included),
+  with a probability in (0, 1], scores only for eligible offers, and holdout users get ``none``;
+* ``check_propensity_is_the_choice_probability``: the ``propensity`` a policy reports is the probability of its
+  choice, as off-policy evaluation needs it: over seeds, ``1{choice = k} / propensity`` averages 1 for each offer.
+
+Choosing must not change what a policy learns next (fingerprints are read with :meth:`~Policy.choose`): policies
+run here as the engine runs them, counting a decision's exposure when it is final (``defer_exposure``).
 
 Examples
 --------
@@ -41,6 +52,8 @@ from models.learning.core import LearningCore
 from models.profile import Profile
 from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
 from models.learning.segments import ProfileSegments
+from models.policy.base import DecisionContext, Policy
+from models.policy.eligibility import filter_offers, holdout
 
 __all__ = ["events", "yield_checks", "ADAPTERS", "Adapter"]
 
@@ -272,11 +285,99 @@ ADAPTERS: list[Adapter] = [
 ]
 
 
+def _policy_contexts(evs: list[Event]) -> list[tuple[DecisionContext, float]]:
+    """A decision context at every cart of ``evs`` (the user's profile then), with a reward: what the policy would
+    have earned (a purchase by the user later in the stream)."""
+    profiles: dict[str, Profile] = {}
+    bought_after: dict[str, int] = {}
+    for e in evs:
+        if e.type == "purchase":
+            bought_after[e.user_id] = e.ts
+    out = []
+    for e in evs:
+        prof = profiles.setdefault(e.user_id, Profile())
+        prof.apply(e)
+        if e.type != "cart":
+            continue
+        ctx = DecisionContext(e.user_id, e.ts, prof.cart_value, list(prof.cart), prof.cart_categories, prof.is_new,
+                              prof.n_orders, int(e.item_id[1:]) % 3, prof.churn_risk,
+                              (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10))
+        out.append((ctx, 4.0 if bought_after.get(e.user_id, 0) > e.ts else 0.0))
+    return out
+
+
+def _probe_contexts() -> list[DecisionContext]:
+    return [DecisionContext(f"probe{i}", _NOW, 30.0 + 25 * i, ["i1"], ["c1"], i % 2 == 0, i % 3, i % 3, 0.1 * i,
+                            0.05 + 0.04 * i) for i in range(6)]
+
+
+def _policy_train(p: Policy, evs: list[Event]) -> None:
+    for i, (ctx, reward) in enumerate(_policy_contexts(evs)):
+        choice = p.choose(ctx, random.Random(i))
+        p.expose(ctx, choice.offer.offer_id)
+        assert p.learn_one(ctx, choice.offer.offer_id, reward if choice.offer.kind != "none" else reward / 2) is None
+
+
+def _policy_fp(p: Policy):
+    out = []
+    for i, ctx in enumerate(_probe_contexts()):
+        c = p.choose(ctx, random.Random(1000 + i))
+        out.append((c.offer.offer_id, _round(c.propensity), c.group, _round(c.scores)))
+    return out
+
+
+def _policy_unseen(p: Policy) -> None:
+    ctx = DecisionContext("never-seen-user", _NOW, 0.0, [], [], True, 0, None, 0.0, 0.0)
+    c = p.choose(ctx, random.Random(0))
+    assert 0.0 < c.propensity <= 1.0 and c.offer.offer_id in p.catalogue.offers, c
+
+
+ADAPTERS.append(Adapter(Policy, _policy_train, _policy_fp, _policy_unseen, rebuild=lambda p: p.clone()))
+
+
+def check_choices_are_valid(policy: Policy) -> None:
+    _policy_train(policy, events())
+    for i, (ctx, _) in enumerate(_policy_contexts(events(400, seed=11))):
+        ctx.blocked = {oid: "blocked by the check" for oid in list(policy.catalogue.offers)[1::3] if oid != "none"}
+        c = policy.choose(ctx, random.Random(i))
+        eligible = {s.offer_id for s in filter_offers(policy.catalogue, ctx)[0]}
+        assert c.offer.offer_id in eligible, f"{c.offer.offer_id} is not eligible for {ctx}: {eligible}"
+        assert 0.0 < c.propensity <= 1.0, f"propensity {c.propensity} outside (0, 1]"
+        assert set(c.scores) <= eligible, f"scores for ineligible offers: {set(c.scores) - eligible}"
+        if holdout(ctx.user_id, policy.holdout_pct, policy.holdout_salt):
+            assert c.group == "holdout" and c.offer.kind == "none", c
+        else:
+            assert c.group == "treatment", c
+
+
+def check_propensity_is_the_choice_probability(policy: Policy, draws: int = 800) -> None:
+    """Inverse propensity weighting, what off-policy evaluation does with logged decisions, must be unbiased:
+    over seeds, the mean of ``1{choice = k} / propensity`` is 1 for every offer ``k`` the policy gives (a policy
+    whose randomness has stages, as Thompson sampling's posterior draws, may report the probability given its
+    draws: the identity holds all the same)."""
+    _policy_train(policy, events())
+    for ctx in _probe_contexts()[:3]:
+        chosen: list[tuple[str, float]] = []
+        for seed in range(draws):
+            c = policy.choose(ctx, random.Random(seed))
+            assert 0.0 < c.propensity <= 1.0, f"propensity {c.propensity} outside (0, 1]"
+            chosen.append((c.offer.offer_id, c.propensity))
+        for oid in {o for o, _ in chosen}:
+            w = [1.0 / p if o == oid else 0.0 for o, p in chosen]
+            mean = sum(w) / draws
+            if sum(1 for o, _ in chosen if o == oid) < 0.1 * draws:
+                continue  # too rare to estimate here
+            sd = math.sqrt(max(sum(x * x for x in w) / draws - mean * mean, 0.0) / draws)
+            assert abs(mean - 1.0) <= 4 * sd + 0.02, (  # slack: offers too rare to be drawn here carry the rest
+                f"{oid}: mean of 1{{chosen}}/propensity is {mean:.3f} over {draws} seeds, not 1 (sd {sd:.3f}): "
+                "the reported propensity is not the probability of the choice")
+
+
 def adapter_for(obj) -> Adapter:
     for a in ADAPTERS:
         if isinstance(obj, a.kind):
             return a
-    raise TypeError(f"no contract adapter for {type(obj).__name__}; add one to models.learning.checks.ADAPTERS")
+    raise TypeError(f"no contract adapter for {type(obj).__name__}; add one to models.checks.ADAPTERS")
 
 
 # --- the checks -----------------------------------------------------------------------------------------------
@@ -344,3 +445,6 @@ def yield_checks(obj) -> Iterator[Callable[[Any], None]]:
     yield check_pickle
     yield check_determinism
     yield check_empty_and_unseen
+    if isinstance(obj, Policy):
+        yield check_choices_are_valid
+        yield check_propensity_is_the_choice_probability
