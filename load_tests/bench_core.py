@@ -49,7 +49,7 @@ def _say(msg: str) -> None:
 
 def real_events(n_events: int, path: Path = TAOBAO, fmt: str = "taobao") -> list[Event]:
     """``n_events`` events from a real log, looped with shifted user ids (``<user>~<loop>``) and event times."""
-    from models.evaluation.prequential import load_events
+    from stream.evaluate import load_events
 
     base, _ = load_events(path, fmt, limit=min(n_events, 10**9))
     if not base:

@@ -82,7 +82,7 @@ def records(redis_url: str) -> dict:
     import redis
 
     from models.keys import escape_user_id
-    from models.evaluation.prequential import load_events
+    from stream.evaluate import load_events
 
     client = redis.Redis.from_url(redis_url)
     out = {}
@@ -121,7 +121,7 @@ def records(redis_url: str) -> dict:
 
 def _bot_events(n: int, t0_ms: int):
     from models.events import Event
-    from models.evaluation.prequential import load_events
+    from stream.evaluate import load_events
 
     base, _ = load_events(*FILES["taobao"], limit=40_000)
     items = list(dict.fromkeys(e.item_id for e in base))

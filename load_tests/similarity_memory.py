@@ -204,7 +204,7 @@ def run(checkpoints=(10_000, 100_000, 1_000_000), cap_mb: float = 64.0, redis_ur
         batch_size: int = 1000, max_neighbours: int = 50, path: str = "offline") -> dict:
     import redis
 
-    from models.evaluation.prequential import load_events
+    from stream.evaluate import load_events
 
     if path not in ("offline", "worker"):
         raise ValueError(f"path must be 'offline' or 'worker', got {path!r}")

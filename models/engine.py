@@ -41,6 +41,7 @@ from models.policy.catalogue import Catalogue, load_catalogue
 from models.clock import EventClock
 from models.decision import Decision, decision_id_for
 from models.events import Event
+from models.metrics import NULL, MetricsSink
 from models.policy.base import DecisionContext
 from models.policy.rules import RulePolicy
 from models.learning.contrib import Contribution
@@ -158,7 +159,7 @@ class Engine:
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
         self.budget = budget  # models.policy.budget.BudgetGate: blocks, reserves and settles budgeted offers
-        self.conversions = conversions  # models.policy.attribution.ConversionStats (treatment vs holdout)
+        self.conversions = conversions  # models.policy.attribution.OutcomeStats (treatment vs holdout)
         # "now" in event time for the expiry sweep and lazy expiry: one event (or a few) cannot move it
         self.clock = event_clock or EventClock(wall_ms=self.clock_ms)
         # {(topic, partition): next offset} the models have learnt up to (kept by the caller, e.g. the worker's
@@ -191,10 +192,10 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
-                      export_metrics: bool = False) -> "Engine":
+                      metrics: MetricsSink = NULL) -> "Engine":
         """The production engine: the policy ``settings.policy`` (Thompson sampling with pacing, or the rules),
         budgets in ``budget_store``."""
-        from models.policy.attribution import ConversionStats
+        from models.policy.attribution import OutcomeStats
         from models.policy.thompson import ThompsonPolicy
         from models.policy.budget import BudgetGate
         from models.policy.pacing import PacingController
@@ -208,7 +209,7 @@ class Engine:
         gate = None
         if budget_store is not None:
             gate = BudgetGate(catalogue, budget_store, window_ms=settings.attribution_window_s * 1000,
-                              pacing=pacing, export_metrics=export_metrics)
+                              pacing=pacing, metrics=metrics)
         return cls(
             store,
             policy,
@@ -219,7 +220,7 @@ class Engine:
             attribution_window_s=settings.attribution_window_s,
             recommend_k=settings.recommend_k,
             budget=gate,
-            conversions=ConversionStats(),
+            conversions=OutcomeStats(metrics),
             # every partition of the events topic holds the clock until it shows where it is (or is idle)
             event_clock=EventClock(range(settings.partitions), idle_ms=int(settings.clock_idle_s * 1000),
                                    max_future_skew_ms=settings.max_future_skew_s * 1000),
@@ -544,7 +545,7 @@ class Engine:
         if self.learning is not None and result.new_events:
             self.learning.learn_batch(result.new_events, result.profiles)
         if self.conversions is not None and result.closed:
-            self.conversions.update(result.closed, export=self.budget is not None and self.budget.export_metrics)
+            self.conversions.update(result.closed)
         if self.shares_policy or not result.closed:
             return
         for c in result.closed:
@@ -568,7 +569,7 @@ class Engine:
 
     async def load_policy(self) -> None:
         """Read what every worker's commits taught from the store: the policy's posteriors (``shares_policy``) and
-        the conversion counts (``shares_outcomes``; their gauges are set when metrics are exported)."""
+        the conversion counts (``shares_outcomes``; their gauges are reported to the conversions' metrics sink)."""
         if self.shares_policy or self.shares_outcomes:
             self.take_shared_state(await self.store.policy_state())
 
@@ -578,8 +579,7 @@ class Engine:
             self.policy.load_state(state)
         if self.shares_outcomes:
             self.conversions.load_state(state)
-            if self.budget is not None and self.budget.export_metrics:
-                self.conversions.export_ratios()
+            self.conversions.report_ratios()
 
     async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
         """Close attribution windows that expired by event time ``now_ms`` (default: :attr:`watermark_ms`, the

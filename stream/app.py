@@ -408,7 +408,8 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     budget_store = RedisBudgetStore.from_settings(settings)
     watched(store.r)
     watched(budget_store.r)
-    engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store, export_metrics=True)
+    engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store,
+                                  metrics=m.PrometheusSink())
     client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0))
     try:
         if learning is not None:
@@ -450,7 +451,7 @@ class Maintenance:
         # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
         now = await engine.sync_clock()
         if now:
-            await engine.sweep(now)  # closed decisions are counted by the engine's ConversionStats
+            await engine.sweep(now)  # closed decisions are counted by the engine's OutcomeStats
             if engine.budget is not None:
                 await engine.budget.sweep(now)
                 await engine.budget.refresh(now)

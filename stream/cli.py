@@ -157,7 +157,7 @@ def evaluate() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | None, as_json: bool) -> None:
     """Prequential (predict-then-learn) evaluation of models/ on an event log, vs baselines."""
-    from models.evaluation.prequential import evaluate_file
+    from stream.evaluate import evaluate_file
 
     emit(evaluate_file(file, fmt, limit=limit, horizon_h=horizon_h), as_json)
 

@@ -7,6 +7,9 @@ Each worker process has one :data:`REGISTRY`; ``/metrics`` serves it.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
+
+from models.metrics import MetricsSink
 
 disable_created_metrics()  # no *_created series: they double the exposition and nothing reads them
 
@@ -155,6 +158,38 @@ def raise_to(counter: Counter, total: float) -> None:
     if total > done:
         counter.inc(total - done)
         _EXPORTED[id(counter)] = float(total)
+
+
+# --- the sink models/ report through ----------------------------------------------------------
+class PrometheusSink(MetricsSink):
+    """:class:`models.metrics.MetricsSink` into this registry: a name is the metric's Prometheus name (counters
+    without ``_total``); a name not declared here is a programming error, raised at once.
+
+    >>> PrometheusSink().gauge("promo_uplift_ratio", 0.01)
+    >>> PrometheusSink().increment("promo_no_such_metric")
+    Traceback (most recent call last):
+    ...
+    KeyError: "models reported 'promo_no_such_metric', which stream/metrics.py does not declare"
+    """
+
+    enabled = True
+
+    def __init__(self) -> None:
+        # every metric this module declares, by its name (prometheus_client keeps it as ``_name``)
+        self._by_name = {obj._name: obj for obj in globals().values() if isinstance(obj, MetricWrapperBase)}
+
+    def _metric(self, name: str, labels: dict[str, str] | None):
+        try:
+            metric = self._by_name[name]
+        except KeyError:
+            raise KeyError(f"models reported {name!r}, which stream/metrics.py does not declare") from None
+        return metric.labels(**labels) if labels else metric
+
+    def increment(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
+        self._metric(name, labels).inc(value)
+
+    def gauge(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self._metric(name, labels).set(value)
 
 
 # --- reading an exposition back (demo summary, benchmarks, tests) ------------------------------

@@ -1,12 +1,12 @@
 """Prequential (predict-then-learn) evaluation of the learning core on an event log, against baselines.
 
-``promo evaluate stream FILE --format jsonl|rees46|taobao --json`` calls :func:`evaluate_file`.
+``promo evaluate stream FILE --format jsonl|rees46|taobao --json`` reads the log (``stream.evaluate``: validated
+like the worker does, de-duplicated by ``event_id``, stably sorted by event time) and calls
+:func:`evaluate_events`.
 
 Protocol
 --------
-Events are read with :func:`stream.sources.read_events`, validated like the worker does
-(:func:`stream.validation.decode_event`), de-duplicated by ``event_id`` and stably sorted by event time. They are
-then replayed in batches of ``batch_size`` events, as the worker would see them:
+The events are replayed in batches of ``batch_size`` events, as the worker would see them:
 
 * **next item** — for every event of a user whose item differs from the user's previous item (a repeat of
   the item being looked at is not a prediction task), *before* the event is applied: the engine's
@@ -29,11 +29,8 @@ only) are ``null``.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -42,10 +39,9 @@ from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
 from models.profile import Profile
 
-__all__ = ["evaluate_file", "evaluate_events", "load_events", "roc_auc", "log_loss"]
+__all__ = ["evaluate_events", "roc_auc", "log_loss"]
 
 K = 20
-_FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01: offline logs are not checked against the wall clock
 
 
 def roc_auc(y, p) -> float | None:
@@ -80,37 +76,6 @@ def log_loss(y, p, eps: float = 1e-15) -> float | None:
     y = np.asarray(y, dtype=np.float64)
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def load_events(path, fmt: str, limit: int | None = None, progress=None) -> tuple[list[Event], dict]:
-    """Read, validate, de-duplicate and time-sort a log. Returns the events and counts of what was set aside
-    (``invalid`` with the first ``errors``, ``duplicates``); nothing is dropped silently."""
-    from stream.sources import read_events
-    from stream.validation import InvalidEvent, Limits, decode_event
-
-    limits = Limits(max_future_skew_s=10**9)
-    errors: list = []
-    invalid: list = []
-    events: list[Event] = []
-    seen: set[str] = set()
-    duplicates = 0
-    dumps = json.dumps
-    for n, doc in enumerate(read_events(Path(path), fmt, limit=limit, errors=errors), 1):
-        try:
-            e = decode_event(dumps(doc).encode(), limits, _FAR_FUTURE_MS)
-        except InvalidEvent as exc:
-            invalid.append({"event_id": doc.get("event_id") if isinstance(doc, dict) else None, "error": str(exc)})
-            continue
-        if e.event_id in seen:
-            duplicates += 1
-            continue
-        seen.add(e.event_id)
-        events.append(e)
-        if progress and n % 50_000 == 0:
-            progress(f"read {n} rows")
-    events.sort(key=lambda e: e.ts)  # stable: file order within a millisecond
-    bad = [{"line": x["line"], "error": x["error"]} for x in errors] + invalid
-    return events, {"invalid": len(bad), "errors": bad[:5], "duplicates": duplicates}
 
 
 def evaluate_events(
@@ -211,42 +176,5 @@ def _finite(x) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
-def _stderr(msg: str) -> None:
-    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
-
-
-def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | None = None,
-                  batch_size: int = 100, progress: bool = True) -> dict:
-    """Evaluate on a log file (``promo evaluate stream``); progress on stderr, returns the report dict.
-
-    ``horizon_h`` defaults to 1 hour (the sample logs cover 2-3 hours).
-    """
-    from stream.errors import PromoError
-
-    path = Path(path)
-    if horizon_h is not None and not horizon_h > 0:
-        raise PromoError(f"--horizon-h must be > 0 hours, got {horizon_h}")
-    if limit is not None and limit < 0:
-        raise PromoError(f"--limit must be >= 0, got {limit}")
-    say = _stderr if progress else None
-    try:
-        events, dropped = load_events(path, fmt, limit, progress=say)
-    except OSError as exc:
-        raise PromoError(f"cannot read {path}: {exc.strerror or exc}; check the path") from exc
-    except ValueError as exc:  # stream.sources.SourceError
-        raise PromoError(f"{exc}") from exc
-    if say:
-        say(f"{len(events)} events from {path} ({dropped['invalid']} invalid, {dropped['duplicates']} duplicates)")
-    report = evaluate_events(events, horizon_h=horizon_h or 1.0, batch_size=batch_size, progress=say)
-    report.update(dropped)
-    report["file"] = str(path)
-    report["format"] = fmt
-    if say:
-        e, b = report["engine"], report["baseline"]
-        say(f"done: HR@20 engine {_fmt(e['hr_at_20'])} vs popularity {_fmt(b['hr_at_20'])}; "
-            f"AUC engine {_fmt(e['auc'])} vs frequency {_fmt(b['auc'])}")
-    return report
-
-
-def _fmt(x) -> str:
+def fmt_score(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"

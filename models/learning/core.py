@@ -69,7 +69,7 @@ from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.state.item_store import ItemBatch, ItemStore
 from models.profile import EVENT_WEIGHTS, FEATURE_NAMES, CategoryStats, Profile
-from models.learning.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
 from models.learning.recommend import recommend as _recommend
 from models.learning.segments import ProfileSegments
 from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
@@ -172,8 +172,8 @@ class LearningCore:
         self.vocab = ItemVocab()
         self.windows = UserWindows(self.max_users, self.window_width)
         self.stats = CategoryStats()
-        self.item_conv = ConversionStats(max_keys=self.max_users)
-        self.cat_conv = ConversionStats(max_keys=self.max_users)
+        self.item_conv = ConversionRates(max_keys=self.max_users)
+        self.cat_conv = ConversionRates(max_keys=self.max_users)
         self.labels = DelayedLabelLearner(
             horizon_ms=int(self.horizon_h * HOUR_MS),
             model=PurchasePropensity(feature_names=FEATURE_NAMES + CONTEXT_FEATURES, **self.propensity_options),

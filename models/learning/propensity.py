@@ -39,7 +39,7 @@ from collections import deque
 import numpy as np
 from river import linear_model, metrics, optim
 
-__all__ = ["PurchasePropensity", "FrequencyPropensity", "DelayedLabelLearner", "ConversionStats"]
+__all__ = ["PurchasePropensity", "FrequencyPropensity", "DelayedLabelLearner", "ConversionRates"]
 
 _EPS = 1e-6
 
@@ -209,14 +209,14 @@ class FrequencyPropensity:
         return FrequencyPropensity(self.m)
 
 
-class ConversionStats:
+class ConversionRates:
     """Purchases per interaction of keys (items, categories), learnt from past events: a feature for the model.
 
     :meth:`log_odds` is the smoothed conversion ``(purchases + a * g) / (events + a)`` on the log-odds scale,
     where ``g`` is the global rate; unknown keys get the global rate. At most ``max_keys`` keys are kept (when
     over, the least active half is dropped).
 
-    >>> c = ConversionStats(a=1.0)
+    >>> c = ConversionRates(a=1.0)
     >>> for t in ("view", "view", "purchase"):
     ...     c.update("i1", t)
     >>> c.update("i2", "view")

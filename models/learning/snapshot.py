@@ -34,8 +34,18 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
 """Where the classes of a module that moved live now (the first module that has the name wins)."""
 
 
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("models.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
+    ("models.learning.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
+}
+"""Classes that changed their name: (old module, old name) -> (module, name)."""
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) in RENAMED:
+            module, name = RENAMED[(module, name)]
+            return getattr(importlib.import_module(module), name)
         for new in MOVED_MODULES.get(module, ()):
             mod = importlib.import_module(new)
             if hasattr(mod, name):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import asdict, dataclass, field
 
+from models.metrics import NULL, MetricsSink
 from models.policy.catalogue import NONE_ID, Catalogue
 
 OUTCOMES: tuple[str, ...] = ("redeemed", "converted", "expired")
@@ -232,17 +233,18 @@ class AttributionTracker:
         return out
 
 
-class ConversionStats:
+class OutcomeStats:
     """Running conversion per group and uplift (treatment - holdout), plus per-offer money totals.
 
-    >>> s = ConversionStats()
+    >>> s = OutcomeStats()
     >>> d = OpenDecision("d", "u", "none", "holdout", 0, 1)
     >>> s.update([Closed(d, "expired", 0.0), Closed(d, "converted", 5.0, revenue=20.0)])
     >>> s.conversion("holdout"), s.uplift()
     (0.5, None)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: MetricsSink = NULL) -> None:
+        self.metrics = metrics  # closed decisions by outcome, redemptions, revenue, cost, conversion, uplift
         self.closed = {"treatment": 0, "holdout": 0}
         self.converted = {"treatment": 0, "holdout": 0}
         self.money: dict[tuple[str, str], list[float]] = {}  # (offer, group) -> [revenue, cost, reward, redeemed]
@@ -255,7 +257,7 @@ class ConversionStats:
         them (:meth:`load_state` reads them back).
 
         >>> d = OpenDecision("d", "u", "none", "holdout", 0, 1)
-        >>> ConversionStats().counts([Closed(d, "expired", 0.0), Closed(d, "converted", 5.0)])
+        >>> OutcomeStats().counts([Closed(d, "expired", 0.0), Closed(d, "converted", 5.0)])
         {'closed:holdout': 2, 'converted:holdout': 1}
         """
         out: dict[str, int] = {}
@@ -273,7 +275,7 @@ class ConversionStats:
                 v = state.get(name + g, state.get((name + g).encode()))
                 target[g] = int(float(v)) if v is not None else 0
 
-    def update(self, closed: list[Closed], export: bool = False) -> None:
+    def update(self, closed: list[Closed]) -> None:
         for c in closed:
             g = self.group(c)
             self.closed[g] += 1
@@ -283,8 +285,7 @@ class ConversionStats:
             m[1] += c.cost
             m[2] += c.reward
             m[3] += c.outcome == "redeemed"
-        if export:
-            self.export(closed)
+        self.report(closed)
 
     def conversion(self, group: str) -> float | None:
         n = self.closed.get(group, 0)
@@ -294,29 +295,26 @@ class ConversionStats:
         t, h = self.conversion("treatment"), self.conversion("holdout")
         return None if t is None or h is None else t - h
 
-    def export(self, closed: list[Closed]) -> None:
-        """Push ``closed`` and the current ratios to the Prometheus metrics of :mod:`stream.metrics`."""
-        from stream import metrics as M
-
-        self.export_ratios()
+    def report(self, closed: list[Closed]) -> None:
+        """Report ``closed`` and the current ratios to :attr:`metrics`."""
+        self.report_ratios()
+        sink = self.metrics
         for c in closed:
             d = c.decision
-            M.DECISIONS_CLOSED.labels(c.outcome).inc()
+            sink.increment("promo_decisions_closed", labels={"outcome": c.outcome})
             if c.outcome == "redeemed":
-                M.REDEMPTIONS.labels(d.offer_id, d.group).inc()
+                sink.increment("promo_redemptions", labels={"offer_id": d.offer_id, "group": d.group})
             if c.revenue:
-                M.ATTRIBUTED_REVENUE.labels(d.offer_id, d.group).inc(c.revenue)
+                sink.increment("promo_attributed_revenue", c.revenue, {"offer_id": d.offer_id, "group": d.group})
             if c.cost:
-                M.OFFER_COST.labels(d.offer_id).inc(c.cost)
+                sink.increment("promo_offer_cost", c.cost, {"offer_id": d.offer_id})
 
-    def export_ratios(self) -> None:
-        """Set the conversion and uplift gauges from the current counts."""
-        from stream import metrics as M
-
+    def report_ratios(self) -> None:
+        """Report the conversion and uplift gauges from the current counts."""
         for g in self.closed:
             v = self.conversion(g)
             if v is not None:
-                M.CONVERSION.labels(g).set(v)
+                self.metrics.gauge("promo_conversion_ratio", v, {"group": g})
         u = self.uplift()
         if u is not None:
-            M.UPLIFT.set(u)
+            self.metrics.gauge("promo_uplift_ratio", u)

@@ -6,6 +6,7 @@ The store that keeps the money (atomic, idempotent per decision id, shared by al
 
 from __future__ import annotations
 
+from models.metrics import NULL, MetricsSink
 from models.policy.catalogue import Catalogue
 from models.state.budget_store import BudgetStore, CampaignSpend, ReserveRequest
 
@@ -43,7 +44,7 @@ class BudgetGate:
         grace_ms: int = 3_600_000,
         forget_ms: int = 7 * 86_400_000,
         pacing=None,
-        export_metrics: bool = False,
+        metrics: MetricsSink = NULL,
     ) -> None:
         self.catalogue = catalogue
         self.store = store
@@ -51,7 +52,7 @@ class BudgetGate:
         self.grace_ms = grace_ms
         self.forget_ms = forget_ms
         self.pacing = pacing
-        self.export_metrics = export_metrics
+        self.metrics = metrics  # budget spent, remaining, pacing prices, refused reservations
         self.budgets = catalogue.budgets()
         self.local: dict[str, float] = {o: 0.0 for o in self.budgets}
 
@@ -65,14 +66,12 @@ class BudgetGate:
         self.local = {o: s.spent for o, s in spends.items()}
         if self.pacing is not None:
             self.pacing.update(now_ms, {o: s.committed for o, s in spends.items()})
-        if self.export_metrics:
-            from stream import metrics as M
-
-            for o, s in spends.items():
-                M.BUDGET_SPENT.labels(o).set(s.spent)
-                M.BUDGET_REMAINING.labels(o).set(self.budgets[o] - s.spent)
-                if self.pacing is not None:
-                    M.PACING_PRICE.labels(o).set(self.pacing.price(o))
+        for o, s in spends.items():
+            labels = {"offer_id": o}
+            self.metrics.gauge("promo_budget_spent", s.spent, labels)
+            self.metrics.gauge("promo_budget_remaining", self.budgets[o] - s.spent, labels)
+            if self.pacing is not None:
+                self.metrics.gauge("promo_pacing_shadow_price", self.pacing.price(o), labels)
         return spends
 
     def remaining(self) -> dict[str, float]:
@@ -101,12 +100,9 @@ class BudgetGate:
         res = await self.store.reserve(reqs)
         for q, r in zip(reqs, res):
             self.local[q.offer_id] = max(self.local.get(q.offer_id, 0.0), r.spent)
-        if self.export_metrics:
-            from stream import metrics as M
-
-            for q, r in zip(reqs, res):
-                if not r.ok:
-                    M.BUDGET_REFUSED.labels(q.offer_id).inc()
+        for q, r in zip(reqs, res):
+            if not r.ok:
+                self.metrics.increment("promo_budget_refused", labels={"offer_id": q.offer_id})
         return [r.ok for r in res]
 
     async def settle(self, items: list[tuple[str, str, float]]) -> list[float | None]:

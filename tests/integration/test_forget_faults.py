@@ -29,7 +29,7 @@ import pytest
 from pydantic import SecretStr
 
 from models.events import Event
-from models.evaluation.prequential import load_events
+from stream.evaluate import load_events
 from tests.helpers import DATA, ROOT, consume_all, event_bytes, metric, produce_raw, wait_until
 from tests.redis_state import compare_states, dump_state, profile_counts
 

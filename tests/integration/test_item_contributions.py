@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from models.evaluation.prequential import load_events
+from stream.evaluate import load_events
 from tests.helpers import DATA
 from tests.redis_state import compare_states, dump_state
 

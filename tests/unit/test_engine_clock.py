@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from models.policy.attribution import ConversionStats
+from models.policy.attribution import OutcomeStats
 from models.policy.budget import BudgetGate
 from models.state.budget_memory import MemoryBudgetStore
 from models.policy.catalogue import parse_catalogue
@@ -44,7 +44,7 @@ def engine(store=None, budgets=None, wall=None, **clock_kw) -> Engine:
     wall = wall or Wall()
     return Engine(store or MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                   budget=BudgetGate(cat, budgets or MemoryBudgetStore(), window_ms=WINDOW_S * 1000),
-                  conversions=ConversionStats(), decision_cooldown_s=0, attribution_window_s=WINDOW_S,
+                  conversions=OutcomeStats(), decision_cooldown_s=0, attribution_window_s=WINDOW_S,
                   clock_ms=wall, event_clock=EventClock(wall_ms=wall, **clock_kw))
 
 

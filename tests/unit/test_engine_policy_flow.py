@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from models.policy.attribution import ConversionStats
+from models.policy.attribution import OutcomeStats
 from models.policy.thompson import ThompsonPolicy
 from models.policy.budget import BudgetGate
 from models.state.budget_memory import MemoryBudgetStore
@@ -25,7 +25,7 @@ def engine(store=None, budget_store=None, holdout=0.0):
     cat = parse_catalogue(CAT)
     gate = BudgetGate(cat, budget_store or MemoryBudgetStore(), window_ms=24 * H)
     return Engine(store or MemoryStore(), ThompsonPolicy(cat, holdout_pct=holdout, floor=0.2), catalogue=cat,
-                  holdout_pct=holdout, budget=gate, conversions=ConversionStats(), clock_ms=lambda: 0,
+                  holdout_pct=holdout, budget=gate, conversions=OutcomeStats(), clock_ms=lambda: 0,
                   decision_cooldown_s=0)
 
 

@@ -215,11 +215,19 @@ def test_a_snapshot_written_before_the_package_move_still_loads(monkeypatch):
             for obj in list(vars(mod).values()):
                 if isinstance(obj, type) and obj.__module__ == mod.__name__:
                     m.setattr(obj, "__module__", old)
-        legacy = core.snapshot({("promo.events", 0): 200})
+        # and under its earlier name: the item and category conversion rates were ConversionStats
+        m.setattr(prop, "ConversionStats", prop.ConversionRates, raising=False)
+        prop.ConversionRates.__qualname__ = "ConversionStats"
+        try:
+            legacy = core.snapshot({("promo.events", 0): 200})
+        finally:
+            prop.ConversionRates.__qualname__ = "ConversionRates"
     assert b"models.similarity" in legacy and b"models.learning.similarity" not in legacy
+    assert b"ConversionStats" in legacy and b"ConversionRates" not in legacy
     assert "models.similarity" not in sys.modules
     fresh = LearningCore(horizon_h=1.0)
     assert fresh.restore(legacy) == {("promo.events", 0): 200}
     probe = Profile(recent_items=["i1", "i2"])
     assert fresh.recommend(probe, 5) == core.recommend(probe, 5)
     assert fresh.propensity(profiles["u1"], 200_000) == core.propensity(profiles["u1"], 200_000)
+    assert type(fresh.item_conv) is prop.ConversionRates and fresh.item_conv.__dict__ == core.item_conv.__dict__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.evaluation.prequential import evaluate_file
+from stream.evaluate import evaluate_file
 from tests.helpers import DATA
 
 REES46 = DATA / "rees46_multicategory" / "2019-Oct_first17k.csv"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from models.policy.attribution import AttributionTracker, Closed, ConversionStats, OpenDecision, Purchase, close_on_purchase, expire, orders_from_events
+from models.policy.attribution import AttributionTracker, Closed, OutcomeStats, OpenDecision, Purchase, close_on_purchase, expire, orders_from_events
 from models.policy.catalogue import load_catalogue
 from models.events import Event
 
@@ -94,16 +94,16 @@ def test_tracker_matches_pure_functions_on_a_random_stream():
     assert sorted(closed_ids) == sorted(open_by_id) and len(t) == 0
 
 
-def test_conversion_stats_and_metrics_export():
+def test_outcome_stats_and_their_metrics():
     from stream import metrics as M
 
-    s = ConversionStats()
+    s = OutcomeStats(M.PrometheusSink())
     t = [Closed(dec("a"), "redeemed", 20.0, revenue=100.0, cost=5.0), Closed(dec("b"), "expired", 0.0)]
     h = [Closed(dec("c", offer="none", group="holdout"), "expired", 0.0)] * 3 + [
         Closed(dec("d", offer="none", group="holdout"), "converted", 10.0, revenue=40.0)]
     before = M.REDEMPTIONS.labels("coupon_5", "treatment")._value.get()
     cost_before = M.OFFER_COST.labels("coupon_5")._value.get()
-    s.update(t + h, export=True)
+    s.update(t + h)
     assert s.conversion("treatment") == 0.5 and s.conversion("holdout") == 0.25
     assert s.uplift() == pytest.approx(0.25)
     assert M.REDEMPTIONS.labels("coupon_5", "treatment")._value.get() == before + 1

@@ -55,7 +55,7 @@ def test_gate_exports_metrics_and_paces_on_committed_spend():
     from stream import metrics as M
 
     store = MemoryBudgetStore()
-    gate = BudgetGate(CAT, store, pacing=PacingController(CAT), export_metrics=True)
+    gate = BudgetGate(CAT, store, pacing=PacingController(CAT), metrics=M.PrometheusSink())
     asyncio.run(gate.refresh(0))
     refused_before = M.BUDGET_REFUSED.labels("c")._value.get()
     assert asyncio.run(gate.reserve([gate.request("d1", "c", 50, 0), gate.request("d2", "c", 50, 0),

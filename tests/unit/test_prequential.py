@@ -8,7 +8,8 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from models.evaluation.prequential import evaluate_events, evaluate_file, load_events, log_loss, roc_auc
+from models.evaluation.prequential import evaluate_events, log_loss, roc_auc
+from stream.evaluate import evaluate_file, load_events
 from stream.cli import cli
 
 T0 = 1_700_000_000_000

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from models.learning.propensity import ConversionStats, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
 from models.learning.segments import ProfileSegments
 
 H = 1_000
@@ -137,7 +137,7 @@ def test_feature_scaling_ignores_constant_features_and_clips():
 
 
 def test_conversion_stats_are_bounded():
-    c = ConversionStats(max_keys=10)
+    c = ConversionRates(max_keys=10)
     for k in range(25):
         c.update(f"i{k}", "view")
     assert len(c.events) <= 10
