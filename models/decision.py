@@ -14,7 +14,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-OFFER_KINDS: tuple[str, ...] = ("none", "coupon", "percent_off", "threshold", "gift")
 GROUPS: tuple[str, ...] = ("treatment", "holdout")
 
 

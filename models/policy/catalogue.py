@@ -21,8 +21,8 @@ A wrong value is reported with its line:
 >>> try:
 ...     parse_catalogue(bad, "shop.yaml")
 ... except CatalogueError as e:
-...     print(e)
-shop.yaml:4: offer c1: kind 'coupn' is not one of coupon, percent_off, threshold, gift
+...     print(e)  # doctest: +ELLIPSIS
+shop.yaml:4: offer c1: kind 'coupn' is not one of coupon, gift, percent_off, ...
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import Any, Iterator
 import yaml
 
 from models.decision import Offer
+from models.policy.offers import KINDS, catalogue_kinds
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "default_offers.yaml"
 NONE_ID = "none"
-OFFER_KINDS_PAID: tuple[str, ...] = ("coupon", "percent_off", "threshold", "gift")
 CUSTOMER_KINDS: tuple[str, ...] = ("any", "new", "returning")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -86,8 +86,7 @@ class OfferSpec:
     value: float = 0.0
     min_spend: float = 0.0
     margin_rate: float = 0.25
-    max_discount: float | None = None
-    gift_cost: float = 0.0
+    params: dict[str, float] = field(default_factory=dict)  # the kind's own parameters (offers.<kind>.params)
     prior_uplift: float = 0.0
     eligibility: Eligibility = field(default_factory=Eligibility)
     caps: OfferCaps = field(default_factory=OfferCaps)
@@ -97,38 +96,18 @@ class OfferSpec:
     validity_s: int = 86400
     line: int = 0
 
-    # --- cost model ------------------------------------------------------------------------
+    # --- cost model: the kind's (models.policy.offers) -------------------------------------
     def basket(self, cart_value: float) -> float:
         """Basket value if the offer is redeemed: at least ``min_spend`` (the user tops up to redeem)."""
-        if self.kind == "none":
-            return cart_value
-        return max(cart_value, self.min_spend)
+        return KINDS[self.kind].basket(self, cart_value)
 
     def cost(self, basket: float) -> float:
         """What one redemption on a basket of this value costs the shop."""
-        k = self.kind
-        if k == "none":
-            return 0.0
-        if k == "coupon":
-            return float(min(self.value, basket)) if basket >= self.min_spend else 0.0
-        if k == "percent_off":
-            c = self.value / 100.0 * basket if basket >= self.min_spend else 0.0
-            return float(min(c, self.max_discount)) if self.max_discount is not None else float(c)
-        if k == "threshold":
-            return float(self.value) if basket >= self.min_spend else 0.0
-        return float(self.gift_cost) if basket >= self.min_spend else 0.0  # gift
+        return KINDS[self.kind].cost(self, basket)
 
     def max_cost(self, cart_value: float) -> float:
         """The most one redemption may cost: what a budget reserves at decision time."""
-        k = self.kind
-        if k == "none":
-            return 0.0
-        if k == "percent_off":
-            assert self.max_discount is not None
-            return float(self.max_discount)
-        if k == "gift":
-            return float(self.gift_cost)
-        return float(self.value)
+        return KINDS[self.kind].max_cost(self, cart_value)
 
     def margin(self, basket: float) -> float:
         """Margin earned on a basket before the offer's cost."""
@@ -136,7 +115,7 @@ class OfferSpec:
 
     def to_offer(self, now_ms: int) -> Offer:
         """The decision v1 ``offer`` object for a decision taken at ``now_ms``."""
-        if self.kind == "none":
+        if self.offer_id == NONE_ID:
             return Offer(offer_id=NONE_ID, kind="none")
         return Offer(
             offer_id=self.offer_id,
@@ -149,7 +128,7 @@ class OfferSpec:
     # --- eligibility -----------------------------------------------------------------------
     def ineligible_reason(self, ctx: Any) -> str | None:
         """Why this offer may not go to the user in ``ctx`` (a ``DecisionContext``), or ``None``."""
-        if self.kind == "none":
+        if self.offer_id == NONE_ID:
             return None
         if self.start_ms is not None and ctx.now_ms < self.start_ms:
             return "campaign not started"
@@ -228,7 +207,7 @@ class Catalogue:
 
 
 # --- loading and validation -------------------------------------------------------------------
-class _V:
+class _Validator:
     """Validation helpers over yaml nodes (which carry line marks)."""
 
     def __init__(self, name: str):
@@ -297,8 +276,9 @@ class _V:
 
 
 _TOP_KEYS = ("version", "currency", "margin_rate", "offer_validity_s", "caps", "offers")
-_OFFER_KEYS = ("offer_id", "kind", "value", "min_spend", "margin_rate", "max_discount", "gift_cost",
-               "prior_uplift", "eligibility", "caps", "budget", "period", "validity_s", "description")
+_OFFER_KEYS = ("offer_id", "kind", "value", "min_spend", "margin_rate", "prior_uplift", "eligibility", "caps",
+               "budget", "period", "validity_s", "description")
+"""Keys every offer may have; each kind adds its own (``models.policy.offers``, ``params``)."""
 _ELIG_KEYS = ("segments", "categories", "min_cart_value", "customer", "churn_risk")
 _CAPS_KEYS = ("per_user_per_day", "per_user_total", "cooldown_s")
 _GCAPS_KEYS = ("max_offers_per_day", "min_gap_s")
@@ -306,7 +286,7 @@ _GCAPS_KEYS = ("max_offers_per_day", "min_gap_s")
 
 def parse_catalogue(text: str, name: str = "<catalogue>") -> Catalogue:
     """Validate YAML text and build a :class:`Catalogue`; ``name`` is used in error messages."""
-    v = _V(name)
+    v = _Validator(name)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -351,8 +331,18 @@ def parse_catalogue(text: str, name: str = "<catalogue>") -> Catalogue:
     return Catalogue(offers=offers, margin_rate=margin_rate, caps=gcaps, currency=currency, path=name)
 
 
-def _parse_offer(v: _V, node: yaml.Node, default_margin: float, default_validity: int) -> OfferSpec:
-    m = v.mapping(node, "offer", _OFFER_KEYS)
+def _kind_params() -> dict[str, list[str]]:
+    """Every kind-specific catalogue key, with the kinds that take it."""
+    out: dict[str, list[str]] = {}
+    for name in catalogue_kinds():
+        for p in KINDS[name].params:
+            out.setdefault(p.name, []).append(name)
+    return out
+
+
+def _parse_offer(v: _Validator, node: yaml.Node, default_margin: float, default_validity: int) -> OfferSpec:
+    kind_params = _kind_params()
+    m = v.mapping(node, "offer", _OFFER_KEYS + tuple(kind_params))
     if "offer_id" not in m:
         raise v.err(node, "offer has no offer_id")
     oid = v.value(m["offer_id"][1])
@@ -361,11 +351,13 @@ def _parse_offer(v: _V, node: yaml.Node, default_margin: float, default_validity
     w = f"offer {oid}"
     if oid == NONE_ID:
         raise v.err(m["offer_id"][1], f"{w}: 'none' is built in and cannot be defined")
+    kinds = catalogue_kinds()
     if "kind" not in m:
-        raise v.err(node, f"{w}: missing kind (one of {', '.join(OFFER_KINDS_PAID)})")
+        raise v.err(node, f"{w}: missing kind (one of {', '.join(kinds)})")
     kind = v.value(m["kind"][1])
-    if kind not in OFFER_KINDS_PAID:
-        raise v.err(m["kind"][1], f"{w}: kind {kind!r} is not one of {', '.join(OFFER_KINDS_PAID)}")
+    if kind not in kinds:
+        raise v.err(m["kind"][1], f"{w}: kind {kind!r} is not one of {', '.join(kinds)}")
+    kind_def = KINDS[kind]
     if "value" not in m:
         raise v.err(node, f"{w}: missing value")
 
@@ -374,29 +366,24 @@ def _parse_offer(v: _V, node: yaml.Node, default_margin: float, default_validity
             return default
         return v.number(m[key][1], f"{w}: {key}", **kw)
 
-    value = num("value", None, lo=0, lo_open=True)
-    if kind == "percent_off":
-        value = num("value", None, lo=0, hi=100, lo_open=True)
+    value = num("value", None, lo=0, hi=kind_def.value_hi, lo_open=True)
     min_spend = num("min_spend", 0.0, lo=0)
     margin_rate = num("margin_rate", default_margin, lo=0, hi=1, lo_open=True)
-    max_discount = num("max_discount", None, lo=0, lo_open=True)
-    gift_cost = num("gift_cost", None, lo=0)
     prior_uplift = num("prior_uplift", 0.0, lo=0, hi=1)
     budget = num("budget", None, lo=0, lo_open=True)
     validity = int(num("validity_s", default_validity, lo=1, integer=True))
-    if kind == "percent_off" and max_discount is None:
-        raise v.err(node, f"{w}: percent_off needs max_discount (the most one redemption may cost), "
-                    "so budgets can reserve it")
-    if kind != "percent_off" and max_discount is not None:
-        raise v.err(m["max_discount"][0], f"{w}: max_discount only applies to percent_off")
-    if kind == "gift" and gift_cost is None:
-        raise v.err(node, f"{w}: a gift needs gift_cost (what one gift costs the shop)")
-    if kind != "gift" and gift_cost is not None:
-        raise v.err(m["gift_cost"][0], f"{w}: gift_cost only applies to gift")
-    if kind == "threshold" and not (min_spend and min_spend > value):
-        raise v.err(node, f"{w}: a threshold offer needs min_spend greater than value (spend X, save Y)")
-    if kind == "coupon" and min_spend and value >= min_spend:
-        raise v.err(m["value"][1], f"{w}: coupon value {value:g} must be below min_spend {min_spend:g}")
+    own = {p.name: p for p in kind_def.params}
+    for key, takers in kind_params.items():
+        if key in m and key not in own:
+            raise v.err(m[key][0], f"{w}: {key} only applies to {', '.join(takers)}")
+    params: dict[str, float] = {}
+    for p in kind_def.params:
+        x = num(p.name, None, lo=p.lo, hi=p.hi, lo_open=p.lo_open)
+        if x is None:
+            if p.required:
+                raise v.err(node, f"{w}: {kind} needs {p.name} ({p.doc})")
+            continue
+        params[p.name] = float(x)
 
     elig = Eligibility()
     if "eligibility" in m:
@@ -421,15 +408,19 @@ def _parse_offer(v: _V, node: yaml.Node, default_margin: float, default_validity
             end_ms = v.time_ms(p["end"][1], f"{w}: period.end")
         if start_ms is not None and end_ms is not None and end_ms <= start_ms:
             raise v.err(m["period"][1], f"{w}: period end must be after its start")
-    return OfferSpec(
+    spec = OfferSpec(
         offer_id=oid, kind=kind, value=float(value), min_spend=float(min_spend), margin_rate=float(margin_rate),
-        max_discount=max_discount, gift_cost=float(gift_cost or 0.0), prior_uplift=float(prior_uplift),
-        eligibility=elig, caps=caps, budget=budget, start_ms=start_ms, end_ms=end_ms, validity_s=validity,
-        line=node.start_mark.line + 1,
+        params=params, prior_uplift=float(prior_uplift), eligibility=elig, caps=caps, budget=budget,
+        start_ms=start_ms, end_ms=end_ms, validity_s=validity, line=node.start_mark.line + 1,
     )
+    problem = kind_def.check(spec)
+    if problem is not None:
+        key, msg = problem
+        raise v.err(m[key][1] if key in m else node, f"{w}: {msg}")
+    return spec
 
 
-def _parse_eligibility(v: _V, node: yaml.Node, w: str) -> Eligibility:
+def _parse_eligibility(v: _Validator, node: yaml.Node, w: str) -> Eligibility:
     e = v.mapping(node, f"{w}: eligibility", _ELIG_KEYS)
     segments = categories = None
     if "segments" in e:

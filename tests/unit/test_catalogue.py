@@ -60,7 +60,7 @@ def test_cost_model():
     assert cat["c5"].basket(10.0) == 20.0  # the user tops up to min_spend to redeem
     default = load_catalogue()
     gift = default["gift_tote"]
-    assert gift.cost(50.0) == gift.gift_cost == gift.max_cost(50.0)
+    assert gift.cost(50.0) == gift.params["gift_cost"] == gift.max_cost(50.0)
 
 
 def test_to_offer_sets_expiry():
@@ -111,7 +111,7 @@ def test_threshold_and_gift_need_their_fields():
     with pytest.raises(CatalogueError, match=r"^t.yaml:2: offer t: a threshold offer needs min_spend greater"):
         parse_catalogue(base, "t.yaml")
     gift = "offers:\n  - offer_id: g\n    kind: gift\n    value: 15\n"
-    with pytest.raises(CatalogueError, match=r"^g.yaml:2: offer g: a gift needs gift_cost"):
+    with pytest.raises(CatalogueError, match=r"^g.yaml:2: offer g: gift needs gift_cost"):
         parse_catalogue(gift, "g.yaml")
 
 

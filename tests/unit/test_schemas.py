@@ -85,6 +85,14 @@ def test_dlq_schema_reason_enum_matches_code():
     assert tuple(DLQ.schema["properties"]["reason"]["enum"]) == DLQ_REASONS
 
 
+def test_decision_schema_offer_kinds_are_the_registered_kinds():
+    """A kind added in models/policy/offers/ must be in the decision schema a shop validates against."""
+    from models.policy.offers import KINDS
+
+    kind = DECISION.schema["properties"]["offer"]["properties"]["kind"]["enum"]
+    assert sorted(kind) == sorted(KINDS)
+
+
 def test_event_schema_type_enum_matches_code():
     assert tuple(EVENT.schema["properties"]["type"]["enum"]) == EVENT_TYPES
 
