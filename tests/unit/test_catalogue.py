@@ -122,3 +122,36 @@ def test_missing_file(tmp_path):
     p.write_text("offers:\n  - offer_id: a\n    kind: coupon\n")
     with pytest.raises(CatalogueError, match=rf"^{p}:2: offer a: missing value"):
         load_catalogue(p)
+
+
+def test_free_shipping_is_a_kind_of_its_own_module():
+    """The offer-kind seam: free_shipping lives in models/policy/offers/free_shipping.py only; the catalogue parses
+    it, budgets reserve its shipping cost, decisions carry it and validate against the decision schema."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator
+
+    from models.decision import Decision
+    from models.policy.budget import BudgetGate
+    from models.state.budget_memory import MemoryBudgetStore
+
+    cat = parse_catalogue("offers:\n  - {offer_id: ship, kind: free_shipping, value: 6.9, min_spend: 40,\n"
+                          "     shipping_cost: 4.5, budget: 9}\n", "s.yaml")
+    ship = cat["ship"]
+    assert (ship.cost(39.0), ship.cost(40.0), ship.max_cost(10.0), ship.basket(25.0)) == (0.0, 4.5, 4.5, 40.0)
+    gate = BudgetGate(cat, MemoryBudgetStore())
+    asyncio.run(gate.refresh(0))
+    reqs = [gate.request(f"d{i}", "ship", 45.0, 0) for i in range(3)]
+    assert [r.amount for r in reqs] == [4.5, 4.5, 4.5]
+    assert asyncio.run(gate.reserve(reqs)) == [True, True, False]  # 9 of budget: two reservations
+    offer = ship.to_offer(0)
+    schema = json.loads((Path(__file__).resolve().parents[2] / "stream/schemas/decision.v1.json").read_text())
+    doc = Decision("d1", "u1", 0, "e1", offer, propensity=0.5).to_dict()
+    Draft202012Validator(schema).validate(doc)
+    assert doc["offer"]["kind"] == "free_shipping"
+    with pytest.raises(CatalogueError, match=r"^s.yaml:2: offer ship: free_shipping needs shipping_cost"):
+        parse_catalogue("offers:\n  - {offer_id: ship, kind: free_shipping, value: 6.9}\n", "s.yaml")
+    with pytest.raises(CatalogueError, match=r"shipping_cost only applies to free_shipping"):
+        parse_catalogue("offers:\n  - {offer_id: c, kind: coupon, value: 5, shipping_cost: 3}\n", "s.yaml")
