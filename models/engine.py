@@ -48,6 +48,8 @@ from models.learning.contrib import Contribution
 from models.profile import EVENT_WEIGHTS, Profile
 from models import failpoints
 from models.state.engine_store import EngineStore, UserCommit, parked_field
+from models.triggers.base import Trigger
+from models.triggers.cart import CartTrigger
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
 
@@ -126,7 +128,10 @@ class Engine:
         Optional learning core (``learn_batch``, ``recommend``, ``propensity``, ``segment``); without it items are
         the user's most recent ones and propensity is a frequency estimate.
     decision_cooldown_s
-        Minimum event time between two decisions for one user; the first ``cart`` of a user always triggers.
+        Minimum event time between two decisions for one user, for the default trigger (a ``cart``).
+    triggers
+        The moments to decide at (:mod:`models.triggers`); default a :class:`models.triggers.cart.CartTrigger`
+        with ``decision_cooldown_s``.
     event_clock
         Event-time "now" of the expiry sweep and of lazy expiry (:class:`models.clock.EventClock`, fed each
         batch's event times by their ``partition``); default: one without a wall-clock bound.
@@ -148,12 +153,13 @@ class Engine:
         budget=None,
         conversions=None,
         event_clock: EventClock | None = None,
+        triggers: list[Trigger] | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
         self.policy = policy or RulePolicy(self.catalogue, holdout_pct=holdout_pct)
         self.learning = learning
-        self.cooldown_ms = decision_cooldown_s * 1000
+        self.triggers: list[Trigger] = triggers or [CartTrigger(decision_cooldown_s * 1000)]
         self.window_ms = attribution_window_s * 1000
         self.k = recommend_k
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -248,8 +254,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def is_trigger(self, e: Event, prof: Profile) -> bool:
-        """A ``cart`` event, unless the user got a decision less than the cooldown ago (event time)."""
-        return e.type == "cart" and (prof.n_decisions == 0 or e.ts - prof.last_decision_ts >= self.cooldown_ms)
+        """Whether a configured trigger fires at ``e``, just applied to the user's ``prof``."""
+        return any(t.fires(e, prof) for t in self.triggers)
+
+    def may_trigger(self, e: Event) -> bool:
+        """Whether ``e`` could fire a decision (its stored decision is loaded with the batch)."""
+        return any(t.may_fire(e) for t in self.triggers)
 
     def context(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> DecisionContext:
         day_start = e.ts - e.ts % DAY_MS
@@ -442,7 +452,7 @@ class Engine:
         """Load, plan, reserve, settle and commit the pending users once; committed users move to the result."""
         pending = progress.pending
         ids = {u: [e.event_id for e in evs] for u, evs in pending.items()}
-        triggers = {u: [e.event_id for e in evs if e.type == "cart"] for u, evs in pending.items()}
+        triggers = {u: [e.event_id for e in evs if self.may_trigger(e)] for u, evs in pending.items()}
         loads = await self.store.load(ids, triggers)
         for u, plan in progress.in_doubt.items():  # a commit of the failed pipeline that did land is ours
             if u in pending and plan.commit is not None and loads[u].token == plan.commit.token:

@@ -49,3 +49,12 @@ def test_every_policy_and_learning_model_runs_the_checks():
     missing = impls - set(test_estimators.FACTORIES)
     assert not missing, f"{sorted(missing)} implement Policy but run no checks: add a factory to " \
                         "tests/contracts/test_estimators.py FACTORIES"
+
+
+def test_every_registered_trigger_and_offer_kind_comes_from_its_own_module():
+    """The seams hold: a trigger or an offer kind is one module, found by its package (nothing else lists them)."""
+    from models.policy.offers import KINDS
+    from models.triggers import TRIGGERS
+
+    assert {k: type(v).__module__.rsplit(".", 1)[1] for k, v in KINDS.items()} == {k: k for k in KINDS}
+    assert {k: v.__module__.rsplit(".", 1)[1] for k, v in TRIGGERS.items()} == {k: k for k in TRIGGERS}
