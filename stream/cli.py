@@ -169,12 +169,12 @@ def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | 
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_policy(file: Path, fmt: str, seed: int, as_json: bool) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR) on logged decisions."""
-    from models.evaluation.ope import evaluate_file
+    from stream.evaluate import evaluate_policy_file
 
     if not file.exists():
         raise PromoError(f"{file}: no such file or directory")
     try:
-        report = evaluate_file(file, fmt=fmt, seed=seed)
+        report = evaluate_policy_file(file, fmt=fmt, seed=seed)
     except ValueError as exc:  # PolicyDataError names <file>:<line>
         raise PromoError(str(exc)) from exc
     emit(report, as_json)

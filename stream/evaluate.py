@@ -1,6 +1,7 @@
-"""Event logs from files for offline evaluation: read, validated as the worker validates, de-duplicated,
-time-sorted (:func:`load_events`), and ``promo evaluate stream`` (:func:`evaluate_file`), which hands them to
-:func:`models.evaluation.prequential.evaluate_events`."""
+"""Offline evaluation from files: ``promo evaluate stream`` (:func:`evaluate_file`: event logs read, validated as
+the worker validates, de-duplicated, time-sorted by :func:`load_events`, then
+:func:`models.evaluation.prequential.evaluate_events`) and ``promo evaluate policy`` (:func:`evaluate_policy_file`:
+logged decisions, :func:`models.evaluation.ope.evaluate_rows`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from models.evaluation.ope import evaluate_rows, iter_jsonl, iter_obd
+from models.evaluation.ope.logged import PolicyDataError, obd_csv
 from models.evaluation.prequential import evaluate_events, fmt_score
 from models.events import Event
 from stream.errors import PromoError
@@ -80,3 +83,23 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
     return report
 
 
+def evaluate_policy_file(path: str | Path, fmt: str = "jsonl", seed: int = 0) -> dict:
+    """``promo evaluate policy FILE --format jsonl|obd --seed N``: the report dict (:mod:`models.evaluation.ope`).
+
+    Raises :class:`PolicyDataError` (a ``ValueError``) naming ``<file>:<line>`` for invalid input.
+    """
+    if fmt == "jsonl":
+        rows = iter_jsonl(path)
+    elif fmt == "obd":
+        rows = iter_obd(path)
+    else:
+        raise PolicyDataError(f"{path}:0: unknown format '{fmt}' (use jsonl or obd)")
+
+    def progress(n: int) -> None:
+        print(f"evaluate policy: {n} rows", file=sys.stderr, flush=True)
+
+    src = str(obd_csv(Path(path))) if fmt == "obd" else str(path)
+    report = evaluate_rows(rows, seed=seed, progress=progress, source=src)
+    report["file"] = str(path)
+    report["format"] = fmt
+    return report

@@ -9,7 +9,8 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from models.evaluation.ope import LoggedRow, PolicyDataError, evaluate_file, evaluate_rows, obd_to_jsonl
+from models.evaluation.ope import LoggedRow, PolicyDataError, evaluate_rows, obd_to_jsonl
+from stream.evaluate import evaluate_policy_file as evaluate_file
 from stream.cli import cli
 
 ACTIONS = ["none", "c5", "p10"]
