@@ -11,7 +11,7 @@ Order of effects for a batch (at-least-once, nothing lost, nothing applied twice
 
 Every exception has a verdict (:mod:`stream.faults`): a transient Redis or Kafka error is retried with back-off,
 the step where it happened resumes (a batch whose commit failed half-way continues with the users not committed,
-:class:`models.engine.BatchProgress`; a record whose ack failed is sent again), ``/readyz`` answers 503 meanwhile
+:class:`models.batch.BatchProgress`; a record whose ack failed is sent again), ``/readyz`` answers 503 meanwhile
 (:class:`stream.health.Health`) and nothing is acknowledged. Any other exception while applying the batch is
 pinned down by applying the events not yet committed one by one: an event that fails alone against a healthy
 store is dead-lettered (``internal_error``), unless too many do (:class:`stream.faults.DlqLimit`). Anything else
@@ -28,7 +28,8 @@ from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from models import failpoints
-from models.engine import BatchProgress, BatchResult, Engine
+from models.batch import BatchProgress, BatchResult
+from models.engine import Engine
 from models.events import Event
 from models.privacy import pseudonymise
 from stream import metrics as m

@@ -20,7 +20,7 @@ What is excluded, and why each is legitimately run-dependent (everything else mu
   optimistic-concurrency version, incremented once per successful commit, i.e. per batch that held the user's
   events; how a user's events were split into batches depends on timing. (Events applied twice would show in
   the profile itself and in the markers, which are compared.) Likewise its commit token (field ``tok``), unique per
-  engine instance and commit (``models.engine.BatchProgress``: a commit in doubt is recognised by it).
+  engine instance and commit (``models.batch.BatchProgress``: a commit in doubt is recognised by it).
 * **Model snapshot blobs** (keys matching :data:`EXCLUDED_KEY_PATTERNS`: ``<prefix>:models:snapshot``, the
   learning core's pickle, and ``<prefix>:snapshot:*``, e.g. the policy's posteriors as versions before the shared
   ``<prefix>:policy`` hash kept them): copies of in-memory models written every ``maintenance_interval_s``

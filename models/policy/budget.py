@@ -6,6 +6,9 @@ The store that keeps the money (atomic, idempotent per decision id, shared by al
 
 from __future__ import annotations
 
+from models import failpoints
+from models.batch import UserPlan
+from models.decision import Decision
 from models.metrics import NULL, MetricsSink
 from models.policy.catalogue import Catalogue
 from models.state.budget_store import BudgetStore, CampaignSpend, ReserveRequest
@@ -116,3 +119,45 @@ class BudgetGate:
 
     async def sweep(self, now_ms: int) -> dict[str, int]:
         return await self.store.sweep(list(self.budgets), now_ms)
+
+    # --- around a batch's commits (models.engine.Engine) ------------------------------------------
+    async def reserve_for(self, plans: list[UserPlan]) -> dict[str, dict[str, str]]:
+        """Reserve the budgets a batch's planned decisions need (before their commits); the users whose reservation
+        was refused, with why (the engine plans them again without that offer)."""
+        reqs = [(p, r) for p in plans for r in p.requests]
+        if not reqs:
+            return {}
+        oks = await self.reserve([r for _, r in reqs])
+        failpoints.hit("reserved")
+        refused: dict[str, dict[str, str]] = {}
+        for (p, r), ok in zip(reqs, oks):
+            if not ok:
+                refused.setdefault(p.user_id, {})[r.offer_id] = "budget taken meanwhile by another decision"
+        return refused
+
+    async def settle_closing(self, plans: list[UserPlan]) -> None:
+        """Settle the budgets of the decisions these commits close, BEFORE the commits (as reservations are made
+        before them): a worker killed after a commit that closed a redeemed decision would otherwise lose the
+        charge (the reservation would lapse uncharged). Settling is keyed by decision id, so a commit that is
+        refused and planned again, or a redelivered batch, settles nothing twice; what closes is a function of
+        the user's events, so a re-plan settles the same amount."""
+        closing = [(c.decision.offer_id, c.decision.decision_id, c.cost) for p in plans for c in p.closed]
+        if closing:
+            await self.settle(closing)
+
+    async def release_stale(self, decisions: list[Decision]) -> None:
+        """Free what a decision id holds on campaigns other than its committed offer.
+
+        A worker that crashed after reserving but before committing left a reservation; the redelivered trigger
+        is decided again (same decision id) and the policy, having learnt meanwhile, may pick another offer.
+        Settling the other campaigns at cost 0 returns that budget at once (a no-op where nothing is held). It runs
+        for re-sent decisions too (a worker killed after such a commit, before this release, is covered when the
+        batch is redelivered); after ``mark_sent`` a redelivered trigger is not re-sent and its reservations lapse
+        with the attribution window (:meth:`sweep`).
+        """
+        if not decisions:
+            return
+        budgeted = list(self.budgets)
+        stale = [(o, d.decision_id, 0.0) for d in decisions for o in budgeted if o != d.offer.offer_id]
+        if stale:
+            await self.settle(stale)

@@ -51,7 +51,7 @@ class UserLoad:
     seen: set[str] = field(default_factory=set)
     stored: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # trigger event id -> (json, sent)
     version: str = ""  # the profile version read; a commit succeeds only if it is still current
-    token: str = ""  # the token of the user's last commit (models.engine.BatchProgress: a commit in doubt)
+    token: str = ""  # the token of the user's last commit (models.batch.BatchProgress: a commit in doubt)
 
 
 @dataclass(slots=True)

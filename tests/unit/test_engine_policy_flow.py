@@ -137,7 +137,7 @@ def test_a_stale_plan_is_refused_and_replanned():
     run(a.process_batch([Event("v1", "view", "u1", "i1", 0)]))
     loads = run(store.load({"u1": ["v2"]}, {}))
     run(b.process_batch([Event("v3", "view", "u1", "i3", 1)]))  # changes u1 after a's load
-    plan = a._plan_user("u1", [Event("v2", "view", "u1", "i2", 2)], loads["u1"])
+    plan = a.planner.plan_user("u1", [Event("v2", "view", "u1", "i2", 2)], loads["u1"])
     assert run(store.commit([plan.commit])) == [False]
     res = run(a.process_batch([Event("v2", "view", "u1", "i2", 2)]))
     assert res.applied == {"view": 1}
@@ -153,9 +153,9 @@ def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
     first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                    budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
     load = run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"]
-    plan = first._plan_user("u1", [cart(1)], load, {})
+    plan = first.planner.plan_user("u1", [cart(1)], load, {})
     assert plan.decisions[0].offer.offer_id == "c5"
-    run(first._reserve([plan]))  # ... and the worker dies before its commit
+    run(first.budget.reserve_for([plan]))  # ... and the worker dies before its commit
     assert run(budget.spend(["c5"]))["c5"].reserved == 5.0
     second = engine(store, budget_store=budget, holdout=100.0)  # the restarted worker decides `none` this time
     res = run(second.process_batch([cart(1)]))
@@ -173,14 +173,14 @@ def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_t
     cat = parse_catalogue(CAT)
     first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                    budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
-    plan = first._plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
-    run(first._reserve([plan]))  # the first worker dies before its commit
+    plan = first.planner.plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
+    run(first.budget.reserve_for([plan]))  # the first worker dies before its commit
     second = engine(store, budget_store=budget, holdout=100.0)
 
     async def dies(decisions):
         raise SystemExit("kill -9 after the commit")
 
-    second._release_stale_reservations = dies
+    second._release_stale = dies
     try:
         run(second.process_batch([cart(1)]))
     except SystemExit:

@@ -1,0 +1,225 @@
+"""Planning one user's part of a batch: de-duplicate, fold the events into the profile, close attribution windows
+(expiry, purchases), decide at triggers, and build the user's atomic commit (:class:`Planner`).
+
+Planning reads the store's answer for the user (:class:`models.state.engine_store.UserLoad`) and writes nothing:
+the engine reserves budgets and commits what it planned, and plans again a user whose commit was refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import uuid
+from typing import Callable
+
+from models.batch import UserPlan
+from models.clock import EventClock
+from models.decision import Decision, decision_id_for
+from models.events import Event
+from models.learning.contrib import Contribution
+from models.policy.attribution import OpenDecision, close_on_purchase, expire, orders_from_events
+from models.policy.base import DecisionContext, Policy
+from models.policy.catalogue import Catalogue
+from models.profile import EVENT_WEIGHTS, Profile
+from models.state.engine_store import UserCommit
+from models.triggers.base import Trigger
+
+OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
+
+DAY_MS = 86_400_000
+
+
+class Planner:
+    """Plans users' parts of batches for an :class:`models.engine.Engine` (which owns the collaborators).
+
+    Parameters
+    ----------
+    catalogue, policy, learning, budget, conversions
+        The engine's offer catalogue, policy, learning core (or None), budget gate (or None) and outcome stats
+        (or None).
+    triggers
+        The moments to decide at (:mod:`models.triggers`).
+    window_ms
+        Attribution window of a decision, event time.
+    recommend_k
+        Items recommended per decision.
+    clock_ms
+        Wall clock (a decision's ``ts``).
+    event_clock
+        The engine's event-time clock: lazy expiry never closes a window past it.
+    contribution
+        With item statistics learnt in the users' commits: the payload header and the user window's width and
+        span (:meth:`models.engine.Engine._contribution_settings`); None otherwise.
+    """
+
+    def __init__(self, *, catalogue: Catalogue, policy: Policy, learning, budget, conversions,
+                 triggers: list[Trigger], window_ms: int, recommend_k: int, clock_ms: Callable[[], int],
+                 event_clock: EventClock, contribution: dict | None) -> None:
+        self.catalogue = catalogue
+        self.policy = policy
+        self.learning = learning
+        self.budget = budget
+        self.conversions = conversions
+        self.triggers = triggers
+        self.window_ms = window_ms
+        self.k = recommend_k
+        self.clock_ms = clock_ms
+        self.clock = event_clock
+        self._contrib = contribution
+        # what decisions teach travels in the users' commits (see user_commit)
+        self.shares_policy = policy.shares_state
+        self.shares_outcomes = conversions is not None
+        # commit tokens: unique per engine instance and commit, so a commit in doubt is recognised as ours
+        self._instance = uuid.uuid4().hex[:12]
+        self._commits = itertools.count(1)
+
+    def is_trigger(self, e: Event, prof: Profile) -> bool:
+        """Whether a configured trigger fires at ``e``, just applied to the user's ``prof``."""
+        return any(t.fires(e, prof) for t in self.triggers)
+
+    def may_trigger(self, e: Event) -> bool:
+        """Whether ``e`` could fire a decision (its stored decision is loaded with the batch)."""
+        return any(t.may_fire(e) for t in self.triggers)
+
+    def context(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> DecisionContext:
+        day_start = e.ts - e.ts % DAY_MS
+        learning = self.learning
+        ctx = DecisionContext(
+            user_id=e.user_id,
+            now_ms=e.ts,
+            cart_value=prof.cart_value,
+            cart_items=list(prof.cart),
+            cart_categories=prof.cart_categories,
+            is_new=prof.is_new,
+            n_purchases=prof.n_orders,
+            segment=learning.segment(prof) if learning is not None else None,
+            churn_risk=float(prof.churn_risk or 0.0),
+            propensity=(
+                learning.propensity(prof, e.ts) if learning is not None
+                else (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10)
+            ),
+            offers_today=prof.offers_since(day_start),
+            last_offer_ms=prof.last_offer_ts(),
+            offer_counts_today={k: sum(1 for t in v if t >= day_start) for k, v in prof.offer_history.items()},
+            offer_counts_total={k: len(v) for k, v in prof.offer_history.items()},
+        )
+        if learning is not None:
+            ctx.features = learning.features(prof, e.ts, e.context or None)
+        block = dict(self.budget.blocked(ctx)) if self.budget is not None else {}
+        if blocked:
+            block.update(blocked)
+        ctx.blocked = block
+        return ctx
+
+    def decide(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> tuple[Decision, DecisionContext]:
+        did = decision_id_for(e.event_id)
+        ctx = self.context(e, prof, blocked)
+        choice = self.policy.choose(ctx, random.Random(did))
+        offer = choice.offer
+        if offer.kind != "none" and offer.expires_at is None:
+            offer.expires_at = e.ts + self.window_ms
+        if self.learning is not None:
+            items = self.learning.recommend(prof, self.k, e.ts)
+        else:
+            items = list(reversed(prof.recent_items))[: self.k]
+        return Decision(
+            decision_id=did,
+            user_id=e.user_id,
+            ts=self.clock_ms(),
+            trigger_event_id=e.event_id,
+            offer=offer,
+            items=items,
+            propensity=choice.propensity,
+            scores=choice.scores,
+            group=choice.group,
+            model_version=choice.model_version,
+            reasons=choice.reasons + [f"p_buy={ctx.propensity:.3f} (purchase propensity, "
+                                      f"{'online model' if self.learning is not None else 'frequency'})"],
+        ), ctx
+
+    def plan_user(self, uid: str, evs: list[Event], load, blocked: dict[str, str] | None = None) -> UserPlan:
+        raw = dict(load.profile)
+        open_raw = raw.pop(OPEN_FIELD, None)
+        prof = Profile.from_dict(raw)
+        if isinstance(open_raw, (str, bytes)):  # written by an earlier version: JSON text
+            open_raw = json.loads(open_raw)
+        open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []
+        plan = UserPlan(uid, prof, had_open=bool(open_))
+        cs = self._contrib
+        contrib = Contribution(cs["header"]["hl"], cs["header"]["phl"]) if cs is not None else None
+        done: set[str] = set()
+        stored_json: list[tuple[str, bytes]] = []
+        # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events
+        # groups them in first-seen order, the same order as their first lines
+        purchases = [e for e in evs if e.type == "purchase" and e.event_id not in load.seen]
+        first_lines: dict[str, str] = {}
+        for e in purchases:
+            first_lines.setdefault(e.order_id or f"ts:{e.ts}", e.event_id)
+        orders = dict(zip(first_lines.values(), orders_from_events(purchases)))
+        for e in evs:
+            if e.event_id in load.seen or e.event_id in done:
+                plan.duplicates += 1
+                stored = load.stored.get(e.event_id)
+                if stored is not None and not stored[1]:
+                    d = Decision.from_json(stored[0])
+                    if all(x.decision_id != d.decision_id for x in plan.resend):
+                        plan.resend.append(d)
+                continue
+            done.add(e.event_id)
+            if open_:
+                # at the event's time, but never past the clock: an event ahead of the stream (a device with a wrong
+                # clock) closes no window early, its user's included. The clock is fixed during a batch (re-plans
+                # close the same), and what it closes here the sweep could close now anyway: same outcome
+                closed, open_ = expire(open_, min(e.ts, self.clock.time_ms))
+                plan.closed += closed
+            prof.apply(e)
+            plan.new_events.append(e)
+            if contrib is not None:
+                contrib.add_event(prof.win, e.item_id, e.ts, EVENT_WEIGHTS.get(e.type, 0.0), cs["width"],
+                                  cs["window_ms"])
+            order = orders.get(e.event_id)
+            if order is not None and open_:
+                closed, open_ = close_on_purchase(self.catalogue, open_, order)
+                plan.closed += closed
+            if self.is_trigger(e, prof):
+                d, ctx = self.decide(e, prof, blocked)
+                prof.mark_decision(e.ts, d.offer.offer_id)
+                plan.decisions.append(d)
+                plan.exposures.append((ctx, d.offer.offer_id))
+                stored_json.append((e.event_id, d.to_json()))
+                if self.budget is not None:
+                    req = self.budget.request(d.decision_id, d.offer.offer_id, prof.cart_value, e.ts)
+                    if req is not None:
+                        plan.requests.append(req)
+                open_.append(OpenDecision(d.decision_id, uid, d.offer.offer_id, d.group, ts=e.ts,
+                                          expires_ms=e.ts + self.window_ms, cart_value=prof.cart_value,
+                                          propensity=d.propensity, ctx=ctx.to_dict()))
+        plan.open = open_
+        if plan.new_events or plan.closed:
+            plan.commit = self.user_commit(plan, load.version, [e.event_id for e in plan.new_events], stored_json)
+            if contrib:
+                plan.commit.contrib = contrib.to_json(cs["header"])
+        return plan
+
+    def user_commit(self, plan: UserPlan, version: str, event_ids: list[str], decisions) -> UserCommit:
+        """The atomic write of a user: profile fields with the open decisions beside them, markers, decisions,
+        and what the decisions made and closed teach (``shares_policy``: posterior updates; ``shares_outcomes``:
+        conversion counts)."""
+        fields = plan.profile.to_dict()  # plain values: the store encodes the whole document once
+        fields[OPEN_FIELD] = [d.to_dict() for d in plan.open]
+        commit = UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
+                            open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open,
+                            token=f"{self._instance}:{next(self._commits)}")
+        if self.shares_policy:
+            pol = self.policy
+            ups = [pol.exposure_update(ctx, offer_id) for ctx, offer_id in plan.exposures]
+            for c in plan.closed:
+                if c.decision.ctx:
+                    ups.append(pol.outcome_update(DecisionContext.from_dict(c.decision.ctx), c.decision.offer_id,
+                                                  c.reward, converted=c.converted))
+                    commit.counts["n"] = commit.counts.get("n", 0) + 1
+            commit.policy = [u for u in ups if u is not None]
+        if self.shares_outcomes and plan.closed:
+            commit.counts.update(self.conversions.counts(plan.closed))
+        return commit
