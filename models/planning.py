@@ -147,7 +147,8 @@ class Planner:
         open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []
         plan = UserPlan(uid, prof, had_open=bool(open_))
         cs = self._contrib
-        contrib = Contribution(cs["header"]["hl"], cs["header"]["phl"]) if cs is not None else None
+        contrib = (Contribution(cs["header"]["half_life_ms"], cs["header"]["pop_half_life_ms"])
+                   if cs is not None else None)
         done: set[str] = set()
         stored_json: list[tuple[str, bytes]] = []
         # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events

@@ -403,7 +403,7 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
         item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
                                              config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
         watched(item_store.r)
-        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h)
+        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h, seed=settings.seed)
     store = RedisStore.from_settings(settings)
     budget_store = RedisBudgetStore.from_settings(settings)
     watched(store.r)

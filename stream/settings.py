@@ -157,7 +157,10 @@ class Settings(BaseSettings):
         50, ge=1, description="neighbours kept per item; beyond it the smallest pair counts are evicted, which "
         "makes the kept set depend on arrival order (item statistics are otherwise order-independent)"
     )
-    seed: int = 0
+    seed: int = Field(
+        0, description="seed of the learning core's randomised parts (segments, model initialisation): two workers "
+        "with the same seed learn alike from the same events"
+    )
     failpoint: str = Field(
         "", description="tests only: '<point>:<n>' makes the worker SIGKILL itself the n-th time a batch passes "
         "<point> (models.failpoints.POINTS); empty in production"

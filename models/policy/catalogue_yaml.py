@@ -33,14 +33,14 @@ class _Validator:
 
     def __init__(self, name: str):
         self.name = name
-        self._c = yaml.constructor.SafeConstructor()
+        self._constructor = yaml.constructor.SafeConstructor()
 
     def err(self, node: yaml.Node | None, msg: str) -> CatalogueError:
         line = node.start_mark.line + 1 if node is not None else 1
         return CatalogueError(f"{self.name}:{line}: {msg}")
 
     def value(self, node: yaml.Node) -> Any:
-        return self._c.construct_object(node, deep=True)
+        return self._constructor.construct_object(node, deep=True)
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):

@@ -136,12 +136,12 @@ class ThompsonPolicy(Policy):
         lift = 1.0 if spec.kind == "none" else 1.0 + spec.prior_uplift / max(self.exposure(ctx), 0.01)
         return [lift * self.prior_strength, self.prior_strength]
 
-    def _ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+    def _posterior(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
         """The cell's ``[alpha, beta]`` to read: its prior while nothing was learnt in it (reading stores nothing,
         so choosing never changes what the policy learns next)."""
         return self.cells.get((spec.offer_id, self.cell(ctx))) or self._prior(spec, ctx)
 
-    def _learning_ab(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
+    def _posterior_to_learn(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
         """The cell's ``[alpha, beta]`` to update in place, created from the prior of the context that first
         teaches it (as the store's shared hash creates it from the first update)."""
         key = (spec.offer_id, self.cell(ctx))
@@ -153,7 +153,7 @@ class ThompsonPolicy(Policy):
     def predict_buy(self, ctx: DecisionContext, offer_id: str) -> float:
         """Posterior-mean ``P(buy | offer, context)``."""
         spec = self.catalogue.offers.get(offer_id) or self.catalogue[NONE_ID]
-        a, b = self._ab(spec, ctx)
+        a, b = self._posterior(spec, ctx)
         return min(1.0, self.exposure(ctx) * a / b)
 
     # --- policy interface --------------------------------------------------------------------
@@ -177,18 +177,18 @@ class ThompsonPolicy(Policy):
         probs, mean_scores = self.choice_distribution(ctx, eligible, rng)
         cum = np.cumsum(probs)
         k = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(eligible) - 1)
-        win = eligible[k]
+        chosen = eligible[k]
         best = int(np.argmax(mean_scores))
         scores = {s.offer_id: round(float(mean_scores[i]), 4) for i, s in enumerate(eligible)}
-        if win.kind == "none":
+        if chosen.kind == "none":
             why = "no offer is expected to pay for its cost" if best == 0 else "sampled models favour no offer"
         else:
             why = f"best sampled incremental margin (estimate {mean_scores[k]:.2f})"
         if k != best:
             why += f"; exploring, best estimate is {eligible[best].offer_id}"
-        reasons.append(f"{win.offer_id}: {why}, p={probs[k]:.3f}")
-        self._expose(win, ctx)
-        return PolicyChoice(win.to_offer(ctx.now_ms), float(probs[k]), scores, "treatment", reasons,
+        reasons.append(f"{chosen.offer_id}: {why}, p={probs[k]:.3f}")
+        self._expose(chosen, ctx)
+        return PolicyChoice(chosen.to_offer(ctx.now_ms), float(probs[k]), scores, "treatment", reasons,
                             self.model_version)
 
     def choice_distribution(
@@ -204,7 +204,7 @@ class ThompsonPolicy(Policy):
         margin = np.empty(n)
         gain = np.empty(n)  # margin - (1 + shadow price) * cost, if the user buys with the offer
         for i, s in enumerate(eligible):
-            a[i], b[i] = self._ab(s, ctx)
+            a[i], b[i] = self._posterior(s, ctx)
             basket = s.basket(ctx.cart_value)
             lam = self.pacing.price(s.offer_id) if (self.pacing is not None and s.kind != "none") else 0.0
             margin[i] = s.margin(ctx.cart_value)
@@ -225,13 +225,13 @@ class ThompsonPolicy(Policy):
 
     def _expose(self, spec: OfferSpec, ctx: DecisionContext) -> None:
         if self.exposure_at_choice and not self.defer_exposure:
-            self._learning_ab(spec, ctx)[1] += self.exposure(ctx)
+            self._posterior_to_learn(spec, ctx)[1] += self.exposure(ctx)
 
     def expose(self, ctx: DecisionContext, offer_id: str) -> None:
         """Count the exposure of a final decision (with ``defer_exposure``; otherwise :meth:`choose` did)."""
         spec = self.catalogue.offers.get(offer_id)
         if spec is not None and self.exposure_at_choice and self.defer_exposure:
-            self._learning_ab(spec, ctx)[1] += self.exposure(ctx)
+            self._posterior_to_learn(spec, ctx)[1] += self.exposure(ctx)
 
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
         """Learn the outcome of a closed decision (holdout decisions teach ``none`` too).
@@ -242,7 +242,7 @@ class ThompsonPolicy(Policy):
         if spec is None:
             return None
         y = bool(reward != 0) if converted is None else bool(converted)
-        ab = self._learning_ab(spec, ctx)
+        ab = self._posterior_to_learn(spec, ctx)
         ab[0] += y
         if not self.exposure_at_choice:
             ab[1] += self.exposure(ctx)

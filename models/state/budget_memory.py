@@ -18,7 +18,7 @@ class MemoryBudgetStore(BudgetStore):
         self._open: dict[str, dict[str, int]] = {}
         self._gc: dict[str, dict[str, int]] = {}
 
-    def _c(self, oid: str) -> dict[str, int]:
+    def _campaign(self, oid: str) -> dict[str, int]:
         c = self._camp.get(oid)
         if c is None:
             c = self._camp[oid] = {"spent": 0, "reserved": 0, "committed": 0, "n": 0}
@@ -27,7 +27,7 @@ class MemoryBudgetStore(BudgetStore):
 
     def reserve_one(self, r: ReserveRequest) -> ReserveResult:
         with self._lock:
-            c = self._c(r.offer_id)
+            c = self._campaign(r.offer_id)
             res = self._res[r.offer_id]
             state = res.get(r.decision_id)
             if state is not None:
@@ -49,7 +49,7 @@ class MemoryBudgetStore(BudgetStore):
             return self._settle_locked(offer_id, decision_id, to_units(max(0.0, cost)))
 
     def _settle_locked(self, offer_id: str, decision_id: str, cost_u: int) -> float | None:
-        c = self._c(offer_id)
+        c = self._campaign(offer_id)
         state = self._res[offer_id].get(decision_id)
         if state is None or state[0] != "A":
             return None
@@ -71,7 +71,7 @@ class MemoryBudgetStore(BudgetStore):
 
     def sweep_one(self, offer_id: str, now_ms: int, limit: int = 1000) -> int:
         with self._lock:
-            self._c(offer_id)
+            self._campaign(offer_id)
             due = sorted((t, d) for d, t in self._open[offer_id].items() if t <= now_ms)[:limit]
             for _, d in due:
                 self._settle_locked(offer_id, d, 0)

@@ -221,8 +221,9 @@ class RedisItemStore(ItemStore):
 
     def contribution_header(self) -> dict:
         cfg = self.config
-        return {"P": self.prefix, "hl": int(cfg.half_life_ms), "phl": int(cfg.pop_half_life_ms),
-                "minsc": float(cfg.min_score), "maxnb": int(cfg.max_neighbours), "maxpop": int(cfg.popular_cap())}
+        return {"prefix": self.prefix, "half_life_ms": int(cfg.half_life_ms),
+                "pop_half_life_ms": int(cfg.pop_half_life_ms), "min_score": float(cfg.min_score),
+                "max_neighbours": int(cfg.max_neighbours), "max_popular": int(cfg.popular_cap())}
 
     def enforce_item_cap(self) -> int:
         """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` (the worker's

@@ -131,3 +131,43 @@ def test_forget_leaves_the_item_statistics_of_a_replay_without_the_user(events, 
     sa.pop("sim:idx"), sc.pop("sim:idx")
     diff = compare_states(sa, sc, rel=1e-9)
     assert diff == [], "\n".join(diff[:40])
+
+
+def test_a_contribution_parked_in_the_earlier_payload_format_is_applied_alike(redis_url, redis_client):
+    """Contributions parked by a worker of the previous version (short header keys: P, hl, phl, minsc, maxnb,
+    maxpop) and left unapplied when it stopped are applied by the new script exactly as the new format is."""
+    import json
+
+    import redis.asyncio as aioredis
+
+    from models.learning.contrib import Contribution
+    from models.state.engine_redis import RedisStore
+    from models.state.item_redis import RedisItemStore
+
+    contrib = Contribution(half_life_ms=7 * 86_400_000, pop_half_life_ms=6 * 3_600_000)
+    window: list = []
+    for i, item in enumerate(["a", "b", "c", "a", "d"]):
+        contrib.add_event(window, item, 1_700_000_000_000 + 60_000 * i, 1.0, width=8, window_ms=3_600_000)
+    old_keys = {"prefix": "P", "half_life_ms": "hl", "pop_half_life_ms": "phl", "min_score": "minsc",
+                "max_neighbours": "maxnb", "max_popular": "maxpop"}
+    states = []
+    for fmt in ("new", "old"):
+        prefix = "pf" + uuid.uuid4().hex[:8]
+        header = RedisItemStore(redis_client, prefix).contribution_header()
+        if fmt == "old":
+            header = {old_keys[k]: v for k, v in header.items()}
+        payload = json.loads(contrib.to_json(header))
+        assert ("P" in payload) == (fmt == "old")
+
+        async def apply(prefix=prefix, payload=payload):
+            store = RedisStore(aioredis.Redis.from_url(redis_url), prefix=prefix)
+            record = f"{store.user_tag('u1')}:c"
+            await store.r.hset(record, mapping={"w:1": json.dumps(payload), "parked": 1})
+            await store.r.sadd(store.parked_key, record)
+            applied = await store.apply_contributions([("u1", "w:1")])
+            await store.close()
+            return applied
+
+        assert asyncio.run(apply()) == 1
+        states.append(dump_state(redis_client, prefix))  # keys without the prefix: comparable
+    assert states[0] and not compare_states(states[0], states[1])

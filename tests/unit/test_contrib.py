@@ -114,8 +114,8 @@ def test_zero_weight_events_contribute_nothing_and_json_holds_everything():
         c.add_event(win, rng.choice("abc"), k * 1000, 1.0, WIDTH, WINDOW_MS)
     import json
 
-    doc = json.loads(c.to_json({"P": "promo"}))
-    assert doc["P"] == "promo"
+    doc = json.loads(c.to_json({"prefix": "promo"}))
+    assert doc["prefix"] == "promo"
     assert {x[0] for x in doc["i"]} == set(c.items)
     assert len(doc["p"]) == len(c.pairs) and len(doc["q"]) == len(c.pops)
     assert all(x[3] == c.last[x[0]] for x in doc["i"])

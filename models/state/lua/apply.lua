@@ -26,7 +26,10 @@ if cap > 0 and (redis.call('HEXISTS', rk, 'capped') == 1
   unpark()
   return 2
 end
-local P, hl, phl, minsc, maxnb, maxpop = c.P, c.hl, c.phl, c.minsc, c.maxnb, c.maxpop
+-- the payload's header names its item store (payloads parked by versions before 0.2 used short keys)
+local P = c.prefix or c.P
+local hl, phl = c.half_life_ms or c.hl, c.pop_half_life_ms or c.phl
+local minsc, maxnb, maxpop = c.min_score or c.minsc, c.max_neighbours or c.maxnb, c.max_popular or c.maxpop
 local eps = {}
 local function ikey(item) return P .. ':sim:{i:' .. item .. '}' end
 local function epoch(item, g)
