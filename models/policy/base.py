@@ -74,7 +74,7 @@ class Policy(ABC):
     A policy that :attr:`shares_state` learns through the engine store instead, so that every worker learns from
     every worker's decisions and nothing learnt dies with a worker: the engine puts :meth:`exposure_update` and
     :meth:`outcome_update` into the users' atomic commits and hands the store's sum back to :meth:`load_state`.
-    ``models/checks.py`` runs one suite over every policy.
+    :mod:`models.checks` runs one suite over every policy.
     """
 
     model_version: str = "unknown"

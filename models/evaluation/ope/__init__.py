@@ -31,7 +31,8 @@ so DR stays unbiased). CIs are normal approximations (delta method for SNIPS).
 
 from __future__ import annotations
 
-from models.evaluation.ope.estimators import ESTIMATORS, DoublyRobust, InverseProbabilityWeighting, OffPolicyEstimator, SelfNormalisedIPS
+from models.evaluation.ope.estimators import (ESTIMATORS, DoublyRobust, InverseProbabilityWeighting,
+                                              OffPolicyEstimator, SelfNormalisedIPS)
 from models.evaluation.ope.evaluate import evaluate_rows
 from models.evaluation.ope.logged import LoggedRow, PolicyDataError, iter_jsonl, iter_obd, obd_to_jsonl
 

@@ -1,5 +1,9 @@
 """Evaluate policies on logged decisions (see :mod:`models.evaluation.ope`): the progressive learned policy,
-the logging policy and every constant policy, with each estimator of :mod:`models.evaluation.ope.estimators`."""
+the logging policy and every constant policy, with each estimator of :mod:`models.evaluation.ope.estimators`.
+
+One pass over the log (:func:`evaluate_rows`): the rows are checked against the declared actions
+(:func:`_logged_rows`), the actions indexed (:func:`_action_list`), then each row scores every target policy and
+is learnt (:class:`_ProgressiveEvaluation`), which reports each policy's estimates at the end."""
 
 from __future__ import annotations
 
@@ -12,34 +16,167 @@ from models.evaluation.ope.estimators import ESTIMATORS, Z95, OffPolicyEstimator
 from models.evaluation.ope.logged import LoggedRow, PolicyDataError
 from models.evaluation.ope.reward_model import ShrinkageRewardModel, greedy
 
+PROGRESS_EVERY = 10_000
+"""Rows between two calls of ``progress``."""
+
+
+def _reported(x: float) -> float | None:
+    """``x`` as the report gives it: rounded to 8 decimals, ``None`` (JSON null) where undefined (NaN)."""
+    if x != x:
+        return None
+    return round(float(x), 8)
+
 
 class _Estimates:
-    """Every estimator of :data:`ESTIMATORS` for ``k`` target policies, fed together."""
+    """Every estimator of :data:`ESTIMATORS` for ``n_policies`` target policies, fed together."""
 
-    def __init__(self, k: int) -> None:
-        self.each: dict[str, OffPolicyEstimator] = {cls.name: cls(k) for cls in ESTIMATORS}
+    def __init__(self, n_policies: int) -> None:
+        self.each: dict[str, OffPolicyEstimator] = {cls.name: cls(n_policies) for cls in ESTIMATORS}
 
     def add(self, w: np.ndarray, r: float, dr: np.ndarray) -> None:
-        for e in self.each.values():
-            e.add(w, r, dr)
+        for estimator in self.each.values():
+            estimator.add(w, r, dr)
 
     def report(self, i: int) -> dict:
+        """Policy ``i``'s estimates, their 95 % intervals (``ci95`` is DR's) and SNIPS's effective sample size."""
         out: dict = {}
-        for name, e in self.each.items():
-            v, se = e.estimate(i)
-            out[name] = _r(v)
-            out[f"{name}_ci95"] = [_r(v - Z95 * se), _r(v + Z95 * se)]
+        for name, estimator in self.each.items():
+            value, se = estimator.estimate(i)
+            out[name] = _reported(value)
+            out[f"{name}_ci95"] = [_reported(value - Z95 * se), _reported(value + Z95 * se)]
         snips = self.each["snips"]
         assert isinstance(snips, SelfNormalisedIPS)
         return {"ips": out["ips"], "snips": out["snips"], "dr": out["dr"], "ci95": out["dr_ci95"],
                 "ips_ci95": out["ips_ci95"], "snips_ci95": out["snips_ci95"], "dr_ci95": out["dr_ci95"],
-                "ess": _r(snips.effective_sample_size(i))}
+                "ess": _reported(snips.effective_sample_size(i))}
 
 
-def _r(x: float) -> float | None:
-    if x != x:
-        return None
-    return round(float(x), 8)
+def _logged_rows(rows: Iterable[LoggedRow | list[str]], source: str) -> tuple[list[str] | None, list[LoggedRow]]:
+    """The declared actions (the header lists, merged; ``None`` without one) and the logged rows, each row's
+    logged and eligible actions checked against the declared ones."""
+    declared: list[str] | None = None
+    logged: list[LoggedRow] = []
+    for row in rows:
+        if isinstance(row, list):
+            declared = row if declared is None else declared + [a for a in row if a not in declared]
+            continue
+        if declared is not None:
+            _check_declared(row, declared, source)
+        logged.append(row)
+    if not logged:
+        raise PolicyDataError(f"{source}:0: no logged decisions to evaluate")
+    return declared, logged
+
+
+def _check_declared(row: LoggedRow, declared: list[str], source: str) -> None:
+    if row.action not in declared:
+        raise PolicyDataError(f"{source}:{row.line}: unknown action '{row.action}' (declared actions: "
+                              f"{', '.join(declared[:10])}{', ...' if len(declared) > 10 else ''})")
+    if row.actions and any(a not in declared for a in row.actions):
+        undeclared = next(a for a in row.actions if a not in declared)
+        raise PolicyDataError(f"{source}:{row.line}: unknown eligible action '{undeclared}'")
+
+
+def _action_list(declared: list[str] | None, logged: list[LoggedRow]) -> list[str]:
+    """The declared actions, then every other action the rows log or make eligible, in order of appearance."""
+    actions = list(declared) if declared is not None else []
+    seen = set(actions)
+    for row in logged:
+        for action in [row.action] + (row.actions or []):
+            if action not in seen:
+                seen.add(action)
+                actions.append(action)
+    return actions
+
+
+class _ProgressiveEvaluation:
+    """One pass over the log: each row is scored by every target policy with the reward model trained on the rows
+    before it, then learnt. Families of target policies: ``always:<a>`` (one per action), ``learned`` (greedy on
+    the reward model) and ``logging`` (the logged rewards themselves). With ``true_reward``, each policy's true
+    value is summed too."""
+
+    def __init__(self, actions: list[str], strength: float,
+                 true_reward: Callable[[dict, str], float] | None) -> None:
+        self.actions = actions
+        self.index = {a: i for i, a in enumerate(actions)}
+        self.none_index = self.index.get("none")
+        self.true_reward = true_reward
+        self.model = ShrinkageRewardModel(actions, strength)
+        self.constant = _Estimates(len(actions))  # always:<a>
+        self.learned = _Estimates(1)
+        self.logged_reward_sum = self.logged_reward_sq_sum = 0.0
+        self.true_constant = np.zeros(len(actions))
+        self.true_learned = 0.0
+        self.n_rows = 0
+
+    def add(self, row: LoggedRow) -> None:
+        """Score ``row`` with every target policy, then learn it."""
+        logged = self.index[row.action]
+        eligible = self._eligible(row)
+        rhat = self.model.predict(row.context)
+        learned_pi = greedy(rhat, eligible)
+        constant_actions = self._constant_actions(logged, eligible)
+        self._add_constant(row, logged, rhat, constant_actions)
+        self._add_learned(row, logged, rhat, learned_pi)
+        self.logged_reward_sum += row.reward
+        self.logged_reward_sq_sum += row.reward * row.reward
+        if self.true_reward is not None:
+            true_rewards = np.array([self.true_reward(row.context, a) for a in self.actions])
+            self.true_constant += true_rewards[constant_actions]
+            self.true_learned += float(learned_pi @ true_rewards)
+        self.model.learn(row.context, row.action, row.reward)
+        self.n_rows += 1
+
+    def _eligible(self, row: LoggedRow) -> np.ndarray | None:
+        """The row's eligible actions as a mask over the action index; ``None``: all are."""
+        if not row.actions:
+            return None
+        mask = np.zeros(len(self.actions), dtype=bool)
+        mask[[self.index[a] for a in row.actions]] = True
+        return mask
+
+    def _constant_actions(self, logged: int, eligible: np.ndarray | None) -> np.ndarray:
+        """The action each constant policy takes on the row: its own when eligible; otherwise ``none`` when
+        eligible, else the logged action."""
+        own = np.arange(len(self.actions))
+        if eligible is None:
+            return own
+        fallback = self.none_index if (self.none_index is not None and eligible[self.none_index]) else logged
+        return np.where(eligible, own, fallback)
+
+    def _add_constant(self, row: LoggedRow, logged: int, rhat: np.ndarray, constant_actions: np.ndarray) -> None:
+        w = (constant_actions == logged) / row.propensity
+        dr = rhat[constant_actions] + w * (row.reward - rhat[logged])
+        self.constant.add(w, row.reward, dr)
+
+    def _add_learned(self, row: LoggedRow, logged: int, rhat: np.ndarray, learned_pi: np.ndarray) -> None:
+        w = learned_pi[logged] / row.propensity
+        dr = float(learned_pi @ rhat) + w * (row.reward - rhat[logged])
+        self.learned.add(np.array([w]), row.reward, np.array([dr]))
+
+    def logged_mean(self) -> float:
+        return self.logged_reward_sum / self.n_rows
+
+    def policies(self) -> dict[str, dict]:
+        """Each target policy's report: ``learned``, ``logging``, then ``always:<a>`` in action order."""
+        n = self.n_rows
+        policies: dict[str, dict] = {"learned": self.learned.report(0), "logging": self._logging_report()}
+        for action, i in self.index.items():
+            policies[f"always:{action}"] = self.constant.report(i)
+        if self.true_reward is not None:
+            policies["learned"]["true"] = _reported(self.true_learned / n)
+            for action, i in self.index.items():
+                policies[f"always:{action}"]["true"] = _reported(self.true_constant[i] / n)
+        return policies
+
+    def _logging_report(self) -> dict:
+        """The logging policy's value is the on-policy mean reward: every estimator gives it, with its normal CI."""
+        n = self.n_rows
+        mean = self.logged_mean()
+        se = math.sqrt(max(self.logged_reward_sq_sum / n - mean * mean, 0.0) / n)
+        ci95 = [_reported(mean - Z95 * se), _reported(mean + Z95 * se)]
+        return {"ips": _reported(mean), "snips": _reported(mean), "dr": _reported(mean), "ci95": ci95,
+                "ips_ci95": ci95, "snips_ci95": ci95, "dr_ci95": ci95, "ess": float(n)}
 
 
 def evaluate_rows(
@@ -56,87 +193,22 @@ def evaluate_rows(
     ``true_reward(context, action)`` (simulated logs only) adds each policy's true value as ``"true"``.
     The progressive greedy learner is deterministic; ``seed`` is recorded in the report.
     """
-    declared: list[str] | None = None
-    data: list[LoggedRow] = []
-    for row in rows:
-        if isinstance(row, list):
-            declared = row if declared is None else declared + [a for a in row if a not in declared]
-            continue
-        if declared is not None and row.action not in declared:
-            raise PolicyDataError(f"{source}:{row.line}: unknown action '{row.action}' (declared actions: "
-                                  f"{', '.join(declared[:10])}{', ...' if len(declared) > 10 else ''})")
-        if declared is not None and row.actions and any(a not in declared for a in row.actions):
-            bad = next(a for a in row.actions if a not in declared)
-            raise PolicyDataError(f"{source}:{row.line}: unknown eligible action '{bad}'")
-        data.append(row)
-    if not data:
-        raise PolicyDataError(f"{source}:0: no logged decisions to evaluate")
-    actions = list(declared) if declared is not None else []
-    seen = set(actions)
-    for row in data:
-        for a in [row.action] + (row.actions or []):
-            if a not in seen:
-                seen.add(a)
-                actions.append(a)
-    A = len(actions)
-    idx = {a: i for i, a in enumerate(actions)}
-    none_i = idx.get("none")
-    model = ShrinkageRewardModel(actions, strength)
-    const = _Estimates(A)  # always:<a>
-    learned = _Estimates(1)
-    log_sum = log_sum2 = 0.0
-    true_const = np.zeros(A)
-    true_learned = 0.0
-    for t, row in enumerate(data):
-        i = idx[row.action]
-        mask = None
-        if row.actions:
-            mask = np.zeros(A, dtype=bool)
-            mask[[idx[a] for a in row.actions]] = True
-        rhat = model.predict(row.context)
-        pi = greedy(rhat, mask)
-        # constant policies: an ineligible action falls back to "none" when eligible, else the logged action
-        if mask is None:
-            targets = np.arange(A)
-        else:
-            fallback = none_i if (none_i is not None and mask[none_i]) else i
-            targets = np.where(mask, np.arange(A), fallback)
-        w_const = (targets == i) / row.propensity
-        dr_const = rhat[targets] + w_const * (row.reward - rhat[i])
-        const.add(w_const, row.reward, dr_const)
-        w_l = pi[i] / row.propensity
-        learned.add(np.array([w_l]), row.reward, np.array([float(pi @ rhat) + w_l * (row.reward - rhat[i])]))
-        log_sum += row.reward
-        log_sum2 += row.reward * row.reward
-        if true_reward is not None:
-            tr = np.array([true_reward(row.context, a) for a in actions])
-            true_const += tr[targets]
-            true_learned += float(pi @ tr)
-        model.learn(row.context, row.action, row.reward)
-        if progress is not None and (t + 1) % 10_000 == 0:
-            progress(t + 1)
-    n = len(data)
-    mean = log_sum / n
-    se = math.sqrt(max(log_sum2 / n - mean * mean, 0.0) / n)
-    lo, hi = _r(mean - Z95 * se), _r(mean + Z95 * se)
-    policies: dict[str, dict] = {
-        "learned": learned.report(0),
-        "logging": {"ips": _r(mean), "snips": _r(mean), "dr": _r(mean), "ci95": [lo, hi], "ips_ci95": [lo, hi],
-                    "snips_ci95": [lo, hi], "dr_ci95": [lo, hi], "ess": float(n)},
-    }
-    for a, k in idx.items():
-        policies[f"always:{a}"] = const.report(k)
-    if true_reward is not None:
-        policies["learned"]["true"] = _r(true_learned / n)
-        for a, k in idx.items():
-            policies[f"always:{a}"]["true"] = _r(true_const[k] / n)
-    best = max((k for k in policies if k.startswith("always:")), key=lambda k: policies[k]["dr"] or -math.inf)
+    declared, logged = _logged_rows(rows, source)
+    actions = _action_list(declared, logged)
+    evaluation = _ProgressiveEvaluation(actions, strength, true_reward)
+    for row in logged:
+        evaluation.add(row)
+        if progress is not None and evaluation.n_rows % PROGRESS_EVERY == 0:
+            progress(evaluation.n_rows)
+    policies = evaluation.policies()
+    constants = [name for name in policies if name.startswith("always:")]
+    best = max(constants, key=lambda name: policies[name]["dr"] or -math.inf)
     return {
-        "rows": n,
-        "actions": A,
+        "rows": len(logged),
+        "actions": len(actions),
         "seed": seed,
         "learning": "progressive (row t scored by a policy trained on rows < t)",
-        "mean_reward": _r(mean),
+        "mean_reward": _reported(evaluation.logged_mean()),
         "best_constant": best,
         "policies": policies,
     }

@@ -17,6 +17,9 @@ class PolicyDataError(ValueError):
 
 @dataclass(slots=True)
 class LoggedRow:
+    """One logged decision: the ``context`` it was taken in, the logged ``action``, the ``propensity`` the logging
+    policy gave it, the ``reward`` it earned, the ``actions`` eligible then (``None``: all) and its ``line``."""
+
     context: dict
     action: str
     propensity: float
@@ -27,65 +30,69 @@ class LoggedRow:
 
 def iter_jsonl(path: str | Path) -> Iterator[LoggedRow | list[str]]:
     """Rows of a JSONL log; a header ``{"actions": [...]}`` yields the declared action list."""
-    p = Path(path)
+    path = Path(path)
     try:
-        fh = p.open(encoding="utf-8")
+        fh = path.open(encoding="utf-8")
     except OSError as exc:
-        raise PolicyDataError(f"{p}:0: cannot read logged decisions: {exc.strerror or exc}") from None
+        raise PolicyDataError(f"{path}:0: cannot read logged decisions: {exc.strerror or exc}") from None
     with fh:
-        for n, raw in enumerate(fh, 1):
+        for line, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise PolicyDataError(f"{p}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise PolicyDataError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
-                raise PolicyDataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+                raise PolicyDataError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
             if "action" not in obj and "actions" in obj:
-                acts = obj["actions"]
-                if not isinstance(acts, list) or not acts or not all(isinstance(a, (str, int)) for a in acts):
-                    raise PolicyDataError(f"{p}:{n}: header 'actions' must be a non-empty list of action names")
-                yield [str(a) for a in acts]
+                actions = obj["actions"]
+                if not isinstance(actions, list) or not actions or not all(isinstance(a, (str, int)) for a in actions):
+                    raise PolicyDataError(f"{path}:{line}: header 'actions' must be a non-empty list of action names")
+                yield [str(a) for a in actions]
                 continue
-            yield _row(obj, p, n)
+            yield _parse_row(obj, path, line)
 
 
-def _row(obj: dict, p: Path, n: int) -> LoggedRow:
+def _parse_row(obj: dict, path: Path, line: int) -> LoggedRow:
+    """One logged decision from its JSON object, every field checked; errors name ``<path>:<line>``."""
     for k in ("context", "action", "propensity", "reward"):
         if k not in obj:
-            raise PolicyDataError(f"{p}:{n}: missing '{k}' (each line needs context, action, propensity, reward)")
-    ctx = obj["context"]
-    if not isinstance(ctx, dict):
-        raise PolicyDataError(f"{p}:{n}: 'context' must be an object, got {type(ctx).__name__}")
-    for k, v in ctx.items():
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-            raise PolicyDataError(f"{p}:{n}: context value '{k}' must be a string or a finite number, got {v!r}")
-    a = obj["action"]
-    if isinstance(a, bool) or not isinstance(a, (str, int)) or a == "":
-        raise PolicyDataError(f"{p}:{n}: 'action' must be a non-empty string, got {a!r}")
-    pr = obj["propensity"]
-    if isinstance(pr, bool) or not isinstance(pr, (int, float)) or not (0.0 < pr <= 1.0):
-        raise PolicyDataError(f"{p}:{n}: 'propensity' must be a number in (0, 1], got {pr!r}")
-    r = obj["reward"]
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-        raise PolicyDataError(f"{p}:{n}: 'reward' must be a finite number, got {r!r}")
-    acts = obj.get("actions")
-    if acts is not None:
-        if not isinstance(acts, list) or not acts or not all(isinstance(x, (str, int)) for x in acts):
-            raise PolicyDataError(f"{p}:{n}: 'actions' must be a non-empty list of action names")
-        acts = [str(x) for x in acts]
-        if str(a) not in acts:
-            raise PolicyDataError(f"{p}:{n}: logged action '{a}' is not among the row's eligible actions")
-    return LoggedRow(ctx, str(a), float(pr), float(r), acts, n)
+            raise PolicyDataError(f"{path}:{line}: missing '{k}' (each line needs context, action, propensity, reward)")
+    context = obj["context"]
+    if not isinstance(context, dict):
+        raise PolicyDataError(f"{path}:{line}: 'context' must be an object, got {type(context).__name__}")
+    for k, v in context.items():
+        if (isinstance(v, bool) or not isinstance(v, (str, int, float))
+                or (isinstance(v, float) and not math.isfinite(v))):
+            raise PolicyDataError(f"{path}:{line}: context value '{k}' must be a string or a finite number, got {v!r}")
+    action = obj["action"]
+    if isinstance(action, bool) or not isinstance(action, (str, int)) or action == "":
+        raise PolicyDataError(f"{path}:{line}: 'action' must be a non-empty string, got {action!r}")
+    propensity = obj["propensity"]
+    if isinstance(propensity, bool) or not isinstance(propensity, (int, float)) or not (0.0 < propensity <= 1.0):
+        raise PolicyDataError(f"{path}:{line}: 'propensity' must be a number in (0, 1], got {propensity!r}")
+    reward = obj["reward"]
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise PolicyDataError(f"{path}:{line}: 'reward' must be a finite number, got {reward!r}")
+    eligible = obj.get("actions")
+    if eligible is not None:
+        if not isinstance(eligible, list) or not eligible or not all(isinstance(a, (str, int)) for a in eligible):
+            raise PolicyDataError(f"{path}:{line}: 'actions' must be a non-empty list of action names")
+        eligible = [str(a) for a in eligible]
+        if str(action) not in eligible:
+            raise PolicyDataError(f"{path}:{line}: logged action '{action}' is not among the row's eligible actions")
+    return LoggedRow(context, str(action), float(propensity), float(reward), eligible, line)
 
 
 def obd_csv(path: Path) -> Path:
+    """The Open Bandit Dataset CSV at ``path``: the file itself, or in a directory ``<dir>.csv``, ``all.csv``, or
+    the first other CSV but ``item_context.csv``."""
     if path.is_dir():
-        cands = [path / f"{path.name}.csv", path / "all.csv"] + sorted(path.glob("*.csv"))
-        for c in cands:
-            if c.is_file() and c.name != "item_context.csv":
-                return c
+        candidates = [path / f"{path.name}.csv", path / "all.csv"] + sorted(path.glob("*.csv"))
+        for candidate in candidates:
+            if candidate.is_file() and candidate.name != "item_context.csv":
+                return candidate
         raise PolicyDataError(f"{path}:0: no Open Bandit Dataset CSV in this directory (expected {path.name}.csv)")
     return path
 
@@ -97,40 +104,41 @@ def iter_obd(path: str | Path) -> Iterator[LoggedRow | list[str]]:
     ``click``; propensity: ``propensity_score``. When ``item_context.csv`` sits next to the file, its items
     declare the action set.
     """
-    p = obd_csv(Path(path))
-    items = p.parent / "item_context.csv"
-    if items.is_file():
-        with items.open(newline="") as fh:
-            acts = sorted({row["item_id"] for row in csv.DictReader(fh)}, key=lambda s: (len(s), s))
-        if acts:
-            yield acts
+    csv_path = obd_csv(Path(path))
+    item_context = csv_path.parent / "item_context.csv"
+    if item_context.is_file():
+        with item_context.open(newline="") as fh:
+            items = sorted({row["item_id"] for row in csv.DictReader(fh)}, key=lambda s: (len(s), s))
+        if items:
+            yield items
     try:
-        fh = p.open(newline="", encoding="utf-8")
+        fh = csv_path.open(newline="", encoding="utf-8")
     except OSError as exc:
-        raise PolicyDataError(f"{p}:0: cannot read the Open Bandit CSV: {exc.strerror or exc}") from None
+        raise PolicyDataError(f"{csv_path}:0: cannot read the Open Bandit CSV: {exc.strerror or exc}") from None
     with fh:
         reader = csv.reader(fh)
         header = next(reader, None)
-        need = ("item_id", "position", "click", "propensity_score")
-        if header is None or any(c not in header for c in need):
-            raise PolicyDataError(f"{p}:1: not an Open Bandit Dataset CSV (needs columns {', '.join(need)})")
-        ix = {c: header.index(c) for c in header}
-        feats = [c for c in header if c.startswith("user_feature_")]
-        for n, rec in enumerate(reader, 2):
+        required = ("item_id", "position", "click", "propensity_score")
+        if header is None or any(c not in header for c in required):
+            raise PolicyDataError(f"{csv_path}:1: not an Open Bandit Dataset CSV (needs columns {', '.join(required)})")
+        column = {c: header.index(c) for c in header}
+        user_features = [c for c in header if c.startswith("user_feature_")]
+        for line, record in enumerate(reader, 2):
             try:
-                ctx = {f: rec[ix[f]] for f in feats}
-                ctx["position"] = rec[ix["position"]]
-                yield _row({"context": ctx, "action": rec[ix["item_id"]],
-                            "propensity": float(rec[ix["propensity_score"]]), "reward": float(rec[ix["click"]])}, p, n)
+                context = {f: record[column[f]] for f in user_features}
+                context["position"] = record[column["position"]]
+                yield _parse_row({"context": context, "action": record[column["item_id"]],
+                                  "propensity": float(record[column["propensity_score"]]),
+                                  "reward": float(record[column["click"]])}, csv_path, line)
             except (IndexError, ValueError) as exc:
                 if isinstance(exc, PolicyDataError):
                     raise
-                raise PolicyDataError(f"{p}:{n}: malformed Open Bandit row ({exc})") from None
+                raise PolicyDataError(f"{csv_path}:{line}: malformed Open Bandit row ({exc})") from None
 
 
 def obd_to_jsonl(src: str | Path, dst: str | Path) -> int:
     """Convert an Open Bandit Dataset CSV to the JSONL log format; returns the number of rows."""
-    n = 0
+    n_rows = 0
     with Path(dst).open("w", encoding="utf-8") as out:
         for row in iter_obd(src):
             if isinstance(row, list):
@@ -138,5 +146,5 @@ def obd_to_jsonl(src: str | Path, dst: str | Path) -> int:
                 continue
             out.write(json.dumps({"context": row.context, "action": row.action, "propensity": row.propensity,
                                   "reward": row.reward}) + "\n")
-            n += 1
-    return n
+            n_rows += 1
+    return n_rows
