@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 from models import failpoints
@@ -117,6 +117,17 @@ class Outbox:
 
         if self._inflight:
             await retry(f"sending {len(self._inflight)} record(s) to the broker", attempt, "kafka")
+
+
+@dataclass(slots=True)
+class _Decoded:
+    """A batch after decoding: its valid events and what the later steps need to know about them."""
+
+    valid: list[Event] = field(default_factory=list)
+    clear_ids: dict[str, str] = field(default_factory=dict)  # pseudonym -> clear id, for outgoing decisions only
+    msg_by_event: dict[str, RawMessage] = field(default_factory=dict)
+    recv_by_event: dict[str, int] = field(default_factory=dict)  # receipt time, for the decision latency
+    decoder_failed: list[tuple[RawMessage, bytes]] = field(default_factory=list)  # DLQ records, after the limit
 
 
 class BatchHandler:
@@ -250,22 +261,63 @@ class BatchHandler:
         return comp
 
     async def handle(self, msgs: list[RawMessage]) -> None:
+        """One batch, in the order of effects of the module docstring; returns when it may be acknowledged."""
         t0 = time.perf_counter_ns()
         now_ms = time.time_ns() // 1_000_000
-        if self.guard is not None:  # before anything of a partition is applied: is it still the log we read?
-            first: dict[tuple[str, int], int] = {}
-            for msg in msgs:
-                first.setdefault((msg.topic, msg.partition), msg.offset)
-            await self._retry("checking the broker's log", lambda: self.guard.check(first), "kafka")
+        await self._check_log(msgs)
         gaps = self._check_learning_gap(msgs)
         if gaps:  # before this batch teaches anything: labels of pending points must not expire first
             await self._relearn(gaps, now_ms)
-        valid: list[Event] = []
-        clear_ids: dict[str, str] = {}  # pseudonym -> clear user id, for this batch's outgoing decisions only
-        msg_by_event: dict[str, RawMessage] = {}
-        recv_by_event: dict[str, int] = {}
         outbox = Outbox(self.send)
-        decoder_failed: list[tuple[RawMessage, bytes]] = []
+        batch = await self._decode(msgs, now_ms, outbox)
+        result = await self._apply(batch, outbox)
+        if result.new_events and failpoints.fault("bug"):
+            raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
+        decisions = result.to_send()
+        for d in result.decisions:
+            d.latency_ms = round((time.perf_counter_ns() - batch.recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
+            await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
+        for d in result.resend:
+            await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
+        await outbox.flush(self._retry)  # durable on the broker before the batch is acknowledged
+        sent_ns = time.perf_counter_ns()
+        if decisions:
+            failpoints.hit("sent")
+            await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
+            failpoints.hit("marked")
+        # the models learn after the decisions are out: learning is not on the decision's critical path.
+        # A crash before this line loses only this batch's learning, never state or decisions.
+        await self._retry("learning from a batch", lambda: self.engine.learn(result))
+        self._mark_learned(msgs)
+        await self._mark_log(msgs)
+        if result.new_events:
+            failpoints.hit("learnt")
+        self._observe(msgs, result, batch.recv_by_event, t0, sent_ns, now_ms)
+
+    async def _check_log(self, msgs: list[RawMessage]) -> None:
+        """Before anything of a partition is applied: is it still the log this engine read? (:mod:`stream.logguard`)"""
+        if self.guard is None:
+            return
+        first: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            first.setdefault((msg.topic, msg.partition), msg.offset)
+        await self._retry("checking the broker's log", lambda: self.guard.check(first), "kafka")
+
+    async def _mark_log(self, msgs: list[RawMessage]) -> None:
+        """The batch is done: remember each partition's last message (saved at once after a replaced log)."""
+        if self.guard is None:
+            return
+        last = {(msg.topic, msg.partition): msg for msg in msgs}  # a partition's messages come in order
+        for msg in last.values():
+            self.guard.processed(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+        if self.guard.urgent and self.save_marks is not None:
+            await self._retry("saving the log marks", lambda: self.save_marks(self.guard.encoded()))
+            self.guard.urgent = False
+
+    async def _decode(self, msgs: list[RawMessage], now_ms: int, outbox: Outbox) -> "_Decoded":
+        """Decode and validate; invalid input goes to the DLQ at once (the decoder's own failures wait for the
+        DLQ limit); valid events get their partition (the event-time clock) and, pseudonymising, the pseudonym."""
+        batch = _Decoded()
         invalid: Counter = Counter()
         first_bad = None
         for msg in msgs:
@@ -279,40 +331,43 @@ class BatchHandler:
                     first_bad = f"{msg.topic}[{msg.partition}]@{msg.offset} {reason}: {error}"
                 record = dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset)
                 if reason == INTERNAL_ERROR:  # the decoder failed, not the input: counts against the DLQ limit
-                    decoder_failed.append((msg, record))
+                    batch.decoder_failed.append((msg, record))
                 else:
                     await outbox.put(self.topic_dlq, msg.key, record)
                 continue
             if self.pseudonym_key is not None:
                 clear = ev.user_id
                 ev.user_id = pseudonymise(clear, self.pseudonym_key)
-                clear_ids[ev.user_id] = clear
-            valid.append(ev)
-            recv_by_event.setdefault(ev.event_id, msg.recv_ns)
-            msg_by_event.setdefault(ev.event_id, msg)
+                batch.clear_ids[ev.user_id] = clear
+            batch.valid.append(ev)
+            batch.recv_by_event.setdefault(ev.event_id, msg.recv_ns)
+            batch.msg_by_event.setdefault(ev.event_id, msg)
         if invalid:
             for reason, n in invalid.items():
                 m.EVENTS_INVALID.labels(reason=reason).inc(n)
-            log.warning(
-                "%d invalid message(s) sent to %s (%s); first: %s",
-                sum(invalid.values()), self.topic_dlq, dict(invalid), first_bad,
-            )
+            log.warning("%d invalid message(s) sent to %s (%s); first: %s", sum(invalid.values()), self.topic_dlq,
+                        dict(invalid), first_bad)
+        return batch
 
+    async def _apply(self, batch: "_Decoded", outbox: Outbox) -> BatchResult:
+        """The engine applies the valid events; transient errors are retried, anything else is pinned down event
+        by event (:meth:`_isolate`) and the events that fail alone are dead-lettered, within the DLQ limit."""
         progress = BatchProgress()
         try:
             result = await self._retry("applying a batch to Redis",
-                                       lambda: self.engine.process_batch(valid, learn=False, progress=progress))
+                                       lambda: self.engine.process_batch(batch.valid, learn=False, progress=progress))
             poison: list[tuple[Event, BaseException]] = []
         except WorkerStop:
             raise
         except Exception as exc:  # not transient: find the event(s) it belongs to
             result, poison = await self._isolate(progress, exc)
         # raises WorkerStop before any of it is dead-lettered
-        self.dlq_limit.check(len(valid) + len(decoder_failed), len(poison) + len(decoder_failed))
-        for msg, record in decoder_failed:
+        failed = len(batch.decoder_failed)
+        self.dlq_limit.check(len(batch.valid) + failed, len(poison) + failed)
+        for msg, record in batch.decoder_failed:
             await outbox.put(self.topic_dlq, msg.key, record)
         for ev, exc in poison:
-            msg = msg_by_event[ev.event_id]
+            msg = batch.msg_by_event[ev.event_id]
             reason, error = classify(exc)
             m.EVENTS_INVALID.labels(reason=reason).inc()
             log.error("event %s (%s[%d]@%d) fails in the engine when applied alone against a healthy store, so it "
@@ -320,36 +375,7 @@ class BatchHandler:
                       msg.partition, msg.offset, error, self.topic_dlq)
             await outbox.put(self.topic_dlq, msg.key,
                              dlq_record(msg.value, reason, error, msg.topic, msg.partition, msg.offset))
-
-        if result.new_events and failpoints.fault("bug"):
-            raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
-        decisions = result.to_send()
-        for d in result.decisions:
-            d.latency_ms = round((time.perf_counter_ns() - recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
-            await outbox.put(*self._decision_record(d, clear_ids), fault_point="decision_ack")
-        for d in result.resend:
-            await outbox.put(*self._decision_record(d, clear_ids), fault_point="decision_ack")
-        await outbox.flush(self._retry)  # durable on the broker before the batch is acknowledged
-        sent_ns = time.perf_counter_ns()
-        if decisions:
-            failpoints.hit("sent")
-            await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
-            failpoints.hit("marked")
-        # the models learn after the decisions are out: learning is not on the decision's critical path.
-        # A crash before this line loses only this batch's learning, never state or decisions.
-        await self._retry("learning from a batch", lambda: self.engine.learn(result))
-        self._mark_learned(msgs)
-        if self.guard is not None:
-            last = {(msg.topic, msg.partition): msg for msg in msgs}  # a partition's messages come in order
-            for msg in last.values():
-                self.guard.processed(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
-            if self.guard.urgent and self.save_marks is not None:
-                await self._retry("saving the log marks", lambda: self.save_marks(self.guard.encoded()))
-                self.guard.urgent = False
-        if result.new_events:
-            failpoints.hit("learnt")
-
-        self._observe(msgs, result, recv_by_event, t0, sent_ns, now_ms)
+        return result
 
     def _decision_record(self, d, clear_ids: dict[str, str]) -> tuple[str, bytes, bytes]:
         """Topic, key and value of a decision, with the shop's own user id (the engine keeps only the pseudonym
