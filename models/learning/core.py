@@ -10,7 +10,7 @@ events into :class:`models.profile.Profile` and writes them to Redis atomically 
   and item increments, applied to the :class:`models.state.item_store.ItemStore` in ONE call (one Redis pipeline).
   In the live worker the engine sets ``items_via_commit``: each user's commit writes that user's increments
   (:mod:`models.learning.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
-* **category price reference** (:class:`models.profile.CategoryStats`) for the profiles' price level;
+* **category price reference** (:class:`models.profile_features.CategoryStats`) for the profiles' price level;
 * **purchase propensity** with delayed labels (:class:`models.learning.propensity.DelayedLabelLearner`) and a frequency
   baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
 * **segments** (:class:`models.learning.segments.ProfileSegments`).
@@ -68,7 +68,8 @@ import numpy as np
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.state.item_store import ItemBatch, ItemStore
-from models.profile import EVENT_WEIGHTS, FEATURE_NAMES, CategoryStats, Profile
+from models.profile import EVENT_WEIGHTS, Profile
+from models.profile_features import FEATURE_NAMES, CategoryStats
 from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
 from models.learning.recommend import recommend as _recommend
 from models.learning.segments import ProfileSegments
@@ -326,7 +327,7 @@ class LearningCore:
 
     # --- decision time --------------------------------------------------------------------------------
     def features(self, profile: Profile, now_ms: int, context: dict | None = None) -> dict[str, float]:
-        """Model features: the profile's (:data:`models.profile.FEATURE_NAMES`), the log-odds of purchase of
+        """Model features: the profile's (:data:`models.profile_features.FEATURE_NAMES`), the log-odds of purchase of
         the current item and category (learnt from past events), and ``context`` (numbers as ``ctx_<key>``,
         strings of :attr:`context_keys` one-hot as ``ctx_<key>=<value>``)."""
         x = dict(zip(_ALL_NAMES, self._values(profile, now_ms)))

@@ -30,6 +30,7 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "models.contrib": ("models.learning.contrib",),
     "models.learning": ("models.learning.core",),
     "models.item_store": ("models.state.item_memory", "models.state.item_store"),
+    "models.profile": ("models.profile_features",),  # CategoryStats (the profile stays)
 }
 """Where the classes of a module that moved live now (the first module that has the name wins)."""
 
