@@ -123,6 +123,17 @@ def last_price_level(p: Profile, stats: CategoryStats | None) -> float:
     return 0.0 if ref is None else math.log(p.last_price) - ref
 
 
+def _total_and_max(scores: dict) -> tuple[float, float]:
+    """Sum and largest of the affinity scores ``{key: [score, time, ...]}`` (as of each one's last update)."""
+    total = top = 0.0
+    for a in scores.values():
+        v = a[0]
+        total += v
+        if v > top:
+            top = v
+    return total, top
+
+
 def feature_values(p: Profile, now_ms: int, stats: CategoryStats | None = None) -> list[float]:
     """The profile's features at event time ``now_ms``, in :data:`FEATURE_NAMES` order (the models' fast path).
 
@@ -138,18 +149,8 @@ def feature_values(p: Profile, now_ms: int, stats: CategoryStats | None = None) 
         tenure_h = min(max(0, now_ms - p.first_ts) / HOUR_MS, 8760.0)
     else:
         since_last, tenure_h = 1440.0, 0.0
-    cat_total = cat_max = 0.0
-    for a in p.cat_aff.values():
-        v = a[0]
-        cat_total += v
-        if v > cat_max:
-            cat_max = v
-    item_total = item_max = 0.0
-    for a in p.item_aff.values():
-        v = a[0]
-        item_total += v
-        if v > item_max:
-            item_max = v
+    cat_total, cat_max = _total_and_max(p.cat_aff)
+    item_total, item_max = _total_and_max(p.item_aff)
     recent = p.recent_items
     last_aff = p.item_aff.get(recent[-1]) if recent else None
     sev = p.session_events
