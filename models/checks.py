@@ -50,7 +50,8 @@ from models.state.item_memory import MemoryItemStore
 from models.state.item_store import ItemStore
 from models.learning.core import LearningCore
 from models.profile import Profile
-from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.propensity import PurchasePropensity
 from models.learning.segments import ProfileSegments
 from models.policy.base import DecisionContext, Policy
 from models.policy.eligibility import filter_offers, holdout

@@ -11,7 +11,7 @@ events into :class:`models.profile.Profile` and writes them to Redis atomically 
   In the live worker the engine sets ``items_via_commit``: each user's commit writes that user's increments
   (:mod:`models.learning.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
 * **category price reference** (:class:`models.profile_features.CategoryStats`) for the profiles' price level;
-* **purchase propensity** with delayed labels (:class:`models.learning.propensity.DelayedLabelLearner`) and a frequency
+* **purchase propensity** with delayed labels (:class:`models.learning.delayed_labels.DelayedLabelLearner`) and a frequency
   baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
 * **segments** (:class:`models.learning.segments.ProfileSegments`).
 
@@ -70,7 +70,9 @@ from models.state.item_memory import MemoryItemStore
 from models.state.item_store import ItemBatch, ItemStore
 from models.profile import EVENT_WEIGHTS, Profile
 from models.profile_features import FEATURE_NAMES, CategoryStats
-from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.conversion import ConversionRates
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.propensity import FrequencyPropensity, PurchasePropensity
 from models.learning.recommend import recommend as _recommend
 from models.learning.segments import ProfileSegments
 from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs

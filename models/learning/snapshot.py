@@ -5,8 +5,9 @@
 stored snapshot (:func:`scrub_snapshot`, used by ``promo forget``). A snapshot is a pickle (not compressed):
 load only snapshots written by the engine's own Redis.
 
-Snapshots written before the models moved into packages (``models.similarity``, ``models.propensity``, ...) still
-load: :func:`loads` finds each class where it lives now (:data:`MOVED_MODULES`).
+Snapshots written before the models moved into packages (``models.similarity``, ``models.propensity``, ...) or
+before a module was split (``models.learning.propensity``, ``models.profile``) still load: :func:`loads` finds
+each class where it lives now (:data:`MOVED_MODULES`), under its new name if it was renamed (:data:`RENAMED`).
 
 >>> from models.learning.similarity import ItemVocab
 >>> v = ItemVocab()
@@ -23,9 +24,14 @@ import pickle
 
 SNAPSHOT_VERSION = 1
 
+_PROPENSITY_MODULES = ("models.learning.propensity", "models.learning.delayed_labels", "models.learning.conversion",
+                       "models.learning.rolling_logloss")
+"""Where the classes of the one propensity module live now (it was split into one module per concept)."""
+
 MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "models.similarity": ("models.learning.similarity",),
-    "models.propensity": ("models.learning.propensity",),
+    "models.propensity": _PROPENSITY_MODULES,
+    "models.learning.propensity": _PROPENSITY_MODULES,
     "models.segments": ("models.learning.segments",),
     "models.contrib": ("models.learning.contrib",),
     "models.learning": ("models.learning.core",),
@@ -36,8 +42,10 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
 
 
 RENAMED: dict[tuple[str, str], tuple[str, str]] = {
-    ("models.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
-    ("models.learning.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
+    ("models.propensity", "ConversionStats"): ("models.learning.conversion", "ConversionRates"),
+    ("models.learning.propensity", "ConversionStats"): ("models.learning.conversion", "ConversionRates"),
+    ("models.propensity", "_Point"): ("models.learning.delayed_labels", "DecisionPoint"),
+    ("models.learning.propensity", "_Point"): ("models.learning.delayed_labels", "DecisionPoint"),
 }
 """Classes that changed their name: (old module, old name) -> (module, name)."""
 
