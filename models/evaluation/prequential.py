@@ -89,7 +89,7 @@ def evaluate_events(
 ) -> dict:
     """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring)."""
     core = core or LearningCore(MemoryItemStore(), horizon_h=horizon_h, keep_predictions=True)
-    core.labels.keep_predictions = True
+    core.purchase_model.keep_predictions = True
     profiles: dict[str, Profile] = {}
     hits = {"engine": 0, "baseline": 0}
     rr = {"engine": 0.0, "baseline": 0.0}
@@ -133,8 +133,8 @@ def evaluate_events(
             progress(f"{done}/{n} events ({100 * done // max(n, 1)}%), core {done / max(learn_s, 1e-9):,.0f} ev/s")
     # score only points whose horizon closed before the log ends: positives close early, negatives only at
     # the horizon, so scoring every label seen would compare late positives with early negatives
-    closed = core.watermark - core.labels.horizon_ms
-    preds = [t for t in core.labels.predictions if t[3] <= closed]
+    closed = core.watermark - core.purchase_model.horizon_ms
+    preds = [t for t in core.purchase_model.predictions if t[3] <= closed]
     y = [t[0] for t in preds]
     q = core.quality()
     report = {
@@ -154,7 +154,7 @@ def evaluate_events(
         },
         "next_item_targets": targets,
         "horizon_h": core.horizon_h,
-        "decision_points": core.labels.n_observed,
+        "decision_points": core.purchase_model.n_observed,
         "scored_points": len(preds),
         "scored_positives": int(sum(y)),
         "labels": q["labels"],

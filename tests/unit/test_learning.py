@@ -49,10 +49,10 @@ def test_co_viewed_items_are_recommended_and_cold_users_get_popular_items():
 def test_no_decision_point_when_the_batch_ends_with_a_purchase():
     core = LearningCore(MemoryItemStore(), horizon_h=1.0, decision_points="batch", sample_gap_ms=0)
     feed(core, [Event("1", "view", "u", "i", T0), Event("2", "purchase", "u", "i", T0 + 1, price=1.0)])
-    assert core.labels.n_observed == 0  # the profile after the batch contains the purchase: no point
+    assert core.purchase_model.n_observed == 0  # the profile after the batch contains the purchase: no point
     feed(core, [Event("3", "view", "u", "i", T0 + 2)])
     feed(core, [Event("4", "purchase", "u", "i", T0 + 3, price=1.0)])
-    assert (core.labels.n_observed, core.labels.n_positive) == (1, 1)
+    assert (core.purchase_model.n_observed, core.purchase_model.n_positive) == (1, 1)
 
 
 def test_milestone_decision_points():
@@ -62,9 +62,9 @@ def test_milestone_decision_points():
     for k in range(9):  # one event per batch: points at the 2nd, 4th and 8th event of the session
         ts += MIN
         feed(core, [Event(f"e{k}", "view", "u", f"i{k}", ts)], profiles)
-    assert core.labels.n_observed == 3
+    assert core.purchase_model.n_observed == 3
     feed(core, [Event("c", "cart", "u", "i1", ts + MIN, price=2.0)], profiles)  # a cart is always a point
-    assert core.labels.n_observed == 4
+    assert core.purchase_model.n_observed == 4
 
 
 def test_sample_gap_limits_points_per_user():
@@ -72,14 +72,14 @@ def test_sample_gap_limits_points_per_user():
     profiles = {}
     for k in range(10):
         feed(core, [Event(f"e{k}", "view", "u", "i", T0 + k * MIN)], profiles)
-    assert core.labels.n_observed == 1
+    assert core.purchase_model.n_observed == 1
 
 
 def test_labels_resolve_and_quality_reports():
     core = LearningCore(MemoryItemStore(), horizon_h=0.5)
     feed(core, synthetic_events(600))
     q = core.quality()
-    assert q["labels"] > 0 and q["positives"] > 0 and q["labels"] + q["pending"] + q["dropped"] == core.labels.n_observed
+    assert q["labels"] > 0 and q["positives"] > 0 and q["labels"] + q["pending"] + q["dropped"] == core.purchase_model.n_observed
     assert 0.0 <= q["auc"] <= 1.0 and q["logloss"] > 0
 
 
@@ -159,7 +159,7 @@ def test_forgotten_users_leave_every_in_memory_structure_and_the_next_snapshot()
     assert core.forget_users(["forget-me-4711", "never-seen"]) == 1
     assert core.held_users() == held - {"forget-me-4711"}
     assert b"forget-me-4711" not in core.snapshot({})
-    assert len(core.labels) == sum(1 for pt in core.labels.queue if pt.open)  # the open count stays true
+    assert len(core.purchase_model) == sum(1 for pt in core.purchase_model.queue if pt.open)  # the open count stays true
     assert core.forget_users(["forget-me-4711"]) == 0
     feed(core, [e for e in evs[300:] if e.user_id != "forget-me-4711"])  # learning goes on as before
     assert "forget-me-4711" not in core.held_users()
@@ -203,7 +203,7 @@ def _learnt_core() -> tuple[LearningCore, dict]:
                  f"i{i % 7 + i // 7 % 4}", 60_000 * i, price=1.0 + i % 3, category=f"c{i % 4}") for i in range(200)]
     profiles = feed(core, evs, batch=20)
     # points open, labelled and scored: the snapshot holds each kind
-    assert len(core.labels) and core.labels.n_positive and core.labels.n_scored
+    assert len(core.purchase_model) and core.purchase_model.n_positive and core.purchase_model.n_scored
     return core, profiles
 
 
@@ -240,7 +240,7 @@ def _assert_restores_as(core: LearningCore, profiles: dict, legacy: bytes) -> No
     assert fresh.quality() == pytest.approx(core.quality(), nan_ok=True)
     assert type(fresh.stats) is CategoryStats and fresh.stats.__dict__ == core.stats.__dict__
     assert type(fresh.item_conv) is type(core.item_conv) and fresh.item_conv.__dict__ == core.item_conv.__dict__
-    assert {type(pt) for pt in fresh.labels.queue} == {DecisionPoint}
+    assert {type(pt) for pt in fresh.purchase_model.queue} == {DecisionPoint}
     # the restored models go on learning as the ones that were saved
     more = [Event(f"m{i}", "purchase" if i % 3 == 0 else "cart", f"u{i % 7}", f"i{i % 7 + i // 7 % 4}",
                   12_000_000 + 60_000 * i, price=2.0) for i in range(60)]
