@@ -13,8 +13,8 @@ What the profile holds (all bounded in size):
   :data:`EVENT_WEIGHTS`) per category (top :attr:`Profile.TOP_CATEGORIES`) and per item (top
   :attr:`Profile.TOP_ITEMS`); each category also keeps the user's mean log unit price in it;
 * **price level**: the user's typical unit price (running mean of log price), and, given a shared
-  :class:`~models.profile_features.CategoryStats`, how it compares to the typical price of the same categories (``price_level`` > 0:
-  the user buys above the category norm);
+  :class:`~models.profile_features.CategoryStats`, how it compares to the typical price of the same categories
+  (``price_level`` > 0: the user buys above the category norm);
 * **session**: a new session starts after :attr:`Profile.SESSION_GAP_MS` of inactivity or on a new
   ``session_id``; events, views, carts, cart value added and duration of the current session;
 * **loyalty** (orders and tenure, in [0, 1]) and **churn risk** (time since the last purchase against the

@@ -92,8 +92,8 @@ class DelayedLabelLearner:
         label (no bias, but nothing is learnt during the first H). ``"fake_negative"``: at once as a negative,
         again as a positive when the purchase comes; the model then estimates ``p / (1 + p)``, which
         predictions invert (fake-negative calibration, Ktena et al., RecSys 2019). On the REES46 and Taobao
-        samples ``"label"`` scored best (see ``models/evaluation/prequential.py``). In every mode a point is scored (online
-        metrics) when its horizon closes, with the prediction made at the decision point.
+        samples ``"label"`` scored best (see ``models/evaluation/prequential.py``). In every mode a point is
+        scored (online metrics) when its horizon closes, with the prediction made at the decision point.
     """
 
     def __init__(
