@@ -231,12 +231,12 @@ class LearningCore:
 
     def _observe_decision_points(self, last: dict[str, Event], seen: dict[str, int], carts: set[str],
                                  profiles: dict[str, Profile]) -> None:
-        """Record the batch's decision points (:func:`models.learning.decision_points.batch_decision_points`) with the
-        features and predictions of now; the segments learn from every ``segment_every``-th one."""
+        """Record the batch's decision points (:func:`models.learning.decision_points.batch_decision_points`)
+        with the features and predictions of now; the segments learn from every ``segment_every``-th one."""
         model = self.purchase_model
         last_sample = self.last_sample
         points = batch_decision_points(last, seen, carts, profiles, last_sample, self.sample_gap_ms,
-                                 self.decision_points == "milestones")
+                                       self.decision_points == "milestones")
         for u, e, prof in points:
             values = model_values(prof, e.ts, self.stats, self.item_conv, self.cat_conv)
             model.observe_values(u, e.ts, values, context_features(e.context, self.context_keys),
