@@ -244,7 +244,7 @@ def run(n_events: int = 200_000, batch_size: int = 500, n_decisions: int = 2000,
         "batch_size": batch_size,
         "users": len(profiles),
         "items": core.store.n_items(),
-        "decision_points": core.labels.n_observed,
+        "decision_points": core.purchase_model.n_observed,
         "labels": q["labels"],
         "seconds": {
             "profile_apply": round(apply_s, 3),

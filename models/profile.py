@@ -13,14 +13,15 @@ What the profile holds (all bounded in size):
   :data:`EVENT_WEIGHTS`) per category (top :attr:`Profile.TOP_CATEGORIES`) and per item (top
   :attr:`Profile.TOP_ITEMS`); each category also keeps the user's mean log unit price in it;
 * **price level**: the user's typical unit price (running mean of log price), and, given a shared
-  :class:`CategoryStats`, how it compares to the typical price of the same categories (``price_level`` > 0:
-  the user buys above the category norm);
+  :class:`~models.profile_features.CategoryStats`, how it compares to the typical price of the same categories
+  (``price_level`` > 0: the user buys above the category norm);
 * **session**: a new session starts after :attr:`Profile.SESSION_GAP_MS` of inactivity or on a new
   ``session_id``; events, views, carts, cart value added and duration of the current session;
 * **loyalty** (orders and tenure, in [0, 1]) and **churn risk** (time since the last purchase against the
   user's own inter-purchase rhythm, in [0, 1]).
 
-:meth:`Profile.features` turns all of it into a flat ``dict[str, float]`` for the models.
+:meth:`Profile.features` turns all of it into a flat ``dict[str, float]`` for the models
+(:mod:`models.profile_features`).
 
 Examples
 --------
@@ -44,84 +45,23 @@ True
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from models.events import EVENT_TYPES, Event
+from models.profile_codec import ProfileCodec
+from models.profile_features import FEATURE_NAMES, CategoryStats, feature_values, price_level
 
-_JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff", "win")
-_STR_FIELDS = ("session_id", "last_type", "last_category")
+__all__ = ["Profile", "EVENT_WEIGHTS", "DAY_MS", "FEATURE_NAMES", "CategoryStats"]
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 1.5, "cart": 3.0, "remove_from_cart": 0.0, "purchase": 4.0}
 """Interest carried by one event of each type (affinities, item similarity, popularity)."""
 
-HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 
-FEATURE_NAMES: tuple[str, ...] = (
-    "n_events", "n_views", "n_carts", "n_orders", "spend", "recency_h", "since_last_event_min", "tenure_h",
-    "cart_items", "cart_value", "session_events", "session_views", "session_carts", "session_cart_value",
-    "session_minutes", "session_new_item_share", "n_sessions", "top_category_share", "top_item_share",
-    "last_item_affinity", "n_affinity_items", "price_log_mean", "price_level", "last_price_level", "loyalty",
-    "churn_risk", "last_is_cart", "last_repeat", "dwell_s", "n_decisions",
-)
-"""Keys of :meth:`Profile.features`, in a fixed order (counts and money are ``log1p``-scaled)."""
 
-
-class CategoryStats:
-    """Typical unit price per category, shared by all users: the reference of a user's price level.
-
-    A running mean of ``log(price)`` per category, with the count capped at ``max_count`` so the mean follows
-    slow price changes; at most ``max_categories`` categories are kept (the least seen are dropped).
-
-    Examples
-    --------
-    >>> s = CategoryStats()
-    >>> s.update("shoes", 10.0); s.update("shoes", 1000.0)
-    >>> round(math.exp(s.ref("shoes")), 6), s.ref("hats")
-    (100.0, None)
-    """
-
-    def __init__(self, max_count: int = 1000, max_categories: int = 100_000) -> None:
-        self.max_count = max_count
-        self.max_categories = max_categories
-        # two flat dicts (str -> number: not tracked by the cyclic garbage collector)
-        self.n: dict[str, int] = {}
-        self.mean: dict[str, float] = {}
-
-    def update(self, category: str, price: float) -> None:
-        if not category or not price or price <= 0:
-            return
-        x = math.log(price)
-        n = self.n.get(category)
-        if n is None:
-            if len(self.n) >= self.max_categories:
-                self._prune()
-            self.n[category] = 1
-            self.mean[category] = x
-            return
-        if n < self.max_count:
-            n += 1
-            self.n[category] = n
-        m = self.mean[category]
-        self.mean[category] = m + (x - m) / n
-
-    def _prune(self) -> None:
-        keep = sorted(self.n.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_categories // 2]
-        self.n = dict(keep)
-        self.mean = {k: self.mean[k] for k in self.n}
-
-    def ref(self, category: str) -> float | None:
-        """Mean log unit price of the category, ``None`` if unknown."""
-        return self.mean.get(category)
-
-    def __len__(self) -> int:
-        return len(self.n)
-
-
-def _decayed_min(d: dict, now: int, half_life: float) -> str:
-    """Key whose score decayed to ``now`` is smallest (ties: smallest key)."""
+def _weakest_key(d: dict, now: int, half_life: float) -> str:
+    """Key of the decayed scores ``d`` (``{key: [score, time, ...]}``) smallest at ``now`` (ties: smallest key)."""
     # score * 2^(-(now - t)/hl) compared in log2 space: log2(score) + t/hl
     best_k, best_v = None, math.inf
     for k, v in d.items():
@@ -130,6 +70,16 @@ def _decayed_min(d: dict, now: int, half_life: float) -> str:
         if val < best_v or (val == best_v and k < best_k):
             best_k, best_v = k, val
     return best_k
+
+
+def _add_weight(a: list, w: float, ts: int, hl: float) -> None:
+    """Add weight ``w`` at time ``ts`` to a decayed score ``a = [score, time, ...]``."""
+    t = a[1]
+    if ts >= t:
+        a[0] = a[0] * 2.0 ** (-(ts - t) / hl) + w
+        a[1] = ts
+    else:  # an older event: add it decayed to the score's time
+        a[0] += w * 2.0 ** (-(t - ts) / hl)
 
 
 @dataclass
@@ -243,19 +193,38 @@ class Profile:
 
     # ----------------------------------------------------------------------------------------
     def apply(self, e: Event) -> None:
-        """Fold one (valid, not yet applied) event into the profile. Deterministic: no clock, no shared state."""
-        ts = e.ts
+        """Fold one (valid, not yet applied) event into the profile. Deterministic: no clock, no shared state.
+
+        The steps run in this order: the session is decided before the latest event time moves, and what the
+        latest event repeats or adds is judged against the recent items before it."""
         etype = e.type
         self.counts[etype] = self.counts.get(etype, 0) + 1
-        # --- session (decided before last_ts moves) --------------------------------------------
-        sid = e.session_id
+        self._follow_session(e.ts, e.session_id)
+        self._note_latest(e)
+        if etype == "view" or etype == "click":
+            self.session_views += 1
+        elif etype == "cart":
+            self._add_to_cart(e)
+        elif etype == "remove_from_cart":
+            self._remove_from_cart(e)
+        elif etype == "purchase":
+            self._record_purchase(e)
+        w = EVENT_WEIGHTS.get(etype, 0.0)
+        if w > 0.0:
+            self._add_interest(e, w)
+        if not self.last_repeat:
+            self._remember_item(e.item_id)
+
+    def _follow_session(self, ts: int, session_id: str | None) -> None:
+        """Start a new session after :attr:`SESSION_GAP_MS` of inactivity or on a new session id, count the
+        event in the current one, and move the first event time back if the event is older."""
         if (
             not self.session_events
             or ts - self.last_ts > self.SESSION_GAP_MS
-            or (sid and sid != self.session_id)
+            or (session_id and session_id != self.session_id)
         ):
             self.n_sessions += 1
-            self.session_id = sid or ""
+            self.session_id = session_id or ""
             self.session_start = ts
             self.session_events = self.session_views = self.session_carts = self.session_new_items = 0
             self.session_cart_value = 0.0
@@ -264,79 +233,90 @@ class Profile:
         self.session_events += 1
         if not self.first_ts or ts < self.first_ts:
             self.first_ts = ts
-        price = e.price
+
+    def _note_latest(self, e: Event) -> None:
+        """Whether the event repeats the previous item or brings a new one to the session; the latest event's
+        time, type, category and price (the decision context), unless the event is older than the latest."""
         recent = self.recent_items
         self.last_repeat = 1 if recent and recent[-1] == e.item_id else 0
         if e.item_id not in recent:
             self.session_new_items += 1
-        if ts >= self.last_ts:
+        if e.ts >= self.last_ts:
             self.prev_ts = self.last_ts
-            self.last_ts = ts
-            self.last_type = etype
+            self.last_ts = e.ts
+            self.last_type = e.type
             self.last_category = e.category or ""
-            self.last_price = float(price or 0.0)
-        if etype == "view" or etype == "click":
-            self.session_views += 1
-        elif etype == "cart":
-            line = self.cart.get(e.item_id)
-            qty = (line[0] if line else 0) + e.quantity
-            self.cart[e.item_id] = [qty, float(price or (line[1] if line else 0.0)), e.category or (line and line[2])]
-            self.session_carts += 1
-            self.session_cart_value += e.value
-        elif etype == "remove_from_cart":
-            line = self.cart.get(e.item_id)
-            if line is not None:
-                if line[0] - e.quantity > 0:
-                    line[0] -= e.quantity
-                else:
-                    del self.cart[e.item_id]
-        elif etype == "purchase":
-            self.spend += e.value
-            if ts != self.last_purchase_ts:  # lines of one order share a timestamp
-                if self.n_orders and ts > self.last_purchase_ts:
-                    gap = float(ts - self.last_purchase_ts)
-                    self.purchase_gap_ms = (
-                        gap if self.purchase_gap_ms <= 0
-                        else self.purchase_gap_ms + self.IPI_ALPHA * (gap - self.purchase_gap_ms)
-                    )
-                self.n_orders += 1
-            self.last_purchase_ts = max(self.last_purchase_ts, ts)
-            self.cart.pop(e.item_id, None)
-        # --- affinities and price level --------------------------------------------------------
-        w = EVENT_WEIGHTS.get(etype, 0.0)
-        if w > 0.0:
-            hl = self.AFFINITY_HALF_LIFE_MS
-            logp = math.log(price) if price and price > 0 else None
-            if logp is not None:
-                n = self.price_n + 1 if self.price_n < self.PRICE_MAX_COUNT else self.price_n
-                self.price_n = n
-                self.price_log_mean += (logp - self.price_log_mean) / n
-            cat = e.category
-            if cat:
-                a = self.cat_aff.get(cat)
-                if a is None:
-                    a = self.cat_aff[cat] = [w, ts, 0, 0.0]
-                    if len(self.cat_aff) > self.TOP_CATEGORIES:
-                        del self.cat_aff[_decayed_min(self.cat_aff, ts, hl)]
-                else:
-                    _bump(a, w, ts, hl)
-                if logp is not None and cat in self.cat_aff:
-                    n = a[2] + 1 if a[2] < self.PRICE_MAX_COUNT else a[2]
-                    a[2] = n
-                    a[3] += (logp - a[3]) / n
-            a = self.item_aff.get(e.item_id)
-            if a is None:
-                self.item_aff[e.item_id] = [w, ts]
-                if len(self.item_aff) > self.TOP_ITEMS:
-                    del self.item_aff[_decayed_min(self.item_aff, ts, hl)]
+            self.last_price = float(e.price or 0.0)
+
+    def _add_to_cart(self, e: Event) -> None:
+        """Add the quantity to the item's cart line; the event's price and category, else the line's, stay."""
+        line = self.cart.get(e.item_id)
+        qty = (line[0] if line else 0) + e.quantity
+        self.cart[e.item_id] = [qty, float(e.price or (line[1] if line else 0.0)), e.category or (line and line[2])]
+        self.session_carts += 1
+        self.session_cart_value += e.value
+
+    def _remove_from_cart(self, e: Event) -> None:
+        """Take the quantity off the item's cart line; the line goes when nothing is left."""
+        line = self.cart.get(e.item_id)
+        if line is not None:
+            if line[0] - e.quantity > 0:
+                line[0] -= e.quantity
             else:
-                _bump(a, w, ts, hl)
-        # --- recent items -------------------------------------------------------------------------
-        if self.last_repeat:
-            return
-        if e.item_id in recent:
-            recent.remove(e.item_id)
-        recent.append(e.item_id)
+                del self.cart[e.item_id]
+
+    def _record_purchase(self, e: Event) -> None:
+        """Spend, orders and the user's rhythm between orders; the bought item leaves the cart."""
+        ts = e.ts
+        self.spend += e.value
+        if ts != self.last_purchase_ts:  # lines of one order share a timestamp
+            if self.n_orders and ts > self.last_purchase_ts:
+                gap = float(ts - self.last_purchase_ts)
+                self.purchase_gap_ms = (
+                    gap if self.purchase_gap_ms <= 0
+                    else self.purchase_gap_ms + self.IPI_ALPHA * (gap - self.purchase_gap_ms)
+                )
+            self.n_orders += 1
+        self.last_purchase_ts = max(self.last_purchase_ts, ts)
+        self.cart.pop(e.item_id, None)
+
+    def _add_interest(self, e: Event, w: float) -> None:
+        """Weight ``w`` of the event into the decayed category and item affinities, and its price into the
+        user's price means (overall and in the category)."""
+        ts = e.ts
+        hl = self.AFFINITY_HALF_LIFE_MS
+        logp = math.log(e.price) if e.price and e.price > 0 else None
+        if logp is not None:
+            n = self.price_n + 1 if self.price_n < self.PRICE_MAX_COUNT else self.price_n
+            self.price_n = n
+            self.price_log_mean += (logp - self.price_log_mean) / n
+        cat = e.category
+        if cat:
+            a = self.cat_aff.get(cat)
+            if a is None:
+                a = self.cat_aff[cat] = [w, ts, 0, 0.0]
+                if len(self.cat_aff) > self.TOP_CATEGORIES:  # the weakest goes, possibly the new one
+                    del self.cat_aff[_weakest_key(self.cat_aff, ts, hl)]
+            else:
+                _add_weight(a, w, ts, hl)
+            if logp is not None and cat in self.cat_aff:
+                n = a[2] + 1 if a[2] < self.PRICE_MAX_COUNT else a[2]
+                a[2] = n
+                a[3] += (logp - a[3]) / n
+        a = self.item_aff.get(e.item_id)
+        if a is None:
+            self.item_aff[e.item_id] = [w, ts]
+            if len(self.item_aff) > self.TOP_ITEMS:
+                del self.item_aff[_weakest_key(self.item_aff, ts, hl)]
+        else:
+            _add_weight(a, w, ts, hl)
+
+    def _remember_item(self, item_id: str) -> None:
+        """Move the item to the end of the recent items (at most :attr:`RECENT`, distinct)."""
+        recent = self.recent_items
+        if item_id in recent:
+            recent.remove(item_id)
+        recent.append(item_id)
         if len(recent) > self.RECENT:
             del recent[0]
 
@@ -358,129 +338,29 @@ class Profile:
 
     # ----------------------------------------------------------------------------------------
     def price_level(self, stats: CategoryStats | None = None) -> float:
-        """Log ratio of the user's typical unit price to the typical price of the categories they engage with,
-        weighted by affinity; 0 when unknown (no priced events or no ``stats``).
-
-        >>> s = CategoryStats(); s.update("tv", 100.0)
-        >>> p = Profile(); p.apply(Event("e", "view", "u", "i", 1, price=200.0, category="tv"))
-        >>> round(math.exp(p.price_level(s)), 6)
-        2.0
-        """
-        if stats is None:
-            return 0.0
-        num = den = 0.0
-        for cat, a in self.cat_aff.items():
-            if a[2] <= 0:
-                continue
-            ref = stats.ref(cat)
-            if ref is None:
-                continue
-            num += a[0] * (a[3] - ref)
-            den += a[0]
-        return num / den if den > 0 else 0.0
+        """Log ratio of the user's typical unit price to the typical price of the categories they engage with
+        (:func:`models.profile_features.price_level`); 0 when unknown."""
+        return price_level(self, stats)
 
     def features(self, now_ms: int, stats: CategoryStats | None = None) -> dict[str, float]:
-        """The profile as model features at event time ``now_ms`` (keys :data:`FEATURE_NAMES`).
-
-        Counts and money are ``log1p``-scaled; times are capped so one stale user does not dominate. Affinity
-        shares use the scores as of each entry's last update (their decay differs little within a session).
+        """The profile as model features at event time ``now_ms`` (keys :data:`FEATURE_NAMES`; see
+        :mod:`models.profile_features`).
 
         >>> Profile().features(0)["n_events"]
         0.0
         >>> list(Profile().features(0)) == list(FEATURE_NAMES) and len(Profile().feature_values(0)) == len(FEATURE_NAMES)
         True
         """
-        return dict(zip(FEATURE_NAMES, self.feature_values(now_ms, stats)))
+        return dict(zip(FEATURE_NAMES, feature_values(self, now_ms, stats)))
 
     def feature_values(self, now_ms: int, stats: CategoryStats | None = None) -> list[float]:
         """:meth:`features` as a list in :data:`FEATURE_NAMES` order (the models' fast path)."""
-        lg = math.log1p
-        c = self.counts
-        n_orders = self.n_orders
-        recency_h = min((now_ms - self.last_purchase_ts) / HOUR_MS, 2160.0) if n_orders else 2160.0
-        last_ts = self.last_ts
-        if last_ts:
-            since_last = min(max(0, now_ms - last_ts) / 60_000, 1440.0)
-            tenure_h = min(max(0, now_ms - self.first_ts) / HOUR_MS, 8760.0)
-        else:
-            since_last, tenure_h = 1440.0, 0.0
-        cat_total = cat_max = 0.0
-        for a in self.cat_aff.values():
-            v = a[0]
-            cat_total += v
-            if v > cat_max:
-                cat_max = v
-        item_total = item_max = 0.0
-        for a in self.item_aff.values():
-            v = a[0]
-            item_total += v
-            if v > item_max:
-                item_max = v
-        recent = self.recent_items
-        last_aff = self.item_aff.get(recent[-1]) if recent else None
-        sev = self.session_events
-        live = sev and now_ms - last_ts <= self.SESSION_GAP_MS
-        if n_orders:
-            rhythm = self.purchase_gap_ms if self.purchase_gap_ms > 0 else self.PRIOR_PURCHASE_GAP_MS
-            churn = 1.0 - math.exp(-max(0, now_ms - self.last_purchase_ts) / rhythm)
-        elif last_ts:
-            churn = 1.0 - math.exp(-max(0, now_ms - last_ts) / self.PRIOR_PURCHASE_GAP_MS)
-        else:
-            churn = 0.0
-        cart_value = self.cart_value if self.cart else 0.0
-        return [
-            lg(sum(c.values())),  # n_events
-            lg(c.get("view", 0) + c.get("click", 0)),  # n_views
-            lg(c.get("cart", 0)),  # n_carts
-            float(n_orders) if n_orders < 3 else 2.0 + lg(n_orders - 2),  # n_orders
-            lg(self.spend),  # spend
-            lg(max(0.0, recency_h)),  # recency_h
-            lg(since_last),  # since_last_event_min
-            lg(tenure_h),  # tenure_h
-            float(len(self.cart)),  # cart_items
-            lg(cart_value),  # cart_value
-            float(sev) if live else 0.0,  # session_events
-            lg(self.session_views) if live else 0.0,  # session_views
-            float(self.session_carts) if live else 0.0,  # session_carts
-            lg(self.session_cart_value) if live else 0.0,  # session_cart_value
-            lg(max(0, last_ts - self.session_start) / 60_000) if live else 0.0,  # session_minutes
-            self.session_new_items / sev if live else 0.0,  # session_new_item_share
-            lg(self.n_sessions),  # n_sessions
-            cat_max / cat_total if cat_total > 0 else 0.0,  # top_category_share
-            item_max / item_total if item_total > 0 else 0.0,  # top_item_share
-            lg(last_aff[0]) if last_aff else 0.0,  # last_item_affinity
-            float(len(self.item_aff)),  # n_affinity_items
-            self.price_log_mean,  # price_log_mean
-            self.price_level(stats) if stats is not None and self.price_n else 0.0,  # price_level
-            self._last_price_level(stats),  # last_price_level
-            self.loyalty,  # loyalty
-            churn,  # churn_risk
-            1.0 if self.last_type == "cart" else 0.0,  # last_is_cart
-            float(self.last_repeat),  # last_repeat
-            lg(min(last_ts - self.prev_ts, 3_600_000) / 1000) if self.prev_ts else 8.19,  # dwell_s
-            lg(self.n_decisions),  # n_decisions
-        ]
-
-    def _last_price_level(self, stats: CategoryStats | None) -> float:
-        """Log ratio of the latest event's unit price to its category's typical price (0 when unknown)."""
-        if stats is None or self.last_price <= 0 or not self.last_category:
-            return 0.0
-        ref = stats.ref(self.last_category)
-        return 0.0 if ref is None else math.log(self.last_price) - ref
+        return feature_values(self, now_ms, stats)
 
     # ----------------------------------------------------------------------------------------
     def to_redis(self) -> dict[str, str]:
         """The full hash to write (absolute values; floats in ``repr`` so they round-trip exactly)."""
-        out: dict[str, str] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in _JSON_FIELDS:
-                out[f.name] = json.dumps(v, separators=(",", ":"))
-            elif f.name in _STR_FIELDS:
-                out[f.name] = v
-            else:
-                out[f.name] = repr(v)
-        return out
+        return _CODEC.to_redis(self)
 
     def to_dict(self) -> dict:
         """The profile as plain JSON values (what the engine's store packs into ONE JSON document, encoded once).
@@ -488,63 +368,18 @@ class Profile:
         >>> Profile.from_dict(Profile(n_orders=2, spend=1.5).to_dict()) == Profile(n_orders=2, spend=1.5)
         True
         """
-        d = self.__dict__
-        return {name: d[name] for name in _NAMES}
+        return _CODEC.to_dict(self)
 
     @classmethod
     def from_dict(cls, mapping: dict) -> "Profile":
         """Inverse of :meth:`to_dict`; also reads :meth:`to_redis` mappings (values as text), so profiles written
         by earlier versions load unchanged. An empty mapping is a new user."""
-        if not mapping:
-            return cls()
-        if any(isinstance(v, (str, bytes)) for k, v in mapping.items() if k in _NUMERIC):
-            return cls.from_redis(mapping)  # the text encoding
-        p = cls()
-        d = p.__dict__
-        for k, v in mapping.items():
-            if k in _TYPE_SET:
-                d[k] = v
-        counts = p.counts
-        for t in EVENT_TYPES:
-            counts.setdefault(t, 0)
-        return p
+        return _CODEC.from_dict(mapping)
 
     @classmethod
     def from_redis(cls, mapping: dict) -> "Profile":
         """Build from an ``HGETALL`` answer (bytes or str); an empty mapping is a new user."""
-        p = cls()
-        if not mapping:
-            return p
-        types = _TYPES
-        for k, v in mapping.items():
-            k = k.decode() if isinstance(k, bytes) else k
-            v = v.decode() if isinstance(v, bytes) else v
-            if k not in types:
-                continue  # a field of another version: ignored (and dropped on the next write)
-            if k in _JSON_FIELDS:
-                setattr(p, k, json.loads(v))
-            elif k in _STR_FIELDS:
-                setattr(p, k, v)
-            elif types[k] in ("int", int):
-                setattr(p, k, int(v))
-            else:
-                setattr(p, k, float(v))
-        for t in EVENT_TYPES:
-            p.counts.setdefault(t, 0)
-        return p
+        return _CODEC.from_redis(mapping)
 
 
-def _bump(a: list, w: float, ts: int, hl: float) -> None:
-    """Add weight ``w`` at time ``ts`` to a decayed score ``a = [score, time, ...]``."""
-    t = a[1]
-    if ts >= t:
-        a[0] = a[0] * 2.0 ** (-(ts - t) / hl) + w
-        a[1] = ts
-    else:  # an older event: add it decayed to the score's time
-        a[0] += w * 2.0 ** (-(t - ts) / hl)
-
-
-_TYPES = {f.name: f.type for f in fields(Profile)}
-_NAMES = tuple(_TYPES)
-_TYPE_SET = frozenset(_TYPES)
-_NUMERIC = frozenset(n for n in _TYPES if n not in _JSON_FIELDS and n not in _STR_FIELDS)
+_CODEC = ProfileCodec(Profile)

@@ -19,7 +19,8 @@ from models.checks.data import (NOW, PROBE_ITEMS, batches, decision_contexts, fe
                                 probe_profiles, profiles_after, rounded)
 from models.events import Event
 from models.learning.core import LearningCore
-from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.propensity import PurchasePropensity
 from models.learning.segments import ProfileSegments
 from models.policy.base import DecisionContext, Policy
 from models.profile import Profile

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -89,16 +90,56 @@ def evaluate_events(
 ) -> dict:
     """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring)."""
     core = core or LearningCore(MemoryItemStore(), horizon_h=horizon_h, keep_predictions=True)
-    core.labels.keep_predictions = True
-    profiles: dict[str, Profile] = {}
-    hits = {"engine": 0, "baseline": 0}
-    rr = {"engine": 0.0, "baseline": 0.0}
-    targets = 0
-    learn_s = predict_s = 0.0
+    core.purchase_model.keep_predictions = True
+    t_start = time.perf_counter()
+    run = _replay(events, core, batch_size, k, progress)
+    report = _report(core, run, len(events), batch_size, t_start)
+    if k != K:
+        report["k"] = k
+    return report
+
+
+@dataclass
+class _NextItem:
+    """Next-item hits and reciprocal ranks of the engine (``engine``) and the baseline (``baseline``)."""
+
+    targets: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: {"engine": 0, "baseline": 0})
+    rr: dict[str, float] = field(default_factory=lambda: {"engine": 0.0, "baseline": 0.0})
+
+    def score(self, name: str, proposed: list[str], item: str) -> None:
+        try:
+            r = proposed.index(item)
+        except ValueError:
+            return
+        self.hits[name] += 1
+        self.rr[name] += 1.0 / (r + 1)
+
+    def hit_rate(self, name: str) -> float | None:
+        return self.hits[name] / self.targets if self.targets else None
+
+    def mrr(self, name: str) -> float | None:
+        return self.rr[name] / self.targets if self.targets else None
+
+
+@dataclass
+class _Replay:
+    """What a replay measured: the users' profiles, the next-item scores and the time spent learning and
+    predicting."""
+
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    next_item: _NextItem = field(default_factory=_NextItem)
+    learn_s: float = 0.0
+    predict_s: float = 0.0
+
+
+def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, progress) -> _Replay:
+    """Replay ``events`` in batches as the worker would: each event's next item predicted before it is applied,
+    then the batch learnt."""
+    run = _Replay()
+    profiles = run.profiles
     n = len(events)
     last_report = time.perf_counter()
-    t_start = last_report
-    store = core.store
     for start in range(0, n, batch_size):
         batch = events[start : start + batch_size]
         touched: dict[str, Profile] = {}
@@ -109,67 +150,65 @@ def evaluate_events(
             recent = prof.recent_items
             if recent and e.type != "remove_from_cart" and e.item_id != recent[-1]:
                 t0 = time.perf_counter()
-                targets += 1
-                recs = core.recommend(prof, k, now_ms=e.ts)
-                base = [i for i, _ in store.popular(k + 1, e.ts) if i != recent[-1]][:k]
-                for name, lst in (("engine", recs), ("baseline", base)):
-                    try:
-                        r = lst.index(e.item_id)
-                    except ValueError:
-                        continue
-                    hits[name] += 1
-                    rr[name] += 1.0 / (r + 1)
-                predict_s += time.perf_counter() - t0
+                _predict_next_item(core, prof, e, k, run.next_item)
+                run.predict_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             prof.apply(e)
-            learn_s += time.perf_counter() - t0
+            run.learn_s += time.perf_counter() - t0
             touched[e.user_id] = prof
         t0 = time.perf_counter()
         core.learn_batch(batch, touched)
-        learn_s += time.perf_counter() - t0
+        run.learn_s += time.perf_counter() - t0
         if progress and time.perf_counter() - last_report > 2.0:
             last_report = time.perf_counter()
             done = start + len(batch)
-            progress(f"{done}/{n} events ({100 * done // max(n, 1)}%), core {done / max(learn_s, 1e-9):,.0f} ev/s")
+            progress(f"{done}/{n} events ({100 * done // max(n, 1)}%), core {done / max(run.learn_s, 1e-9):,.0f} ev/s")
+    return run
+
+
+def _predict_next_item(core: LearningCore, prof: Profile, e: Event, k: int, tally: _NextItem) -> None:
+    """The engine's and the baseline's ``k`` items for the user before ``e``, scored against ``e``'s item."""
+    tally.targets += 1
+    recs = core.recommend(prof, k, now_ms=e.ts)
+    base = [i for i, _ in core.store.popular(k + 1, e.ts) if i != prof.recent_items[-1]][:k]
+    tally.score("engine", recs, e.item_id)
+    tally.score("baseline", base, e.item_id)
+
+
+def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: float) -> dict:
+    """The output keys (see the module docstring)."""
     # score only points whose horizon closed before the log ends: positives close early, negatives only at
     # the horizon, so scoring every label seen would compare late positives with early negatives
-    closed = core.watermark - core.labels.horizon_ms
-    preds = [t for t in core.labels.predictions if t[3] <= closed]
+    closed = core.watermark - core.purchase_model.horizon_ms
+    preds = [t for t in core.purchase_model.predictions if t[3] <= closed]
     y = [t[0] for t in preds]
     q = core.quality()
-    report = {
+    next_item = run.next_item
+    return {
         "events": n,
-        "events_per_s": round(n / learn_s, 1) if learn_s > 0 else None,
-        "engine": {
-            "hr_at_20": hits["engine"] / targets if targets else None,
-            "mrr_at_20": rr["engine"] / targets if targets else None,
-            "auc": roc_auc(y, [t[1] for t in preds]),
-            "logloss": log_loss(y, [t[1] for t in preds]),
-        },
-        "baseline": {
-            "hr_at_20": hits["baseline"] / targets if targets else None,
-            "mrr_at_20": rr["baseline"] / targets if targets else None,
-            "auc": roc_auc(y, [t[2] for t in preds]),
-            "logloss": log_loss(y, [t[2] for t in preds]),
-        },
-        "next_item_targets": targets,
+        "events_per_s": round(n / run.learn_s, 1) if run.learn_s > 0 else None,
+        "engine": _model_scores(next_item, "engine", y, [t[1] for t in preds]),
+        "baseline": _model_scores(next_item, "baseline", y, [t[2] for t in preds]),
+        "next_item_targets": next_item.targets,
         "horizon_h": core.horizon_h,
-        "decision_points": core.labels.n_observed,
+        "decision_points": core.purchase_model.n_observed,
         "scored_points": len(preds),
         "scored_positives": int(sum(y)),
         "labels": q["labels"],
         "unlabelled_at_end": q["pending"],
         "online_auc_river": _finite(q["auc"]),
-        "users": len(profiles),
-        "items": store.n_items(),
+        "users": len(run.profiles),
+        "items": core.store.n_items(),
         "batch_size": batch_size,
-        "learn_s": round(learn_s, 3),
-        "predict_s": round(predict_s, 3),
+        "learn_s": round(run.learn_s, 3),
+        "predict_s": round(run.predict_s, 3),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
-    if k != K:
-        report["k"] = k
-    return report
+
+
+def _model_scores(next_item: _NextItem, name: str, y: list[int], p: list[float]) -> dict:
+    return {"hr_at_20": next_item.hit_rate(name), "mrr_at_20": next_item.mrr(name), "auc": roc_auc(y, p),
+            "logloss": log_loss(y, p)}
 
 
 def _finite(x) -> float | None:

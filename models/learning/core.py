@@ -10,18 +10,17 @@ events into :class:`models.profile.Profile` and writes them to Redis atomically 
   and item increments, applied to the :class:`models.state.item_store.ItemStore` in ONE call (one Redis pipeline).
   In the live worker the engine sets ``items_via_commit``: each user's commit writes that user's increments
   (:mod:`models.learning.contrib`, exact across crashes and removable by ``promo forget``) and this step is skipped;
-* **category price reference** (:class:`models.profile.CategoryStats`) for the profiles' price level;
-* **purchase propensity** with delayed labels (:class:`models.learning.propensity.DelayedLabelLearner`) and a frequency
-  baseline, scored prequentially (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
+* **category price reference** (:class:`models.profile_features.CategoryStats`) for the profiles' price level;
+* **purchase propensity** with delayed labels (:attr:`LearningCore.purchase_model`, a
+  :class:`models.learning.delayed_labels.DelayedLabelLearner`) and a frequency baseline, scored prequentially
+  (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
 * **segments** (:class:`models.learning.segments.ProfileSegments`).
 
 Per batch (:meth:`LearningCore.learn_batch`): events are de-duplicated and in partition order; ``profiles``
 are the users' profiles AFTER the batch. River is not called per event: a user has at most one **decision
-point** per batch, at their last event of the batch if it is not a purchase (then the profile after the batch
-is the profile at that event, with no leak of a later purchase), and at most one per ``sample_gap_ms`` of event
-time. With ``decision_points="milestones"`` (default) a point is taken only when the batch holds a ``cart`` of
-the user (the engine's trigger) or the user's session reached its 2nd, 4th, 8th, ... event in it: points where
-an offer could be made, a logarithmic number per session; ``"batch"`` takes one at every batch of the user.
+point** per batch, at most one per ``sample_gap_ms`` of event time, with ``decision_points="milestones"``
+(default) only at a cart or at the 2nd, 4th, 8th, ... event of a session, with ``"batch"`` at every batch of the
+user (:mod:`models.learning.decision_points`). A decision point's features are :mod:`models.learning.features`.
 Purchases of the batch label the user's pending points first; then the watermark (largest event time seen)
 expires points older than the horizon as negatives. Segments learn at every ``segment_every``-th point.
 
@@ -60,7 +59,6 @@ Examples
 from __future__ import annotations
 
 import gc
-import math
 import time
 
 import numpy as np
@@ -68,19 +66,21 @@ import numpy as np
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.state.item_store import ItemBatch, ItemStore
-from models.profile import EVENT_WEIGHTS, FEATURE_NAMES, CategoryStats, Profile
-from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.profile import EVENT_WEIGHTS, Profile
+from models.profile_features import CategoryStats
+from models.learning.conversion import ConversionRates
+from models.learning.decision_points import batch_decision_points
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.features import DEFAULT_CONTEXT_KEYS, MODEL_FEATURE_NAMES, context_features, model_values
+from models.learning.propensity import FrequencyPropensity, PurchasePropensity
 from models.learning.recommend import recommend as _recommend
 from models.learning.segments import ProfileSegments
 from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
-from models.learning.snapshot import SNAPSHOT_VERSION, dumps, forget_users_in, loads
+from models.learning.snapshot import core_snapshot, forget_users_in, restore_core
 
 __all__ = ["LearningCore", "tune_gc"]
 
 HOUR_MS = 3_600_000
-CONTEXT_FEATURES = ("item_conversion", "category_conversion")
-_ALL_NAMES = FEATURE_NAMES + CONTEXT_FEATURES
-DEFAULT_CONTEXT_KEYS = frozenset({"channel", "device", "behavior", "platform", "country"})
 
 
 class LearningCore:
@@ -174,9 +174,9 @@ class LearningCore:
         self.stats = CategoryStats()
         self.item_conv = ConversionRates(max_keys=self.max_users)
         self.cat_conv = ConversionRates(max_keys=self.max_users)
-        self.labels = DelayedLabelLearner(
+        self.purchase_model = DelayedLabelLearner(
             horizon_ms=int(self.horizon_h * HOUR_MS),
-            model=PurchasePropensity(feature_names=FEATURE_NAMES + CONTEXT_FEATURES, **self.propensity_options),
+            model=PurchasePropensity(feature_names=MODEL_FEATURE_NAMES, **self.propensity_options),
             baseline=FrequencyPropensity(), max_pending=self.max_pending,
             keep_predictions=self.keep_predictions,
         )
@@ -217,37 +217,10 @@ class LearningCore:
             t2 = time.perf_counter()
         # --- category price reference, purchases, decision points ---------------------------------
         last, seen, carts = self._learn_events(events)
-        labels = self.labels
         if batch_ts > self.watermark:
             self.watermark = batch_ts
-        gap = self.sample_gap_ms
-        last_sample = self.last_sample
-        milestones = self.decision_points == "milestones"
-        for u, e in last.items():
-            if e.type == "purchase":
-                continue
-            prev = last_sample.get(u)
-            if prev is not None and e.ts - prev < gap:
-                continue
-            prof = profiles.get(u)
-            if prof is None:
-                continue
-            if milestones and u not in carts:
-                # the session reached its 2nd, 4th, 8th, ... event during this batch
-                s_now = prof.session_events
-                lo = max(2, s_now - seen[u] + 1)
-                if s_now < 2 or (1 << (s_now.bit_length() - 1)) < lo:
-                    continue
-            values = self._values(prof, e.ts)
-            labels.observe_values(u, e.ts, values, self._context(e.context), labels.baseline.predict_profile(prof))
-            last_sample[u] = e.ts
-            if labels.n_observed % self.segment_every == 0:
-                self.segments.learn_one(dict(zip(_ALL_NAMES, values)))
-        labels.advance(self.watermark)
-        if len(last_sample) > 2 * self._last_sample_purge + 10_000:
-            limit = self.watermark - gap
-            self.last_sample = {u: t for u, t in last_sample.items() if t >= limit}
-            self._last_sample_purge = len(self.last_sample)
+        self._observe_decision_points(last, seen, carts, profiles)
+        self.purchase_model.advance(self.watermark)
         self.n_events += n
         self.n_batches += 1
         t3 = time.perf_counter()
@@ -256,6 +229,26 @@ class LearningCore:
         tm["store_s"] += t2 - t1
         tm["models_s"] += t3 - t2
 
+    def _observe_decision_points(self, last: dict[str, Event], seen: dict[str, int], carts: set[str],
+                                 profiles: dict[str, Profile]) -> None:
+        """Record the batch's decision points (:func:`models.learning.decision_points.batch_decision_points`)
+        with the features and predictions of now; the segments learn from every ``segment_every``-th one."""
+        model = self.purchase_model
+        last_sample = self.last_sample
+        points = batch_decision_points(last, seen, carts, profiles, last_sample, self.sample_gap_ms,
+                                       self.decision_points == "milestones")
+        for u, e, prof in points:
+            values = model_values(prof, e.ts, self.stats, self.item_conv, self.cat_conv)
+            model.observe_values(u, e.ts, values, context_features(e.context, self.context_keys),
+                                 model.baseline.predict_profile(prof))
+            last_sample[u] = e.ts
+            if model.n_observed % self.segment_every == 0:
+                self.segments.learn_one(dict(zip(MODEL_FEATURE_NAMES, values)))
+        if len(last_sample) > 2 * self._last_sample_purge + 10_000:  # drop times too old to hold a point back
+            limit = self.watermark - self.sample_gap_ms
+            self.last_sample = {u: t for u, t in last_sample.items() if t >= limit}
+            self._last_sample_purge = len(self.last_sample)
+
     def _learn_events(self, events: list[Event]) -> tuple[dict[str, Event], dict[str, int], set[str]]:
         """What depends on the events alone: category prices, conversion counts, purchase labels. Returns each
         user's last event, events per user and the users with a cart, for the decision points."""
@@ -263,7 +256,7 @@ class LearningCore:
         last: dict[str, Event] = {}
         seen: dict[str, int] = {}  # user -> events in this batch
         carts: set[str] = set()
-        labels = self.labels
+        model = self.purchase_model
         iev, ipur = self.item_conv.events, self.item_conv.purchases
         cev, cpur = self.cat_conv.events, self.cat_conv.purchases
         n_conv = n_pur = n_cat = n_cat_pur = 0
@@ -287,7 +280,7 @@ class LearningCore:
                     cpur[cat] = cpur.get(cat, 0) + 1
                     n_cat_pur += 1
                 n_pur += 1
-                labels.purchase(u, e.ts)
+                model.purchase(u, e.ts)
             elif etype == "cart":
                 carts.add(u)
             last[u] = e
@@ -306,7 +299,7 @@ class LearningCore:
         ts = max(e.ts for e in events)
         if ts > self.watermark:
             self.watermark = ts
-        self.labels.advance(self.watermark)
+        self.purchase_model.advance(self.watermark)
         self.n_events += len(events)
 
     def item_batch(self, events: list[Event]) -> ItemBatch:
@@ -326,35 +319,14 @@ class LearningCore:
 
     # --- decision time --------------------------------------------------------------------------------
     def features(self, profile: Profile, now_ms: int, context: dict | None = None) -> dict[str, float]:
-        """Model features: the profile's (:data:`models.profile.FEATURE_NAMES`), the log-odds of purchase of
-        the current item and category (learnt from past events), and ``context`` (numbers as ``ctx_<key>``,
-        strings of :attr:`context_keys` one-hot as ``ctx_<key>=<value>``)."""
-        x = dict(zip(_ALL_NAMES, self._values(profile, now_ms)))
-        ctx = self._context(context)
+        """Model features (:mod:`models.learning.features`): the profile's, the log-odds of purchase of the current
+        item and category (learnt from past events), and ``context`` (numbers as ``ctx_<key>``, strings of
+        :attr:`context_keys` one-hot as ``ctx_<key>=<value>``)."""
+        x = dict(zip(MODEL_FEATURE_NAMES, model_values(profile, now_ms, self.stats, self.item_conv, self.cat_conv)))
+        ctx = context_features(context, self.context_keys)
         if ctx:
             x.update(ctx)
         return x
-
-    def _values(self, profile: Profile, now_ms: int) -> list[float]:
-        values = profile.feature_values(now_ms, self.stats)
-        values.append(self.item_conv.log_odds(profile.recent_items[-1] if profile.recent_items else None))
-        values.append(self.cat_conv.log_odds(profile.last_category))
-        return values
-
-    def _context(self, context: dict | None) -> dict | None:
-        if not context:
-            return None
-        x = {}
-        keys = self.context_keys
-        for k, v in context.items():
-            if isinstance(v, bool) or v is None:
-                continue
-            if isinstance(v, (int, float)):
-                if math.isfinite(v):
-                    x[f"ctx_{k}"] = float(v)
-            elif k in keys:
-                x[f"ctx_{k}={v}"] = 1.0
-        return x or None
 
     def recommend(self, profile: Profile, k: int, now_ms: int | None = None) -> list[str]:
         """Up to ``k`` items for the user, best first (:func:`models.learning.recommend.recommend`)."""
@@ -363,7 +335,7 @@ class LearningCore:
 
     def propensity(self, profile: Profile, now_ms: int, context: dict | None = None) -> float:
         """P(the user buys within H hours of ``now_ms``)."""
-        return self.labels.predict_proba(self.features(profile, now_ms, context))
+        return self.purchase_model.predict_proba(self.features(profile, now_ms, context))
 
     def segment(self, profile: Profile, now_ms: int | None = None) -> int:
         """The user's segment, ``0 .. n_segments - 1``."""
@@ -376,9 +348,9 @@ class LearningCore:
         Keys: ``auc``, ``logloss`` (engine), ``base_auc``, ``base_logloss`` (frequency baseline),
         ``labels``, ``positives``, ``pending``, ``dropped``. AUC and log loss are NaN before the first label.
         """
-        q = self.labels.quality()
-        q.update(labels=self.labels.n_labels, positives=self.labels.n_positive, pending=len(self.labels),
-                 dropped=self.labels.n_dropped)
+        model = self.purchase_model
+        q = model.quality()
+        q.update(labels=model.n_labels, positives=model.n_positive, pending=len(model), dropped=model.n_dropped)
         return q
 
     # --- forgetting users -------------------------------------------------------------------------------
@@ -394,60 +366,24 @@ class LearningCore:
         >>> core.learn_batch(evs, {e.user_id: Profile() for e in evs})
         >>> sorted(core.held_users())
         ['u1', 'u2']
-        >>> core.forget_users(["u1"]), sorted(core.held_users()), len(core.labels)
+        >>> core.forget_users(["u1"]), sorted(core.held_users()), len(core.purchase_model)
         (1, ['u2'], 1)
         """
-        return set(self.windows.slot) | self.labels.users() | set(self.last_sample)
+        return set(self.windows.slot) | self.purchase_model.users() | set(self.last_sample)
 
     def forget_users(self, users) -> int:
         """Drop ``users`` from every in-memory per-user structure (see :meth:`held_users`); their decision
         points are dropped unlearnt. Returns how many of them were held."""
-        return forget_users_in(self.windows, self.labels, self.last_sample, users)
+        return forget_users_in(self.windows, self.purchase_model, self.last_sample, users)
 
     # --- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self, offsets: dict) -> bytes:
-        """The learnt state and the offsets it covers, as bytes."""
-        state = {
-            "version": SNAPSHOT_VERSION,
-            "offsets": dict(offsets),
-            "vocab": self.vocab,
-            "windows": self.windows,
-            "stats": self.stats,
-            "item_conv": self.item_conv,
-            "cat_conv": self.cat_conv,
-            "labels": self.labels,
-            "segments": self.segments,
-            "last_sample": self.last_sample,
-            "watermark": self.watermark,
-            "n_events": self.n_events,
-            "store": self.store if isinstance(self.store, MemoryItemStore) else None,
-        }
-        return dumps(state)
+        """The learnt state and the offsets it covers, as bytes (:func:`models.learning.snapshot.core_snapshot`)."""
+        return core_snapshot(self, offsets)
 
     def restore(self, data: bytes) -> dict:
         """Load a :meth:`snapshot`; returns the offsets it covers. Raises ``ValueError`` on a bad snapshot."""
-        try:
-            state = loads(data)
-        except Exception as exc:
-            raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
-                             "delete the snapshot key to start from empty models") from exc
-        if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"model snapshot has version {got!r}, this engine reads version {SNAPSHOT_VERSION}; "
-                             "delete the snapshot key to start from empty models")
-        self.vocab = state["vocab"]
-        self.windows = state["windows"]
-        self.stats = state["stats"]
-        self.item_conv = state["item_conv"]
-        self.cat_conv = state["cat_conv"]
-        self.labels = state["labels"]
-        self.segments = state["segments"]
-        self.last_sample = state["last_sample"]
-        self.watermark = state["watermark"]
-        self.n_events = state["n_events"]
-        if state["store"] is not None and isinstance(self.store, MemoryItemStore):
-            self.store = state["store"]
-        return state["offsets"]
+        return restore_core(self, data)
 
 
 def tune_gc(gen0_threshold: int = 50_000) -> tuple[int, int, int]:

@@ -1,12 +1,14 @@
 """Model snapshots in Redis: one key per engine, the learning core's state as a pickle with the offsets it covers.
 
-:meth:`models.learning.core.LearningCore.snapshot` and ``restore`` make and read the bytes (:func:`dumps`,
-:func:`loads`); this module keeps them under ONE key (:func:`snapshot_key`), and removes forgotten users from the
-stored snapshot (:func:`scrub_snapshot`, used by ``promo forget``). A snapshot is a pickle (not compressed):
+:meth:`models.learning.core.LearningCore.snapshot` and ``restore`` make and read the bytes (:func:`core_snapshot`,
+:func:`restore_core`: the stored format, :data:`SNAPSHOT_VERSION`); this module keeps them under ONE key
+(:func:`snapshot_key`), and removes forgotten users from the stored snapshot (:func:`scrub_snapshot`, used by
+``promo forget``). A snapshot is a pickle (not compressed):
 load only snapshots written by the engine's own Redis.
 
-Snapshots written before the models moved into packages (``models.similarity``, ``models.propensity``, ...) still
-load: :func:`loads` finds each class where it lives now (:data:`MOVED_MODULES`).
+Snapshots written before the models moved into packages (``models.similarity``, ``models.propensity``, ...) or
+before a module was split (``models.learning.propensity``, ``models.profile``) still load: :func:`loads` finds
+each class where it lives now (:data:`MOVED_MODULES`), under its new name if it was renamed (:data:`RENAMED`).
 
 >>> from models.learning.similarity import ItemVocab
 >>> v = ItemVocab()
@@ -21,22 +23,33 @@ import importlib
 import io
 import pickle
 
+from models.state.item_memory import MemoryItemStore
+
 SNAPSHOT_VERSION = 1
+"""The stored format: a dict of the core's state (:func:`core_snapshot`); the purchase model is under ``labels``."""
+
+_PROPENSITY_MODULES = ("models.learning.propensity", "models.learning.delayed_labels", "models.learning.conversion",
+                       "models.learning.rolling_logloss")
+"""Where the classes of the one propensity module live now (it was split into one module per concept)."""
 
 MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "models.similarity": ("models.learning.similarity",),
-    "models.propensity": ("models.learning.propensity",),
+    "models.propensity": _PROPENSITY_MODULES,
+    "models.learning.propensity": _PROPENSITY_MODULES,
     "models.segments": ("models.learning.segments",),
     "models.contrib": ("models.learning.contrib",),
     "models.learning": ("models.learning.core",),
     "models.item_store": ("models.state.item_memory", "models.state.item_store"),
+    "models.profile": ("models.profile_features",),  # CategoryStats (the profile stays)
 }
 """Where the classes of a module that moved live now (the first module that has the name wins)."""
 
 
 RENAMED: dict[tuple[str, str], tuple[str, str]] = {
-    ("models.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
-    ("models.learning.propensity", "ConversionStats"): ("models.learning.propensity", "ConversionRates"),
+    ("models.propensity", "ConversionStats"): ("models.learning.conversion", "ConversionRates"),
+    ("models.learning.propensity", "ConversionStats"): ("models.learning.conversion", "ConversionRates"),
+    ("models.propensity", "_Point"): ("models.learning.delayed_labels", "DecisionPoint"),
+    ("models.learning.propensity", "_Point"): ("models.learning.delayed_labels", "DecisionPoint"),
 }
 """Classes that changed their name: (old module, old name) -> (module, name)."""
 
@@ -62,6 +75,54 @@ def loads(data: bytes):
     return _Unpickler(io.BytesIO(data)).load()
 
 
+def core_snapshot(core, offsets: dict) -> bytes:
+    """The learnt state of a :class:`models.learning.core.LearningCore` and the offsets it covers, as bytes. The
+    item store is included only when it lives in memory (Redis holds its own)."""
+    state = {
+        "version": SNAPSHOT_VERSION,
+        "offsets": dict(offsets),
+        "vocab": core.vocab,
+        "windows": core.windows,
+        "stats": core.stats,
+        "item_conv": core.item_conv,
+        "cat_conv": core.cat_conv,
+        "labels": core.purchase_model,
+        "segments": core.segments,
+        "last_sample": core.last_sample,
+        "watermark": core.watermark,
+        "n_events": core.n_events,
+        "store": core.store if isinstance(core.store, MemoryItemStore) else None,
+    }
+    return dumps(state)
+
+
+def restore_core(core, data: bytes) -> dict:
+    """Put the state of a :func:`core_snapshot` back into ``core``; returns the offsets it covers. Raises
+    ``ValueError`` on a snapshot this engine cannot read."""
+    try:
+        state = loads(data)
+    except Exception as exc:
+        raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
+                         "delete the snapshot key to start from empty models") from exc
+    if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"model snapshot has version {got!r}, this engine reads version {SNAPSHOT_VERSION}; "
+                         "delete the snapshot key to start from empty models")
+    core.vocab = state["vocab"]
+    core.windows = state["windows"]
+    core.stats = state["stats"]
+    core.item_conv = state["item_conv"]
+    core.cat_conv = state["cat_conv"]
+    core.purchase_model = state["labels"]
+    core.segments = state["segments"]
+    core.last_sample = state["last_sample"]
+    core.watermark = state["watermark"]
+    core.n_events = state["n_events"]
+    if state["store"] is not None and isinstance(core.store, MemoryItemStore):
+        core.store = state["store"]
+    return state["offsets"]
+
+
 def snapshot_key(prefix: str = "promo") -> str:
     """The one Redis key holding the model snapshot."""
     return f"{prefix}:models:snapshot"
@@ -82,13 +143,13 @@ def load_snapshot(client, core, prefix: str = "promo") -> dict | None:
     return core.restore(data)
 
 
-def forget_users_in(windows, labels, last_sample: dict, users) -> int:
+def forget_users_in(windows, purchase_model, last_sample: dict, users) -> int:
     """Drop ``users`` from a core's windows, pending decision points and last-sample times; how many it held."""
     users = set(users)
-    held = (set(windows.slot) | labels.users() | last_sample.keys()) & users
+    held = (set(windows.slot) | purchase_model.users() | last_sample.keys()) & users
     if held:
         windows.drop(held)
-        labels.forget(held)
+        purchase_model.forget(held)
         for u in held:
             last_sample.pop(u, None)
     return len(held)

@@ -12,7 +12,8 @@ from models.state.item_redis import RedisItemStore
 from models.state.item_store import SimilarityConfig
 from models.learning.core import LearningCore
 from models.profile import Profile
-from models.learning.propensity import DelayedLabelLearner, PurchasePropensity
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.propensity import PurchasePropensity
 from models.learning.segments import ProfileSegments
 from models.policy.catalogue import load_catalogue
 from models.policy.rules import RulePolicy

@@ -380,7 +380,7 @@ def test_no_trace_of_a_forgotten_user_after_the_next_snapshot(engine_settings, s
     def snapshot_users() -> tuple[set, set]:
         core = LearningCore()
         core.restore(redis_client.get(key))
-        return core.held_users(), set(core.labels.by_user)
+        return core.held_users(), set(core.purchase_model.by_user)
 
     # the user with most events among those with a pending decision point in a snapshot written after the replay
     n = metric(w.metrics(), "promo_model_snapshots_total")

@@ -156,7 +156,7 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
     for e in seen:
         prof.apply(e)
     core.learn_batch(seen, {"u1": prof})
-    assert len(core.labels) == 1 and core.labels.n_positive == 0
+    assert len(core.purchase_model) == 1 and core.purchase_model.n_positive == 0
     settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0)
     gap = [json.dumps({"event_id": "a3", "type": "purchase", "user_id": "u1", "item_id": "i1", "ts": t0 + 60_000,
                        "price": 10.0}).encode(), b"{not json"]
@@ -172,7 +172,7 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
     asyncio.run(h.handle([msg(ev("b1", user="u2"), 7)]))
     asyncio.run(h.handle([msg(ev("b2", user="u2"), 8)]))
     assert asked == [{("promo.events", 0): (5, 7)}]  # once, for exactly the missing offsets
-    assert core.labels.n_positive == 1
+    assert core.purchase_model.n_positive == 1
 
 
 @pytest.mark.parametrize("cap,want", [(3, [{("promo.events", 0): (97, 100)}]), (0, [])])

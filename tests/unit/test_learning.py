@@ -49,10 +49,10 @@ def test_co_viewed_items_are_recommended_and_cold_users_get_popular_items():
 def test_no_decision_point_when_the_batch_ends_with_a_purchase():
     core = LearningCore(MemoryItemStore(), horizon_h=1.0, decision_points="batch", sample_gap_ms=0)
     feed(core, [Event("1", "view", "u", "i", T0), Event("2", "purchase", "u", "i", T0 + 1, price=1.0)])
-    assert core.labels.n_observed == 0  # the profile after the batch contains the purchase: no point
+    assert core.purchase_model.n_observed == 0  # the profile after the batch contains the purchase: no point
     feed(core, [Event("3", "view", "u", "i", T0 + 2)])
     feed(core, [Event("4", "purchase", "u", "i", T0 + 3, price=1.0)])
-    assert (core.labels.n_observed, core.labels.n_positive) == (1, 1)
+    assert (core.purchase_model.n_observed, core.purchase_model.n_positive) == (1, 1)
 
 
 def test_milestone_decision_points():
@@ -62,9 +62,9 @@ def test_milestone_decision_points():
     for k in range(9):  # one event per batch: points at the 2nd, 4th and 8th event of the session
         ts += MIN
         feed(core, [Event(f"e{k}", "view", "u", f"i{k}", ts)], profiles)
-    assert core.labels.n_observed == 3
+    assert core.purchase_model.n_observed == 3
     feed(core, [Event("c", "cart", "u", "i1", ts + MIN, price=2.0)], profiles)  # a cart is always a point
-    assert core.labels.n_observed == 4
+    assert core.purchase_model.n_observed == 4
 
 
 def test_sample_gap_limits_points_per_user():
@@ -72,14 +72,15 @@ def test_sample_gap_limits_points_per_user():
     profiles = {}
     for k in range(10):
         feed(core, [Event(f"e{k}", "view", "u", "i", T0 + k * MIN)], profiles)
-    assert core.labels.n_observed == 1
+    assert core.purchase_model.n_observed == 1
 
 
 def test_labels_resolve_and_quality_reports():
     core = LearningCore(MemoryItemStore(), horizon_h=0.5)
     feed(core, synthetic_events(600))
     q = core.quality()
-    assert q["labels"] > 0 and q["positives"] > 0 and q["labels"] + q["pending"] + q["dropped"] == core.labels.n_observed
+    assert q["labels"] > 0 and q["positives"] > 0
+    assert q["labels"] + q["pending"] + q["dropped"] == core.purchase_model.n_observed
     assert 0.0 <= q["auc"] <= 1.0 and q["logloss"] > 0
 
 
@@ -159,7 +160,7 @@ def test_forgotten_users_leave_every_in_memory_structure_and_the_next_snapshot()
     assert core.forget_users(["forget-me-4711", "never-seen"]) == 1
     assert core.held_users() == held - {"forget-me-4711"}
     assert b"forget-me-4711" not in core.snapshot({})
-    assert len(core.labels) == sum(1 for pt in core.labels.queue if pt.open)  # the open count stays true
+    assert len(core.purchase_model) == sum(1 for pt in core.purchase_model.queue if pt.open)  # the open count stays true
     assert core.forget_users(["forget-me-4711"]) == 0
     feed(core, [e for e in evs[300:] if e.user_id != "forget-me-4711"])  # learning goes on as before
     assert "forget-me-4711" not in core.held_users()
@@ -192,42 +193,117 @@ def test_parameters_are_validated():
         LearningCore(decision_points="sometimes")
 
 
+def _classes_of(module) -> list[type]:
+    return [obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__]
+
+
+def _learnt_core() -> tuple[LearningCore, dict]:
+    core = LearningCore(horizon_h=1.0, decision_points="batch")
+    # each user keeps to four items
+    evs = [Event(f"e{i}", "cart" if i % 5 == 0 else "purchase" if i % 17 == 0 else "view", f"u{i % 7}",
+                 f"i{i % 7 + i // 7 % 4}", 60_000 * i, price=1.0 + i % 3, category=f"c{i % 4}") for i in range(200)]
+    profiles = feed(core, evs, batch=20)
+    # points open, labelled and scored: the snapshot holds each kind
+    assert len(core.purchase_model) and core.purchase_model.n_positive and core.purchase_model.n_scored
+    return core, profiles
+
+
+def _snapshot_in_layout(monkeypatch, core: LearningCore, layout: dict[type, tuple[str, str]]) -> bytes:
+    """``core``'s snapshot pickled as an earlier code layout wrote it: ``layout`` maps a class to the module and
+    name it had then (a module that no longer exists is stood up for the pickling only)."""
+    import sys
+    import types
+
+    qualnames = {cls: cls.__qualname__ for cls in layout}  # a type's slot: monkeypatch cannot undo it
+    with monkeypatch.context() as m:
+        try:
+            for cls, (module, name) in layout.items():
+                if module not in sys.modules:
+                    m.setitem(sys.modules, module, types.ModuleType(module))
+                m.setattr(sys.modules[module], name, cls, raising=False)
+                m.setattr(cls, "__module__", module)
+                cls.__qualname__ = name
+            return core.snapshot({("promo.events", 0): 200})
+        finally:
+            for cls, qualname in qualnames.items():
+                cls.__qualname__ = qualname
+
+
+def _assert_restores_as(core: LearningCore, profiles: dict, legacy: bytes) -> None:
+    from models.learning.delayed_labels import DecisionPoint
+    from models.profile_features import CategoryStats
+
+    fresh = LearningCore(horizon_h=1.0)
+    assert fresh.restore(legacy) == {("promo.events", 0): 200}
+    probe = Profile(recent_items=["i1", "i2"])
+    assert fresh.recommend(probe, 5) == core.recommend(probe, 5)
+    assert fresh.propensity(profiles["u1"], 12_000_000) == core.propensity(profiles["u1"], 12_000_000)
+    assert fresh.quality() == pytest.approx(core.quality(), nan_ok=True)
+    assert type(fresh.stats) is CategoryStats and fresh.stats.__dict__ == core.stats.__dict__
+    assert type(fresh.item_conv) is type(core.item_conv) and fresh.item_conv.__dict__ == core.item_conv.__dict__
+    assert {type(pt) for pt in fresh.purchase_model.queue} == {DecisionPoint}
+    # the restored models go on learning as the ones that were saved
+    more = [Event(f"m{i}", "purchase" if i % 3 == 0 else "cart", f"u{i % 7}", f"i{i % 7 + i // 7 % 4}",
+                  12_000_000 + 60_000 * i, price=2.0) for i in range(60)]
+    for c in (core, fresh):
+        ps = {u: Profile(**{k: v for k, v in vars(p).items()}) for u, p in profiles.items()}
+        for e in more:
+            ps[e.user_id].apply(e)
+        c.learn_batch(more, ps)
+    assert fresh.propensity(profiles["u2"], 16_000_000) == core.propensity(profiles["u2"], 16_000_000)
+    assert fresh.quality() == pytest.approx(core.quality(), nan_ok=True)
+
+
 def test_a_snapshot_written_before_the_package_move_still_loads(monkeypatch):
     """Snapshots in Redis name the classes' modules: those written when the models lived in ``models.similarity``,
     ``models.propensity``, ... must restore after the move into ``models.learning`` (an upgrade keeps its models)."""
     import sys
 
+    import models.learning.conversion as conversion
+    import models.learning.delayed_labels as delayed
     import models.learning.propensity as prop
+    import models.learning.rolling_logloss as rolling
     import models.learning.segments as seg
     import models.learning.similarity as sim
     from models.learning.snapshot import MOVED_MODULES
+    from models.profile_features import CategoryStats
 
-    core = LearningCore(horizon_h=1.0)
-    evs = [Event(f"e{i}", "cart" if i % 5 == 0 else "view", f"u{i % 7}", f"i{i % 11}", 1_000 * i) for i in range(200)]
-    profiles: dict = {}
-    for e in evs:
-        profiles.setdefault(e.user_id, Profile()).apply(e)
-    core.learn_batch(evs, profiles)
-    with monkeypatch.context() as m:  # pickle as the earlier layout did: classes in the old modules
-        for old, mod in (("models.similarity", sim), ("models.propensity", prop), ("models.segments", seg)):
-            assert old in MOVED_MODULES
-            m.setitem(sys.modules, old, mod)
-            for obj in list(vars(mod).values()):
-                if isinstance(obj, type) and obj.__module__ == mod.__name__:
-                    m.setattr(obj, "__module__", old)
-        # and under its earlier name: the item and category conversion rates were ConversionStats
-        m.setattr(prop, "ConversionStats", prop.ConversionRates, raising=False)
-        prop.ConversionRates.__qualname__ = "ConversionStats"
-        try:
-            legacy = core.snapshot({("promo.events", 0): 200})
-        finally:
-            prop.ConversionRates.__qualname__ = "ConversionRates"
+    core, profiles = _learnt_core()
+    layout = {cls: (old, cls.__name__) for old, mod in (("models.similarity", sim), ("models.segments", seg))
+              for cls in _classes_of(mod)}
+    for mod in (prop, delayed, rolling, conversion):  # one module then
+        layout.update({cls: ("models.propensity", cls.__name__) for cls in _classes_of(mod)})
+    # under their earlier names: the conversion rates were ConversionStats, a decision point _Point
+    layout[conversion.ConversionRates] = ("models.propensity", "ConversionStats")
+    layout[delayed.DecisionPoint] = ("models.propensity", "_Point")
+    layout[CategoryStats] = ("models.profile", "CategoryStats")
+    assert {old for old, _ in layout.values()} <= MOVED_MODULES.keys()
+    legacy = _snapshot_in_layout(monkeypatch, core, layout)
     assert b"models.similarity" in legacy and b"models.learning.similarity" not in legacy
-    assert b"ConversionStats" in legacy and b"ConversionRates" not in legacy
+    assert b"ConversionStats" in legacy and b"ConversionRates" not in legacy and b"_Point" in legacy
     assert "models.similarity" not in sys.modules
-    fresh = LearningCore(horizon_h=1.0)
-    assert fresh.restore(legacy) == {("promo.events", 0): 200}
-    probe = Profile(recent_items=["i1", "i2"])
-    assert fresh.recommend(probe, 5) == core.recommend(probe, 5)
-    assert fresh.propensity(profiles["u1"], 200_000) == core.propensity(profiles["u1"], 200_000)
-    assert type(fresh.item_conv) is prop.ConversionRates and fresh.item_conv.__dict__ == core.item_conv.__dict__
+    _assert_restores_as(core, profiles, legacy)
+
+
+def test_a_snapshot_written_before_the_propensity_split_still_loads(monkeypatch):
+    """Snapshots written while the propensity models, the delayed-label learner, the conversion rates and the rolling
+    log loss shared ``models.learning.propensity`` (and the category prices lived in ``models.profile``) restore
+    with each class in its own module now."""
+    import models.learning.conversion as conversion
+    import models.learning.delayed_labels as delayed
+    import models.learning.propensity as prop
+    import models.learning.rolling_logloss as rolling
+    from models.profile_features import CategoryStats
+
+    core, profiles = _learnt_core()
+    layout = {cls: ("models.learning.propensity", cls.__name__)
+              for mod in (prop, delayed, rolling, conversion) for cls in _classes_of(mod)}
+    layout[delayed.DecisionPoint] = ("models.learning.propensity", "_Point")
+    layout[CategoryStats] = ("models.profile", "CategoryStats")
+    legacy = _snapshot_in_layout(monkeypatch, core, layout)
+    for path in (b"models.learning.delayed_labels", b"models.learning.conversion", b"models.learning.rolling_logloss",
+                 b"models.profile_features", b"DecisionPoint"):
+        assert path not in legacy
+    for name in (b"DelayedLabelLearner", b"_Point", b"ConversionRates", b"RollingLogLoss", b"CategoryStats"):
+        assert name in legacy
+    _assert_restores_as(core, profiles, legacy)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.events import EVENT_TYPES, Event
-from models.profile import DAY_MS, FEATURE_NAMES, CategoryStats, Profile
+from models.profile import DAY_MS, Profile
+from models.profile_features import FEATURE_NAMES, CategoryStats
 
 MIN = 60_000
 

@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from models.learning.propensity import ConversionRates, DelayedLabelLearner, FrequencyPropensity, PurchasePropensity
+from models.learning.conversion import ConversionRates
+from models.learning.delayed_labels import DelayedLabelLearner
+from models.learning.propensity import FrequencyPropensity, PurchasePropensity
 from models.learning.segments import ProfileSegments
 
 H = 1_000
