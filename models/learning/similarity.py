@@ -47,7 +47,7 @@ def pair_increments(ev_slot, ev_item, ev_ts, ev_w, win, window_ms):  # pragma: n
     aggregated.
     """
     width = (win.shape[1] - 1) // 3
-    cap = ev_slot.shape[0] * max(width - 1, 1)
+    cap = ev_slot.shape[0] * width  # an item not in a full window pairs with all W of it
     out_a = np.empty(cap, np.int64)
     out_b = np.empty(cap, np.int64)
     out_w = np.empty(cap, np.float64)
@@ -179,10 +179,10 @@ def aggregate_items(item, w):  # pragma: no cover
 @njit(cache=True, nogil=True)
 def count_pairs_kernel(ev_slot, ev_item, ev_ts, ev_w, win, window_ms, buf_i, buf_f):  # pragma: no cover
     """:func:`pair_increments` then :func:`aggregate_pairs` in one compiled call, with scratch buffers reused
-    from call to call (``buf_i``: int64, ``buf_f``: float64, each at least ``3 * n * (W - 1)`` long; warm in
-    cache, no page faults). The output arrays are new (not views of the buffers)."""
+    from call to call (``buf_i``: int64, at least ``2 * n * W`` long; ``buf_f``: float64, at least ``n * W``; warm
+    in cache, no page faults). The output arrays are new (not views of the buffers)."""
     width = (win.shape[1] - 1) // 3
-    cap = ev_slot.shape[0] * max(width - 1, 1)
+    cap = ev_slot.shape[0] * width  # an item not in a full window pairs with all W of it
     out_a = buf_i[:cap]
     out_b = buf_i[cap : 2 * cap]
     out_w = buf_f[:cap]
@@ -350,7 +350,7 @@ class UserWindows:
 
 def count_pairs(slots, items, ts, weights, windows: UserWindows, window_ms: int):
     """Kernel + aggregation: the aggregated ``(a, b, inc)`` of one batch; updates ``windows``."""
-    need = 2 * len(slots) * max(windows.width - 1, 1)
+    need = 2 * len(slots) * windows.width  # what count_pairs_kernel writes at most (buf_i: two halves)
     if windows.buf_i.shape[0] < need:
         windows.buf_i = np.full(need, 0, np.int64)
         windows.buf_f = np.full(need, 0.0, np.float64)

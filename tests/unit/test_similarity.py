@@ -41,6 +41,16 @@ def test_kernel_equals_reference(evs):
     assert numba_pairs(evs) == python_pairs(evs)
 
 
+def test_a_user_browsing_only_new_items_fills_every_window_pair():
+    """Every event of a user who never repeats an item pairs with the whole full window (W pairs, not W - 1):
+    the kernel's buffers must hold that (they held W - 1 per event: a bot browsing distinct items wrote past
+    them, corrupting counts or memory)."""
+    evs = [(0, i, 10, 1.0) for i in range(200)]  # one user, 200 distinct items, 10 ms apart
+    got = numba_pairs(evs)
+    assert got == python_pairs(evs)
+    assert len(got) == sum(min(i, WIDTH) for i in range(200))
+
+
 @settings(max_examples=100, deadline=None)
 @given(batches)
 def test_pairs_are_canonical_positive_and_never_self(evs):
