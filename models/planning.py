@@ -177,7 +177,7 @@ class Planner:
             prof.apply(e)
             plan.new_events.append(e)
             if contrib is not None:
-                contrib.add_event(prof.win, e.item_id, e.ts, EVENT_WEIGHTS.get(e.type, 0.0), cs["width"],
+                contrib.add_event(prof.item_window, e.item_id, e.ts, EVENT_WEIGHTS.get(e.type, 0.0), cs["width"],
                                   cs["window_ms"])
             order = orders.get(e.event_id)
             if order is not None and open_:

@@ -110,7 +110,7 @@ class Profile:
     cart: dict[str, list] = field(default_factory=dict)
     recent_items: list[str] = field(default_factory=list)
     # the co-occurrence window [[item, ts, weight], ...] most recent first (models.learning.contrib; the engine moves it)
-    win: list = field(default_factory=list)
+    item_window: list = field(default_factory=list)
     last_decision_ts: int = 0
     n_decisions: int = 0
     offer_history: dict[str, list[int]] = field(default_factory=dict)

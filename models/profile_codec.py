@@ -9,9 +9,9 @@ Examples
 --------
 >>> from models.profile import Profile
 >>> codec = ProfileCodec(Profile)
->>> p = Profile(n_orders=2, spend=1.5, session_id="s1", win=[["i1", 5, 1.0]])
+>>> p = Profile(n_orders=2, spend=1.5, session_id="s1", item_window=[["i1", 5, 1.0]])
 >>> text = codec.to_redis(p)
->>> text["n_orders"], text["spend"], text["session_id"], text["win"]
+>>> text["n_orders"], text["spend"], text["session_id"], text["item_window"]
 ('2', '1.5', 's1', '[["i1",5,1.0]]')
 >>> codec.from_redis(text) == p == codec.from_dict(codec.to_dict(p)) == codec.from_dict(text)
 True
@@ -26,7 +26,9 @@ from models.events import EVENT_TYPES
 
 __all__ = ["ProfileCodec", "JSON_FIELDS", "TEXT_FIELDS"]
 
-JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff", "win")
+JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff", "item_window")
+RENAMED_FIELDS = {"win": "item_window"}
+"""Fields written by earlier versions under another name: read under the new one."""
 """Fields held as JSON text in the Redis hash (containers)."""
 
 TEXT_FIELDS = ("session_id", "last_type", "last_category")
@@ -74,6 +76,7 @@ class ProfileCodec:
         d = p.__dict__
         names = self.name_set
         for k, v in mapping.items():
+            k = RENAMED_FIELDS.get(k, k)
             if k in names:
                 d[k] = v
         counts = p.counts
@@ -89,6 +92,7 @@ class ProfileCodec:
         types = self.types
         for k, v in mapping.items():
             k = k.decode() if isinstance(k, bytes) else k
+            k = RENAMED_FIELDS.get(k, k)
             v = v.decode() if isinstance(v, bytes) else v
             if k not in types:
                 continue  # a field of another version: ignored (and dropped on the next write)

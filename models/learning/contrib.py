@@ -2,7 +2,7 @@
 
 The live engine does not learn item similarity from batches (whose boundaries depend on timing): each user's
 events are turned into **contributions** while the user is planned, from the user's own recent window kept in
-the profile (:attr:`models.profile.Profile.win`), and parked in the user's atomic commit together with the
+the profile (:attr:`models.profile.Profile.item_window`), and parked in the user's atomic commit together with the
 event markers (:class:`models.state.engine_redis.RedisStore`); once the batch's decisions are sent, one script per user
 applies the parked payload to the item statistics and deletes it, and what a killed worker left parked is
 applied by the next worker's maintenance (``RedisStore.apply_parked``). So item statistics are a function of

@@ -143,3 +143,12 @@ def test_from_dict_reads_both_the_plain_and_the_earlier_text_encoding():
     assert Profile.from_dict(plain) == p
     assert Profile.from_dict(p.to_redis()) == p  # profiles written by earlier versions (values as text)
     assert Profile.from_dict({}) == Profile()
+
+
+def test_a_profile_stored_with_the_earlier_window_field_name_keeps_its_window():
+    """Profiles in Redis written before the field was renamed (``win``) keep the user's co-occurrence window."""
+    window = [["i2", 2_000, 1.0], ["i1", 1_000, 1.0]]
+    for stored in ({"n_orders": 2, "win": window}, {"n_orders": "2", "win": '[["i2",2000,1.0],["i1",1000,1.0]]'}):
+        p = Profile.from_dict(stored)
+        assert p.item_window == window and p.n_orders == 2
+        assert "win" not in p.to_dict() and p.to_dict()["item_window"] == window
