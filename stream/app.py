@@ -410,7 +410,7 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     watched(budget_store.r)
     engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store,
                                   metrics=m.PrometheusSink())
-    client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0))
+    client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0))
     try:
         if learning is not None:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
@@ -492,7 +492,7 @@ class Maintenance:
 def _write_snapshots(settings: Settings, blobs: dict[str, bytes], guard: EpochGuard | None = None) -> None:
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
     if guard is not None:
         guard.watch(client)  # written on a connection that found the worker's epoch
     try:

@@ -98,11 +98,12 @@ def forget_user(settings: Settings, user_id: str) -> dict:
     t0 = time.perf_counter()
     uid = engine_user_id(settings, user_id)
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0)
         removed, items = forget_everything(settings, client, uid)
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise PromoError(
-            f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; nothing was deleted"
+            f"Redis at {settings.redis_url_safe} (PROMO_REDIS_URL) did not answer ({type(exc).__name__}: {exc}); "
+            "the forget may be part done: run it again when Redis answers, it finishes exactly"
         ) from exc
     client.close()
     found = bool(items.pop("counted"))

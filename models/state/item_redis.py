@@ -47,10 +47,15 @@ class RedisItemStore(ItemStore):
         self.idx_key = f"{prefix}:sim:idx"
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "promo", config: SimilarityConfig | None = None) -> "RedisItemStore":
+    def from_url(cls, url: str, prefix: str = "promo", config: SimilarityConfig | None = None,
+                 socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> "RedisItemStore":
+        """A store on a new client. The timeouts bound every call: this client is synchronous (the worker reads
+        it for each decision's recommendations), so a hung Redis raises a timeout - a transient error the batch
+        loop retries while /readyz answers 503 - instead of blocking the worker for ever."""
         import redis
 
-        return cls(redis.Redis.from_url(url), prefix, config)
+        return cls(redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout),
+                   prefix, config)
 
     def clone(self) -> "RedisItemStore":
         """A new, empty store of the same configuration on the same Redis, under a fresh key prefix."""

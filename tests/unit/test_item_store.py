@@ -24,3 +24,12 @@ def test_events_far_older_than_the_epoch_do_not_overflow():
     store.apply(ItemBatch(ts=y2001, items=["a", "c"], item_inc=[1.0, 1.0], pair_a=["a"], pair_b=["c"], pair_inc=[1.0]))
     assert [i for i, _ in store.popular(3, y2001)][:1] in (["a"], ["b"])
     assert store.neighbours(["a"], k=5, now_ms=y2001)["a"]
+
+
+def test_the_workers_item_store_client_has_timeouts():
+    """The worker reads the item store synchronously for each decision: a hung Redis must raise (a transient
+    error, retried with /readyz 503), not block the worker for ever."""
+    from models.state.item_redis import RedisItemStore
+
+    kw = RedisItemStore.from_url("redis://127.0.0.1:1/0").r.connection_pool.connection_kwargs
+    assert kw["socket_timeout"] == 5.0 and kw["socket_connect_timeout"] == 2.0
