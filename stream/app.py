@@ -38,7 +38,7 @@ from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
 from stream.handler import BatchHandler, Outbox, RawMessage
 from stream.health import BrokerProbe, Health
-from stream.logguard import LogGuard, fetch_probes
+from stream.logguard import LogGuard, fetch_probes, watch_broker_connections
 from stream.settings import Settings
 
 log = logging.getLogger("promo.worker")
@@ -161,6 +161,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
     log_guard = LogGuard(lambda wanted: fetch_probes(settings.kafka_client_kwargs(), wanted),
                      load_marks=lambda: load_log_marks(settings, state["engine"]),
                      on_reset=lambda topic, partition: m.LOG_RESETS.inc())
+    watch_broker_connections(log_guard.connection_lost)
 
     async def on_recovered(component: str) -> None:
         """Redis answers again after failing: is it still the state this worker started in? (A restart breaks

@@ -8,8 +8,9 @@ start in the middle of the new one and silently skip its beginning.
 The guard remembers, per partition, the last message the worker processed: its offset and a fingerprint of its
 key and value (:class:`Mark`). They are kept in memory and written to Redis by the maintenance timer, so a
 restarted worker knows them too. At the first batch of a partition after the worker starts, after every
-rebalance, and whenever offsets go backwards without one, it reads the message at the remembered offset back
-from the broker (:data:`FetchFn`) and compares:
+rebalance, after a broker connection broke (:meth:`LogGuard.connection_lost`: a broker that comes back fast is
+fetched from at the consumer's old position before any rebalance), and whenever offsets go backwards, it reads
+the message at the remembered offset back from the broker (:data:`FetchFn`) and compares:
 
 * the same message: the log is intact; carry on;
 * gone because retention trimmed the log's start past it: intact as well (logged);
@@ -17,7 +18,9 @@ from the broker (:data:`FetchFn`) and compares:
   starts at the new log's first offset, nothing of it is skipped: the worker logs it as an error, counts it in
   ``promo_log_resets_total`` and carries on (events applied before are de-duplicated by event id). Otherwise the
   group's committed offset belongs to the old log and would skip ``[first offset, committed)`` of the new one:
-  :class:`stream.faults.WorkerStop`, naming the partition and what to do.
+  :class:`stream.faults.WorkerStop`, naming the partition and what to do. The same when the consumer kept its
+  position from the old log across a broker restart: a restarted worker resumes from the group's committed
+  offsets instead, which the new broker does not have (it starts at the new log's beginning).
 
 Examples
 --------
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -130,11 +134,21 @@ class LogGuard:
         self._next: dict[TP, int] = {}  # next offset expected per partition in the current assignment
         self.dirty = False  # marks changed since they were last saved
         self.urgent = False  # a replaced log was accepted: save the marks at the end of this batch
+        self._reverify = threading.Event()  # set from the Kafka client's thread, read by check()
 
     def assigned(self) -> None:
         """A rebalance happened: every partition is verified again at its next batch."""
         self._verified.clear()
         self._next.clear()
+
+    def connection_lost(self) -> None:
+        """A broker connection broke: every partition is verified again at its next batch.
+
+        Safe to call from any thread (the consumer's connections live in Faust's consumer thread). Without it, a
+        broker that restarts with an empty log before the group notices is read from the consumer's old position
+        on: the new log's beginning would be skipped, and no rebalance would tell the guard to look.
+        """
+        self._reverify.set()
 
     def needs_check(self, first: dict[TP, int]) -> dict[TP, int]:
         """The partitions of a batch (``{tp: its first offset}``) to verify before processing it."""
@@ -152,6 +166,9 @@ class LogGuard:
             loaded = await self._load_marks()
             self._load_marks = None
             self.marks = {**loaded, **self.marks}  # what this process saw itself is newer
+        if self._reverify.is_set():
+            self._reverify.clear()
+            self.assigned()
         todo = self.needs_check(first)
         if todo:
             probes = await self.fetch({tp: self.marks[tp].offset for tp in todo})
@@ -181,11 +198,12 @@ class LogGuard:
             return
         raise WorkerStop(
             f"the broker lost the log of {topic}[{partition}]: offset {mark.offset}, the last one this engine "
-            f"processed, {what}, and the consumer group's position {first} belongs to the old log, so offsets "
+            f"processed, {what}, and the consumer's position {first} belongs to the old log, so offsets "
             f"{probe.earliest}..{first - 1} of the new log would be skipped. Nothing was skipped or acknowledged. "
-            f"Reset the group's offsets for {topic} to the earliest (kafka-consumer-groups.sh --group <PROMO_APP_ID> "
-            f"--topic {topic} --reset-offsets --to-earliest --execute) and restart the workers; events applied "
-            f"before are recognised by their event ids"
+            f"A restarted worker resumes from the consumer group's committed offsets; if it stops with this error "
+            f"again, those belong to the old log too: reset the group's offsets for {topic} to the earliest "
+            f"(kafka-consumer-groups.sh --group <PROMO_APP_ID> --topic {topic} --reset-offsets --to-earliest "
+            f"--execute) and restart the workers; events applied before are recognised by their event ids"
         )
 
     def processed(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
@@ -212,6 +230,38 @@ class LogGuard:
             topic, _, partition = k.rpartition(":")
             out[(topic, int(partition))] = Mark.decode(v)
         return out
+
+
+_CLOSE_WATCHERS: list[Callable[[], None]] = []
+
+
+def watch_broker_connections(callback: Callable[[], None]) -> None:
+    """Call ``callback()`` (from whichever thread owns the connection) whenever a Kafka connection of this process
+    breaks or times out; idle drops and shutdowns do not count.
+
+    aiokafka has no public hook for this; its client's ``_on_connection_closed`` is the callback every connection
+    is given when it opens, so it is wrapped once, on the class, before any client connects. If aiokafka renames
+    it, this raises at start-up (tested) instead of silently losing the check.
+    """
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.conn import CloseReason
+
+    original = AIOKafkaClient.__dict__.get("_on_connection_closed")
+    if original is None:
+        raise RuntimeError("aiokafka.client.AIOKafkaClient._on_connection_closed is gone: the worker cannot notice a "
+                           "broker connection breaking; pin aiokafka to a version that has it")
+    if not getattr(original, "promo_watched", False):
+        broken = (CloseReason.CONNECTION_BROKEN, CloseReason.CONNECTION_TIMEOUT)
+
+        def on_connection_closed(self, conn, reason):
+            if reason in broken:
+                for watcher in list(_CLOSE_WATCHERS):
+                    watcher()
+            return original(self, conn, reason)
+
+        on_connection_closed.promo_watched = True  # type: ignore[attr-defined]
+        AIOKafkaClient._on_connection_closed = on_connection_closed
+    _CLOSE_WATCHERS.append(callback)
 
 
 async def fetch_probes(kafka_kwargs: dict, wanted: dict[TP, int], timeout_s: float = 10.0) -> dict[TP, Probe]:

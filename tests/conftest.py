@@ -66,8 +66,9 @@ def engine_settings(stack) -> Settings:
 
 
 @pytest.fixture
-def start_worker(tmp_path):
+def start_worker(tmp_path, request):
     started: list[WorkerProcess] = []
+    request.node.promo_workers = started  # read by pytest_runtest_makereport when the test fails
 
     def start(settings: Settings, extra_env: dict | None = None) -> WorkerProcess:
         w = WorkerProcess(settings, tmp_path / f"worker{len(started)}.log", extra_env)
@@ -79,3 +80,14 @@ def start_worker(tmp_path):
         w.stop()
 
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that started workers shows each worker's last log lines in its report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for i, w in enumerate(getattr(item, "promo_workers", [])):
+            code = w.proc.poll()
+            report.sections.append((f"worker{i} log (exit {code}), last 60 lines of {w.log_path}", w.log_tail(60)))

@@ -15,6 +15,7 @@ Forget, lost Redis state and the event-time clock have their own test modules.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ import pytest
 import redis
 
 from stream import stack as st
+from stream.epoch import committed_offsets
 from stream.settings import Settings
 from stream.sources import read_events
 from tests.helpers import DATA, consume_all, http_get, metric, private_stack, wait_until
@@ -250,7 +252,13 @@ def test_broker_killed_and_restarted_empty_skips_no_new_event(own_stack, start_w
             workers[-1].wait_ready()
         return markers(r, s.redis_prefix) >= {e["event_id"] for e in events}
 
-    wait_until(all_applied, 120, "every event produced after the restart to be applied")
+    try:
+        wait_until(all_applied, 120, "every event produced after the restart to be applied")
+    except AssertionError as e:  # say where the group stands on the new log
+        committed = asyncio.run(committed_offsets(s))
+        msgs = consume_all(s, s.topic_events, lambda m: len(m) >= len(after), timeout=20)
+        ends = Counter(m.partition for m in msgs)
+        raise AssertionError(f"{e}; committed {sorted(committed.items())}; log ends {sorted(ends.items())}") from e
     wait_until(lambda: workers[-1].ready_status() == 200, 30, "/readyz back to 200 with the broker back")
     ready.stop()
     for w in workers[:-1]:  # a worker that stopped did so with one line and a non-zero exit

@@ -1,0 +1,73 @@
+"""The log guard's decisions (pure logic: the broker is a dict here; the real broker restart is in
+``tests/integration/test_faults.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from stream.faults import WorkerStop
+from stream.logguard import LogGuard, Probe, watch_broker_connections
+
+
+def guard_over(log: dict) -> tuple[LogGuard, list]:
+    probes: list = []
+
+    async def fetch(wanted):
+        probes.append(dict(wanted))
+        return {tp: Probe(0, len(log[tp]), log[tp][o] if o < len(log[tp]) else None) for tp, o in wanted.items()}
+
+    return LogGuard(fetch), probes
+
+
+def test_a_broken_connection_makes_the_next_batch_verify_without_a_rebalance():
+    tp = ("t", 0)
+    log = {tp: [(b"k", b"e%d" % i) for i in range(5)]}
+    guard, probes = guard_over(log)
+    asyncio.run(guard.check({tp: 0}))
+    guard.processed("t", 0, 4, b"k", b"e4")
+    asyncio.run(guard.check({tp: 5}))
+    assert probes == [], "a verified partition read in order is not probed"
+
+    # the broker restarts empty and takes new events; the consumer fetches on from its old position 5
+    log[tp] = [(b"k", b"n%d" % i) for i in range(8)]
+    threading.Thread(target=guard.connection_lost).start()  # called from the consumer's thread
+    with pytest.raises(WorkerStop, match=r"t\[0\].*position 5 belongs to the old log.*offsets 0\.\.4"):
+        asyncio.run(guard.check({tp: 5}))
+    assert probes == [{tp: 4}]
+
+
+def test_a_broken_connection_to_a_broker_that_kept_its_log_costs_one_probe():
+    tp = ("t", 0)
+    log = {tp: [(b"k", b"e%d" % i) for i in range(5)]}
+    guard, probes = guard_over(log)
+    guard.processed("t", 0, 4, b"k", b"e4")
+    asyncio.run(guard.check({tp: 5}))
+    guard.connection_lost()
+    asyncio.run(guard.check({tp: 5}))
+    asyncio.run(guard.check({tp: 5}))
+    assert probes == [{tp: 4}, {tp: 4}]  # once after the start, once after the broken connection
+
+
+def test_watch_broker_connections_fires_on_broken_and_timed_out_connections_only():
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.conn import CloseReason
+
+    calls: list = []
+    watch_broker_connections(lambda: calls.append(1))
+    watch_broker_connections(lambda: calls.append(2))  # the class is wrapped once, every watcher is told
+
+    class Client:  # what aiokafka's own handler touches
+        refreshed = 0
+
+        def force_metadata_update(self):
+            self.refreshed += 1
+
+    c = Client()
+    for reason in (CloseReason.IDLE_DROP, CloseReason.SHUTDOWN, CloseReason.CONNECTION_BROKEN,
+                   CloseReason.CONNECTION_TIMEOUT):
+        AIOKafkaClient._on_connection_closed(c, None, reason)
+    assert calls.count(1) == 2 and calls.count(2) == 2
+    assert c.refreshed == 2, "aiokafka's own handling still runs"
