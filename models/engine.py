@@ -30,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -47,6 +48,8 @@ from models.policy.rules import RulePolicy
 from models.state.engine_store import EngineStore
 from models.triggers.base import Trigger
 from models.triggers.cart import CartTrigger
+
+log = logging.getLogger("promo.engine")
 
 
 class Engine:
@@ -96,6 +99,7 @@ class Engine:
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
+        self.item_reads_missed = 0  # recommendation reads planning had to make itself (models.state.item_reads)
         self.budget = budget  # models.policy.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.policy.attribution.OutcomeStats (treatment vs holdout)
         # "now" in event time for the expiry sweep and lazy expiry: one event (or a few) cannot move it
@@ -230,7 +234,8 @@ class Engine:
                 del pending[u]
         progress.in_doubt.clear()
         blocked = progress.blocked
-        plans = [self.planner.plan_user(u, evs, loads[u], blocked.get(u)) for u, evs in pending.items()]
+        reads = await self._prefetch_items(pending, loads, triggers)
+        plans = [self.planner.plan_user(u, evs, loads[u], blocked.get(u), reads) for u, evs in pending.items()]
         if self.budget is not None:
             for _ in range(3):  # a refused reservation: decide again without that offer
                 refused = await self.budget.reserve_for(plans)
@@ -238,8 +243,12 @@ class Engine:
                     break
                 for u, offers in refused.items():
                     blocked.setdefault(u, {}).update(offers)
-                plans = [self.planner.plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id))
-                         if p.user_id in refused else p for p in plans]
+                plans = [self.planner.plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id),
+                                                reads) if p.user_id in refused else p for p in plans]
+        if reads is not None and reads.misses:  # the fallback kept the result exact; say it cost a round trip
+            self.item_reads_missed += reads.misses
+            log.warning("%d item read(s) of recommendations were not prefetched: read synchronously (a bug in "
+                        "models.learning.recommend.possible_seeds?)", reads.misses)
         to_commit = [p for p in plans if p.commit is not None]
         await self._settle_closing(to_commit)
         try:
@@ -264,6 +273,15 @@ class Engine:
             progress.refusals += 1
         if failed:
             raise next(iter(failed.values()))
+
+    async def _prefetch_items(self, pending: dict[str, list[Event]], loads: dict, triggers: dict[str, list[str]]):
+        """What this batch's recommendations can read, fetched before planning (which then makes no Redis call:
+        :mod:`models.state.item_reads`); None when no event may trigger."""
+        if self.learning is None or not any(triggers.values()):
+            return None
+        seeds = [s for u, evs in pending.items() if triggers[u]
+                 for s in self.planner.recommendation_seeds(loads[u], evs)]
+        return await self.learning.prefetch_items(seeds, self.planner.k)
 
     def _accept(self, plan: "UserPlan", result: BatchResult) -> None:
         """A user's plan is final (committed, or nothing to commit): into the batch's result."""

@@ -18,11 +18,13 @@ from models.clock import EventClock
 from models.decision import Decision, decision_id_for
 from models.events import Event
 from models.learning.contrib import Contribution
+from models.learning.recommend import possible_seeds
 from models.policy.attribution import OpenDecision, close_on_purchase, expire, orders_from_events
 from models.policy.base import DecisionContext, Policy
 from models.policy.catalogue import Catalogue
 from models.profile import EVENT_WEIGHTS, Profile
 from models.state.engine_store import UserCommit
+from models.state.item_store import ItemReads
 from models.triggers.base import Trigger
 
 OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept beside the profile fields
@@ -112,7 +114,16 @@ class Planner:
         ctx.blocked = block
         return ctx
 
-    def decide(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None) -> tuple[Decision, DecisionContext]:
+    def recommendation_seeds(self, load, evs: list[Event]) -> list[str]:
+        """The items that can seed the recommendations of a user's decisions in this batch (loaded profile and
+        events): what the engine fetches before planning (:meth:`models.learning.core.LearningCore.prefetch_items`)."""
+        raw = dict(load.profile)
+        raw.pop(OPEN_FIELD, None)
+        return possible_seeds(Profile.from_dict(raw).recent_items, [e.item_id for e in evs if e.item_id],
+                              **self.learning.recommend_options)
+
+    def decide(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None,
+               reads: ItemReads | None = None) -> tuple[Decision, DecisionContext]:
         did = decision_id_for(e.event_id)
         ctx = self.context(e, prof, blocked)
         choice = self.policy.choose(ctx, random.Random(did))
@@ -120,7 +131,7 @@ class Planner:
         if offer.kind != "none" and offer.expires_at is None:
             offer.expires_at = e.ts + self.window_ms
         if self.learning is not None:
-            items = self.learning.recommend(prof, self.k, e.ts)
+            items = self.learning.recommend(prof, self.k, e.ts, reads)
         else:
             items = list(reversed(prof.recent_items))[: self.k]
         return Decision(
@@ -138,7 +149,10 @@ class Planner:
                                       f"{'online model' if self.learning is not None else 'frequency'})"],
         ), ctx
 
-    def plan_user(self, uid: str, evs: list[Event], load, blocked: dict[str, str] | None = None) -> UserPlan:
+    def plan_user(self, uid: str, evs: list[Event], load, blocked: dict[str, str] | None = None,
+                  reads: ItemReads | None = None) -> UserPlan:
+        """The user's plan for ``evs``: fold, close, decide at triggers, the commit. ``reads``: the batch's
+        prefetched item reads (:mod:`models.state.item_reads`), else recommendations read the item store."""
         raw = dict(load.profile)
         open_raw = raw.pop(OPEN_FIELD, None)
         prof = Profile.from_dict(raw)
@@ -184,7 +198,7 @@ class Planner:
                 closed, open_ = close_on_purchase(self.catalogue, open_, order)
                 plan.closed += closed
             if self.is_trigger(e, prof):
-                d, ctx = self.decide(e, prof, blocked)
+                d, ctx = self.decide(e, prof, blocked, reads)
                 prof.mark_decision(e.ts, d.offer.offer_id)
                 plan.decisions.append(d)
                 plan.exposures.append((ctx, d.offer.offer_id))

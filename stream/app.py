@@ -404,6 +404,7 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
         item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
                                              config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
         watched(item_store.r)
+        item_store.on_new_client = watched  # the asynchronous client of the batch's reads, made in the loop
         learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h, seed=settings.seed)
     store = RedisStore.from_settings(settings)
     budget_store = RedisBudgetStore.from_settings(settings)

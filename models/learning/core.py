@@ -24,7 +24,8 @@ user (:mod:`models.learning.decision_points`). A decision point's features are :
 Purchases of the batch label the user's pending points first; then the watermark (largest event time seen)
 expires points older than the horizon as negatives. Segments learn at every ``segment_every``-th point.
 
-Decision time: :meth:`recommend`, :meth:`propensity` and :meth:`segment` read only (no learning).
+Decision time: :meth:`recommend` (from :meth:`prefetch_items`' reads), :meth:`propensity` and :meth:`segment` read
+only (no learning).
 
 Snapshots: :meth:`snapshot` pickles the models, windows, pending points and category stats with the Kafka
 offsets they cover (``{(topic, partition): next offset}`` or any picklable dict); :meth:`restore` puts them
@@ -65,7 +66,7 @@ import numpy as np
 
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
-from models.state.item_store import ItemBatch, ItemStore
+from models.state.item_store import ItemBatch, ItemReads, ItemStore
 from models.profile import EVENT_WEIGHTS, Profile
 from models.profile_features import CategoryStats
 from models.learning.conversion import ConversionRates
@@ -73,7 +74,7 @@ from models.learning.decision_points import batch_decision_points
 from models.learning.delayed_labels import DelayedLabelLearner
 from models.learning.features import DEFAULT_CONTEXT_KEYS, MODEL_FEATURE_NAMES, context_features, model_values
 from models.learning.propensity import FrequencyPropensity, PurchasePropensity
-from models.learning.recommend import recommend as _recommend
+from models.learning.recommend import reads_needed, recommend as _recommend
 from models.learning.segments import ProfileSegments
 from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
 from models.learning.snapshot import core_snapshot, forget_users_in, restore_core
@@ -328,10 +329,18 @@ class LearningCore:
             x.update(ctx)
         return x
 
-    def recommend(self, profile: Profile, k: int, now_ms: int | None = None) -> list[str]:
-        """Up to ``k`` items for the user, best first (:func:`models.learning.recommend.recommend`)."""
+    def recommend(self, profile: Profile, k: int, now_ms: int | None = None,
+                  reads: ItemReads | None = None) -> list[str]:
+        """Up to ``k`` items for the user, best first (:func:`models.learning.recommend.recommend`), read from
+        ``reads`` (:meth:`prefetch_items`) or else from the item store."""
         now = now_ms if now_ms is not None else (profile.last_ts or self.watermark)
-        return _recommend(profile.recent_items, k, self.store, now, **self.recommend_options)
+        return _recommend(profile.recent_items, k, reads if reads is not None else self.store, now,
+                          **self.recommend_options)
+
+    async def prefetch_items(self, seeds: list[str], k: int) -> ItemReads:
+        """What recommendations of ``k`` items from ``seeds`` read, fetched now; pass it to :meth:`recommend`."""
+        _, n_candidates, popular_k = reads_needed(k, **self.recommend_options)
+        return await self.store.prefetch(seeds, n_candidates, popular_k)
 
     def propensity(self, profile: Profile, now_ms: int, context: dict | None = None) -> float:
         """P(the user buys within H hours of ``now_ms``)."""

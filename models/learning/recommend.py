@@ -25,13 +25,13 @@ Examples
 
 from __future__ import annotations
 
-from models.state.item_store import ItemStore
+from models.state.item_store import ItemReads
 
 
 def recommend(
     recent_items: list[str],
     k: int,
-    store: ItemStore,
+    store: ItemReads,
     now_ms: int,
     *,
     n_seeds: int = 5,
@@ -97,3 +97,25 @@ def recommend(
         if len(out) == k:
             break
     return out
+
+
+def reads_needed(k: int, *, n_seeds: int = 5, n_candidates: int = 30, exclude: set[str] | frozenset[str] = frozenset(),
+                 **_) -> tuple[int, int, int]:
+    """``(n_seeds, neighbours per seed, popular items)`` that :func:`recommend` with these options reads at most,
+    so that the reads can be fetched before a batch is planned (:mod:`models.state.item_reads`).
+
+    >>> reads_needed(10)
+    (5, 30, 16)
+    """
+    return max(n_seeds, 0), n_candidates, k + max(n_seeds, 0) + len(exclude) + 1
+
+
+def possible_seeds(recent_items: list[str], new_items: list[str], *, n_seeds: int = 5, **_) -> list[str]:
+    """Every item that can seed a recommendation for a user whose profile held ``recent_items`` while
+    ``new_items`` are applied to it: applying an item only moves it to the end of the recent items, so the seeds
+    (the last ``n_seeds``) are among the last ``n_seeds`` before and the new ones.
+
+    >>> possible_seeds(["a", "b", "c", "d"], ["x", "b"], n_seeds=2)
+    ['c', 'd', 'x', 'b']
+    """
+    return (recent_items[-n_seeds:] + new_items) if n_seeds > 0 else []

@@ -45,6 +45,8 @@ class RedisItemStore(ItemStore):
         self.pop_key = f"{prefix}:sim:{{pop}}:z"
         self.pop_epoch_key = f"{prefix}:sim:{{pop}}:t"
         self.idx_key = f"{prefix}:sim:idx"
+        self._aclient = self._aclient_loop = None
+        self.on_new_client = None  # called with each client the store makes (the worker's epoch guard watches it)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "promo", config: SimilarityConfig | None = None,
@@ -256,11 +258,17 @@ class RedisItemStore(ItemStore):
         if not items:
             return {}
         pipe = self.r.pipeline(transaction=False)
+        self._queue_load(pipe, items, k)
+        return self._parse_load(items, k, pipe.execute())
+
+    def _queue_load(self, pipe, items: list[str], k: int | None) -> None:
         for it in items:
             pipe.hmget(self.item_key(it), "n", "t")
             if k != 0:
                 pipe.zrevrange(self.nb_key(it), 0, -1 if k is None else k - 1, withscores=True)
-        res = pipe.execute()
+
+    @staticmethod
+    def _parse_load(items: list[str], k: int | None, res: list) -> dict:
         out = {}
         step = 1 if k == 0 else 2
         for i, it in enumerate(items):
@@ -273,10 +281,52 @@ class RedisItemStore(ItemStore):
 
     def _popular_raw(self, k):
         pipe = self.r.pipeline(transaction=False)
+        self._queue_popular(pipe, k)
+        return self._parse_popular(pipe.execute())
+
+    def _queue_popular(self, pipe, k: int) -> None:
         pipe.get(self.pop_epoch_key)
         pipe.zrevrange(self.pop_key, 0, k - 1, withscores=True)
-        epoch, top = pipe.execute()
+
+    @staticmethod
+    def _parse_popular(res: list) -> tuple[int, list[tuple[str, float]]]:
+        epoch, top = res
         return (int(float(epoch)) if epoch is not None else 0), [(_s(i), float(s)) for i, s in top]
+
+    # --- the worker's reads: asynchronous -----------------------------------------------------------
+    @property
+    def aclient(self):
+        """A ``redis.asyncio`` client on the same server and settings as :attr:`r` (timeouts included), made on
+        first use in the running event loop (asyncio connections belong to the loop that opened them)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aclient_loop is not loop:
+            self._aclient, self._aclient_loop = _async_twin(self.r), loop
+            if self.on_new_client is not None:
+                self.on_new_client(self._aclient)
+        return self._aclient
+
+    async def prefetch(self, seeds, k, popular_k):
+        """Two pipelined asynchronous round trips: the seeds' counts and top ``k`` neighbours with the popular
+        items, then the counts of the neighbours (:mod:`models.state.item_reads`)."""
+        from models.state.item_reads import PrefetchedItems
+
+        asked = list(dict.fromkeys(seeds))
+        r = self.aclient
+        pipe = r.pipeline(transaction=False)
+        self._queue_load(pipe, asked, k)
+        self._queue_popular(pipe, popular_k)
+        res = await pipe.execute()
+        loaded = self._parse_load(asked, k, res[:-2])
+        popular = self._parse_popular(res[-2:])
+        cands = sorted({b for _, _, nb in loaded.values() for b, _ in nb} - loaded.keys())
+        counts = {}
+        if cands:
+            pipe = r.pipeline(transaction=False)
+            self._queue_load(pipe, cands, 0)
+            counts = self._parse_load(cands, 0, await pipe.execute())
+        return PrefetchedItems.build(self, loaded, k, asked, counts, popular, popular_k)
 
     def n_items(self) -> int:
         return int(self.r.zcard(self.idx_key))
@@ -287,6 +337,16 @@ _CONNECTION_KEYS = frozenset({
     "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "decode_responses",
     "client_name", "health_check_interval",
 })
+
+
+def _async_twin(client):
+    """A ``redis.asyncio`` client with the connection settings of the synchronous ``client``."""
+    import redis.asyncio as aioredis
+
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _CONNECTION_KEYS}
+    connection_class = getattr(aioredis.connection, pool.connection_class.__name__, aioredis.connection.Connection)
+    return aioredis.Redis(connection_pool=aioredis.ConnectionPool(connection_class=connection_class, **kwargs))
 
 
 def _s(x) -> str:

@@ -58,6 +58,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.state.item_reads import PrefetchedItems
 
 
 def _pow2(x: float) -> float:
@@ -148,20 +152,13 @@ class ItemBatch:
         return out
 
 
-class ItemStore(ABC):
-    """Item counts, neighbours and popularity; see the module docstring for the exact semantics."""
+class ItemReads(ABC):
+    """What recommendations read: item counts, neighbours and popularity (see the module docstring for the exact
+    semantics), built on two primitive reads each implementation provides. :class:`ItemStore` adds the writes;
+    :class:`models.state.item_reads.PrefetchedItems` answers from reads fetched ahead."""
 
     def __init__(self, config: SimilarityConfig | None = None) -> None:
         self.config = config or SimilarityConfig()
-
-    # --- writes -----------------------------------------------------------------------------------
-    @abstractmethod
-    def apply(self, batch: ItemBatch) -> None:
-        """Apply one batch of aggregated increments."""
-
-    @abstractmethod
-    def clear(self) -> None:
-        """Delete all similarity state."""
 
     # --- primitive reads (implementations) ---------------------------------------------------------
     @abstractmethod
@@ -172,17 +169,6 @@ class ItemStore(ABC):
     @abstractmethod
     def _popular_raw(self, k: int) -> tuple[int, list[tuple[str, float]]]:
         """``(epoch, top-k (item, stored score))`` in Redis ``ZREVRANGE`` order."""
-
-    def contribution_header(self) -> dict | None:
-        """The header of the users' contribution payloads (:mod:`models.learning.contrib`) that the engine
-        store's apply script reads to write this store's keys, when this store lives on the same server (Redis);
-        None when contributions cannot be applied to it through the users' commits (in memory)."""
-        return None
-
-    def enforce_item_cap(self) -> int:
-        """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` when items arrive other
-        than through :meth:`apply` (which keeps the cap itself); returns how many were deleted."""
-        return 0
 
     @abstractmethod
     def n_items(self) -> int:
@@ -237,6 +223,41 @@ class ItemStore(ABC):
 
     def _decay(self, dt_ms: float) -> float:
         return _pow2(-dt_ms / self.config.half_life_ms)
+
+
+class ItemStore(ItemReads):
+    """Item counts, neighbours and popularity, read and written; see the module docstring for the exact semantics."""
+
+    # --- writes -----------------------------------------------------------------------------------
+    @abstractmethod
+    def apply(self, batch: ItemBatch) -> None:
+        """Apply one batch of aggregated increments."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Delete all similarity state."""
+
+    async def prefetch(self, seeds: list[str], k: int, popular_k: int) -> "PrefetchedItems":
+        """Everything :meth:`neighbours` of ``seeds`` (``k`` each) and :meth:`popular` (up to ``popular_k``) will
+        read, fetched now (:mod:`models.state.item_reads`). Here through the synchronous reads (in memory);
+        stores behind a network override it with asynchronous round trips."""
+        from models.state.item_reads import PrefetchedItems
+
+        asked = list(dict.fromkeys(seeds))
+        loaded = self._load(asked, k)
+        counts = self._load(sorted({b for _, _, nb in loaded.values() for b, _ in nb} - loaded.keys()), 0)
+        return PrefetchedItems.build(self, loaded, k, asked, counts, self._popular_raw(popular_k), popular_k)
+
+    def contribution_header(self) -> dict | None:
+        """The header of the users' contribution payloads (:mod:`models.learning.contrib`) that the engine
+        store's apply script reads to write this store's keys, when this store lives on the same server (Redis);
+        None when contributions cannot be applied to it through the users' commits (in memory)."""
+        return None
+
+    def enforce_item_cap(self) -> int:
+        """Delete the least recently updated items beyond :meth:`SimilarityConfig.item_cap` when items arrive other
+        than through :meth:`apply` (which keeps the cap itself); returns how many were deleted."""
+        return 0
 
     # --- contract helpers -------------------------------------------------------------------------
     def clone(self) -> "ItemStore":

@@ -249,6 +249,34 @@ class ItemStoreContract:
         s.clear()
         assert s.n_items() == 0 and s.popular(5, T0) == [] and s.neighbours(["a"], 3, T0) == {"a": []}
 
+    def test_prefetched_reads_answer_as_the_store_without_reading_it_again(self):
+        rng = random.Random(7)
+        s = self.make(cfg(max_items=40, max_neighbours=6))  # the caps delete items some neighbours point to
+        items = [f"i{k}" for k in range(60)]
+        for b in range(6):
+            pairs = [(rng.choice(items), rng.choice(items), rng.choice([0.5, 1.0, 2.0])) for _ in range(40)]
+            s.apply(pair_batch(T0 + b * HL // 4, [(a, c, w) for a, c, w in pairs if a != c]))
+        now = T0 + 2 * HL
+        seeds = rng.sample(items, 12) + ["never-seen"]
+
+        async def fetch():
+            try:
+                return await s.prefetch(seeds, 5, popular_k=8)
+            finally:
+                client = getattr(s, "_aclient", None)  # the Redis store's asyncio client belongs to this loop
+                if client is not None:
+                    await client.aclose()
+
+        reads = run(fetch())
+        for some in (seeds, seeds[:3], seeds[5:] + seeds[:1]):
+            for k in (5, 2):
+                assert reads.neighbours(some, k, now) == s.neighbours(some, k, now)
+        for k in (8, 3, 1):
+            assert reads.popular(k, now) == s.popular(k, now)
+        assert reads.misses == 0
+        assert reads.neighbours(["i59", "i58"], 9, now) == s.neighbours(["i59", "i58"], 9, now)  # not fetched
+        assert reads.misses >= 1, "a read it was not given goes to the store, counted"
+
 
 # --- the budget store ------------------------------------------------------------------------------------------
 def req(did: str, amount: float = 5.0, budget: float = 20.0, offer: str = "c", open_until: int = 1000,

@@ -98,7 +98,12 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
         def learn_batch(self, events, profiles):
             self.n += len(events)
 
-        def recommend(self, prof, k, now):
+        recommend_options: dict = {}
+
+        async def prefetch_items(self, seeds, k):
+            return None
+
+        def recommend(self, prof, k, now, reads=None):
             return []
 
         def propensity(self, prof, now):
