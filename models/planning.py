@@ -115,12 +115,16 @@ class Planner:
         return ctx
 
     def recommendation_seeds(self, load, evs: list[Event]) -> list[str]:
-        """The items that can seed the recommendations of a user's decisions in this batch (loaded profile and
-        events): what the engine fetches before planning (:meth:`models.learning.core.LearningCore.prefetch_items`)."""
+        """The items that seed the recommendations of the user's decisions in this batch (from the loaded profile
+        and the events, as :meth:`plan_user` will fold them): what the engine fetches before planning."""
         raw = dict(load.profile)
         raw.pop(OPEN_FIELD, None)
-        return possible_seeds(Profile.from_dict(raw).recent_items, [e.item_id for e in evs if e.item_id],
-                              **self.learning.recommend_options)
+        steps, done = [], set()
+        for e in evs:
+            if e.event_id not in load.seen and e.event_id not in done:
+                done.add(e.event_id)
+                steps.append((e.item_id, self.may_trigger(e)))
+        return possible_seeds(Profile.from_dict(raw).recent_items, steps, **self.learning.recommend_options)
 
     def decide(self, e: Event, prof: Profile, blocked: dict[str, str] | None = None,
                reads: ItemReads | None = None) -> tuple[Decision, DecisionContext]:

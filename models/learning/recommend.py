@@ -110,12 +110,30 @@ def reads_needed(k: int, *, n_seeds: int = 5, n_candidates: int = 30, exclude: s
     return max(n_seeds, 0), n_candidates, k + max(n_seeds, 0) + len(exclude) + 1
 
 
-def possible_seeds(recent_items: list[str], new_items: list[str], *, n_seeds: int = 5, **_) -> list[str]:
-    """Every item that can seed a recommendation for a user whose profile held ``recent_items`` while
-    ``new_items`` are applied to it: applying an item only moves it to the end of the recent items, so the seeds
-    (the last ``n_seeds``) are among the last ``n_seeds`` before and the new ones.
+def possible_seeds(recent_items: list[str], steps: list[tuple[str, bool]], *, n_seeds: int = 5, **_) -> list[str]:
+    """The items that seed the recommendations of a user's decisions in a batch, before it is planned.
 
-    >>> possible_seeds(["a", "b", "c", "d"], ["x", "b"], n_seeds=2)
-    ['c', 'd', 'x', 'b']
+    ``recent_items``: the user's recent items before the batch (``Profile.recent_items``); ``steps``: for each of
+    the user's new events in order, its item and whether a decision may follow it (``Trigger.may_fire``). An event
+    moves its item to the end of the recent items (:meth:`models.profile.Profile.apply`), so the seeds at each step
+    (the last ``n_seeds``) follow from the last ``n_seeds`` before it; this collects them at the steps that may
+    decide, nothing else.
+
+    >>> possible_seeds(["a", "b", "c", "d"], [("x", False), ("c", True), ("y", False)], n_seeds=2)
+    ['x', 'c']
+    >>> possible_seeds(["a", "b"], [("b", True), ("a", True)], n_seeds=3)
+    ['a', 'b']
     """
-    return (recent_items[-n_seeds:] + new_items) if n_seeds > 0 else []
+    if n_seeds <= 0:
+        return []
+    tail = recent_items[-n_seeds:]
+    seeds: dict[str, None] = {}
+    for item, decides in steps:
+        if item in tail:
+            tail.remove(item)
+        tail.append(item)
+        if len(tail) > n_seeds:
+            del tail[0]
+        if decides:
+            seeds.update(dict.fromkeys(tail))
+    return list(seeds)
