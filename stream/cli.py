@@ -198,12 +198,20 @@ def bench_core(n_events: int, as_json: bool) -> None:
 @bench.command("pipeline")
 @click.option("--events", "n_events", type=int, default=20_000)
 @click.option("--rate", type=float, default=1000.0, help="offered rate for the latency run")
+@click.option("--partitions", type=int, default=None,
+              help="partitions of the benchmark's topics (default: PROMO_PARTITIONS)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pipeline(n_events: int, rate: float, as_json: bool) -> None:
-    """Embedded stack: consume-only vs pass-through vs full engine; end-to-end latency at --rate."""
+def bench_pipeline(n_events: int, rate: float, partitions: int | None, as_json: bool) -> None:
+    """Embedded stack: consume-only vs pass-through vs full engine; end-to-end latency at --rate, beside a
+    minimal deciding agent's (the floor)."""
     from load_tests.bench_pipeline import run
 
-    emit(run(_settings(), n_events=n_events, rate=rate), as_json)
+    settings = _settings()
+    if partitions is not None:
+        if partitions < 1:
+            raise PromoError(f"--partitions must be at least 1, got {partitions}")
+        settings = settings.model_copy(update={"partitions": partitions})
+    emit(run(settings, n_events=n_events, rate=rate), as_json)
 
 
 def main() -> None:

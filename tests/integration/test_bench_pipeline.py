@@ -50,6 +50,15 @@ def test_report_has_the_contract_keys_with_sane_values(bench):
     json.dumps(bench)  # the CLI prints it as JSON
 
 
+def test_the_floor_agent_decides_the_same_triggers_and_the_ratio_is_against_its_p99(bench):
+    floor = bench["floor_latency_ms"]
+    assert 0 < floor["p50"] <= floor["p95"] <= floor["p99"] <= floor["max"]
+    assert bench["ratio_latency_floor"] == pytest.approx(bench["latency_ms"]["p99"] / floor["p99"], abs=1e-3)
+    assert bench["floor"]["decisions"] > 0
+    assert bench["floor"]["engine_latency_ms"]["p50"] > 0  # the floor's own receipt-to-send time
+    assert {"engine", "broker", "redis", "bench"} <= set(bench["floor"]["latency_cpu_us_per_event"])
+
+
 def test_every_variant_processed_every_event(bench):
     runs = bench["runs"]
     assert set(runs) == {"consume", "passthrough", "engine", "engine2"}
