@@ -71,3 +71,12 @@ def test_watch_broker_connections_fires_on_broken_and_timed_out_connections_only
         AIOKafkaClient._on_connection_closed(c, None, reason)
     assert calls.count(1) == 2 and calls.count(2) == 2
     assert c.refreshed == 2, "aiokafka's own handling still runs"
+
+
+def test_watch_broker_connections_refuses_an_aiokafka_without_the_hook(monkeypatch):
+    """Should aiokafka drop the method it wraps, the worker stops at start-up instead of losing the check."""
+    from aiokafka.client import AIOKafkaClient
+
+    monkeypatch.delattr(AIOKafkaClient, "_on_connection_closed")
+    with pytest.raises(RuntimeError, match="_on_connection_closed is gone"):
+        watch_broker_connections(lambda: None)
