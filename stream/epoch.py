@@ -250,7 +250,8 @@ async def committed_offsets(settings: Settings, timeout_s: float = 15.0) -> dict
 
     try:
         return await asyncio.wait_for(read(), timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # any failure to read them (unreachable, timeout, an answer aiokafka cannot decode)
+        # stops the start the same way: re-raised as one PromoError line with the cause chained, nothing swallowed
         raise PromoError(
             f"cannot read the committed offsets of consumer group {settings.app_id} on {settings.topic_events} from "
             f"Kafka at {settings.kafka_bootstrap}: {type(exc).__name__} {exc}; Redis at {settings.redis_url_safe} "
@@ -405,7 +406,7 @@ class EpochGuard:
         if problem is not None:
             try:
                 facts = redis_facts(await client.info())
-            except Exception:
+            except Exception:  # INFO only adds facts to the message; the loss is reported with or without them
                 facts = ""
             self._lost(problem, facts)
 
@@ -441,7 +442,7 @@ class EpochGuard:
             try:
                 conn.send_command("INFO", check_health=False)
                 facts = redis_facts(_parse_info(conn.read_response()))
-            except Exception:
+            except Exception:  # INFO only adds facts to the message; the loss is reported with or without them
                 pass
             conn.disconnect()  # the next checkout connects, and checks, again
             self._lost(problem, facts)

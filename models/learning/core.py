@@ -339,7 +339,7 @@ class LearningCore:
 
     async def prefetch_items(self, seeds: list[str], k: int) -> ItemReads:
         """What recommendations of ``k`` items from ``seeds`` read, fetched now; pass it to :meth:`recommend`."""
-        _, n_candidates, popular_k = reads_needed(k, **self.recommend_options)
+        n_candidates, popular_k = reads_needed(k, **self.recommend_options)
         return await self.store.prefetch(seeds, n_candidates, popular_k)
 
     def propensity(self, profile: Profile, now_ms: int, context: dict | None = None) -> float:

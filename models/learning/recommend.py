@@ -100,14 +100,14 @@ def recommend(
 
 
 def reads_needed(k: int, *, n_seeds: int = 5, n_candidates: int = 30, exclude: set[str] | frozenset[str] = frozenset(),
-                 **_) -> tuple[int, int, int]:
-    """``(n_seeds, neighbours per seed, popular items)`` that :func:`recommend` with these options reads at most,
-    so that the reads can be fetched before a batch is planned (:mod:`models.state.item_reads`).
+                 **_) -> tuple[int, int]:
+    """``(neighbours per seed, popular items)`` that :func:`recommend` of ``k`` items with these options reads at
+    most, so that the reads can be fetched before a batch is planned (:mod:`models.state.item_reads`).
 
     >>> reads_needed(10)
-    (5, 30, 16)
+    (30, 16)
     """
-    return max(n_seeds, 0), n_candidates, k + max(n_seeds, 0) + len(exclude) + 1
+    return n_candidates, k + max(n_seeds, 0) + len(exclude) + 1
 
 
 def possible_seeds(recent_items: list[str], steps: list[tuple[str, bool]], *, n_seeds: int = 5, **_) -> list[str]:

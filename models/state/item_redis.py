@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 
 from models.keys import escape_user_id
-from models.state.item_store import _POP_RESCALE_HALF_LIVES, ItemBatch, ItemStore, SimilarityConfig
+from models.state.item_store import (_POP_RESCALE_HALF_LIVES, ItemBatch, ItemStore, SimilarityConfig,
+                                     unloaded_neighbours)
 from models.state.scripts import lua
 
 
@@ -320,7 +321,7 @@ class RedisItemStore(ItemStore):
         res = await pipe.execute()
         loaded = self._parse_load(asked, k, res[:-2])
         popular = self._parse_popular(res[-2:])
-        cands = sorted({b for _, _, nb in loaded.values() for b, _ in nb} - loaded.keys())
+        cands = unloaded_neighbours(loaded)
         counts = {}
         if cands:
             pipe = r.pipeline(transaction=False)

@@ -152,6 +152,16 @@ class ItemBatch:
         return out
 
 
+def unloaded_neighbours(loaded: dict[str, tuple[float, int, list[tuple[str, float]]]]) -> list[str]:
+    """The neighbours of ``loaded`` items (``_load`` results) that are not loaded themselves, sorted: the items
+    whose counts normalise the similarities (the second read of :meth:`ItemReads.neighbours`).
+
+    >>> unloaded_neighbours({"a": (1.0, 0, [("c", 1.0), ("b", 2.0)]), "b": (1.0, 0, [("a", 2.0)])})
+    ['c']
+    """
+    return sorted({b for _, _, nb in loaded.values() for b, _ in nb} - loaded.keys())
+
+
 class ItemReads(ABC):
     """What recommendations read: item counts, neighbours and popularity (see the module docstring for the exact
     semantics), built on two primitive reads each implementation provides. :class:`ItemStore` adds the writes;
@@ -194,8 +204,7 @@ class ItemReads(ABC):
         """
         seeds = list(dict.fromkeys(items))
         loaded = self._load(seeds, k)
-        cands = {b for _, _, nb in loaded.values() for b, _ in nb}
-        counts = self._load([b for b in cands if b not in loaded], 0)
+        counts = self._load(unloaded_neighbours(loaded), 0)
         counts.update(loaded)
         out: dict[str, list[tuple[str, float]]] = {}
         for a in seeds:
@@ -245,7 +254,7 @@ class ItemStore(ItemReads):
 
         asked = list(dict.fromkeys(seeds))
         loaded = self._load(asked, k)
-        counts = self._load(sorted({b for _, _, nb in loaded.values() for b, _ in nb} - loaded.keys()), 0)
+        counts = self._load(unloaded_neighbours(loaded), 0)
         return PrefetchedItems.build(self, loaded, k, asked, counts, self._popular_raw(popular_k), popular_k)
 
     def contribution_header(self) -> dict | None:
