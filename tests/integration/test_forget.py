@@ -77,7 +77,6 @@ def test_forget_removes_every_trace_of_the_user(engine_settings, start_worker, r
     assert report["removed"]["open_index"] == 1
     # the user's contributions left the item statistics (exactness: tests/integration/test_item_contributions.py)
     assert report["item_contributions"]["items"] > 0 and report["item_contributions"]["pairs"] > 0
-    assert report["elapsed_ms"] < 1000
 
     after = all_state(redis_client, s.redis_prefix)
     leaks = [k for k, v in after.items() if uid.encode() in k or uid.encode() in v]
