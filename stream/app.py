@@ -121,11 +121,16 @@ def base_app(settings: Settings) -> faust.App:
     from this, so the comparison between them is fair.
     """
     set_fetch_max_wait(settings.fetch_max_wait_ms)
+    # Faust makes a data directory even with in-memory tables (one level: the parent must exist); keep it beside
+    # the stack's state, not in the working directory, where a checkout collected one per test worker
+    faust_dirs = settings.state_dir / "faust"
+    faust_dirs.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
+        datadir=str(faust_dirs / "{conf.name}"),
         autodiscover=False,
         key_serializer="raw",
         value_serializer="raw",
