@@ -293,7 +293,11 @@ def test_a_hot_user_is_forgotten_in_bounded_steps_during_live_traffic(engine_set
           f"the worker applied {during - before:.0f} live events meanwhile", file=sys.stderr)
     assert report["found"] and report["removed"]["markers"] == len(bot)
     assert report["item_contributions"]["fields"] >= fields - 2  # all but the record's bookkeeping
-    assert longest_ms < 500, f"a Lua call blocked Redis for {longest_ms} ms"
+    # bounded steps, counted rather than timed (no timed assertions: the machine is shared): at most
+    # FORGET_CHUNK_FIELDS record fields per Lua call, so this many calls at least; the durations are printed above
+    from models.state.item_redis import FORGET_CHUNK_FIELDS
+
+    assert report["item_contributions"]["calls"] >= fields / FORGET_CHUNK_FIELDS, report["item_contributions"]
     assert before < during, "the worker must apply live events while the forget runs"
     assert producer.wait(120) == 0, producer.stderr.read().decode()
 
