@@ -9,10 +9,11 @@ a 2017 decision would be swept as soon as it is made, and whether its user's pur
 would depend on when the sweep ran. In order, no event is late and closings are a function of the events.)
 
 * run A: one worker, never interrupted, into its own Redis prefix and topics;
-* run B: while the producer replays the file at a steady :data:`PACE` events/s, a worker that is ``kill -9``ed
-  at :data:`N_KILLS` points (seeded rng, uniform in :data:`KILL_RANGE` of the events, counted as applied events:
-  Redis markers at the last kill + the live worker's ``promo_events_total``) and restarted each time, so every
-  kill lands mid-stream (asserted).
+* run B: while the producer replays the file at a steady :data:`PACE` events/s (pausing while it is more than
+  :data:`LEAD` events ahead of the applied ones, so a slow restart cannot let it finish first), a worker that is
+  ``kill -9``ed at :data:`N_KILLS` points (seeded rng, uniform in :data:`KILL_RANGE` of the events, counted as
+  applied events: Redis markers at the last kill + the live worker's ``promo_events_total``) and restarted each
+  time, so every kill lands mid-stream (asserted).
 
 Then, in B: every event counted once (profile counts sum to the events, one marker each); the same trigger
 events decided as in A; every stored decision reached the decisions topic, and every message of a trigger
@@ -87,10 +88,11 @@ TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
 N_TAOBAO, N_REES46 = 2_000, 10_000  # the first rows of each file, Taobao's (2017) first
 N_EVENTS = N_TAOBAO + N_REES46
 N_KILLS = 5
-PACE = 150.0  # events/s offered by the producer during run B (80 s of replay)
-# the kill points, as shares of the events applied: the producer must still be running at the last kill,
-# after four restarts of up to 10 s each on a loaded machine
-KILL_RANGE = (0.05, 0.7)
+PACE = 200.0  # events/s offered by the producer during run B (60 s of replay, and the restarts' waits)
+# the kill points, as shares of the events applied: at the last one the producer, at most CHUNK + LEAD events
+# ahead of the applied ones, is still running
+KILL_RANGE = (0.05, 0.8)
+CHUNK, LEAD = 500, 1_500  # run B's producer: events per chunk, and how far it may run ahead of the applied ones
 SEED = 6
 
 
@@ -165,23 +167,39 @@ def applied_now(worker) -> float | None:
 
 
 class PacedProducer(threading.Thread):
-    """Replays events with ``stream.produce.produce_events`` at a steady rate; ``handed`` counts events taken."""
+    """Replays events with ``stream.produce.produce_events`` at a steady rate; ``handed`` counts events taken.
 
-    def __init__(self, settings, events: list[dict], rate: float | None) -> None:
+    With ``applied`` (a callable: events applied so far), the replay goes in chunks of :data:`CHUNK` and waits
+    before each while it is more than :data:`LEAD` events ahead of ``applied()``: however slowly killed workers
+    restart on a loaded machine, the producer is still running at the next kill.
+    """
+
+    def __init__(self, settings, events: list[dict], rate: float | None, applied=None) -> None:
         super().__init__(daemon=True)
-        self.settings, self.events, self.rate = settings, events, rate
+        self.settings, self.events, self.rate, self.applied = settings, events, rate, applied
         self.handed = 0
         self.report: dict | None = None
         self.error: BaseException | None = None
 
-    def _iter(self):
-        for e in self.events:
+    def _iter(self, events):
+        for e in events:
             yield e
             self.handed += 1
 
     def run(self) -> None:
         try:
-            self.report = asyncio.run(produce_events(self.settings, self._iter(), rate=self.rate, progress=False))
+            if self.applied is None:
+                self.report = asyncio.run(produce_events(self.settings, self._iter(self.events), rate=self.rate,
+                                                         progress=False))
+                return
+            sent = 0
+            for lo in range(0, len(self.events), CHUNK):
+                while self.handed - self.applied() > LEAD:
+                    time.sleep(0.1)
+                part = asyncio.run(produce_events(self.settings, self._iter(self.events[lo:lo + CHUNK]),
+                                                  rate=self.rate, progress=False))
+                sent += part["sent"]
+            self.report = {"sent": sent}
         except BaseException as exc:  # reported by the test thread
             self.error = exc
 
@@ -372,7 +390,7 @@ def test_kill_9_at_five_random_points_leaves_the_same_state(stack, start_worker,
     log(f"run B: kill points (applied events) {points}, producer at {PACE:.0f} events/s")
     worker = start_worker(b)
     worker.wait_ready()
-    producer = PacedProducer(b, events, PACE)
+    producer = PacedProducer(b, events, PACE, applied=lambda: count_keys(r, b.redis_prefix, "{u:*}:e:*"))
     producer.start()
     base = 0  # events applied by the killed workers (exact: markers in Redis)
     kills = []
