@@ -2,9 +2,9 @@
 
 One call of :meth:`Engine.process_batch` handles a batch of valid events (any users, partition order kept per
 user): one round trip loads every user of the batch, each user's part is planned (:mod:`models.planning`),
-budgets are reserved and settled, one round trip commits every user atomically (a user changed meanwhile is
-planned again), and, after the caller delivered the decisions, :meth:`Engine.mark_sent` and :meth:`Engine.learn`
-finish it.
+budgets are reserved (and those of the decisions the batch closes settled), one round trip commits every user
+atomically (a user changed meanwhile is planned again), and, after the caller delivered the decisions,
+:meth:`Engine.delivered` and :meth:`Engine.learn` finish it, off the decisions' critical path.
 
 Crash safety: the commit of a user (event-id markers, profile, decisions) is one atomic step. A batch that Kafka
 redelivers after a crash finds its markers: its events count as duplicates, nothing is applied twice, and the
@@ -195,8 +195,9 @@ class Engine:
                             progress: BatchProgress | None = None) -> BatchResult:
         """Apply a batch; see the module docstring for the guarantees.
 
-        With ``learn=False`` the models do not learn yet: the caller sends the decisions first and then
-        calls :meth:`learn` (decision latency does not include learning).
+        With ``learn=False`` the caller sends the decisions first, then calls :meth:`delivered` and
+        :meth:`learn` (decision latency includes neither). With ``learn=True`` (offline: nothing is sent) both
+        run here.
 
         ``progress``: pass the same :class:`BatchProgress` again after an exception to continue the batch where
         it stopped (what was committed is not planned again); ``events`` must be the same batch then.
@@ -214,11 +215,10 @@ class Engine:
                     "attempts: another worker keeps changing the same users (rebalance storm?)"
                 )
             await self._attempt(progress)
-        if not progress.released:
-            # re-sent decisions too: a worker killed between their commit and this line left the stale reservation
-            await self._release_stale(result.decisions + result.resend)
-            progress.released = True
         if learn:
+            if not progress.released:
+                await self._release_stale(result.to_send())
+                progress.released = True
             await self.learn(result)
         return result
 
@@ -393,6 +393,17 @@ class Engine:
             users = sorted(retry)
         await self.learn(result)
         return result
+
+    async def delivered(self, result: BatchResult) -> None:
+        """The batch's decisions (new and re-sent) reached the decisions topic: free what their ids still hold on
+        campaigns other than their offer (:meth:`models.policy.budget.BudgetGate.release_stale`), then
+        :meth:`mark_sent`. In this order: a worker killed in between leaves them unmarked, so the redelivered
+        batch re-sends them and releases again (idempotent); released after the marks, a kill in between would
+        leave the budget held until the attribution window lapses. Safe to call again after an exception."""
+        decisions = result.to_send()
+        if decisions:
+            await self._release_stale(decisions)
+            await self.mark_sent(decisions)
 
     async def mark_sent(self, decisions: list[Decision]) -> None:
         """Record that these decisions reached the decisions topic (a redelivery will not re-send them)."""

@@ -45,7 +45,7 @@ log = logging.getLogger("promo.failpoints")
 POINTS = {
     "reserved": "the batch's budget reservations are in Redis, nothing of it is committed",
     "committed": "the users' commits (markers, profiles, decisions) are in Redis, no decision is sent",
-    "sent": "the decisions are on the broker and not yet marked as sent",
+    "sent": "the decisions are on the broker; stale reservations of their ids not released, not marked as sent",
     "marked": "the decisions are marked as sent; item contributions still parked, the models not taught",
     "learnt": "everything of the batch is applied; its offsets are not yet acknowledged",
 }

@@ -6,8 +6,9 @@ Order of effects for a batch (at-least-once, nothing lost, nothing applied twice
    topic/partition/offset) and counted;
 2. the engine applies the valid ones (de-duplicated by event id, one atomic commit per user);
 3. decisions are sent, and every send (DLQ and decisions) is acknowledged by the broker before the batch returns;
-4. the decisions are marked as sent, item contributions applied, the models taught. Only then does the caller
-   acknowledge the batch's offsets.
+4. what the decisions' ids still hold on other campaigns is released and the decisions are marked as sent
+   (:meth:`models.engine.Engine.delivered`), item contributions applied, the models taught. Only then does the
+   caller acknowledge the batch's offsets.
 
 Every exception has a verdict (:mod:`stream.faults`): a transient Redis or Kafka error is retried with back-off,
 the step where it happened resumes (a batch whose commit failed half-way continues with the users not committed,
@@ -283,7 +284,8 @@ class BatchHandler:
         sent_ns = time.perf_counter_ns()
         if decisions:
             failpoints.hit("sent")
-            await self._retry("marking decisions as sent", lambda: self.engine.mark_sent(decisions))
+            await self._retry("releasing stale reservations and marking decisions as sent",
+                              lambda: self.engine.delivered(result))
             failpoints.hit("marked")
         # the models learn after the decisions are out: learning is not on the decision's critical path.
         # A crash before this line loses only this batch's learning, never state or decisions.

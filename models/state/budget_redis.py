@@ -1,14 +1,17 @@
-"""Campaign budgets in Redis: one Lua call per request, pipelined per batch; key layout in
-:mod:`models.state.budget_store`, scripts in ``models/state/lua/budget_*.lua``."""
+"""Campaign budgets in Redis: one Lua call per reservation, one per campaign for a batch's settlements, pipelined;
+key layout in :mod:`models.state.budget_store`, scripts in ``models/state/lua/budget_*.lua``."""
 
 from __future__ import annotations
 
 from models.state.budget_store import UNITS, BudgetStore, CampaignSpend, ReserveResult, to_units, to_units_floor
 from models.state.scripts import lua
 
+SETTLE_CHUNK = 500  # settlements per Lua call: bounds the time one call holds Redis
+
 
 class RedisBudgetStore(BudgetStore):
-    """Budgets in Redis (redis-py asyncio client): one Lua call per request, pipelined per batch."""
+    """Budgets in Redis (redis-py asyncio client): one Lua call per reservation and one per campaign for a batch's
+    settlements, pipelined per batch."""
 
     def __init__(self, client, prefix: str = "promo") -> None:
         self.r = client
@@ -46,11 +49,24 @@ class RedisBudgetStore(BudgetStore):
     async def settle(self, items):
         if not items:
             return []
+        # one call per campaign (and per SETTLE_CHUNK settlements), not per settlement: a batch's releases at
+        # cost 0 are mostly no-ops, and a call each cost Redis more than the work
+        by_offer: dict[str, list[int]] = {}
+        for k, (oid, _, _) in enumerate(items):
+            by_offer.setdefault(oid, []).append(k)
         pipe = self.r.pipeline(transaction=False)
-        for oid, did, cost in items:
-            await self._settle(keys=self.keys(oid)[:3], args=[to_units(max(0.0, cost)), did], client=pipe)
-        res = await pipe.execute()
-        return [None if int(x) < 0 else int(x) / UNITS for x in res]
+        calls = []
+        for oid, idx in by_offer.items():
+            for lo in range(0, len(idx), SETTLE_CHUNK):
+                chunk = idx[lo:lo + SETTLE_CHUNK]
+                args = [a for k in chunk for a in (to_units(max(0.0, items[k][2])), items[k][1])]
+                await self._settle(keys=self.keys(oid)[:3], args=args, client=pipe)
+                calls.append(chunk)
+        out: list[float | None] = [None] * len(items)
+        for chunk, res in zip(calls, await pipe.execute()):
+            for k, x in zip(chunk, res):
+                out[k] = None if int(x) < 0 else int(x) / UNITS
+        return out
 
     async def spend(self, offer_ids):
         if not offer_ids:

@@ -318,6 +318,20 @@ class BudgetStoreContract:
         # freed budget can be reserved again
         assert [r.ok for r in self.run(store.reserve([req(f"n{i}") for i in range(3)]))] == [True, True, False]
 
+    def test_settle_answers_in_order_over_campaigns_and_large_batches(self, store):
+        """A batch's settlements mix campaigns and can be many (the Redis store makes one call per campaign and
+        chunk): each answer stays at its item's place."""
+        ids = [f"m{i}" for i in range(1_200)]
+        self.run(store.reserve([req(d, amount=1.0, budget=10_000.0, offer="c" if i % 2 else "d")
+                                for i, d in enumerate(ids)]))
+        items = [("c" if i % 2 else "d", d, 0.5 if i % 3 else 0.0) for i, d in enumerate(ids)]
+        items.insert(7, ("c", "never-reserved", 1.0))
+        out = self.run(store.settle(items + [("d", "m0", 1.0)]))  # m0 again: settled already, earlier in the call
+        assert out == [None if d == "never-reserved" else cost for _, d, cost in items] + [None]
+        sp = self.run(store.spend(["c", "d"]))
+        assert sp["c"].reserved == sp["d"].reserved == 0.0
+        assert sp["c"].committed + sp["d"].committed == sum(c for _, d, c in items if d != "never-reserved")
+
     def test_sweep_releases_lapsed_reservations_and_forgets_old_ids(self, store):
         self.run(store.reserve([req("early", open_until=100, forget_at=500), req("later", open_until=900)]))
         assert self.run(store.sweep(["c"], 99)) == {"c": 0}

@@ -192,6 +192,30 @@ def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_t
     assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
 
 
+def test_the_worker_releases_a_stale_reservation_after_delivery_then_marks_the_decision_sent():
+    """The worker's path (``learn=False``): the release is not on the decision's critical path; it runs in
+    ``delivered``, after the send, and before the mark, so a kill before the mark re-sends and releases again."""
+    from models.policy.rules import RulePolicy
+
+    budget, store = MemoryBudgetStore(), MemoryStore()
+    cat = parse_catalogue(CAT)
+    first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                   budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
+    plan = first.planner.plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
+    run(first.budget.reserve_for([plan]))  # the first worker dies before its commit
+    second = engine(store, budget_store=budget, holdout=100.0)
+    res = run(second.process_batch([cart(1)], learn=False))
+    assert [d.offer.offer_id for d in res.decisions] == ["none"]
+    assert run(budget.spend(["c5"]))["c5"].reserved == 5.0  # nothing between the commit and the send
+    third = engine(store, budget_store=budget, holdout=100.0)  # the second died after sending, before delivered
+    again = run(third.process_batch([cart(1)], learn=False))
+    assert [d.decision_id for d in again.resend] == [res.decisions[0].decision_id]
+    run(third.delivered(again))
+    run(third.delivered(again))  # a retry after an exception: nothing twice
+    assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
+    assert run(engine(store, budget_store=budget).process_batch([cart(1)], learn=False)).resend == []  # marked
+
+
 def test_sweep_corrects_a_stale_index_entry():
     """An index entry left behind (e.g. a crash between a commit and the index update) does not stay due."""
     store = MemoryStore()
