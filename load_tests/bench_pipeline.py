@@ -307,6 +307,40 @@ def msum(samples: dict, name: str) -> float:
     return sample_sum(samples, name)
 
 
+STAGES = ("decide", "send", "delivered", "learn")  # promo_batch_stage_seconds (stream/handler.py)
+
+
+def stage_ms_per_batch(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per batch of each stage between two :meth:`Proc.metrics` samples of one worker."""
+    from stream.metrics import sample_sum
+
+    out = {}
+    for stage in STAGES:
+        n = (sample_sum(after, "promo_batch_stage_seconds_count", stage=stage)
+             - sample_sum(before, "promo_batch_stage_seconds_count", stage=stage))
+        total = (sample_sum(after, "promo_batch_stage_seconds_sum", stage=stage)
+                 - sample_sum(before, "promo_batch_stage_seconds_sum", stage=stage))
+        out[stage] = round(total / n * 1e3, 3) if n else 0.0
+    return out
+
+
+def redis_counts(redis_url: str) -> dict[str, int]:
+    """Redis's own counters: commands clients sent (a pipeline's commands each count) and script calls."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        stats, cmds = client.info("stats"), client.info("commandstats")
+    finally:
+        client.close()
+    scripts = sum(int(cmds.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval", "fcall"))
+    return {"commands": int(stats["total_commands_processed"]), "script_calls": scripts}
+
+
+def redis_per_event(before: dict[str, int], after: dict[str, int], n_events: int) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) / n_events, 3) for k in before}
+
+
 def _check_applied(worker: Proc, samples: dict, n_events: int) -> None:
     """The benchmark's events are valid and fresh: if the engine rejected some, its rate means nothing."""
     invalid = int(msum(samples, "promo_events_invalid_total"))
@@ -615,9 +649,12 @@ def run(
         procs.append(engine)
         ready = engine.wait_ready(90.0)
         _log(f"engine: worker ready in {ready:.1f}s; measuring")
+        m0, r0 = engine.metrics(), redis_counts(base.redis_url)
         results["engine"] = measure_throughput([engine], n_events, poll_s, timeout, infra)
         results["engine"]["ready_s"] = round(ready, 1)
-        m = engine.metrics()
+        m, r1 = engine.metrics(), redis_counts(base.redis_url)
+        results["engine"]["stage_ms_per_batch"] = stage_ms_per_batch(m0, m)
+        results["engine"]["redis_per_event"] = redis_per_event(r0, r1, n_events)
         _check_applied(engine, m, n_events)
         decisions = int(msum(m, "promo_decisions_total"))
         batches = msum(m, "promo_batch_size_count")
@@ -631,6 +668,9 @@ def run(
 
         _log(f"latency: {n_latency} events at {rate:g} ev/s offered to the warm engine worker")
         lat = asyncio.run(_latency_run(s, lat_records, rate, engine, poll_s, 60.0 + latency_s, infra))
+        m2, r2 = engine.metrics(), redis_counts(base.redis_url)
+        lat["stage_ms_per_batch"] = stage_ms_per_batch(m, m2)
+        lat["redis_per_event"] = redis_per_event(r1, r2, lat["events"])
         memory["engine"] = proc_memory_mb(engine.pid)
         _log(f"latency: p50 {lat['latency_ms']['p50']} ms, p99 {lat['latency_ms']['p99']} ms "
              f"over {lat['decisions']} decisions; engine RSS {memory['engine']['rss_mb']} MiB")
@@ -682,6 +722,8 @@ def run(
             "latency_breakdown_ms": lat["latency_breakdown_ms"],
             "latency_p50_by_second_ms": lat["latency_p50_by_second_ms"],
             "latency_cpu_us_per_event": lat["cpu_us_per_event"],
+            "latency_stage_ms_per_batch": lat["stage_ms_per_batch"],
+            "latency_redis_per_event": lat["redis_per_event"],
             "floor": {"engine_latency_ms": floor_lat["engine_latency_ms"],
                       "latency_breakdown_ms": floor_lat["latency_breakdown_ms"],
                       "latency_p50_by_second_ms": floor_lat["latency_p50_by_second_ms"],

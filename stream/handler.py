@@ -272,6 +272,7 @@ class BatchHandler:
         outbox = Outbox(self.send)
         batch = await self._decode(msgs, now_ms, outbox)
         result = await self._apply(batch, outbox)
+        decided_ns = time.perf_counter_ns()
         if result.new_events and failpoints.fault("bug"):
             raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
         decisions = result.to_send()
@@ -287,6 +288,7 @@ class BatchHandler:
             await self._retry("releasing stale reservations and marking decisions as sent",
                               lambda: self.engine.delivered(result))
             failpoints.hit("marked")
+        delivered_ns = time.perf_counter_ns()
         # the models learn after the decisions are out: learning is not on the decision's critical path.
         # A crash before this line loses only this batch's learning, never state or decisions.
         await self._retry("learning from a batch", lambda: self.engine.learn(result))
@@ -295,6 +297,10 @@ class BatchHandler:
         if result.new_events:
             failpoints.hit("learnt")
         self._observe(msgs, result, batch.recv_by_event, t0, sent_ns, now_ms)
+        end_ns = time.perf_counter_ns()
+        for stage, a, b in (("decide", t0, decided_ns), ("send", decided_ns, sent_ns),
+                            ("delivered", sent_ns, delivered_ns), ("learn", delivered_ns, end_ns)):
+            m.BATCH_STAGE_SECONDS.labels(stage=stage).observe((b - a) / 1e9)
 
     async def _check_log(self, msgs: list[RawMessage]) -> None:
         """Before anything of a partition is applied: is it still the log this engine read? (:mod:`stream.logguard`)"""

@@ -32,8 +32,15 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 BATCH_SECONDS = Histogram(
-    "promo_batch_duration_seconds", "Time to process one batch (decode to decisions sent)",
+    "promo_batch_duration_seconds", "Time to process one batch (receipt to learnt: every stage)",
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+BATCH_STAGE_SECONDS = Histogram(
+    "promo_batch_stage_seconds",
+    "Time of one stage of a batch: decide (log check, decode, load, plan, reserve, commit), send (decisions "
+    "acknowledged by the broker), delivered (stale reservations released, decisions marked as sent), learn "
+    "(contributions applied, models taught)",
+    ["stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
 EVENT_LAG = Gauge(
     "promo_event_time_lag_seconds", "Wall clock minus event time of the last applied event", registry=REGISTRY

@@ -290,7 +290,7 @@ def pipeline_dashboard() -> db.Dashboard:
     ))
     d = d.with_panel(_timeseries(
         lay, "Batch duration p50 / p99",
-        "Time to process one batch, decode to decisions sent (promo_batch_duration_seconds).",
+        "Time to process one batch, receipt to learnt (promo_batch_duration_seconds).",
         [
             _query(
                 f"histogram_quantile({q}, sum by (le) ({_rate('promo_batch_duration_seconds_bucket')}))",
@@ -298,6 +298,15 @@ def pipeline_dashboard() -> db.Dashboard:
             )
             for q, ref in ((0.5, "A"), (0.99, "B"))
         ],
+        "s", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Batch stages: mean time per batch",
+        "Where a batch's time goes (promo_batch_stage_seconds): decide (log check, decode, load, plan, reserve, "
+        "commit) and send are on the decisions' critical path; delivered (stale reservations released, decisions "
+        "marked as sent) and learn come after the send.",
+        [_query(f"sum by (stage) ({_rate('promo_batch_stage_seconds_sum')}) / "
+                f"sum by (stage) ({_rate('promo_batch_stage_seconds_count')})", "{{stage}}")],
         "s", width=8,
     ))
 

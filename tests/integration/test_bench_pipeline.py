@@ -81,6 +81,16 @@ def test_latency_run_measured_decisions_of_the_offered_events(bench):
     assert 0 <= eng["p50"] <= eng["p95"] <= eng["p99"]
 
 
+def test_stages_and_redis_work_are_reported_per_batch_and_per_event(bench):
+    for stages, redis_work in ((bench["runs"]["engine"]["stage_ms_per_batch"],
+                                bench["runs"]["engine"]["redis_per_event"]),
+                               (bench["latency_stage_ms_per_batch"], bench["latency_redis_per_event"])):
+        assert set(stages) == {"decide", "send", "delivered", "learn"}
+        assert stages["decide"] > 0 and stages["send"] > 0 and all(v >= 0 for v in stages.values())
+        # every event is loaded and committed through Redis: some work per event, and scripts are commands
+        assert 0 < redis_work["script_calls"] <= redis_work["commands"], redis_work
+
+
 def test_private_stack_is_stopped_and_stdout_untouched(bench_run):
     bench, stdout = bench_run
     assert stdout == ""  # progress goes to stderr; only the CLI prints the JSON
