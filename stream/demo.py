@@ -72,6 +72,25 @@ def summary(samples: dict) -> dict:
     }
 
 
+CLEAR_TO_EOL = "\x1b[K"  # ANSI: erase from the cursor to the end of the line
+
+
+def replay_done(produced: dict, s: dict, replaying: bool) -> bool:
+    """The replay thread finished and the worker has processed (applied, skipped as duplicate or dead-lettered)
+    every event it sent.
+
+    >>> replay_done({"sent": 10}, {"events": 8, "duplicates": 1, "dlq": 1}, replaying=False)
+    True
+    >>> replay_done({"sent": 10}, {"events": 8, "duplicates": 1, "dlq": 0}, replaying=False)
+    False
+    >>> replay_done({}, {"events": 0, "duplicates": 0, "dlq": 0}, replaying=True)
+    False
+    """
+    if replaying or not produced or "error" in produced:
+        return False
+    return s["events"] + s["duplicates"] + s["dlq"] >= produced.get("sent", 0)
+
+
 def _line(s: dict, eps: float) -> str:
     kinds = " ".join(f"{k}:{v}" for k, v in s["decisions_by_kind"].items()) or "-"
     lat = f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms" if s["latency_p50_ms"] is not None else "-"
@@ -128,6 +147,7 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
         t.start()
         last_events, last_t = 0, time.monotonic()
         tty = out.isatty()
+        done = False  # the replay was sent and processed (said once)
         while True:
             time.sleep(1.0)  # refresh period of the live summary
             if worker.poll() is not None:
@@ -139,14 +159,18 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
             now = time.monotonic()
             eps = (s["events"] - last_events) / (now - last_t)
             last_events, last_t = s["events"], now
-            print(("\r" if tty else "") + _line(s, eps), end="" if tty else "\n", file=out, flush=True)
+            # in place on a terminal: back to the line's start, and clear what a longer line left behind
+            print(("\r" if tty else "") + _line(s, eps) + (CLEAR_TO_EOL if tty else ""), end="" if tty else "\n",
+                  file=out, flush=True)
             if "error" in produced:
                 raise PromoError(f"replay failed: {produced['error']}")
-            if once and not t.is_alive() and produced:
-                applied = s["events"] + s["duplicates"] + s["dlq"]
-                if applied >= produced.get("sent", 0):
+            if not done and replay_done(produced, s, t.is_alive()):
+                done = True
+                if once:
                     print("", file=out)
                     return {"replay": produced, "summary": s}
+                print(("\n" if tty else "") + f"[demo] replay done: {produced.get('sent', 0)} events sent, every one "
+                      "processed; the worker keeps running (Ctrl-C stops everything)", file=out, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("\n[demo] stopping", file=out)

@@ -112,3 +112,42 @@ def test_taken_port_is_a_one_line_error_naming_port_and_variable(stack_env, whic
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("promo: error:") and str(port) in lines[0] and var in lines[0]
+
+
+def test_demo_says_when_the_replay_is_done_and_ctrl_c_stops_everything(stack_env):
+    """The README's first command, as a user runs it: the embedded stack, a worker, the bundled sample replayed;
+    the demo says when every event was processed, and Ctrl-C stops the worker and the stack it started."""
+    import signal
+
+    from stream.stack import port_open
+    from tests.helpers import wait_until
+
+    env = {**os.environ, **stack_env, "PROMO_WEB_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "demo", "--rate", "2000"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+
+    def read_until_done() -> bool:
+        line = proc.stderr.readline()  # the demo writes a line a second at least (non-terminal: one per refresh)
+        lines.append(line)
+        assert line or proc.poll() is None, "".join(lines[-20:])
+        return line.startswith("[demo] replay done")
+
+    try:
+        wait_until(read_until_done, 240, "the demo to say the replay is done", interval=0)
+        done = lines[-1]
+        assert "2000 events sent, every one processed" in done, done
+        summary = lines[-2]  # the live summary line before it counts them all
+        assert summary.startswith("events ") and "decisions 0 " not in summary, summary
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert out == ""  # nothing on stdout without --once
+    assert "[demo] stopped the worker and the embedded stack" in err, err
+    for url in (stack_env["PROMO_KAFKA_BOOTSTRAP"], stack_env["PROMO_REDIS_URL"].split("//")[1].split("/")[0]):
+        host, port = url.rsplit(":", 1)
+        assert not port_open(host, int(port)), f"{url} still answers after the demo stopped"
