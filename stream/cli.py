@@ -144,6 +144,45 @@ def forget(user_id: str, as_json: bool) -> None:
 
 
 # --- offline: evaluation and benchmarks ---------------------------------------------------------
+@cli.command("tail")
+@click.argument("kind", type=click.Choice(["decisions", "dlq", "events"]))
+@click.option("--user", default=None, help="only this user's records (every topic is keyed by the user id)")
+@click.option("--since", default=None, help="from this long ago (90s, 10m, 2h, 7d) or this ISO 8601 time")
+@click.option("--follow", "-f", is_flag=True, help="keep reading new records until Ctrl-C")
+@click.option("--limit", type=int, default=None, help="only the last N matching records (then follow)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per record")
+def tail_cmd(kind: str, user: str | None, since: str | None, follow: bool, limit: int | None, as_json: bool) -> None:
+    """Read the decisions, dead-letter or events topic as an operator (no consumer group: nothing committed)."""
+    from stream.tail import run_tail
+
+    try:
+        run_tail(_settings(), kind, as_json=as_json, user=user, since=since, follow=follow, limit=limit)
+    except KeyboardInterrupt:  # --follow ends with Ctrl-C: not an error
+        pass
+
+
+@cli.group(cls=_Group)
+def catalogue() -> None:
+    """The offer catalogue (PROMO_CATALOGUE_PATH)."""
+
+
+@catalogue.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def catalogue_check(file: Path, as_json: bool) -> None:
+    """Validate a catalogue FILE as a worker would at start-up; errors name the file and line."""
+    import hashlib
+
+    from models.policy.catalogue import CatalogueError, load_catalogue
+
+    try:
+        cat = load_catalogue(file)
+    except CatalogueError as exc:
+        raise PromoError(str(exc)) from None
+    emit({"ok": True, "path": str(file), "version": hashlib.sha256(file.read_bytes()).hexdigest()[:12],
+          "offers": {oid: o.kind for oid, o in cat.offers.items()}, "budgets": cat.budgets()}, as_json)
+
+
 @cli.group(cls=_Group)
 def evaluate() -> None:
     """Offline evaluation (no broker)."""
