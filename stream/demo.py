@@ -116,8 +116,10 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
     print(f"[demo] starting a worker; log: {worker_log}; metrics: http://{settings.web_host}:{settings.web_port}/metrics",
           file=out)
     with open(worker_log, "ab") as log:
+        # its own session: a terminal's Ctrl-C reaches the demo only, which stops the worker with SIGTERM (a
+        # worker interrupted at the same time would exit first, and the demo report that as a failure)
         worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{settings.web_port}"
     produced: dict = {}
     interrupted = False

@@ -155,3 +155,26 @@ def test_free_shipping_is_a_kind_of_its_own_module():
         parse_catalogue("offers:\n  - {offer_id: ship, kind: free_shipping, value: 6.9}\n", "s.yaml")
     with pytest.raises(CatalogueError, match=r"shipping_cost only applies to free_shipping"):
         parse_catalogue("offers:\n  - {offer_id: c, kind: coupon, value: 5, shipping_cost: 3}\n", "s.yaml")
+
+
+def test_catalogue_check_command_reports_the_offers_or_one_line_with_file_and_line(tmp_path):
+    """``promo catalogue check FILE``: the worker's own validation, as a command."""
+    import json
+
+    from click.testing import CliRunner
+
+    from stream.cli import cli
+
+    good = tmp_path / "good.yaml"
+    good.write_text("offers:\n  - {offer_id: c5, kind: coupon, value: 5, budget: 100}\n")
+    res = CliRunner().invoke(cli, ["catalogue", "check", str(good), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["ok"] and rep["offers"] == {"none": "none", "c5": "coupon"} and rep["budgets"] == {"c5": 100}
+    assert len(rep["version"]) == 12
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("offers:\n  - {offer_id: c5, kind: coupon, value: 5}\n  - {offer_id: c6, kind: coupon, value: -1}\n")
+    res = CliRunner().invoke(cli, ["catalogue", "check", str(bad), "--json"])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"promo: error: {bad}:3: offer c6: value must be > 0, got -1"
