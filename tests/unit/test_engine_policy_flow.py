@@ -164,9 +164,8 @@ def test_a_trigger_re_decided_after_a_crash_releases_the_first_reservation():
     assert run(budget.spend(["c5"]))["c5"].reserved == 0.0
 
 
-def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_the_commit():
-    """As above, but the second worker dies after its commit, before releasing: the third one, which gets the
-    batch redelivered and re-sends the stored decision, releases it."""
+def reserved_then_killed() -> tuple[MemoryBudgetStore, MemoryStore]:
+    """Stores as a worker left them that reserved c5's budget for u1's cart ``c1`` and died before its commit."""
     from models.policy.rules import RulePolicy
 
     budget, store = MemoryBudgetStore(), MemoryStore()
@@ -174,7 +173,15 @@ def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_t
     first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                    budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
     plan = first.planner.plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
-    run(first.budget.reserve_for([plan]))  # the first worker dies before its commit
+    assert plan.decisions[0].offer.offer_id == "c5"
+    run(first.budget.reserve_for([plan]))
+    return budget, store
+
+
+def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_the_commit():
+    """As above, but the second worker dies after its commit, before releasing: the third one, which gets the
+    batch redelivered and re-sends the stored decision, releases it."""
+    budget, store = reserved_then_killed()
     second = engine(store, budget_store=budget, holdout=100.0)
 
     async def dies(decisions):
@@ -195,14 +202,7 @@ def test_a_stale_reservation_is_released_even_when_the_worker_dies_again_after_t
 def test_the_worker_releases_a_stale_reservation_after_delivery_then_marks_the_decision_sent():
     """The worker's path (``learn=False``): the release is not on the decision's critical path; it runs in
     ``delivered``, after the send, and before the mark, so a kill before the mark re-sends and releases again."""
-    from models.policy.rules import RulePolicy
-
-    budget, store = MemoryBudgetStore(), MemoryStore()
-    cat = parse_catalogue(CAT)
-    first = Engine(store, RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
-                   budget=BudgetGate(cat, budget, window_ms=24 * H), clock_ms=lambda: 0)
-    plan = first.planner.plan_user("u1", [cart(1)], run(store.load({"u1": ["c1"]}, {"u1": ["c1"]}))["u1"], {})
-    run(first.budget.reserve_for([plan]))  # the first worker dies before its commit
+    budget, store = reserved_then_killed()
     second = engine(store, budget_store=budget, holdout=100.0)
     res = run(second.process_batch([cart(1)], learn=False))
     assert [d.offer.offer_id for d in res.decisions] == ["none"]
