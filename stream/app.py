@@ -511,6 +511,24 @@ def _write_snapshots(settings: Settings, blobs: dict[str, bytes], guard: EpochGu
         client.close()
 
 
+def _check_web_port(settings: Settings) -> None:
+    """One line, before anything starts, when the web port is taken (another worker on this host?), instead of
+    the traceback Faust's web server gives when it fails to bind after the worker has started."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in settings.web_host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            sock.bind((settings.web_host, settings.web_port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise PromoError(f"cannot bind the web port {settings.web_host}:{settings.web_port}: {exc.strerror}; "
+                                 "check PROMO_WEB_HOST and PROMO_WEB_PORT") from None
+            raise PromoError(f"web port {settings.web_port} on {settings.web_host} is taken (another worker on this "
+                             "host?); give each worker its own PROMO_WEB_PORT") from None
+
+
 def _preflight(settings: Settings) -> Epoch:
     """Fail fast with one line when the broker or Redis is not there; create topics up front; check the Redis
     state's epoch (:func:`stream.epoch.check_at_start`: :class:`stream.epoch.StateLostError` when it was lost)."""
@@ -518,6 +536,7 @@ def _preflight(settings: Settings) -> Epoch:
 
     from stream.topics import ensure_topics
 
+    _check_web_port(settings)
     try:
         ensure_topics(settings, timeout_s=10.0)
     except Exception as exc:

@@ -157,3 +157,16 @@ def test_demo_says_when_the_replay_is_done_and_ctrl_c_stops_everything(stack_env
     for url in (stack_env["PROMO_KAFKA_BOOTSTRAP"], stack_env["PROMO_REDIS_URL"].split("//")[1].split("/")[0]):
         host, port = url.rsplit(":", 1)
         assert not port_open(host, int(port)), f"{url} still answers after the demo stopped"
+
+
+def test_a_second_worker_on_a_taken_web_port_is_one_line_naming_the_variable(stack_env):
+    """Before it connects to anything: the port is checked first (no broker or Redis needed for this)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = promo({**stack_env, "PROMO_WEB_PORT": str(port), "PROMO_WEB_HOST": "127.0.0.1"}, "worker")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"promo: error: web port {port} on 127.0.0.1 is taken (another worker on this host?); give each "
+                     "worker its own PROMO_WEB_PORT"], res.stderr
