@@ -110,10 +110,16 @@ def worker() -> None:
 @click.option("--limit", type=int, default=None, help="stop after N source rows")
 @click.option("--json", "as_json", is_flag=True)
 def produce(file: Path, fmt: str, rate: float | None, limit: int | None, as_json: bool) -> None:
-    """Replay FILE as event v1 to the events topic, keyed by user_id."""
+    """Replay FILE as event v1 to the events topic, keyed by user_id. Exit 1 when rows were skipped as
+    unmappable or events were not delivered (the report says which), 0 when every row was sent."""
     from stream.produce import produce_file
 
-    emit(produce_file(_settings(), file, fmt, rate=rate, limit=limit), as_json)
+    report = produce_file(_settings(), file, fmt, rate=rate, limit=limit)
+    emit(report, as_json)
+    if report["skipped"] or report["failed"]:
+        click.echo(f"promo: error: {report['skipped']} of {report['rows']} rows skipped as unmappable, "
+                   f"{report['failed']} events not delivered (see the report's errors)", err=True)
+        sys.exit(1)
 
 
 @cli.command()

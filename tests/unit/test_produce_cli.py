@@ -302,3 +302,20 @@ def test_paced_run_sends_everything_in_order():
     result = asyncio.run(produce_events(SETTINGS, events, rate=20_000.0, progress=False, producer_factory=factory()))
     assert result["sent"] == 20
     assert [json.loads(r[3])["seq"] for r in FakeProducer.instances[0].records()] == list(range(20))
+
+
+@pytest.mark.parametrize("skipped, failed, code", [(0, 0, 0), (3, 0, 1), (0, 2, 1)])
+def test_the_exit_status_says_whether_every_row_was_sent(monkeypatch, tmp_path, skipped, failed, code):
+    """Rows skipped as unmappable (or events the broker did not take) are visible in the exit status, not only in
+    the report and on stderr."""
+    report = {"file": "f", "format": "jsonl", "rows": 10, "sent": 10 - skipped - failed, "skipped": skipped,
+              "failed": failed, "errors": [], "errors_total": skipped}
+    monkeypatch.setattr("stream.produce.produce_file", lambda *a, **k: report)
+    path = tmp_path / "f.jsonl"
+    path.write_text("{}\n")
+    result = run_cli(["produce", str(path), "--format", "jsonl", "--json"])
+    assert result.exit_code == code, result.output
+    assert json.loads(result.stdout) == report  # the report is printed either way
+    if code:
+        assert result.stderr.strip() == (f"promo: error: {skipped} of 10 rows skipped as unmappable, {failed} events "
+                                         "not delivered (see the report's errors)")
