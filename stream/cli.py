@@ -67,6 +67,7 @@ def stack() -> None:
                    "memory only: a Redis restart then loses the engine's state.")
 @click.option("--json", "as_json", is_flag=True)
 def stack_up(durable: bool | None, as_json: bool) -> None:
+    """Start the broker and Redis that are not running, create the topics (idempotent)."""
     from stream import stack as st
 
     s = _settings()
@@ -78,6 +79,7 @@ def stack_up(durable: bool | None, as_json: bool) -> None:
 @stack.command("down")
 @click.option("--json", "as_json", is_flag=True)
 def stack_down(as_json: bool) -> None:
+    """Stop the broker and Redis this state directory started (Redis's file is kept)."""
     from stream import stack as st
 
     emit(st.down(_settings()), as_json)
@@ -86,6 +88,7 @@ def stack_down(as_json: bool) -> None:
 @stack.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def stack_status(as_json: bool) -> None:
+    """Whether the broker and Redis answer; exit 1 when either does not."""
     from stream import stack as st
 
     report = st.status(_settings())

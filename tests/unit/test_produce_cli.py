@@ -319,3 +319,16 @@ def test_the_exit_status_says_whether_every_row_was_sent(monkeypatch, tmp_path, 
     if code:
         assert result.stderr.strip() == (f"promo: error: {skipped} of 10 rows skipped as unmappable, {failed} events "
                                          "not delivered (see the report's errors)")
+
+
+def test_every_command_has_help_text():
+    """`promo X --help` lists each subcommand with what it does (issue 16: `stack --help` listed bare names)."""
+    import click
+
+    def walk(group: click.Group, path: str):
+        for name, cmd in group.commands.items():
+            assert (cmd.help or "").strip(), f"`promo {path}{name}` has no help text"
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{path}{name} ")
+
+    walk(cli, "")
