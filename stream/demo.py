@@ -8,6 +8,7 @@ With ``--once`` it exits by itself when the replay has been processed and prints
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -72,6 +73,10 @@ def summary(samples: dict) -> dict:
     }
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 CLEAR_TO_EOL = "\x1b[K"  # ANSI: erase from the cursor to the end of the line
 
 
@@ -123,6 +128,9 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
     base = f"http://127.0.0.1:{settings.web_port}"
     produced: dict = {}
     interrupted = False
+    # SIGTERM (a supervisor, `timeout`, `kill`) stops the demo as Ctrl-C does: the worker and the stack it started
+    # are stopped too, instead of being left running
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -178,6 +186,7 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
         print("\n[demo] stopping", file=out)
         return None
     finally:
+        signal.signal(signal.SIGTERM, previous_term)
         stop_process(worker, 30.0)
         if not was_running:
             st.down(settings)
