@@ -574,4 +574,15 @@ def run_worker(settings: Settings) -> None:
 
         tune_gc()  # freeze start-up objects, collect young objects less often (bench core: ~+25 % events/s)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        # a crash outside the batch loop (seen: aiokafka's fetcher after a broker restart, "KafkaError:
+        # AssertionError()"): Faust shuts down and exits 1 after its traceback; end it with the one line every
+        # other stop has. Nothing more was acknowledged, the group redelivers the rest.
+        reason = getattr(worker, "crash_reason", None)
+        if exc.code not in (0, None) and reason is not None:
+            stop_worker(f"the Faust worker crashed outside the batch loop ({describe(reason)}); nothing more was "
+                        "acknowledged and the consumer group redelivers the rest; restart the worker (see the "
+                        "traceback above)", code=EXIT_STOPPED)
+        raise

@@ -129,6 +129,13 @@ async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, u
     if limit is not None and limit < 1:
         raise PromoError(f"--limit must be at least 1, got {limit}")
     topic = topic_of(settings, kind)
+    # SIGINT and SIGTERM end the read at the next poll, so the consumer leaves cleanly (installed here, not only
+    # for --follow: a process started in the background inherits SIGINT ignored, and this makes Ctrl-C work)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
     key = None if user is None else user.encode("utf-8", "surrogatepass")
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 request_timeout_ms=int(timeout_s * 1000), **settings.kafka_client_kwargs())
@@ -162,7 +169,7 @@ async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, u
         # "past" it.
         pending = {tp for tp in tps if starts[tp] < ends[tp]}
         kept: list = []  # with --limit a min-heap of the latest `limit` by (time, partition, offset)
-        while pending:
+        while pending and not stop.is_set():
             batch = await consumer.getmany(*pending, timeout_ms=1000)
             for tp, msgs in batch.items():
                 for msg in msgs:
@@ -185,13 +192,7 @@ async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, u
             n += 1
         if not follow:
             return n
-        # on from where the bounded part stopped in each partition (nothing skipped, nothing twice); SIGINT and
-        # SIGTERM end it at the next poll, so the consumer leaves cleanly
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
+        # on from where the bounded part stopped in each partition (nothing skipped, nothing twice)
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=500)
             for msgs in batch.values():

@@ -75,7 +75,10 @@ def test_tail_follow_prints_new_records_until_ctrl_c(engine_settings):
     s = engine_settings
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "tail", "events", "--follow", "--json", "--user",
                              "u-new"], env={**os.environ, **s.to_env()}, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            # SIGINT as a terminal's foreground job has it (a runner started in the background
+                            # has it ignored, and children inherit that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         new = [{"event_id": f"n{i}", "type": "view", "user_id": "u-new", "item_id": f"i{i}", "ts": 1_700_000_000_000}
                for i in range(3)]
