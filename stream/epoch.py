@@ -455,8 +455,8 @@ class EpochGuard:
             try:
                 await conn.send_command("INFO", check_health=False)
                 facts = redis_facts(_parse_info(await conn.read_response()))
-            except Exception:
-                pass
+            except Exception:  # any error of the INFO read (connection, parse): the facts only add detail to a
+                pass           # loss that is reported below either way
             await conn.disconnect()
             self._lost(problem, facts)
 

@@ -123,7 +123,7 @@ def _redis_ping(settings: Settings, timeout: float = 0.5) -> bool:
             return bool(r.ping())
         finally:
             r.close()
-    except Exception:
+    except Exception:  # any client error (refused, timeout, auth, a non-Redis peer): "does not answer" is the answer
         return False
 
 
@@ -139,7 +139,7 @@ def redis_durability(settings: Settings, timeout: float = 0.5) -> dict:
         finally:
             r.close()
         return {"durable": conf.get("appendonly") == "yes", "appendfsync": conf.get("appendfsync")}
-    except Exception:
+    except Exception:  # down, CONFIG renamed or refused, any client error: the documented "{} if it does not say"
         return {}
 
 
