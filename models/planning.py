@@ -21,6 +21,7 @@ from models.learning.contrib import Contribution
 from models.learning.recommend import possible_seeds
 from models.policy.attribution import OpenDecision, close_on_purchase, expire, orders_from_events
 from models.policy.base import DecisionContext, Policy
+from models.policy.ledger import ledger_record
 from models.policy.catalogue import Catalogue
 from models.profile import EVENT_WEIGHTS, Profile
 from models.state.engine_store import UserCommit
@@ -53,11 +54,13 @@ class Planner:
     contribution
         With item statistics learnt in the users' commits: the payload header and the user window's width and
         span (:meth:`models.engine.Engine._contribution_settings`); None otherwise.
+    ledger_size
+        Closed decisions kept per user for ``promo ledger export`` (:mod:`models.policy.ledger`); 0 keeps none.
     """
 
     def __init__(self, *, catalogue: Catalogue, policy: Policy, learning, budget, conversions,
                  triggers: list[Trigger], window_ms: int, recommend_k: int, clock_ms: Callable[[], int],
-                 event_clock: EventClock, contribution: dict | None) -> None:
+                 event_clock: EventClock, contribution: dict | None, ledger_size: int = 50) -> None:
         self.catalogue = catalogue
         self.policy = policy
         self.learning = learning
@@ -69,6 +72,7 @@ class Planner:
         self.clock_ms = clock_ms
         self.clock = event_clock
         self._contrib = contribution
+        self.ledger_size = ledger_size
         # what decisions teach travels in the users' commits (see user_commit)
         self.shares_policy = policy.shares_state
         self.shares_outcomes = conversions is not None
@@ -230,6 +234,13 @@ class Planner:
         commit = UserCommit(plan.user_id, fields, event_ids, decisions, version=version,
                             open_until=min((d.expires_ms for d in plan.open), default=None), had_open=plan.had_open,
                             token=f"{self._instance}:{next(self._commits)}")
+        # kept beside each decision for ``promo explain``, and the closings for ``promo ledger export``: no read
+        # or round trip of their own, they travel in the same atomic call
+        commit.contexts = {d.trigger_event_id: json.dumps(ctx.to_dict(), separators=(",", ":"))
+                           for d, (ctx, _) in zip(plan.decisions, plan.exposures)}
+        if plan.closed and self.ledger_size:
+            now = self.clock_ms()
+            commit.ledger = [json.dumps(ledger_record(c, now), separators=(",", ":")) for c in plan.closed]
         if self.shares_policy:
             pol = self.policy
             ups = [pol.exposure_update(ctx, offer_id) for ctx, offer_id in plan.exposures]

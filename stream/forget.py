@@ -39,7 +39,8 @@ def engine_user_id(settings: Settings, user_id: str) -> str:
 
 def _kind(key: bytes, tag: str) -> str:
     rest = key.decode(errors="replace")[len(tag) + 1 :]
-    return {"p": "profile", "e": "markers", "d": "decisions", "c": "item_record"}.get(rest.split(":", 1)[0], "other")
+    kinds = {"p": "profile", "e": "markers", "d": "decisions", "c": "item_record", "l": "ledger"}
+    return kinds.get(rest.split(":", 1)[0], "other")
 
 
 def user_pattern(prefix: str, uid: str) -> tuple[str, str]:
@@ -60,7 +61,7 @@ def forget_keys(client, prefix: str, uid: str, keep: frozenset[bytes] = frozense
     """Delete every key of user ``uid`` but those in ``keep`` (sync redis-py client); counts of what was removed,
     by kind."""
     tag, pattern = user_pattern(prefix, uid)
-    removed: dict[str, int] = {"profile": 0, "markers": 0, "decisions": 0, "item_record": 0, "other": 0}
+    removed: dict[str, int] = dict.fromkeys(KEY_KINDS, 0)
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
         if key in keep:
@@ -75,7 +76,7 @@ def forget_keys(client, prefix: str, uid: str, keep: frozenset[bytes] = frozense
     return removed
 
 
-KEY_KINDS = ("profile", "markers", "decisions", "item_record", "other")
+KEY_KINDS = ("profile", "markers", "decisions", "item_record", "ledger", "other")
 
 
 def keys_removed(removed: dict[str, int]) -> int:

@@ -10,11 +10,13 @@ from models.state.engine_store import EngineStore, UserLoad
 class MemoryStore(EngineStore):
     """In-process store for tests, offline evaluation and benchmarks. No TTLs."""
 
-    def __init__(self) -> None:
+    def __init__(self, ledger_max: int = 50) -> None:
+        self.ledger_max = ledger_max  # closed decisions kept per user, as RedisStore's
         self.profiles: dict[str, str] = {}  # user -> the profile document, JSON (as RedisStore keeps it)
         self.versions: dict[str, int] = {}
         self.seen: set[tuple[str, str]] = set()
-        self.decisions: dict[tuple[str, str], list] = {}
+        self.decisions: dict[tuple[str, str], list] = {}  # (user, trigger) -> [json, sent, context json]
+        self.ledgers: dict[str, list[str]] = {}  # user -> closed decisions' ledger records (JSON), oldest first
         self.open_until: dict[str, int] = {}
         self.policy: dict[str, float] = {}
         self.tokens: dict[str, str] = {}
@@ -72,7 +74,11 @@ class MemoryStore(EngineStore):
             else:
                 self.open_until[c.user_id] = c.open_until
             for trig, js in c.decisions:
-                self.decisions[(c.user_id, trig)] = [js, False]
+                self.decisions[(c.user_id, trig)] = [js, False, c.contexts.get(trig, "")]
+            if c.ledger and self.ledger_max > 0:
+                kept = self.ledgers.setdefault(c.user_id, [])
+                kept.extend(c.ledger)
+                del kept[: -self.ledger_max]
             self._apply_policy(c.policy, c.counts)
             ok.append(True)
         return ok
@@ -96,6 +102,14 @@ class MemoryStore(EngineStore):
 
     async def missing_profiles(self, user_ids: list[str]) -> list[str]:
         return [u for u in user_ids if u not in self.profiles]
+
+    async def ledger(self, user_id: str, n: int = 0) -> list[str]:
+        kept = self.ledgers.get(user_id, [])
+        return list(kept[-n:] if n > 0 else kept)
+
+    async def decision_context(self, user_id: str, trigger_event_id: str) -> str | None:
+        d = self.decisions.get((user_id, trigger_event_id))
+        return (d[2] or None) if d is not None else None
 
     async def ping(self) -> bool:
         return True

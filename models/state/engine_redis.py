@@ -26,6 +26,7 @@ class RedisStore(EngineStore):
         profile_ttl_s: int = 90 * 86400,
         decision_ttl_s: int = 2 * 86400,
         max_record_fields: int = 0,
+        ledger_max: int = 50,
     ) -> None:
         self.r = client
         self.prefix = prefix
@@ -35,6 +36,7 @@ class RedisStore(EngineStore):
         self.dedup_ttl_s = dedup_ttl_s
         self.profile_ttl_s = profile_ttl_s
         self.decision_ttl_s = decision_ttl_s
+        self.ledger_max = int(ledger_max)  # closed decisions kept per user (``{u:<user>}:l``; 0: none)
         self._commit = client.register_script(lua("commit"))
         self._apply = client.register_script(lua("apply"))
         self._reindex = client.register_script(lua("reindex"))
@@ -58,6 +60,7 @@ class RedisStore(EngineStore):
             profile_ttl_s=settings.profile_ttl_s,
             decision_ttl_s=settings.attribution_window_s * 2,
             max_record_fields=settings.contrib_record_max_fields,
+            ledger_max=settings.ledger_per_user,
         )
 
     # keys ------------------------------------------------------------------------------------
@@ -74,6 +77,10 @@ class RedisStore(EngineStore):
 
     def decision_key(self, user_id: str, event_id: str) -> str:
         return f"{self.user_tag(user_id)}:d:{event_id}"
+
+    def ledger_key(self, user_id: str) -> str:
+        """The user's last closed decisions, oldest first (:mod:`models.policy.ledger`)."""
+        return f"{self.user_tag(user_id)}:l"
 
     @property
     def open_key(self) -> str:
@@ -208,6 +215,8 @@ class RedisStore(EngineStore):
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s,
                           len(fields) // 2, *fields]
             args += [js for _, js in c.decisions]
+            args += [c.contexts.get(t, "") for t, _ in c.decisions]
+            args += [self.ledger_max, len(c.ledger), *c.ledger]
             args += [self.policy_key, len(c.counts)]
             for f, n in c.counts.items():
                 args += [f, int(n)]
@@ -242,6 +251,13 @@ class RedisStore(EngineStore):
                 pipe.exists(self.profile_key(uid))
             gone += [uid for uid, exists in zip(part, await pipe.execute()) if not exists]
         return gone
+
+    async def ledger(self, user_id: str, n: int = 0) -> list[str]:
+        return [r.decode() for r in await self.r.lrange(self.ledger_key(user_id), -n if n > 0 else 0, -1)]
+
+    async def decision_context(self, user_id: str, trigger_event_id: str) -> str | None:
+        ctx = await self.r.hget(self.decision_key(user_id, trigger_event_id), "ctx")
+        return ctx.decode() if ctx is not None else None
 
     @property
     def forgotten_key(self) -> str:

@@ -9,7 +9,10 @@ the id escaped by :func:`models.keys.escape_user_id`, so that no other user's ke
 * ``<prefix>:{u:<user>}:p``             the profile hash (field ``v``: the profile's fields as one JSON object,
   absolute values; one field instead of one per profile field keeps a batch's load and commit small), idle TTL
 * ``<prefix>:{u:<user>}:e:<event_id>``  de-duplication marker, ``SET`` with TTL
-* ``<prefix>:{u:<user>}:d:<event_id>``  the decision a trigger event produced, ``json`` + ``sent`` flag
+* ``<prefix>:{u:<user>}:d:<event_id>``  the decision a trigger event produced, ``json`` + ``sent`` flag, and the
+  context the policy saw (``ctx``: ``promo explain`` recomputes the decision from it), TTL twice the window
+* ``<prefix>:{u:<user>}:l``             the user's ledger: the last closed decisions with context, action,
+  propensity and reward (``promo ledger export``), newest last, idle TTL
 * ``<prefix>:{u:<user>}:c``             item-statistics contributions: parked (``w:<version>``) until applied,
   and the applied totals ``promo forget`` subtracts (:mod:`models.learning.contrib`)
 
@@ -71,6 +74,11 @@ class UserCommit:
     # builds them, and integer counts by field (outcomes learnt ``n``; ``closed:<group>``, ``converted:<group>``)
     policy: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    # the context each decision was made in (trigger event id -> DecisionContext JSON), kept beside the decision
+    contexts: dict = field(default_factory=dict)
+    # the decisions this commit closes, one JSON ledger record each (models.policy.ledger), appended to the
+    # user's ledger in the same atomic step
+    ledger: list = field(default_factory=list)
     # unique per commit; stored with the profile (hash field ``tok``) so that a writer whose commit pipeline
     # failed as a whole can tell, by reading it back, whether its commit landed
     token: str = ""
@@ -143,6 +151,16 @@ class EngineStore(ABC):
     async def missing_profiles(self, user_ids: list[str]) -> list[str]:
         """The users of ``user_ids`` whose profile is gone (forgotten by any path, or expired): the worker drops
         them from its in-memory models before a snapshot, so no list of forgotten ids is kept anywhere."""
+
+    async def ledger(self, user_id: str, n: int = 0) -> list[str]:
+        """The user's ledger records (JSON, :mod:`models.policy.ledger`), oldest first; the last ``n`` with
+        ``n > 0``. A store that keeps no ledger has none."""
+        return []
+
+    async def decision_context(self, user_id: str, trigger_event_id: str) -> str | None:
+        """The context (JSON) a stored decision was made in, as its commit gave it (:attr:`UserCommit.contexts`),
+        or None."""
+        return None
 
     async def forgotten_total(self) -> int:
         """How many users every forget path removed so far, all workers together (0 where not counted)."""

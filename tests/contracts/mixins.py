@@ -48,6 +48,21 @@ class EngineStoreContract:
         assert load.seen == {"e1", "e2"}
         assert load.stored == {"e2": (b'{"d":1}', False)}
 
+    def test_contexts_and_ledger_travel_with_the_commit_and_the_ledger_keeps_the_last(self):
+        store = self.make_store()
+        c = UserCommit("u1", {"n": "1"}, ["e1", "e2"], [("e1", b'{"d":1}'), ("e2", b'{"d":2}')],
+                       contexts={"e1": '{"cart_value":5}'}, ledger=[f'{{"i":{i}}}' for i in range(3)])
+        assert run(store.commit([c])) == [True]
+        assert run(store.decision_context("u1", "e1")) == '{"cart_value":5}'
+        assert run(store.decision_context("u1", "e2")) is None and run(store.decision_context("u2", "e1")) is None
+        more = UserCommit("u1", {"n": "2"}, ["e3"], [], version="1", ledger=[f'{{"i":{i}}}' for i in range(3, 60)])
+        assert run(store.commit([more])) == [True]
+        kept = run(store.ledger("u1"))
+        assert kept == [f'{{"i":{i}}}' for i in range(10, 60)]  # the last 50, oldest first
+        assert run(store.ledger("u1", 2)) == ['{"i":58}', '{"i":59}'] and run(store.ledger("u2")) == []
+        refused = UserCommit("u1", {"n": "3"}, ["e1"], [], version="2", ledger=['{"i":"never"}'])
+        assert run(store.commit([refused])) == [False] and run(store.ledger("u1", 1)) == ['{"i":59}']
+
     def test_commit_is_refused_whole_when_any_marker_exists(self):
         store = self.make_store()
         assert run(store.commit([UserCommit("u1", {"n": "1"}, ["e1"], [])])) == [True]

@@ -115,7 +115,9 @@ def test_pseudonymised_ids_never_reach_the_store_but_decisions_carry_the_shop_id
     (pseudo,) = store.profiles
     assert pseudo.startswith("p-")
     assert all("alice" not in json.dumps(v) for v in store.profiles.values())
-    assert all(b"alice" not in js for js, _ in store.decisions.values())
+    assert all(b"alice" not in js for js, _, _ in store.decisions.values())
+    (ctx,) = [c for _, _, c in store.decisions.values()]
+    assert pseudo in ctx and "alice" not in ctx  # the context kept for promo explain names the pseudonym only
     (d,) = sink.on(s.topic_decisions)
     assert d["user_id"] == "alice"
     assert [(t, k) for t, k, _ in sink.sent] == [(s.topic_decisions, b"alice")]

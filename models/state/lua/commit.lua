@@ -1,5 +1,6 @@
 -- KEYS: [profile, marker_1..marker_n, decision_1..decision_m]
--- ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m,
+-- ARGV: [n, marker_ttl, profile_ttl, decision_ttl, nfields, f1, v1, ..., json_1..json_m, ctx_1..ctx_m,
+--        ledger_max, nl, record_1..record_nl,
 --        policy_hash, nc, (count field, increment) x nc, k, (cell field, alpha if new, beta if new, d_alpha,
 --        d_beta) x k,
 --        open_index, user_id, open_until ('' for none), had_open ('1'/'0'), contrib, pending_set, expected_version]
@@ -16,6 +17,9 @@
 -- counts (``n`` outcomes learnt, ``closed:<group>``, ``converted:<group>``) and the policy's posterior updates
 -- (fields ``a:<cell>``/``b:<cell>``, created with the given prior if missing). So each is applied exactly when
 -- the commit that holds the decision or its closing is.
+-- ``ctx_j`` ('' for none) is the context decision j was made in, kept in its hash for ``promo explain``; the
+-- ledger records (closed decisions, models.policy.ledger) are appended to the user's ledger ``{u:<user>}:l``,
+-- which keeps the last ``ledger_max`` (0: no ledger) and expires with the profile.
 local n = tonumber(ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'ver') or ''
 if cur ~= ARGV[#ARGV] then return 0 end
@@ -39,6 +43,19 @@ for j = 1, m do
   redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
 end
 pos = pos + m
+for j = 1, m do
+  if ARGV[pos + j - 1] ~= '' then redis.call('HSET', KEYS[1 + n + j], 'ctx', ARGV[pos + j - 1]) end
+end
+pos = pos + m
+local lmax = tonumber(ARGV[pos])
+local nl = tonumber(ARGV[pos + 1])
+if nl > 0 and lmax > 0 then
+  local lk = string.sub(KEYS[1], 1, -2) .. 'l'
+  for j = 1, nl do redis.call('RPUSH', lk, ARGV[pos + 1 + j]) end
+  redis.call('LTRIM', lk, -lmax, -1)
+  redis.call('EXPIRE', lk, ARGV[3])
+end
+pos = pos + 2 + nl
 local ph = ARGV[pos]
 local nc = tonumber(ARGV[pos + 1])
 for j = 0, nc - 1 do
