@@ -73,6 +73,9 @@ class Engine:
     event_clock
         Event-time "now" of the expiry sweep and of lazy expiry (:class:`models.clock.EventClock`, fed each
         batch's event times by their ``partition``); default: one without a wall-clock bound.
+    catalogue_version
+        The version of ``catalogue`` (:func:`models.catalogue_swap.catalogue_version`), reported as
+        :attr:`catalogue_version`; :meth:`set_catalogue` changes both between batches.
     """
 
     def __init__(
@@ -92,9 +95,13 @@ class Engine:
         conversions=None,
         event_clock: EventClock | None = None,
         triggers: list[Trigger] | None = None,
+        catalogue_version: str | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
+        self.catalogue_version = catalogue_version
+        self._next_catalogue: tuple[Catalogue, str] | None = None  # set_catalogue's, for the next batch
+        self._open_batch: BatchProgress | None = None  # the batch planned now, until it is committed whole
         self.policy = policy or RulePolicy(self.catalogue, holdout_pct=holdout_pct)
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -135,15 +142,16 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings, store: EngineStore, learning=None, budget_store=None,
-                      metrics: MetricsSink = NULL) -> "Engine":
+                      metrics: MetricsSink = NULL, catalogue: Catalogue | None = None,
+                      catalogue_version: str | None = None) -> "Engine":
         """The production engine: the policy ``settings.policy`` (Thompson sampling with pacing, or the rules),
-        budgets in ``budget_store``."""
+        budgets in ``budget_store``; ``catalogue`` (of ``catalogue_version``) or else ``settings.catalogue_path``'s."""
         from models.policy.attribution import OutcomeStats
         from models.policy.thompson import ThompsonPolicy
         from models.policy.budget import BudgetGate
         from models.policy.pacing import PacingController
 
-        catalogue = load_catalogue(settings.catalogue_path)
+        catalogue = catalogue or load_catalogue(settings.catalogue_path)
         pacing = PacingController(catalogue)
         if settings.policy == "rules":
             policy = RulePolicy(catalogue, holdout_pct=settings.holdout_pct)
@@ -167,7 +175,37 @@ class Engine:
             # every partition of the events topic holds the clock until it shows where it is (or is idle)
             event_clock=EventClock(range(settings.partitions), idle_ms=int(settings.clock_idle_s * 1000),
                                    max_future_skew_ms=settings.max_future_skew_s * 1000),
+            catalogue_version=catalogue_version,
         )
+
+    def set_catalogue(self, catalogue: Catalogue, version: str) -> bool:
+        """Use ``catalogue`` (of ``version``) from now on if no batch is being planned, else from the next batch:
+        one batch plans, reserves and commits with one catalogue whole, also across its retries. Returns whether
+        it is in use already. What changes and what carries over (policy state, pacing, budgets, offers already
+        sent): :mod:`models.catalogue_swap`."""
+        self._next_catalogue = (catalogue, version)
+        if self._open_batch is None:
+            self._take_catalogue()
+        return self._next_catalogue is None
+
+    @property
+    def pending_catalogue_version(self) -> str | None:
+        """The version :meth:`set_catalogue` gave that waits for the batch in progress to end, if any."""
+        return self._next_catalogue[1] if self._next_catalogue is not None else None
+
+    def _take_catalogue(self) -> None:
+        if self._next_catalogue is None:
+            return
+        from models.catalogue_swap import rebuild
+
+        catalogue, version = self._next_catalogue
+        new = rebuild(catalogue, self.planner.catalogue, self.policy, self.budget)
+        self.catalogue, self.policy, self.budget, self.catalogue_version = catalogue, new.policy, new.budget, version
+        # the planner reads these at every use: the next plan sees the new catalogue whole
+        self.planner.catalogue, self.planner.policy, self.planner.budget = new.accounting, new.policy, new.budget
+        self._next_catalogue = None
+        log.info("offer catalogue %s in use (%d offers, budgets %s)", version, len(catalogue) - 1,
+                 catalogue.budgets() or "none")
 
     @property
     def watermark_ms(self) -> int:
@@ -206,6 +244,8 @@ class Engine:
             progress = BatchProgress()
         result = progress.result
         if progress.pending is None:  # the batch's first attempt
+            self._take_catalogue()  # one set meanwhile: from this batch on, never in the middle of one
+            self._open_batch = progress
             self.observe_clock(events)  # each event's ``partition`` (set by the worker; None offline: one stream)
             progress.pending = group_by_user(events)
         while progress.pending:
@@ -215,6 +255,8 @@ class Engine:
                     "attempts: another worker keeps changing the same users (rebalance storm?)"
                 )
             await self._attempt(progress)
+        if self._open_batch is progress:  # committed whole; a retry after an exception keeps it open
+            self._open_batch = None
         if learn:
             if not progress.released:
                 await self._release_stale(result.to_send())

@@ -109,6 +109,16 @@ STATE_EPOCH_CREATED = Gauge(
     "(a change means the state was re-initialised)", registry=REGISTRY,
 )
 BUILD_INFO = Gauge("promo_build_info", "Engine version", ["version", "model_version"], registry=REGISTRY)
+CATALOGUE_INFO = Gauge(
+    "promo_catalogue_info", "1 for the offer catalogue version this worker decides with (sha256[:12] of its YAML, "
+    "as `promo catalogue check` prints; stream/catalogue.py)", ["version"], registry=REGISTRY,
+)
+CATALOGUE_RELOADS = Counter(
+    "promo_catalogue_reloads", "Runtime offer catalogue changes this worker took up (applied) or refused as "
+    "invalid, keeping the one in use (refused; the log names file:line)", ["result"], registry=REGISTRY,
+)
+for _result in ("applied", "refused"):  # both series from the start, at 0: rates and alerts work before a change
+    CATALOGUE_RELOADS.labels(result=_result)
 
 # --- learning (issue: online learning core) --------------------------------------------------
 MODEL_AUC = Gauge("promo_model_auc", "Online (prequential) AUC of a model", ["model"], registry=REGISTRY)

@@ -551,6 +551,22 @@ def business_dashboard() -> db.Dashboard:
         [_query(f"sum by (instance) ({_rate('promo_model_snapshots_total')}) * 60", "{{instance}}")],
         "none", width=24, height=6,
     ))
+
+    d = d.with_row(db.Row("Offer catalogue").id(lay.id()))
+    d = d.with_panel(_timeseries(
+        lay, "Workers per catalogue version",
+        "Workers deciding with each offer catalogue version (promo_catalogue_info; `promo catalogue apply` "
+        "changes it at runtime). One line once every worker has converged; two during a change.",
+        [_query(f"count by (version) (promo_catalogue_info{{{SEL}}} == 1)", "{{version}}")],
+        "none", width=12,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Catalogue changes applied and refused",
+        "Runtime catalogue changes the workers took up or refused as invalid, keeping the one in use "
+        "(promo_catalogue_reloads_total; the worker's log names file:line), per minute.",
+        [_query(f"sum by (result) ({_rate('promo_catalogue_reloads_total')}) * 60", "{{result}}")],
+        "none", width=12,
+    ))
     return d
 
 

@@ -58,6 +58,37 @@ class BudgetGate:
         self.metrics = metrics  # budget spent, remaining, pacing prices, refused reservations
         self.budgets = catalogue.budgets()
         self.local: dict[str, float] = {o: 0.0 for o in self.budgets}
+        # campaigns an earlier catalogue of this process budgeted and this one does not (removed, or no budget any
+        # more): their open decisions still settle and their lapsed reservations are still swept, nothing reserves
+        self.retired: frozenset[str] = frozenset()
+
+    def for_catalogue(self, catalogue: Catalogue, pacing=None) -> "BudgetGate":
+        """The gate of a new catalogue (:mod:`models.catalogue_swap`): the same store and windows, the new limits
+        (from the next reservation on), this gate's last read spend of the campaigns still budgeted (so the first
+        batch does not plan offers it knows to be short), and every campaign budgeted before as :attr:`retired`.
+
+        >>> from models.policy.catalogue import parse_catalogue
+        >>> from models.state.budget_memory import MemoryBudgetStore
+        >>> g = BudgetGate(parse_catalogue("offers: [{offer_id: a, kind: coupon, value: 5, budget: 9}]"),
+        ...                MemoryBudgetStore())
+        >>> g.local["a"] = 5.0
+        >>> g2 = g.for_catalogue(parse_catalogue(
+        ...     "offers: [{offer_id: a, kind: coupon, value: 5, budget: 12}, {offer_id: b, kind: coupon, value: 5}]"))
+        >>> g2.budgets, g2.local, sorted(g2.retired)  # a's new limit, its spend as read; b has no budget
+        ({'a': 12}, {'a': 5.0}, [])
+        >>> g3 = g2.for_catalogue(parse_catalogue("offers: [{offer_id: b, kind: coupon, value: 5, budget: 20}]"))
+        >>> g3.budgets, g3.local, g3.accounted  # a removed: still settled and swept, never reserved
+        ({'b': 20}, {'b': 0.0}, ['b', 'a'])
+        """
+        gate = BudgetGate(catalogue, self.store, self.window_ms, self.grace_ms, self.forget_ms, pacing, self.metrics)
+        gate.local.update({o: s for o, s in self.local.items() if o in gate.budgets})
+        gate.retired = frozenset((self.retired | set(self.budgets)) - set(gate.budgets))
+        return gate
+
+    @property
+    def accounted(self) -> list[str]:
+        """Campaigns whose reservations this gate settles and sweeps: the budgeted ones, then the retired ones."""
+        return list(self.budgets) + sorted(self.retired)
 
     async def refresh(self, now_ms: int) -> dict[str, CampaignSpend]:
         """Read every campaign's spend (one round trip), update pacing; returns the spends.
@@ -110,7 +141,7 @@ class BudgetGate:
 
     async def settle(self, items: list[tuple[str, str, float]]) -> list[float | None]:
         """``(offer_id, decision_id, actual_cost)`` for closed decisions of budgeted offers."""
-        idx = [k for k, i in enumerate(items) if i[0] in self.budgets]
+        idx = [k for k, i in enumerate(items) if i[0] in self.budgets or i[0] in self.retired]
         res = await self.store.settle([items[k] for k in idx])
         out: list[float | None] = [None] * len(items)
         for k, r in zip(idx, res):
@@ -118,7 +149,7 @@ class BudgetGate:
         return out
 
     async def sweep(self, now_ms: int) -> dict[str, int]:
-        return await self.store.sweep(list(self.budgets), now_ms)
+        return await self.store.sweep(self.accounted, now_ms)
 
     # --- around a batch's commits (models.engine.Engine) ------------------------------------------
     async def reserve_for(self, plans: list[UserPlan]) -> dict[str, dict[str, str]]:
@@ -157,7 +188,7 @@ class BudgetGate:
         """
         if not decisions:
             return
-        budgeted = list(self.budgets)
+        budgeted = self.accounted
         stale = [(o, d.decision_id, 0.0) for d in decisions for o in budgeted if o != d.offer.offer_id]
         if stale:
             await self.settle(stale)
