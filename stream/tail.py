@@ -116,27 +116,19 @@ def topic_of(settings: Settings, kind: str) -> str:
     return {"decisions": settings.topic_decisions, "dlq": settings.topic_dlq, "events": settings.topic_events}[kind]
 
 
-async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, user: str | None = None,
-               since_ms: int | None = None, follow: bool = False, limit: int | None = None,
-               stop: asyncio.Event | None = None, timeout_s: float = 20.0) -> int:
-    """Read ``kind``'s topic and ``emit`` each matching record's :func:`record_doc`; returns how many.
+@contextlib.asynccontextmanager
+async def open_topic(settings: Settings, topic: str, timeout_s: float = 20.0):
+    """A started consumer without a group (nothing committed, workers undisturbed), assigned every partition of
+    ``topic``; yields ``(consumer, partitions)`` and stops the consumer on exit.
 
-    Without ``follow`` it returns at the ends the partitions had when it started; with it, when ``stop`` is set.
+    Raises
+    ------
+    PromoError
+        The broker does not answer (the message names PROMO_KAFKA_BOOTSTRAP) or ``topic`` does not exist.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
-    if limit is not None and limit < 1:
-        raise PromoError(f"--limit must be at least 1, got {limit}")
-    topic = topic_of(settings, kind)
-    # SIGINT and SIGTERM end the read at the next poll, so the consumer leaves cleanly (installed here, not only
-    # for --follow: a process started in the background inherits SIGINT ignored, and this makes Ctrl-C work)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-    key = None if user is None else user.encode("utf-8", "surrogatepass")
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 request_timeout_ms=int(timeout_s * 1000), **settings.kafka_client_kwargs())
     try:
@@ -152,40 +144,77 @@ async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, u
                              "(promo stack up, or the compose kafka-init step) or check PROMO_TOPIC_PREFIX")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
-        if since_ms is not None:
-            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-            starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
+        yield consumer, tps
+    finally:
+        await consumer.stop()
+
+
+async def read_bounded(consumer, tps: list, since_ms: int | None = None, stop: asyncio.Event | None = None):
+    """Yield, per fetch and partition, every record from the first at or after ``since_ms`` (the beginning
+    without it) up to the end each partition had when the read started; ends early when ``stop`` is set.
+
+    Records are in offset order within a partition, not in time order over partitions. A ``since_ms`` read
+    starts at the broker's ``ListOffsets`` answer; later records may still carry an earlier timestamp, so callers
+    filter on ``msg.timestamp`` themselves. Afterwards the consumer's position is where the read stopped in each
+    partition (a follow-on read skips nothing and repeats nothing).
+    """
+    ends = await consumer.end_offsets(tps)
+    starts = await consumer.beginning_offsets(tps)
+    if since_ms is not None:
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
+    for tp in tps:
+        consumer.seek(tp, starts[tp])
+    # A partition is done once a record at or past its end arrived, and every record of that fetch is kept:
+    # Tansu (the embedded broker) reports as the end the last record batch's base offset + 1, so the rest of
+    # that batch lies "past" it.
+    pending = {tp for tp in tps if starts[tp] < ends[tp]}
+    while pending and not (stop is not None and stop.is_set()):
+        batch = await consumer.getmany(*pending, timeout_ms=1000)
+        for tp, msgs in batch.items():
+            for msg in msgs:
+                yield msg
+            if msgs and msgs[-1].offset + 1 >= ends[tp]:
+                pending.discard(tp)
+        for tp in list(pending):  # a compacted or truncated tail: the position may pass the end silently
+            if await consumer.position(tp) >= ends[tp]:
+                pending.discard(tp)
+
+
+async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, user: str | None = None,
+               since_ms: int | None = None, follow: bool = False, limit: int | None = None,
+               stop: asyncio.Event | None = None, timeout_s: float = 20.0) -> int:
+    """Read ``kind``'s topic and ``emit`` each matching record's :func:`record_doc`; returns how many.
+
+    Without ``follow`` it returns at the ends the partitions had when it started; with it, when ``stop`` is set.
+    """
+    if limit is not None and limit < 1:
+        raise PromoError(f"--limit must be at least 1, got {limit}")
+    topic = topic_of(settings, kind)
+    # SIGINT and SIGTERM end the read at the next poll, so the consumer leaves cleanly (installed here, not only
+    # for --follow: a process started in the background inherits SIGINT ignored, and this makes Ctrl-C work)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    key = None if user is None else user.encode("utf-8", "surrogatepass")
+    async with open_topic(settings, topic, timeout_s) as (consumer, tps):
 
         def wanted(msg) -> bool:
             return (key is None or msg.key == key) and (since_ms is None or msg.timestamp >= since_ms)
 
-        # The bounded part: up to the ends seen at the start, in time order over partitions. A partition is done
-        # once a record at or past its end arrived, and every record of that fetch is kept: Tansu (the embedded
-        # broker) reports as the end the last record batch's base offset + 1, so the rest of that batch lies
-        # "past" it.
-        pending = {tp for tp in tps if starts[tp] < ends[tp]}
+        # The bounded part: up to the ends seen at the start, in time order over partitions.
         kept: list = []  # with --limit a min-heap of the latest `limit` by (time, partition, offset)
-        while pending and not stop.is_set():
-            batch = await consumer.getmany(*pending, timeout_ms=1000)
-            for tp, msgs in batch.items():
-                for msg in msgs:
-                    if wanted(msg):
-                        item = (msg.timestamp, msg.partition, msg.offset, msg)
-                        if not limit:
-                            kept.append(item)
-                        elif len(kept) < limit:
-                            heapq.heappush(kept, item)
-                        elif item[:3] > kept[0][:3]:
-                            heapq.heapreplace(kept, item)
-                if msgs and msgs[-1].offset + 1 >= ends[tp]:
-                    pending.discard(tp)
-            for tp in list(pending):  # a compacted or truncated tail: the position may pass the end silently
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
+        async for msg in read_bounded(consumer, tps, since_ms, stop):
+            if wanted(msg):
+                item = (msg.timestamp, msg.partition, msg.offset, msg)
+                if not limit:
+                    kept.append(item)
+                elif len(kept) < limit:
+                    heapq.heappush(kept, item)
+                elif item[:3] > kept[0][:3]:
+                    heapq.heapreplace(kept, item)
         n = 0
         for *_, msg in sorted(kept, key=lambda item: item[:3]):
             emit(record_doc(msg))
@@ -201,8 +230,6 @@ async def tail(settings: Settings, kind: str, emit: Callable[[dict], None], *, u
                         emit(record_doc(msg))
                         n += 1
         return n
-    finally:
-        await consumer.stop()
 
 
 def run_tail(settings: Settings, kind: str, *, as_json: bool, user: str | None, since: str | None, follow: bool,
