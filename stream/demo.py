@@ -189,7 +189,7 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
         signal.signal(signal.SIGTERM, previous_term)
         stop_process(worker, 30.0)
         if not was_running:
-            st.down(settings)
+            st.down(settings, warn=False)  # its own replay may still hold a connection
             print("[demo] stopped the worker and the embedded stack", file=out)
         elif interrupted:
             print("[demo] stopped the worker (the stack was already running and stays up)", file=out)

@@ -4,9 +4,10 @@
 ``Settings.state_dir`` and creates every topic with the configured partition count. Redis is durable by default
 (``Settings.durable``): its append-only file under ``<state_dir>/redis``, fsynced before every reply, so a Redis
 restarted by ``up`` comes back with the engine's state (budgets included); ``up`` and ``status`` report whether the
-running Redis is. ``down`` stops only processes
-whose pid files ``up`` wrote. Both are idempotent. Tansu keeps everything in memory: restarting the broker wipes
-topics and offsets, so restart workers with it.
+running Redis is. ``down`` stops only processes whose pid files ``up`` wrote, and says so on one line when other
+processes (workers) still hold connections to them (``attached_clients``): those retry until the stack is back.
+Both are idempotent. Tansu keeps everything in memory: restarting the broker wipes topics and offsets, so restart
+workers with it.
 """
 
 from __future__ import annotations
@@ -294,13 +295,82 @@ def _stop(pid_file: Path, must_contain: str, timeout_s: float = 10.0) -> str:
     return "stopped"
 
 
-def down(settings: Settings) -> dict:
-    """Stop only what :func:`up` started (pid files whose process is still ours)."""
+def _own_socket_inodes() -> set[str]:
+    """Inodes of this process's sockets (``/proc/self/fd``; empty where there is no /proc)."""
+    out = set()
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    except OSError:
+        pass
+    return out
+
+
+def _connections_to(port: int) -> dict[int, str]:
+    """Open TCP connections to ``port`` on this host, seen from the client's side: ``{client port: socket inode}``
+    (``/proc/net/tcp`` and ``tcp6``, established ones only; empty where there is no /proc)."""
+    out: dict[int, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
+                out[int(cols[1].rsplit(":", 1)[1], 16)] = cols[9]
+    return out
+
+
+def attached_clients(settings: Settings, with_kafka: bool = True, with_redis: bool = True) -> int:
+    """Connections other processes (workers, producers, ``promo tail``) hold to the broker and Redis: Redis's
+    ``CLIENT LIST`` (all but this process's connections) plus the broker's established connections on this host."""
+    own = _own_socket_inodes()
+    n = sum(1 for inode in _connections_to(settings.kafka_port).values() if inode not in own) if with_kafka else 0
+    if not with_redis:
+        return n
+    try:
+        import redis
+
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            me = r.client_id()
+            clients = r.client_list()
+        finally:
+            r.close()
+        ours = _connections_to(settings.redis_port)
+        for c in clients:
+            port = str(c.get("addr", "")).rsplit(":", 1)[-1]
+            if str(c.get("id")) == str(me) or (port.isdigit() and ours.get(int(port)) in own):
+                continue
+            n += 1
+    except Exception:  # Redis down or CLIENT refused: nothing to count there, the broker's count stands
+        pass
+    return n
+
+
+def down(settings: Settings, warn: bool = True) -> dict:
+    """Stop only what :func:`up` started (pid files whose process is still ours). ``attached_clients``: the
+    connections other processes held to what was stopped; with ``warn``, one line on stderr when there are any
+    (a worker left running retries until the stack is back)."""
     p = _paths(settings)
+    ours = _read_pid(p["kafka_pid"], "tansu") is not None, _read_pid(p["redis_pid"], "redis-server") is not None
+    attached = attached_clients(settings, *ours) if any(ours) else 0
+    if attached and warn:
+        print(f"promo: warning: {attached} client connection(s) to the broker and Redis were still open (workers "
+              f"still running?): stop the workers first (Ctrl-C / SIGTERM), or they will retry until the stack is "
+              f"back", file=sys.stderr)
     return {
         "ok": True,
         "kafka": _stop(p["kafka_pid"], "tansu"),
         "redis": _stop(p["redis_pid"], "redis-server"),
+        "attached_clients": attached,
     }
 
 

@@ -56,13 +56,15 @@ def test_up_twice_status_down(stack_env):
 
     down = promo(stack_env, "stack", "down", "--json")
     assert down.returncode == 0
-    assert json.loads(down.stdout) == {"ok": True, "kafka": "stopped", "redis": "stopped"}
+    assert json.loads(down.stdout) == {"ok": True, "kafka": "stopped", "redis": "stopped", "attached_clients": 0}
+    assert not down.stderr.strip(), down.stderr  # nothing attached: no warning
     st = promo(stack_env, "stack", "status", "--json")
     assert st.returncode == 1
     rep = json.loads(st.stdout)
     assert not rep["ok"] and not rep["kafka"]["answers"] and not rep["redis"]["answers"]
     again = promo(stack_env, "stack", "down", "--json")
-    assert json.loads(again.stdout) == {"ok": True, "kafka": "not running", "redis": "not running"}
+    assert json.loads(again.stdout) == {"ok": True, "kafka": "not running", "redis": "not running",
+                                        "attached_clients": 0}
 
 
 def test_no_durable_runs_redis_in_memory_and_a_durable_up_says_so(stack_env):
@@ -177,3 +179,54 @@ def test_a_second_worker_on_a_taken_web_port_is_one_line_naming_the_variable(sta
     lines = res.stderr.strip().splitlines()
     assert lines == [f"promo: error: web port {port} on 127.0.0.1 is taken (another worker on this host?); give each "
                      "worker its own PROMO_WEB_PORT"], res.stderr
+
+
+def test_stack_down_with_a_worker_attached_warns_and_the_worker_stops_quickly(stack_env, tmp_path):
+    """`promo stack down` while a worker is attached says so on one line (the JSON report counts the connections);
+    the worker retries meanwhile with a bounded log (the Kafka client's retry loops logged each try: 826 ERROR
+    lines seen), and on SIGTERM exits without waiting for the broker (it took 62 s: Faust waited a minute for the
+    consumer's group coordinator)."""
+    import signal
+    import time
+
+    from stream.settings import Settings
+    from tests.helpers import WorkerProcess, metric, wait_until
+
+    up = promo(stack_env, "stack", "up", "--json")
+    assert up.returncode == 0, up.stderr
+    s = Settings(_env_file=None, state_dir=stack_env["PROMO_STATE_DIR"], partitions=6, web_port=free_port(),
+                 kafka_bootstrap=stack_env["PROMO_KAFKA_BOOTSTRAP"], redis_url=stack_env["PROMO_REDIS_URL"])
+    worker = WorkerProcess(s, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(120)
+        sent = promo(stack_env, "produce", str(ROOT / "stream" / "data" / "rees46_sample.csv"), "--format", "rees46",
+                     "--limit", "50", "--json")
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: metric(worker.metrics(), "promo_events_total") > 0, 120, "the worker applying events")
+
+        down = promo(stack_env, "stack", "down", "--json")
+        assert down.returncode == 0, down.stderr
+        rep = json.loads(down.stdout)
+        assert rep["kafka"] == rep["redis"] == "stopped" and rep["attached_clients"] > 0, rep
+        warn = down.stderr.strip().splitlines()
+        assert len(warn) == 1 and warn[0].startswith("promo: warning:"), down.stderr
+        assert "stop the workers first (Ctrl-C / SIGTERM)" in warn[0], warn[0]
+
+        # the worker is still there, retrying: not ready, and it has logged the broker's loss
+        wait_until(lambda: worker.ready_status() == 503, 60, "/readyz answering 503 with the stack down")
+        wait_until(lambda: "[ERROR]" in worker.log_path.read_text(errors="replace"), 60, "the worker noticing")
+        assert worker.proc.poll() is None, worker.log_tail()
+
+        worker.proc.send_signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        wait_until(lambda: worker.proc.poll() is not None, 30, "the worker to exit after SIGTERM", interval=0.1)
+        print(f"the worker exited {time.monotonic() - t_term:.1f} s after SIGTERM with the stack down",
+              file=sys.stderr)
+        assert worker.proc.returncode == 0, worker.log_tail()
+        log = worker.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in log if "[ERROR]" in line]
+        print(f"worker log: {len(log)} lines, {len(errors)} ERROR", file=sys.stderr)
+        assert len(errors) <= 40, "\n".join(errors[-40:])
+        assert "refuses connections, so nothing more can be committed" in worker.log_tail(5), worker.log_tail()
+    finally:
+        worker.stop()
