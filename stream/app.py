@@ -33,12 +33,15 @@ from prometheus_client import generate_latest
 from models.engine import Engine
 from models.state.engine_redis import RedisStore
 from stream import metrics as m
+from stream.catalogue import report_version
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
 from stream.handler import BatchHandler, Outbox, RawMessage
 from stream.health import BrokerProbe, Health
+from stream.http_views import register_http_views
 from stream.logguard import LogGuard, fetch_probes, watch_broker_connections
+from stream.lograte import quiet_kafka_client
 from stream.settings import Settings
 
 log = logging.getLogger("promo.worker")
@@ -182,7 +185,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
     if engine is None:
         engine = build_engine(settings, epoch_guard)
     m.BUILD_INFO.labels(version=VERSION, model_version=engine.policy.model_version).set(1)
-    state: dict = {"engine": engine, "epoch_guard": epoch_guard}
+    state: dict = {"engine": engine, "epoch_guard": epoch_guard, "health": health}
     events_topic = app.topic(settings.topic_events, key_type=bytes, value_type=bytes, internal=False)
 
     async def send(topic: str, key, value: bytes, headers):
@@ -237,6 +240,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             errors.setdefault("kafka", f"{kafka_error} (broker {settings.kafka_bootstrap})")
         ok = not errors and bool(assigned) and not rebalancing
         m.READY.set(1 if ok else 0)
+        report_version(eng)
         m.ASSIGNED_PARTITIONS.set(len(assigned))
         for comp in ("redis", "kafka"):
             m.COMPONENT_UP.labels(component=comp).set(0 if comp in errors else 1)
@@ -244,9 +248,26 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             "ready": ok, "redis": "redis" not in errors, "kafka": "kafka" not in errors, "errors": errors,
             "assigned_partitions": sorted(tp.partition for tp in assigned), "rebalancing": rebalancing,
             "last_error": health.last_error,
+            # the offer catalogue decided with (stream.catalogue), and one waiting for the batch in progress
+            "catalogue_version": eng.catalogue_version, "catalogue_pending": eng.pending_catalogue_version,
         }
 
     maintenance_run = Maintenance(settings, engine, epoch_guard)
+    report_version(engine)
+
+    @app.task
+    async def catalogue_on_sighup() -> None:
+        """SIGHUP: publish this worker's PROMO_CATALOGUE_PATH as the catalogue of every worker (stream.catalogue)."""
+        import signal
+
+        reloads: set = set()  # the running reloads, referenced until done
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(maintenance_run.catalogue.reload_file())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
 
     @app.timer(interval=settings.maintenance_interval_s)
     async def maintenance() -> None:
@@ -258,6 +279,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             if log_guard.dirty:
                 log_guard.dirty = False
                 await save_log_marks(settings, state["engine"], log_guard.encoded())
+            maintenance_run.skipped = 0
         except StateLostError as exc:  # never "skipped": the next period would work on another state
             stop_worker(str(exc), exc, EXIT_STATE_LOST)
         except Exception as exc:
@@ -265,8 +287,10 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             if fault.verdict is not Verdict.RETRY:
                 stop_worker(stop_line(exc, "running the maintenance timer (sweep, budgets, snapshot)"), exc)
             m.TRANSIENT_ERRORS.labels(component=fault.component or "redis", kind=fault.kind).inc()
-            log.warning("maintenance skipped this period (%s, transient); next try in %.0fs", describe(exc),
-                        settings.maintenance_interval_s)
+            maintenance_run.skipped += 1
+            if maintenance_run.skipped == 1 or maintenance_run.skipped % 20 == 0:  # a long outage: a few lines
+                log.warning("maintenance skipped this period (%s, transient; %d period(s) in a row); next try in "
+                            "%.0fs", describe(exc), maintenance_run.skipped, settings.maintenance_interval_s)
 
     forget_topic = app.topic(settings.topic_forget, key_type=bytes, value_type=bytes, internal=False)
 
@@ -344,6 +368,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         ok, body = await is_ready()
         return web.json(body, status=200 if ok else 503)
 
+    register_http_views(app, settings, state)  # /users/<id>, /decisions/<id>: only with PROMO_HTTP_VIEWS_TOKEN
     app.promo_state = state  # type: ignore[attr-defined]
     return app
 
@@ -395,6 +420,7 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     import redis
 
     from models.state.budget_redis import RedisBudgetStore
+    from stream.catalogue import startup_catalogue
 
     def watched(client):
         return guard.watch(client) if guard is not None else client
@@ -415,10 +441,13 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     budget_store = RedisBudgetStore.from_settings(settings)
     watched(store.r)
     watched(budget_store.r)
-    engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store,
-                                  metrics=m.PrometheusSink())
     client = watched(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0))
     try:
+        # the catalogue applied at runtime if any: a restarted worker decides as its peers do (stream.catalogue)
+        cat = startup_catalogue(settings, client)
+        engine = Engine.from_settings(settings, store, learning=learning, budget_store=budget_store,
+                                      metrics=m.PrometheusSink(), catalogue=cat.catalogue,
+                                      catalogue_version=cat.version)
         if learning is not None:
             offsets = load_snapshot(client, learning, settings.redis_prefix)
             if offsets is not None:
@@ -440,6 +469,10 @@ class Maintenance:
     def __init__(self, settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
         self.settings, self.engine, self.guard = settings, engine, guard
         self.last_snapshot = 0.0  # time.monotonic() of the last snapshot
+        self.skipped = 0  # periods skipped in a row (transient errors)
+        from stream.catalogue import CatalogueWatcher
+
+        self.catalogue = CatalogueWatcher(settings, engine)  # the catalogue applied at runtime (stream.catalogue)
 
     async def run(self) -> None:
         """One period; with the epoch guard, first the epoch check (raises :class:`stream.epoch.StateLostError`
@@ -447,6 +480,7 @@ class Maintenance:
         engine, settings = self.engine, self.settings
         if self.guard is not None:
             await self.guard.verify()
+        await self.catalogue.check()  # before the budget refresh below: a new gate reads its spend this period
         await engine.start()  # the shared policy state and clock, once (the agent may not have started yet)
         n = await engine.store.apply_parked()  # contributions a killed worker committed but did not apply
         if n:
@@ -558,6 +592,70 @@ def _preflight(settings: Settings) -> Epoch:
     return epoch
 
 
+STOP_MARGIN_S = 3.0
+"""On SIGTERM / Ctrl-C the whole stop takes at most ``PROMO_SHUTDOWN_GRACE_S`` plus this (the final commit and
+leaving the group after the batch in progress), see :class:`BoundedStopWorker`."""
+
+
+class BoundedStopWorker(faust.Worker):
+    """Faust's worker with a bounded stop: the first SIGTERM / SIGINT starts a watchdog that ends the process
+    ``stop_deadline_s`` later if Faust's shutdown has not by then.
+
+    Faust waits up to 60 s for each service to stop, and the Kafka consumer's stop waits for its group coordinator,
+    which retries a broker that is gone until then (seen: 62 s after ``promo stack down``). Ending the process
+    early acknowledges nothing that was not: offsets are committed only by Faust's commit, so what was not
+    committed is redelivered by the consumer group (and event-id de-duplication makes that harmless)."""
+
+    stop_deadline_s: float = 8.0
+    brokers: list[tuple[str, int]] = []
+    """Bootstrap addresses: when none of them accepts a connection after the signal, nothing more can be
+    committed, and the worker exits then instead of at the deadline (``promo stack down`` before the worker)."""
+
+    def _schedule_shutdown(self, signal) -> None:  # mode.Worker: every stop signal comes through here
+        if not getattr(self, "_promo_watchdog", None):
+            import threading
+
+            self._promo_watchdog = threading.Thread(target=self._watch_stop, args=(signal,), daemon=True,
+                                                    name="promo-stop-watchdog")
+            self._promo_watchdog.start()
+        super()._schedule_shutdown(signal)
+
+    def _broker_refuses(self) -> bool:
+        import socket
+
+        for host, port in self.brokers:
+            try:
+                socket.create_connection((host, port), timeout=0.5).close()
+                return False
+            except ConnectionRefusedError:
+                continue
+            except OSError:  # a timeout or an unreachable host: not a clear "gone", keep waiting
+                return False
+        return bool(self.brokers)
+
+    def _watch_stop(self, signal) -> None:
+        deadline = time.monotonic() + self.stop_deadline_s
+        refused = 0
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            refused = refused + 1 if self._broker_refuses() else 0
+            if refused >= 2:  # twice, 0.5 s apart
+                return self._exit_now(signal, f"the broker at {', '.join(f'{h}:{p}' for h, p in self.brokers)} "
+                                              "refuses connections, so nothing more can be committed")
+        failing = getattr(self.app, "promo_state", {}).get("health")
+        failing = dict(failing.failing) if failing is not None else {}
+        self._exit_now(signal, f"it did not stop within {self.stop_deadline_s:.0f}s ("
+                       + ("; ".join(f"{k}: {v}" for k, v in sorted(failing.items())) if failing
+                          else "the broker or Redis does not answer?") + ")")
+
+    @staticmethod
+    def _exit_now(signal, why: str) -> None:
+        log.warning("stopping the worker after %s: %s; exiting now without committing anything more, the consumer "
+                    "group redelivers what was not committed", getattr(signal, "name", signal), why)
+        logging.shutdown()
+        os._exit(0)
+
+
 def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGTERM / Ctrl-C."""
     from models import failpoints
@@ -573,7 +671,12 @@ def run_worker(settings: Settings) -> None:
         from models.learning.core import tune_gc
 
         tune_gc()  # freeze start-up objects, collect young objects less often (bench core: ~+25 % events/s)
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr)
+    quiet_kafka_client()  # the Kafka client's retry loops log one line per kind every 30 s, not every 100 ms
+    worker = BoundedStopWorker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                               stdout=sys.stderr)
+    worker.stop_deadline_s = settings.shutdown_grace_s + STOP_MARGIN_S
+    worker.brokers = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]))
+                      for h in settings.kafka_bootstrap.split(",")]
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

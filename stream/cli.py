@@ -171,6 +171,35 @@ def tail_cmd(kind: str, user: str | None, since: str | None, follow: bool, limit
 
 
 @cli.group(cls=_Group)
+def dlq() -> None:
+    """The dead-letter topic (PROMO_TOPIC_PREFIX.events.dlq); read it with `promo tail dlq`."""
+
+
+@dlq.command("replay")
+@click.option("--reason", "reasons", multiple=True,
+              help="only records of this reason (repeatable or a comma list; default: every reason)")
+@click.option("--since", default=None, help="only records written from this long ago (90s, 10m, 2h, 7d) or this "
+                                            "ISO 8601 time")
+@click.option("--dry-run", is_flag=True, help="send nothing; report what would be sent")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(reasons: tuple[str, ...], since: str | None, dry_run: bool, as_json: bool) -> None:
+    """Send dead-lettered events back to the events topic (original bytes and key), e.g. after raising a limit.
+
+    Safe to repeat: the engine counts an event it already applied as a duplicate. Tombstones, cut (truncated)
+    records and second copies of an event are skipped and counted. Exit 1 when the broker did not acknowledge
+    every send (the report's "failed"), 0 otherwise."""
+    from stream.dlq_replay import run_replay
+
+    report = run_replay(_settings(), reasons, since=since, dry_run=dry_run)
+    emit(report, as_json)
+    if report["failed"]:
+        click.echo(f"promo: error: {report['failed']} of {report['selected']} records were not acknowledged by the "
+                   f"broker (first: {report['send_errors'][0]}); run the replay again: applied events are "
+                   "counted as duplicates", err=True)
+        sys.exit(1)
+
+
+@cli.group(cls=_Group)
 def catalogue() -> None:
     """The offer catalogue (PROMO_CATALOGUE_PATH)."""
 
@@ -180,16 +209,92 @@ def catalogue() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def catalogue_check(file: Path, as_json: bool) -> None:
     """Validate a catalogue FILE as a worker would at start-up; errors name the file and line."""
-    import hashlib
-
-    from models.policy.catalogue import CatalogueError, load_catalogue
+    from models.policy.catalogue import CatalogueError
+    from stream.catalogue import read_file
 
     try:
-        cat = load_catalogue(file)
+        loaded = read_file(file)  # one read: the version is of the bytes validated
     except CatalogueError as exc:
         raise PromoError(str(exc)) from None
-    emit({"ok": True, "path": str(file), "version": hashlib.sha256(file.read_bytes()).hexdigest()[:12],
-          "offers": {oid: o.kind for oid, o in cat.offers.items()}, "budgets": cat.budgets()}, as_json)
+    report = loaded.report()
+    emit({"ok": True, "path": str(file), "version": report["version"], "offers": report["offers"],
+          "budgets": report["budgets"]}, as_json)
+
+
+@catalogue.command("apply")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def catalogue_apply(file: Path, as_json: bool) -> None:
+    """Make FILE the catalogue of every running worker, without a restart: validated as `check` does (an invalid
+    file is refused with its file:line, exit 2, nothing written), then stored in Redis, where each worker takes it
+    up between two batches within one maintenance period (PROMO_MAINTENANCE_INTERVAL_S); /readyz and
+    promo_catalogue_info show the version each decides with."""
+    from stream.catalogue import apply_file
+
+    emit(apply_file(_settings(), file), as_json)
+
+
+# --- reading the engine's state (read-only) ------------------------------------------------------
+@cli.group(cls=_Group)
+def user() -> None:
+    """What the engine holds about one user."""
+
+
+@user.command("show")
+@click.argument("user_id")
+@click.option("--json", "as_json", is_flag=True)
+def user_show(user_id: str, as_json: bool) -> None:
+    """USER_ID's state now: profile, session, segment, p_buy, caps and offer history, open and recent decisions,
+    closed decisions, and the items the engine would recommend now. Exit 1 when the engine holds nothing."""
+    from stream.operate import user_show as show
+
+    report = show(_settings(), user_id)
+    emit(report, as_json)
+    if not report["found"]:
+        click.echo("promo: error: the engine holds no profile for this user (never seen, expired or forgotten)",
+                   err=True)
+        sys.exit(1)
+
+
+@cli.command("explain")
+@click.argument("decision_id")
+@click.option("--user", "user_id", default=None,
+              help="the decision's user (else the decisions topic is read to find it)")
+@click.option("--json", "as_json", is_flag=True)
+def explain_cmd(decision_id: str, user_id: str | None, as_json: bool) -> None:
+    """Why DECISION_ID was made: every offer with its eligibility verdict, score and budget, the chosen one's
+    probability, the largest contributions to p_buy, and the outcome once closed."""
+    from stream.operate import explain, explain_lines
+
+    out = explain(_settings(), decision_id, user_id)
+    if as_json:
+        emit(out, True)
+    else:
+        click.echo("\n".join(explain_lines(out)))
+
+
+@cli.group(cls=_Group)
+def ledger() -> None:
+    """The closed decisions the engine keeps (PROMO_LEDGER_PER_USER per user)."""
+
+
+@ledger.command("export")
+@click.option("--since", default=None, help="closed this long ago or later (90s, 10m, 2h, 7d) or an ISO 8601 time")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="write here instead of stdout")
+def ledger_export(since: str | None, output: Path | None) -> None:
+    """Closed decisions as `promo evaluate policy` JSONL (context, action, propensity, reward), one per line;
+    the counts go to stderr."""
+    from stream.operate import ledger_export as export
+    from stream.tail import parse_since
+
+    since_ms = parse_since(since) if since else None
+    fh = output.open("w") if output is not None else None
+    try:
+        report = export(_settings(), (lambda line: fh.write(line + "\n")) if fh else click.echo, since_ms)
+    finally:
+        if fh is not None:
+            fh.close()
+    click.echo(f"promo ledger export: {report['rows']} closed decisions {report['by_outcome']}", err=True)
 
 
 @cli.group(cls=_Group)

@@ -82,8 +82,9 @@ class Settings(BaseSettings):
         50, ge=1, description="the worker stops when the engine fails on this many schema-valid events in a row"
     )
     shutdown_grace_s: float = Field(
-        10.0, ge=0, description="on SIGTERM, how long a batch in progress may take to finish before the worker "
-        "exits without acknowledging it (the group redelivers it)"
+        5.0, ge=0, description="on SIGTERM, how long a batch in progress may take to finish before the worker "
+        "exits without acknowledging it (the group redelivers it); the whole stop, the final offset commit and "
+        "leaving the group included, takes at most this plus 3 s, even with the broker or Redis gone"
     )
     log_level: str = "INFO"
 
@@ -99,10 +100,19 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = Field(7 * 86400, ge=60, description="how long event ids are remembered")
     profile_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a profile expires")
     pseudonymise_key: SecretStr | None = Field(None, description="if set, user ids are keyed-hashed on ingestion")
+    http_views_token: SecretStr | None = Field(
+        None, description="if set, the worker serves read-only GET /users/<id> and /decisions/<id>?user=<id> on its "
+        "web port to requests carrying 'Authorization: Bearer <token>' (off when unset)",
+    )
     contrib_record_max_fields: int = Field(
         20_000, ge=0, description="most fields of a user's contribution record (what `promo forget` subtracts); "
         "a user whose contributions would go past it contributes nothing more to item statistics until the "
         "record expires or is forgotten (0: no cap)",
+    )
+    ledger_per_user: int = Field(
+        50, ge=0, description="closed decisions kept per user, with context, action, propensity and reward, for "
+        "`promo ledger export` and `promo explain` (0: none); they expire with the profile and `promo forget` "
+        "removes them",
     )
     on_state_loss: Literal["stop", "reinit"] = Field(
         "stop", description="a worker that finds the Redis state lost (no epoch marker while its consumer group "

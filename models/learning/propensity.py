@@ -139,6 +139,24 @@ class PurchasePropensity:
         values, extra = self._split(x)
         self.learn_values(values, extra, y, w)
 
+    def contributions(self, x: dict) -> dict[str, float]:
+        """Each feature's share of the log-odds of ``predict_proba(x)`` (weight times standardised, clipped value),
+        with the intercept as ``"(intercept)"``; they sum to the log-odds. What ``promo explain`` shows.
+
+        >>> m = PurchasePropensity(feature_names=("x",), intercept_init=-1.0)
+        >>> for _ in range(50):
+        ...     m.learn_one({"x": 1.0}, True); m.learn_one({"x": -1.0}, False)
+        >>> c = m.contributions({"x": 1.0})
+        >>> import math
+        >>> c["x"] > 0, round(1 / (1 + math.exp(-sum(c.values()))), 6) == round(m.predict_proba({"x": 1.0}), 6)
+        (True, True)
+        """
+        scaled = self._scaled(*self._split(x))
+        weights = self.model.weights
+        out = {k: weights.get(k, 0.0) * v for k, v in scaled.items()}
+        out["(intercept)"] = float(self.model.intercept)
+        return out
+
     def clone(self) -> "PurchasePropensity":
         return PurchasePropensity(self.lr, self.l2, self.optimizer, self.clip, self.feature_names,
                                   self.intercept_init, self.intercept_lr)

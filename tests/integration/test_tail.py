@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from stream.sources import read_events
-from tests.helpers import ROOT, event_bytes, metric, produce_raw, wait_until
+from tests.helpers import ROOT, event_bytes, http_get, metric, produce_raw, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,7 @@ def test_tail_shows_what_the_worker_decided_and_dead_lettered(engine_settings, s
                and metric(w.metrics(), "promo_events_invalid_total") == len(bad), 120, "every event handled")
     n_decisions = metric(w.metrics(), "promo_decisions_total")
     assert n_decisions > 0, "the sample must make decisions"
+    assert http_get(w.base_url + "/users/" + events[0]["user_id"])[0] == 404  # HTTP views: off without a token
 
     r0 = promo(s, "tail", "decisions", "--json")
     decisions = lines(r0)
