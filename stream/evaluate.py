@@ -1,6 +1,7 @@
 """Offline evaluation from files: ``promo evaluate stream`` (:func:`evaluate_file`: event logs read, validated as
 the worker validates, de-duplicated, time-sorted by :func:`load_events`, then
-:func:`models.evaluation.prequential.evaluate_events`) and ``promo evaluate policy`` (:func:`evaluate_policy_file`:
+:func:`models.evaluation.prequential.evaluate_events`, engine vs popularity and the next-item baselines of
+:mod:`models.evaluation.baselines`) and ``promo evaluate policy`` (:func:`evaluate_policy_file`:
 logged decisions, :func:`models.evaluation.ope.evaluate_rows`)."""
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
         e, b = report["engine"], report["baseline"]
         say(f"done: HR@20 engine {fmt_score(e['hr_at_20'])} vs popularity {fmt_score(b['hr_at_20'])}; "
             f"AUC engine {fmt_score(e['auc'])} vs frequency {fmt_score(b['auc'])}")
+        say("HR@20 / MRR@20 of the baselines: " + ", ".join(
+            f"{name} {fmt_score(m['hr_at_20'])} / {fmt_score(m['mrr_at_20'])}"
+            for name, m in report["baselines"].items()))
     return report
 
 

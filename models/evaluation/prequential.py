@@ -14,6 +14,9 @@ The events are replayed in batches of ``batch_size`` events, as the worker would
   baseline (recency-weighted popularity, the current item excluded) each propose 20 items; HR@20 is the share
   of events whose item is in the list, MRR@20 the mean of ``1 / rank`` (0 when absent). The models and the item
   store have learnt from the previous batches only; the profile includes the user's earlier events.
+  The stronger baselines of :mod:`models.evaluation.baselines` (``recent``, ``item_knn``, ``vsknn``, ``sr``) are
+  scored at the same points with the same metrics and the same exclusion (the current item); they learn each
+  event right after it is scored (the engine's item statistics lag by up to one batch, a slight edge to them).
 * **purchase within H** — the core's decision points (see :mod:`models.learning.core`) are scored when their
   delayed label arrives, with the prediction made at the decision point, for the engine model and the
   frequency baseline; AUC (exact, rank-based) and log loss are computed over the points whose horizon closed
@@ -23,8 +26,10 @@ The events are replayed in batches of ``batch_size`` events, as the worker would
   the time spent on the evaluation's own predictions is excluded (it is reported as ``predict_s``).
 
 Output keys (contract): ``events``, ``events_per_s``, ``engine`` and ``baseline`` with ``hr_at_20``,
-``mrr_at_20``, ``auc``, ``logloss``; more keys describe the run. Undefined values (no label yet, one class
-only) are ``null``.
+``mrr_at_20``, ``auc``, ``logloss``; ``baselines`` with ``{"<name>": {"hr_at_20", "mrr_at_20"}}`` for
+``popularity`` (the same numbers as ``baseline``) and each baseline of :mod:`models.evaluation.baselines`; more
+keys describe the run (``baselines_s``: time the baselines spent learning and recommending). Undefined values
+(no label yet, one class only) are ``null``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.evaluation.baselines import NextItemBaseline, make_baselines
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
@@ -86,13 +92,22 @@ def evaluate_events(
     batch_size: int = 100,
     k: int = K,
     core: LearningCore | None = None,
+    baselines: dict[str, NextItemBaseline] | None = None,
     progress=None,
 ) -> dict:
-    """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring)."""
+    """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring).
+
+    ``baselines``: the next-item baselines by name (default :func:`models.evaluation.baselines.make_baselines`;
+    ``{}`` for popularity only)."""
     core = core or LearningCore(MemoryItemStore(), horizon_h=horizon_h, keep_predictions=True)
     core.purchase_model.keep_predictions = True
+    if baselines is None:
+        baselines = make_baselines()
+    clash = {"engine", "baseline", "popularity"} & set(baselines)
+    if clash:
+        raise ValueError(f"baseline names {sorted(clash)} are taken by the report")
     t_start = time.perf_counter()
-    run = _replay(events, core, batch_size, k, progress)
+    run = _replay(events, core, batch_size, k, progress, baselines)
     report = _report(core, run, len(events), batch_size, t_start)
     if k != K:
         report["k"] = k
@@ -101,25 +116,26 @@ def evaluate_events(
 
 @dataclass
 class _NextItem:
-    """Next-item hits and reciprocal ranks of the engine (``engine``) and the baseline (``baseline``)."""
+    """Next-item hits and reciprocal ranks of the engine (``engine``), the popularity baseline (``baseline``) and
+    the other baselines (by name)."""
 
     targets: int = 0
-    hits: dict[str, int] = field(default_factory=lambda: {"engine": 0, "baseline": 0})
-    rr: dict[str, float] = field(default_factory=lambda: {"engine": 0.0, "baseline": 0.0})
+    hits: dict[str, int] = field(default_factory=dict)
+    rr: dict[str, float] = field(default_factory=dict)
 
     def score(self, name: str, proposed: list[str], item: str) -> None:
         try:
             r = proposed.index(item)
         except ValueError:
             return
-        self.hits[name] += 1
-        self.rr[name] += 1.0 / (r + 1)
+        self.hits[name] = self.hits.get(name, 0) + 1
+        self.rr[name] = self.rr.get(name, 0.0) + 1.0 / (r + 1)
 
     def hit_rate(self, name: str) -> float | None:
-        return self.hits[name] / self.targets if self.targets else None
+        return self.hits.get(name, 0) / self.targets if self.targets else None
 
     def mrr(self, name: str) -> float | None:
-        return self.rr[name] / self.targets if self.targets else None
+        return self.rr.get(name, 0.0) / self.targets if self.targets else None
 
 
 @dataclass
@@ -131,12 +147,16 @@ class _Replay:
     next_item: _NextItem = field(default_factory=_NextItem)
     learn_s: float = 0.0
     predict_s: float = 0.0
+    baselines: tuple[str, ...] = ()
+    baselines_s: float = 0.0
 
 
-def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, progress) -> _Replay:
+def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, progress,
+            baselines: dict[str, NextItemBaseline]) -> _Replay:
     """Replay ``events`` in batches as the worker would: each event's next item predicted before it is applied,
-    then the batch learnt."""
-    run = _Replay()
+    then the batch learnt; the baselines predict at the same points and learn each event after it."""
+    run = _Replay(baselines=tuple(baselines))
+    models = list(baselines.items())
     profiles = run.profiles
     n = len(events)
     last_report = time.perf_counter()
@@ -151,10 +171,19 @@ def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, pr
             if recent and e.type != "remove_from_cart" and e.item_id != recent[-1]:
                 t0 = time.perf_counter()
                 _predict_next_item(core, prof, e, k, run.next_item)
-                run.predict_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                run.predict_s += t1 - t0
+                exclude = {recent[-1]}
+                for name, model in models:
+                    run.next_item.score(name, model.recommend(e.user_id, k, exclude=exclude), e.item_id)
+                run.baselines_s += time.perf_counter() - t1
             t0 = time.perf_counter()
             prof.apply(e)
-            run.learn_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            run.learn_s += t1 - t0
+            for _, model in models:
+                model.learn_one(e)
+            run.baselines_s += time.perf_counter() - t1
             touched[e.user_id] = prof
         t0 = time.perf_counter()
         core.learn_batch(batch, touched)
@@ -189,6 +218,8 @@ def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: 
         "events_per_s": round(n / run.learn_s, 1) if run.learn_s > 0 else None,
         "engine": _model_scores(next_item, "engine", y, [t[1] for t in preds]),
         "baseline": _model_scores(next_item, "baseline", y, [t[2] for t in preds]),
+        "baselines": {name: {"hr_at_20": next_item.hit_rate(key), "mrr_at_20": next_item.mrr(key)}
+                      for name, key in [("popularity", "baseline")] + [(b, b) for b in run.baselines]},
         "next_item_targets": next_item.targets,
         "horizon_h": core.horizon_h,
         "decision_points": core.purchase_model.n_observed,
@@ -202,6 +233,7 @@ def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: 
         "batch_size": batch_size,
         "learn_s": round(run.learn_s, 3),
         "predict_s": round(run.predict_s, 3),
+        "baselines_s": round(run.baselines_s, 3),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
 
