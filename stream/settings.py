@@ -168,8 +168,8 @@ class Settings(BaseSettings):
         "makes the kept set depend on arrival order (item statistics are otherwise order-independent)"
     )
     seed: int = Field(
-        0, description="seed of the learning core's randomised parts (segments, model initialisation): two workers "
-        "with the same seed learn alike from the same events"
+        0, description="seed of the learning core (kept for compatibility: since segments became fixed rules nothing "
+        "in it is random; two workers learn alike from the same events)"
     )
     failpoint: str = Field(
         "", description="tests only: '<point>:<n>' makes the worker SIGKILL itself the n-th time a batch passes "

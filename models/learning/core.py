@@ -14,7 +14,8 @@ events into :class:`models.profile.Profile` and writes them to Redis atomically 
 * **purchase propensity** with delayed labels (:attr:`LearningCore.purchase_model`, a
   :class:`models.learning.delayed_labels.DelayedLabelLearner`) and a frequency baseline, scored prequentially
   (River ``ROCAUC`` / ``LogLoss``: :meth:`LearningCore.quality`);
-* **segments** (:class:`models.learning.segments.ProfileSegments`).
+* **segments** (:class:`models.learning.segments.ProfileSegments`): fixed lifecycle rules on the profile's features,
+  the same on every worker (nothing is learnt; kept here for the interface).
 
 Per batch (:meth:`LearningCore.learn_batch`): events are de-duplicated and in partition order; ``profiles``
 are the users' profiles AFTER the batch. River is not called per event: a user has at most one **decision
@@ -22,7 +23,8 @@ point** per batch, at most one per ``sample_gap_ms`` of event time, with ``decis
 (default) only at a cart or at the 2nd, 4th, 8th, ... event of a session, with ``"batch"`` at every batch of the
 user (:mod:`models.learning.decision_points`). A decision point's features are :mod:`models.learning.features`.
 Purchases of the batch label the user's pending points first; then the watermark (largest event time seen)
-expires points older than the horizon as negatives. Segments learn at every ``segment_every``-th point.
+expires points older than the horizon as negatives. Segments count every ``segment_every``-th point (they learn
+nothing: their rules are fixed).
 
 Decision time: :meth:`recommend` (from :meth:`prefetch_items`' reads), :meth:`propensity` and :meth:`segment` read
 only (no learning).
@@ -104,7 +106,8 @@ class LearningCore:
     decision_points
         ``milestones`` (carts and the 2nd, 4th, 8th, ... event of a session) or ``batch`` (every batch).
     n_segments, segment_every
-        Clusters, and learn segments at every n-th decision point.
+        Segments (at most 6, :mod:`models.learning.segments`), and pass every n-th decision point to the
+        segments' ``learn_one`` (which only counts it).
     max_pending
         Decision points waiting for a label.
     keep_predictions
@@ -117,7 +120,7 @@ class LearningCore:
         Event ``context`` keys whose string values become one-hot features (low-cardinality ones: channel,
         device, ...); numeric context values are always features.
     seed
-        Seeds the segments' initial centres.
+        Kept for compatibility (the segments, which it seeded, are deterministic rules now).
     """
 
     def __init__(
@@ -233,7 +236,7 @@ class LearningCore:
     def _observe_decision_points(self, last: dict[str, Event], seen: dict[str, int], carts: set[str],
                                  profiles: dict[str, Profile]) -> None:
         """Record the batch's decision points (:func:`models.learning.decision_points.batch_decision_points`)
-        with the features and predictions of now; the segments learn from every ``segment_every``-th one."""
+        with the features and predictions of now; the segments count every ``segment_every``-th one."""
         model = self.purchase_model
         last_sample = self.last_sample
         points = batch_decision_points(last, seen, carts, profiles, last_sample, self.sample_gap_ms,
@@ -347,9 +350,11 @@ class LearningCore:
         return self.purchase_model.predict_proba(self.features(profile, now_ms, context))
 
     def segment(self, profile: Profile, now_ms: int | None = None) -> int:
-        """The user's segment, ``0 .. n_segments - 1``."""
+        """The user's segment, ``0 .. n_segments - 1`` (:mod:`models.learning.segments`: fixed rules on the
+        profile's own features, nothing a worker learnt). Taken at ``now_ms``, by default at the profile's last
+        event, so every worker gives a profile the same segment (the policy's shared cells are keyed by it)."""
         now = now_ms if now_ms is not None else (profile.last_ts or self.watermark)
-        return self.segments.predict_one(self.features(profile, now))
+        return self.segments.predict_one(profile.features(now))
 
     def quality(self) -> dict[str, float]:
         """Online (prequential) quality of the propensity model and its baseline, and label counts.
