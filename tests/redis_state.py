@@ -69,6 +69,24 @@ EXCLUDED_HASH_FIELDS: tuple[tuple[str, str], ...] = (("{u:*}:p", "ver"), ("{u:*}
 DECISION_RUN_FIELDS: tuple[str, ...] = ("ts", "latency_ms")
 """Fields of a stored decision that are wall-clock or measured, dropped from a dump."""
 
+LEDGER_RUN_FIELDS: tuple[str, ...] = ("logged_ms",)
+"""Fields of a ledger record (a closed decision, models.policy.ledger) that are wall-clock, dropped from a dump."""
+
+_CONTEXT_DERIVED: tuple[tuple[str, str], ...] = (
+    # a decision context's fields that read state learnt from other users (DECISION_DERIVED says why)
+    ("propensity", "p_buy: the online propensity model at decision time"),
+    ("segment", "the user's segment at decision time"),
+    ("blocked", "offers whose campaign budget was spent at decision time"),
+    ("offers_today", "counted from offer_history"),
+    ("last_offer_ms", "from offer_history"),
+    ("offer_counts_today", "from offer_history"),
+    ("offer_counts_total", "from offer_history"),
+    ("features.price_level", "the category price statistics at decision time"),
+    ("features.last_price_level", "the category price statistics at decision time"),
+    ("features.item_conversion", "the item conversion statistics at decision time"),
+    ("features.category_conversion", "the category conversion statistics at decision time"),
+)
+
 DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (
     # (key class, field path prefix, why it is a function of the decisions, not of the events alone)
     ("{b:*}", "", "campaign budget counters: which offers the policy gave"),
@@ -85,18 +103,16 @@ DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (
     ("{u:*}:p", ".v.offer_history", "which offers the user got"),
     ("{u:*}:p", ".v.open[*].offer_id", "an open decision's offer"),
     ("{u:*}:p", ".v.open[*].propensity", "an open decision's choice probability"),
-    ("{u:*}:p", ".v.open[*].ctx.propensity", "p_buy: the online propensity model at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.segment", "the online clustering at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.blocked", "offers whose campaign budget was spent at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.offers_today", "counted from offer_history"),
-    ("{u:*}:p", ".v.open[*].ctx.last_offer_ms", "from offer_history"),
-    ("{u:*}:p", ".v.open[*].ctx.offer_counts_today", "from offer_history"),
-    ("{u:*}:p", ".v.open[*].ctx.offer_counts_total", "from offer_history"),
-    ("{u:*}:p", ".v.open[*].ctx.features.price_level", "the category price statistics at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.features.last_price_level", "the category price statistics at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.features.item_conversion", "the item conversion statistics at decision time"),
-    ("{u:*}:p", ".v.open[*].ctx.features.category_conversion",
-     "the category conversion statistics at decision time"),
+    # the decision context, where it is kept: in the user's open decisions, beside the stored decision (for
+    # promo explain) and in the ledger of closed decisions
+    *((key, f"{where}.{field}", why) for key, where in (("{u:*}:p", ".v.open[*].ctx"), ("{u:*}:d:*", ".ctx"),
+                                                          ("{u:*}:l", "[*].ctx"))
+      for field, why in _CONTEXT_DERIVED),
+    ("{u:*}:l", "[*].offer_id", "a closed decision's offer"),
+    ("{u:*}:l", "[*].propensity", "a closed decision's choice probability"),
+    ("{u:*}:l", "[*].reward", "margin - the offer's cost"),
+    ("{u:*}:l", "[*].cost", "the offer's cost"),
+    ("{u:*}:l", "[*].margin", "the margin attributed, net of the offer"),
 )
 """Where the state of two runs of the same events may legitimately differ, field by field.
 
@@ -136,6 +152,9 @@ def normalise(raw, depth: int = 0):
         out = {str(k): normalise(v, depth + 1) for k, v in value.items()}
         if "decision_id" in out and "trigger_event_id" in out:
             for f in DECISION_RUN_FIELDS:
+                out.pop(f, None)
+        elif "decision_id" in out and "logged_ms" in out:  # a ledger record
+            for f in LEDGER_RUN_FIELDS:
                 out.pop(f, None)
         return out
     if isinstance(value, list):

@@ -84,6 +84,10 @@ def test_two_workers_take_up_a_catalogue_applied_at_runtime_and_refuse_a_bad_one
     produce_raw(s, s.topic_events, carts("before"))
     assert set(offers_by_trigger(s, "before").values()) == {"a5"}
 
+    checked = promo(s, "catalogue", "check", str(new), "--json")  # what an operator runs first
+    assert checked.returncode == 0 and json.loads(checked.stdout)["version"] == v_new, checked.stderr
+    checked_bad = promo(s, "catalogue", "check", str(bad))
+    assert checked_bad.returncode == 2 and checked_bad.stderr.startswith(f"promo: error: {bad}:4: ")
     res = promo(s, "catalogue", "apply", str(new), "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)

@@ -45,7 +45,7 @@ counters and ledgers included, with nothing listed as allowed to differ.
 
 Both runs use the engine's own producer (``stream.produce``: key = user id, Kafka default partitioner, the
 same partition count), so every user's events arrive in the same order in every run. A decision reads state
-learnt from other users' events (item statistics, the online propensity model and segments, category price
+learnt from other users' events (item statistics, the online propensity model, category price
 and conversion statistics, policy posteriors, budgets) as it is at decision time, which depends on how events of
 different partitions interleave in a worker's batches: decision-derived state differs between any two runs,
 crashed or not (two clean runs differ there too, as the control run C shows when it runs).
