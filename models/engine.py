@@ -16,13 +16,13 @@ Examples
 >>> from models.events import Event
 >>> from models.state.engine_memory import MemoryStore
 >>> engine = Engine(MemoryStore(), clock_ms=lambda: 1_700_000_000_000)
->>> batch = [Event("e1", "view", "u1", "i1", 1_000, price=30.0), Event("e2", "cart", "u1", "i1", 2_000, price=30.0),
+>>> batch = [Event("e1", "view", "u1", "i7", 1_000, price=30.0), Event("e2", "cart", "u1", "i1", 2_000, price=30.0),
 ...          Event("e2", "cart", "u1", "i1", 2_000, price=30.0)]
 >>> res = asyncio.run(engine.process_batch(batch))
 >>> res.applied, res.duplicates, len(res.decisions)
 ({'view': 1, 'cart': 1}, 1, 1)
->>> res.decisions[0].trigger_event_id, res.decisions[0].items
-('e2', ['i1'])
+>>> res.decisions[0].trigger_event_id, res.decisions[0].items  # what the cart holds is no recommendation
+('e2', ['i7'])
 >>> again = asyncio.run(engine.process_batch(batch))  # redelivered before the decision was marked sent
 >>> again.applied, again.duplicates, [d.decision_id for d in again.resend] == [res.decisions[0].decision_id]
 ({}, 3, True)

@@ -142,6 +142,8 @@ class Planner:
             items = self.learning.recommend(prof, self.k, e.ts, reads)
         else:
             items = list(reversed(prof.recent_items))[: self.k]
+        if prof.cart:  # the offer is for this cart: items already in it are no recommendation (no extra read)
+            items = [i for i in items if i not in prof.cart]
         return Decision(
             decision_id=did,
             user_id=e.user_id,

@@ -144,9 +144,10 @@ class EngineViews:
             recent = prof.recent_items
             seeds = possible_seeds(recent[:-1], [(recent[-1], True)], **learning.recommend_options) if recent else []
             reads = await learning.prefetch_items(seeds, engine.planner.k)
-            view["recommended_items"] = learning.recommend(prof, engine.planner.k, now, reads)
+            items = learning.recommend(prof, engine.planner.k, now, reads)
         else:
-            view["recommended_items"] = list(reversed(prof.recent_items))[: engine.planner.k]
+            items = list(reversed(prof.recent_items))[: engine.planner.k]
+        view["recommended_items"] = [i for i in items if i not in prof.cart]  # as a decision now would list them
         return view
 
     async def explain(self, decision_id: str, user_id: str) -> dict | None:

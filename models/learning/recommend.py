@@ -1,4 +1,5 @@
-"""Item recommendations: neighbours of the user's recent items, mixed with recency-weighted popularity.
+"""Item recommendations: the user's own recent items (re-visits), neighbours of them, and recency-weighted
+popularity.
 
 Scoring: each of the user's last ``n_seeds`` distinct items (most recent first, weight ``seed_decay**rank``)
 votes for its neighbours with ``weight * cosine``; items are ranked by total vote. Popularity (decayed with the
@@ -7,8 +8,12 @@ items), for users whose items have no neighbours yet (new items), and after the 
 popular item also gets a small vote ``pop_weight * popularity / top popularity`` so that, among items with
 similar neighbour evidence, the currently popular one ranks first.
 
-The item the user is looking at now (the last recent item) is never recommended; other recent items can be
-(people come back to items they viewed).
+The item the user is looking at now (the last recent item) is never recommended; the other recent items get a
+vote of their own, ``revisit_weight`` for the one before the current item and ``revisit_decay`` times less for
+each older one: people come back to items they viewed. With the default weight (5, several perfect neighbour
+votes) the last few re-visits lead the list and neighbours follow. Measured with ``promo evaluate stream``
+(HR@20 / MRR@20, without -> with the vote): REES46 17k 0.218 / 0.081 -> 0.224 / 0.109, Taobao 96k 0.0180 /
+0.0113 -> 0.0184 / 0.0134; the issue behind it saw a quarter of next items being re-visits in longer histories.
 
 Examples
 --------
@@ -38,6 +43,8 @@ def recommend(
     seed_decay: float = 0.6,
     n_candidates: int = 30,
     pop_weight: float = 0.05,
+    revisit_weight: float = 5.0,
+    revisit_decay: float = 0.8,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
     """Up to ``k`` item ids, best first.
@@ -58,6 +65,9 @@ def recommend(
         Neighbours fetched per seed.
     pop_weight
         Weight of popularity relative to a perfect (cosine 1) vote of the most recent item.
+    revisit_weight, revisit_decay
+        Vote of the user's own recent items (re-visits), the one before the current item ``revisit_weight``, each
+        older one ``revisit_decay`` times the next: people come back to what they looked at.
     exclude
         Items never to return (besides the current item).
     """
@@ -73,6 +83,11 @@ def recommend(
             for b, cos in nbrs.get(s, ()):
                 scores[b] = scores.get(b, 0.0) + w * cos
             w *= seed_decay
+    if revisit_weight > 0 and len(recent_items) > 1:
+        w = revisit_weight
+        for item in reversed(recent_items[:-1]):
+            scores[item] = scores.get(item, 0.0) + w
+            w *= revisit_decay
     popular = store.popular(k + len(seeds) + len(exclude) + 1, now_ms)
     if popular and pop_weight > 0:
         top = popular[0][1] or 1.0

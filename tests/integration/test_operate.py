@@ -93,6 +93,7 @@ def test_user_show_explain_and_ledger_export_answer_from_the_live_state(engine_s
     assert [c["item_id"] for c in browser["profile"]["cart"]] == ["i-1"]
     assert len(browser["open_decisions"]) == 1 and browser["closed"] == []
     (decision,) = browser["decisions"]
+    assert decision["items"] and "i-1" not in decision["items"]  # a fresh stack: items, none from the cart
     assert browser["open_decisions"][0]["decision_id"] == decision["decision_id"]
     assert 0.0 < browser["p_buy"] < 1.0 and isinstance(browser["segment"], int)
     assert isinstance(browser["recommended_items"], list)
