@@ -197,10 +197,14 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(engine_setting
     events = [e for e in read_events(BIG, "rees46", limit=6000)]
     s = engine_settings
     records = [(e["user_id"].encode(), event_bytes(e)) for e in events]
-    produced = threading.Event()
+    produced, killed = threading.Event(), threading.Event()
+    half = len(records) // 2
 
-    def produce_slowly():  # ~2,000 events/s so the kill lands mid-stream
+    def produce_slowly():  # ~2,000 events/s; the second half only once the first worker is killed, so the kill
+        # lands mid-stream however slowly a loaded machine starts and runs the worker
         for i in range(0, len(records), 200):
+            if i == half:
+                killed.wait(300)
             produce_raw(s, s.topic_events, records[i : i + 200])
             time.sleep(0.1)  # pacing of the load generator, not synchronisation
         produced.set()
@@ -212,6 +216,7 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(engine_setting
     wait_until(lambda: metric(w1.metrics(), "promo_events_total") >= 1500, 60, "first worker to apply 1,500 events")
     w1.kill()
     assert not produced.is_set(), "the producer finished before the kill: the kill was not mid-stream"
+    killed.set()
 
     w2 = start_worker(s)
     w2.wait_ready()
