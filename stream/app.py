@@ -62,7 +62,7 @@ def stop_worker(line: str, exc: BaseException | None = None, code: int = EXIT_ST
     for h in logging.getLogger().handlers:
         try:
             h.flush()
-        except Exception:
+        except Exception:  # a handler whose stream is closed or broken: the stop line below must still go out
             pass
     try:
         sys.stderr.write(f"promo: error: worker stopped: {line}\n")

@@ -168,12 +168,12 @@ def _kafka_answers(settings: Settings, timeout: float = 2.0) -> bool:
             await asyncio.wait_for(admin.start(), timeout)
             await asyncio.wait_for(admin.list_topics(), timeout)
             return True
-        except Exception:
+        except Exception:  # any failure (refused, timeout, KafkaError, a protocol error) means "does not answer"
             return False
         finally:
             try:
                 await admin.close()
-            except Exception:
+            except Exception:  # closing a client that never connected may raise; the probe's answer stands
                 pass
 
     return asyncio.run(probe())
