@@ -43,9 +43,10 @@ def _kind(key: bytes, tag: str) -> str:
     return kinds.get(rest.split(":", 1)[0], "other")
 
 
-def user_pattern(prefix: str, uid: str) -> tuple[str, str]:
-    """``(tag, SCAN pattern)`` of user ``uid``'s keys: the escaped id holds no ``}``, so the pattern matches
-    exactly this user's keys; glob characters are escaped for ``MATCH``.
+def user_pattern(prefix: str, uid: str, kind: str = "*") -> tuple[str, str]:
+    """``(tag, SCAN pattern)`` of user ``uid``'s keys (those of one ``kind`` such as ``d:*``, else all): the
+    escaped id holds no ``}``, so the pattern matches exactly this user's keys; glob characters are escaped for
+    ``MATCH``.
 
     >>> user_pattern("promo", "victim}:o*")
     ('promo:{u:victim%7D:o*}', 'promo:{u:victim%7D:o\\\\*}:*')
@@ -53,7 +54,7 @@ def user_pattern(prefix: str, uid: str) -> tuple[str, str]:
     from models.keys import escape_user_id
 
     tag = f"{prefix}:{{u:{escape_user_id(uid)}}}"
-    pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":*"
+    pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":" + kind
     return tag, pattern
 
 

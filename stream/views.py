@@ -21,6 +21,7 @@ from models.planning import DAY_MS, OPEN_FIELD
 from models.policy.base import DecisionContext
 from models.policy.explain import explain_decision
 from models.profile import Profile
+from stream.forget import user_pattern
 
 __all__ = ["EngineViews"]
 
@@ -59,8 +60,7 @@ class EngineViews:
 
     async def _decisions(self, uid: str) -> list[dict]:
         """The user's stored decisions (newest first): ``decision``, ``sent``, ``ctx`` (dict or None)."""
-        pattern = self.store.user_tag(uid).replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
-        pattern = pattern.replace("[", "\\[") + ":d:*"
+        _, pattern = user_pattern(self.store.prefix, uid, "d:*")  # the user's decision hashes, glob-escaped
         keys = [k async for k in self.store.r.scan_iter(match=pattern, count=500)]
         if not keys:
             return []

@@ -79,6 +79,13 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
+def _keep_largest(scores: dict, n: int) -> None:
+    """Keep the ``n`` largest values of ``scores`` in place (a bounded neighbour or rule map)."""
+    keep = heapq.nlargest(n, scores.items(), key=lambda kv: kv[1])
+    scores.clear()
+    scores.update(keep)
+
+
 def _top(scores: dict[str, float], k: int, exclude: Collection[str]) -> list[str]:
     """The ``k`` best-scored items not in ``exclude``, best first; ties by item id (deterministic)."""
     if k <= 0 or not scores:
@@ -266,9 +273,7 @@ class ItemKNN(NextItemBaseline):
             self._prune(co_b)
 
     def _prune(self, nbrs: dict[str, int]) -> None:
-        keep = heapq.nlargest(self.max_neighbours, nbrs.items(), key=lambda kv: kv[1])
-        nbrs.clear()
-        nbrs.update(keep)
+        _keep_largest(nbrs, self.max_neighbours)
 
     def recommend(self, user: str, k: int, exclude: Collection[str] = ()) -> list[str]:
         s = self._sessions.current(user)
@@ -417,9 +422,7 @@ class SequentialRules(NextItemBaseline):
             rules = self._rules.setdefault(items[-1 - d], {})
             rules[b] = rules.get(b, 0.0) + 1.0 / d
             if len(rules) >= 2 * self.max_rules:
-                keep = heapq.nlargest(self.max_rules, rules.items(), key=lambda kv: kv[1])
-                rules.clear()
-                rules.update(keep)
+                _keep_largest(rules, self.max_rules)
 
     def recommend(self, user: str, k: int, exclude: Collection[str] = ()) -> list[str]:
         s = self._sessions.current(user)
