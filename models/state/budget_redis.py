@@ -4,7 +4,9 @@ key layout in :mod:`models.state.budget_store`, scripts in ``models/state/lua/bu
 from __future__ import annotations
 
 from models.state.budget_store import UNITS, BudgetStore, CampaignSpend, ReserveResult, to_units, to_units_floor
-from models.state.scripts import lua
+from models.state.redis_async import Scripts, async_client
+
+SCRIPTS = Scripts("budget_reserve", "budget_settle", "budget_sweep")
 
 SETTLE_CHUNK = 500  # settlements per Lua call: bounds the time one call holds Redis
 
@@ -16,18 +18,14 @@ class RedisBudgetStore(BudgetStore):
     def __init__(self, client, prefix: str = "promo") -> None:
         self.r = client
         self.prefix = prefix
-        self._reserve = client.register_script(lua("budget_reserve"))
-        self._settle = client.register_script(lua("budget_settle"))
-        self._sweep = client.register_script(lua("budget_sweep"))
+        self.scripts = SCRIPTS  # called by SHA1, loaded on each new connection (models.state.redis_async)
 
     @classmethod
     def from_settings(cls, settings) -> "RedisBudgetStore":
-        import redis.asyncio as aioredis
-
         kw = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
         if settings.redis_ssl_ca_certs:
             kw["ssl_ca_certs"] = settings.redis_ssl_ca_certs
-        return cls(aioredis.Redis.from_url(settings.redis_url, **kw), prefix=settings.redis_prefix)
+        return cls(async_client(settings.redis_url, SCRIPTS, **kw), prefix=settings.redis_prefix)
 
     def keys(self, offer_id: str) -> list[str]:
         tag = f"{self.prefix}:{{b:{offer_id}}}"
@@ -38,12 +36,10 @@ class RedisBudgetStore(BudgetStore):
             return []
         pipe = self.r.pipeline(transaction=False)
         for q in reqs:
-            await self._reserve(
-                keys=self.keys(q.offer_id),
-                args=[to_units(q.amount), to_units_floor(q.budget), q.open_until_ms, q.forget_at_ms, q.decision_id],
-                client=pipe,
-            )
-        res = await pipe.execute()
+            self.scripts.queue(pipe, "budget_reserve", self.keys(q.offer_id),
+                               [to_units(q.amount), to_units_floor(q.budget), q.open_until_ms, q.forget_at_ms,
+                                q.decision_id])
+        res = await self.scripts.execute(self.r, pipe)
         return [ReserveResult(bool(ok), int(sp) / UNITS) for ok, sp in res]
 
     async def settle(self, items):
@@ -60,10 +56,10 @@ class RedisBudgetStore(BudgetStore):
             for lo in range(0, len(idx), SETTLE_CHUNK):
                 chunk = idx[lo:lo + SETTLE_CHUNK]
                 args = [a for k in chunk for a in (to_units(max(0.0, items[k][2])), items[k][1])]
-                await self._settle(keys=self.keys(oid)[:3], args=args, client=pipe)
+                self.scripts.queue(pipe, "budget_settle", self.keys(oid)[:3], args)
                 calls.append(chunk)
         out: list[float | None] = [None] * len(items)
-        for chunk, res in zip(calls, await pipe.execute()):
+        for chunk, res in zip(calls, await self.scripts.execute(self.r, pipe)):
             for k, x in zip(chunk, res):
                 out[k] = None if int(x) < 0 else int(x) / UNITS
         return out
@@ -86,8 +82,8 @@ class RedisBudgetStore(BudgetStore):
             return {}
         pipe = self.r.pipeline(transaction=False)
         for oid in offer_ids:
-            await self._sweep(keys=self.keys(oid), args=[now_ms, limit], client=pipe)
-        res = await pipe.execute()
+            self.scripts.queue(pipe, "budget_sweep", self.keys(oid), [now_ms, limit])
+        res = await self.scripts.execute(self.r, pipe)
         return {oid: int(n) for oid, n in zip(offer_ids, res)}
 
     async def close(self) -> None:

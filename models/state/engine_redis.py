@@ -7,7 +7,9 @@ import json
 
 from models.keys import escape_user_id
 from models.state.engine_store import EngineStore, UserLoad
-from models.state.scripts import lua
+from models.state.redis_async import Scripts, async_client
+
+SCRIPTS = Scripts("commit", "apply", "reindex", "clock")
 
 
 def forgotten_key(prefix: str) -> str:
@@ -37,22 +39,17 @@ class RedisStore(EngineStore):
         self.profile_ttl_s = profile_ttl_s
         self.decision_ttl_s = decision_ttl_s
         self.ledger_max = int(ledger_max)  # closed decisions kept per user (``{u:<user>}:l``; 0: none)
-        self._commit = client.register_script(lua("commit"))
-        self._apply = client.register_script(lua("apply"))
-        self._reindex = client.register_script(lua("reindex"))
-        self._clock = client.register_script(lua("clock"))
+        self.scripts = SCRIPTS  # called by SHA1, loaded on each new connection (models.state.redis_async)
 
     applies_contributions = True
     """Commits carry the users' item-statistics contributions (:mod:`models.learning.contrib`) and apply them."""
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
-        import redis.asyncio as aioredis
-
         kw = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
         if settings.redis_ssl_ca_certs:
             kw["ssl_ca_certs"] = settings.redis_ssl_ca_certs
-        client = aioredis.Redis.from_url(settings.redis_url, **kw)
+        client = async_client(settings.redis_url, SCRIPTS, **kw)
         return cls(
             client,
             prefix=settings.redis_prefix,
@@ -106,7 +103,7 @@ class RedisStore(EngineStore):
         args: list = []
         for key, (mark, seen) in state.items():
             args += [key, int(mark), int(seen)]
-        flat = await self._clock(keys=[self.clock_key], args=args)
+        flat = await self.scripts.call(self.r, "clock", [self.clock_key], args)
         return EventClock.decode(dict(zip(flat[::2], flat[1::2])))
 
     @property
@@ -129,9 +126,8 @@ class RedisStore(EngineStore):
             return 0
         pipe = self.r.pipeline(transaction=False)
         for uid, fld in parked:
-            await self._apply(keys=[f"{self.user_tag(uid)}:c"], args=[fld, self.parked_key, self.max_record_fields],
-                              client=pipe)
-        return self._applied(await pipe.execute())
+            self.scripts.queue(pipe, "apply", [f"{self.user_tag(uid)}:c"], [fld, self.parked_key, self.max_record_fields])
+        return self._applied(await self.scripts.execute(self.r, pipe))
 
     async def apply_parked(self, limit: int = 1000) -> int:
         """Apply what commits parked and nobody applied (a worker died between commit and apply): up to
@@ -156,8 +152,8 @@ class RedisStore(EngineStore):
             return 0
         pipe = self.r.pipeline(transaction=False)
         for k, fld in todo:
-            await self._apply(keys=[k], args=[fld, self.parked_key, self.max_record_fields], client=pipe)
-        return self._applied(await pipe.execute())
+            self.scripts.queue(pipe, "apply", [k], [fld, self.parked_key, self.max_record_fields])
+        return self._applied(await self.scripts.execute(self.r, pipe))
 
     async def due_users(self, now_ms: int, limit: int = 1000) -> list[str]:
         return [u.decode() for u in await self.r.zrangebyscore(self.open_key, "-inf", now_ms, start=0, num=limit)]
@@ -167,9 +163,9 @@ class RedisStore(EngineStore):
             return
         pipe = self.r.pipeline(transaction=False)
         for uid, until, version in entries:
-            await self._reindex(keys=[self.profile_key(uid)],
-                                args=[self.open_key, uid, "" if until is None else int(until), version], client=pipe)
-        await pipe.execute()
+            self.scripts.queue(pipe, "reindex", [self.profile_key(uid)],
+                               [self.open_key, uid, "" if until is None else int(until), version])
+        await self.scripts.execute(self.r, pipe)
 
     # interface -------------------------------------------------------------------------------
     async def load(self, event_ids, triggers):
@@ -230,9 +226,10 @@ class RedisStore(EngineStore):
             args.append(c.contrib)
             args.append(self.parked_key)
             args.append(c.version)
-            await self._commit(keys=keys, args=args, client=pipe)
+            self.scripts.queue(pipe, "commit", keys, args)
         # per-commit error replies come back in place (a full Redis refuses some scripts, not the pipeline)
-        return [x if isinstance(x, Exception) else bool(x) for x in await pipe.execute(raise_on_error=False)]
+        replies = await self.scripts.execute(self.r, pipe, raise_on_error=False)
+        return [x if isinstance(x, Exception) else bool(x) for x in replies]
 
     async def mark_sent(self, sent):
         if not sent:

@@ -346,7 +346,10 @@ def _async_twin(client):
 
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _CONNECTION_KEYS}
-    connection_class = getattr(aioredis.connection, pool.connection_class.__name__, aioredis.connection.Connection)
+    from models.state.redis_async import connection_class as hiredis_packing
+
+    connection_class = hiredis_packing(
+        getattr(aioredis.connection, pool.connection_class.__name__, aioredis.connection.Connection))
     return aioredis.Redis(connection_pool=aioredis.ConnectionPool(connection_class=connection_class, **kwargs))
 
 

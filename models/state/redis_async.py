@@ -1,0 +1,141 @@
+"""The asyncio Redis clients of the stores on the batch path, and how they call their Lua scripts.
+
+Two costs redis-py adds to every batch, cut here (issue 15, measured with ``promo bench pipeline``):
+
+* **Command packing.** redis-py's asyncio connection packs commands in pure Python (an encode, a join and a
+  length per argument); a batch's commits, loads and item reads are thousands of arguments. :func:`async_client`
+  gives connections that pack with hiredis' C ``pack_command``, as redis-py's synchronous client already does
+  when hiredis is installed; the bytes on the wire are the same.
+* **A round trip per pipeline for its scripts.** A pipeline that holds a ``register_script`` call asks ``SCRIPT
+  EXISTS`` before it runs, every time: one more round trip on the commit, the contributions and the budget calls.
+  :class:`Scripts` queues ``EVALSHA`` itself instead. The scripts are loaded on every new connection (a Redis
+  that restarted has an empty script cache, and every connection to it is new); a ``NOSCRIPT`` reply all the
+  same (``SCRIPT FLUSH`` by an operator, a client made elsewhere) loads them and runs those calls again: an
+  ``EVALSHA`` that fails with ``NOSCRIPT`` ran nothing, so nothing is applied twice.
+
+>>> s = Scripts("reindex", "clock")
+>>> sorted(s.sha) == ["clock", "reindex"] and all(len(v) == 40 for v in s.sha.values())
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from models.state.scripts import lua
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - hiredis is a dependency of the project
+    hiredis = None
+
+__all__ = ["Scripts", "async_client", "connection_class"]
+
+
+class Scripts:
+    """Named Lua scripts of ``models/state/lua/``, called by their SHA1 (``EVALSHA``) without the per-pipeline
+    ``SCRIPT EXISTS`` of redis-py's ``Script``.
+
+    Parameters
+    ----------
+    names
+        The scripts' file names without ``.lua``.
+    """
+
+    def __init__(self, *names: str) -> None:
+        if not names:
+            raise ValueError("Scripts needs at least one script name")
+        self.source = {n: lua(n) for n in names}
+        self.sha = {n: hashlib.sha1(src.encode("utf-8")).hexdigest() for n, src in self.source.items()}
+
+    def queue(self, pipe, name: str, keys: list, args: list) -> None:
+        """Queue ``name`` on the pipeline ``pipe`` (its reply comes back with the pipeline's)."""
+        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    async def call(self, client, name: str, keys: list, args: list):
+        """Run ``name`` now; a script the server does not hold is loaded and run again (it ran nothing)."""
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(client)
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    async def execute(self, client, pipe, raise_on_error: bool = True) -> list:
+        """``pipe.execute()`` for a pipeline of queued scripts. Calls the server answered ``NOSCRIPT`` (they ran
+        nothing) are run again, in their order, once the scripts are loaded: a pipeline of one script's calls
+        keeps its order whether the cache was empty from the start or flushed in its middle. Error replies stay
+        in place (``raise_on_error=False``) or the first is raised."""
+        from redis.exceptions import NoScriptError
+
+        calls = [args for args, _options in pipe.command_stack]  # the pipeline forgets them when it runs
+        replies = await pipe.execute(raise_on_error=False)
+        missing = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+        if missing:
+            await self.load(client)
+            again = client.pipeline(transaction=False)
+            for i in missing:
+                again.execute_command(*calls[i])
+            for i, x in zip(missing, await again.execute(raise_on_error=False)):
+                replies[i] = x
+        if raise_on_error:
+            for x in replies:
+                if isinstance(x, Exception):
+                    raise x
+        return replies
+
+    async def load(self, client) -> None:
+        """``SCRIPT LOAD`` every script on ``client``'s server."""
+        pipe = client.pipeline(transaction=False)
+        for src in self.source.values():
+            pipe.script_load(src)
+        await pipe.execute()
+
+
+class _HiredisPacking:
+    """Connection mixin: pack commands with hiredis (C), and load :attr:`preload` scripts on connect."""
+
+    preload: tuple[str, ...] = ()
+
+    def pack_command(self, *args):
+        from redis.exceptions import DataError
+
+        if hiredis is None:  # a dependency; without it, redis-py's own packing
+            return super().pack_command(*args)
+        if isinstance(args[0], str):  # as redis-py: a command name with spaces ("SCRIPT LOAD") is several words
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # what redis-py raises for an argument it cannot encode
+            raise DataError(str(exc)) from exc
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health=check_health)  # hello, auth, select the db
+        if self.preload:  # one round trip for all: send every SCRIPT LOAD, then read the replies
+            await self.send_packed_command(
+                b"".join(p for src in self.preload for p in self.pack_command("SCRIPT", "LOAD", src)),
+                check_health=False)
+            for _ in self.preload:
+                await self.read_response()
+
+
+def async_client(url: str, scripts: Scripts | None = None, **kwargs):
+    """A ``redis.asyncio.Redis`` on ``url`` (``kwargs`` as ``Redis.from_url``'s: timeouts, TLS) whose connections
+    pack with hiredis when it is installed, and load ``scripts`` when they connect."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, **kwargs)
+    pool = client.connection_pool
+    pool.connection_class = connection_class(pool.connection_class, scripts)
+    return client
+
+
+def connection_class(base: type, scripts: Scripts | None = None) -> type:
+    """``base`` (a ``redis.asyncio`` connection class: TCP, TLS or Unix socket) packing with hiredis and loading
+    ``scripts`` on connect."""
+    attrs = {"preload": tuple(scripts.source.values()) if scripts is not None else ()}
+    return type(f"Hiredis{base.__name__}", (_HiredisPacking, base), attrs)
