@@ -169,26 +169,30 @@ class RedisStore(EngineStore):
 
     # interface -------------------------------------------------------------------------------
     async def load(self, event_ids, triggers):
+        # one EXISTS per user counts the batch's markers it holds (one hash tag: one slot); only users where some
+        # exist (a redelivery) are asked event by event, in a second round trip
         pipe = self.r.pipeline(transaction=False)
         plan = []
         for uid, eids in event_ids.items():
             pipe.hmget(self.profile_key(uid), "v", "ver", "tok")
-            for e in eids:
-                pipe.exists(self.marker_key(uid, e))
+            if eids:
+                pipe.exists(*(self.marker_key(uid, e) for e in eids))
             trig = triggers.get(uid, ())
             for t in trig:
                 pipe.hmget(self.decision_key(uid, t), "json", "sent")
             plan.append((uid, eids, trig))
         res = await pipe.execute()
-        out, i = {}, 0
+        out, i, recheck = {}, 0, []
         for uid, eids, trig in plan:
             packed, ver, tok = res[i]
             load = UserLoad(profile=json.loads(packed) if packed else {}, version=ver.decode() if ver else "",
                             token=tok.decode() if tok else "")
             i += 1
-            for e in eids:
-                if res[i]:
-                    load.seen.add(e)
+            if eids:
+                if res[i] == len(eids):
+                    load.seen.update(eids)
+                elif res[i]:
+                    recheck.append((uid, load, eids))
                 i += 1
             for t in trig:
                 js, sent = res[i]
@@ -196,6 +200,14 @@ class RedisStore(EngineStore):
                 if js is not None:
                     load.stored[t] = (js, sent == b"1")
             out[uid] = load
+        if recheck:
+            pipe = self.r.pipeline(transaction=False)
+            for uid, _load, eids in recheck:
+                for e in eids:
+                    pipe.exists(self.marker_key(uid, e))
+            flags = iter(await pipe.execute())
+            for _uid, load, eids in recheck:
+                load.seen.update([e for e in eids if next(flags)])
         return out
 
     async def commit(self, commits):

@@ -107,7 +107,10 @@ class _HiredisPacking:
             args = tuple(args[0].encode().split()) + args[1:]
         elif b" " in args[0]:
             args = tuple(args[0].split()) + args[1:]
-        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # hiredis takes str, int, float and bytes: a bytearray is copied (rare, off the hot path)
+            args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
         try:
             return [hiredis.pack_command(args)]
         except TypeError as exc:  # what redis-py raises for an argument it cannot encode

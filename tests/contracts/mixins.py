@@ -63,6 +63,15 @@ class EngineStoreContract:
         refused = UserCommit("u1", {"n": "3"}, ["e1"], [], version="2", ledger=['{"i":"never"}'])
         assert run(store.commit([refused])) == [False] and run(store.ledger("u1", 1)) == ['{"i":59}']
 
+    def test_load_tells_which_events_each_user_has_seen_all_some_or_none(self):
+        store = self.make_store()
+        commits = [UserCommit("all", {"n": "1"}, ["a1", "a2"], []), UserCommit("some", {"n": "1"}, ["s1"], [])]
+        assert run(store.commit(commits)) == [True, True]
+        loads = run(store.load({"all": ["a1", "a2", "a1"], "some": ["s0", "s1", "s2"], "none": ["n1"], "empty": []},
+                               {}))
+        assert {u: ld.seen for u, ld in loads.items()} == {"all": {"a1", "a2"}, "some": {"s1"}, "none": set(),
+                                                           "empty": set()}
+
     def test_commit_is_refused_whole_when_any_marker_exists(self):
         store = self.make_store()
         assert run(store.commit([UserCommit("u1", {"n": "1"}, ["e1"], [])])) == [True]

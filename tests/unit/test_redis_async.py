@@ -9,7 +9,7 @@ from models.state.redis_async import Scripts, connection_class
 COMMANDS = [
     ("SET", "k", 1.5), ("SET", "k", 0.1), ("SET", "k", 1e-20), ("SET", "k", 10**30), ("SET", "k", -0.0),
     ("EVALSHA", "ab" * 20, 2, "{u:a}:p", b"\x00\xff", "ü", 3.141592653589793, 1e22, -7),
-    ("SCRIPT LOAD", "return 1"), (b"CLIENT SETNAME", b"x"), ("HSET", "h", "f", memoryview(b"mv")),
+    ("SCRIPT LOAD", "return 1"), (b"CLIENT SETNAME", b"x"), ("HSET", "h", "f", memoryview(b"mv")), ("HSET", "h", "g", bytearray(b"ba")),
     ("HSET", "h", "big", "x" * 100_000),
 ]
 
