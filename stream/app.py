@@ -80,6 +80,15 @@ def stop_line(exc: BaseException, where: str) -> str:
             "fix the cause, restart the worker")
 
 
+def learning_stop_line(exc: BaseException) -> str:
+    """The one line for an error that stops the worker while a batch's learning ran behind the decisions."""
+    if isinstance(exc, WorkerStop):
+        return str(exc)
+    return (f"{describe(exc)} while learning from a batch whose decisions were sent; this is not a transient "
+            "Redis or Kafka error: its state and decisions are committed, and the restarted worker's models read "
+            "it back from the log (stream.relearn); see the traceback above, fix the cause, restart the worker")
+
+
 def _credentials(settings: Settings):
     proto = settings.kafka_security_protocol.upper()
     if proto == "PLAINTEXT":
@@ -208,18 +217,22 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         handler = BatchHandler(settings, state["engine"], send, health,
                                fetch=lambda ranges: fetch_ranges(settings, ranges), guard=log_guard,
                                on_recovered=on_recovered,
-                               save_marks=lambda fields: save_log_marks(settings, state["engine"], fields))
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            msgs = [
-                RawMessage(
-                    e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset,
-                    recv.pop((e.message.partition, e.message.offset), None) or time.perf_counter_ns(),
-                )
-                for e in batch
-            ]
-            first = msgs[0]
-            await run_to_completion(handler.handle(msgs), f"a batch of {len(msgs)} message(s) from {first.topic}"
-                                    f"[{first.partition}]@{first.offset}", settings.shutdown_grace_s)
+                               save_marks=lambda fields: save_log_marks(settings, state["engine"], fields),
+                               on_learning_failed=lambda exc: stop_worker(learning_stop_line(exc), exc))
+        try:
+            async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+                msgs = [
+                    RawMessage(
+                        e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset,
+                        recv.pop((e.message.partition, e.message.offset), None) or time.perf_counter_ns(),
+                    )
+                    for e in batch
+                ]
+                first = msgs[0]
+                await run_to_completion(handler.handle(msgs), f"a batch of {len(msgs)} message(s) from "
+                                        f"{first.topic}[{first.partition}]@{first.offset}", settings.shutdown_grace_s)
+        finally:  # stopping: the last batch's learning, which runs behind its decisions, may still be running
+            await finish_learning(handler, settings.shutdown_grace_s)
 
     async def is_ready() -> tuple[bool, dict]:
         eng = state["engine"]
@@ -396,6 +409,20 @@ async def run_to_completion(work, what: str, grace_s: float) -> None:
         raise  # the work completed: let Faust shut down normally (it acknowledges it)
     except BaseException as exc:
         stop_worker(stop_line(exc, f"processing {what}"), exc)
+
+
+async def finish_learning(handler: BatchHandler, grace_s: float) -> None:
+    """On the way out: give the learning still running behind the last batch ``grace_s`` to end. If it does not
+    (Redis down), nothing is lost but that batch's in-memory learning, which the restarted worker reads back
+    (:mod:`stream.relearn`)."""
+    try:
+        await asyncio.wait_for(handler.drain(), grace_s)
+    except asyncio.TimeoutError:
+        log.warning("stopping before the last batch's learning ended (%.0fs); the restarted worker's models read it "
+                    "back from the log", grace_s)
+    except Exception as exc:  # the worker stops either way; the error is the learning's, reported here
+        log.error("the last batch's learning failed while stopping (%s); the restarted worker's models read it back "
+                  "from the log", describe(exc))
 
 
 def log_marks_key(settings: Settings) -> str:

@@ -7,8 +7,13 @@ Order of effects for a batch (at-least-once, nothing lost, nothing applied twice
 2. the engine applies the valid ones (de-duplicated by event id, one atomic commit per user);
 3. decisions are sent, and every send (DLQ and decisions) is acknowledged by the broker before the batch returns;
 4. what the decisions' ids still hold on other campaigns is released and the decisions are marked as sent
-   (:meth:`models.engine.Engine.delivered`), item contributions applied, the models taught. Only then does the
-   caller acknowledge the batch's offsets.
+   (:meth:`models.engine.Engine.delivered`). Then the caller may acknowledge the batch's offsets;
+5. item contributions are applied and the models taught (:meth:`models.engine.Engine.learn`) behind the
+   decisions: with ``PROMO_LEARN_BEHIND`` (the default) in a task that runs while the next batch is taken and
+   decided, at most one batch behind and in batch order (the next batch's learning waits for it: backpressure).
+   Nothing of the batch's state depends on it: the commits hold its effects, a contribution not applied stays
+   parked for the maintenance timer, and models that did not learn it (a crash meanwhile) read it back from the
+   log at the restart (:mod:`stream.relearn`). A learning error that is not transient stops the worker.
 
 Every exception has a verdict (:mod:`stream.faults`): a transient Redis or Kafka error is retried with back-off,
 the step where it happened resumes (a batch whose commit failed half-way continues with the users not committed,
@@ -133,13 +138,16 @@ class _Decoded:
 
 class BatchHandler:
     def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None,
-                 fetch=None, on_recovered=None, guard: LogGuard | None = None, save_marks=None) -> None:
+                 fetch=None, on_recovered=None, guard: LogGuard | None = None, save_marks=None,
+                 on_learning_failed=None) -> None:
         """``fetch(ranges) -> {(topic, partition): [message value, ...]}`` reads offsets ``[start, end)`` back
         (:func:`stream.relearn.fetch_ranges`); without it, learning lost with a previous worker is only reported.
         ``on_recovered(component)``: awaited when a component that was failing answers again (the worker checks
         that Redis still holds its state there); it may raise :class:`stream.faults.WorkerStop`.
         ``guard``: checks the broker's log before a partition is consumed (:mod:`stream.logguard`);
-        ``save_marks(fields)`` persists its marks when a replaced log was accepted."""
+        ``save_marks(fields)`` persists its marks when a replaced log was accepted. ``on_learning_failed(exc)``:
+        called when learning behind the decisions fails with an error that is not transient (the worker stops
+        there); without it the error is raised by the next batch, before it is acknowledged."""
         self.settings = settings
         self.engine = engine
         self.send = send
@@ -157,6 +165,9 @@ class BatchHandler:
         self.save_marks = save_marks
         self.relearn_max = settings.relearn_max_events
         self.dlq_limit = DlqLimit(settings.dlq_max_ratio, settings.dlq_window, settings.dlq_max_consecutive)
+        self.learn_behind = settings.learn_behind
+        self._learning: asyncio.Task | None = None  # the previous batch's learning, while it runs
+        self.on_learning_failed = on_learning_failed
 
     def _check_learning_gap(self, msgs: list[RawMessage]) -> dict[tuple[str, int], tuple[int, int]]:
         """At a partition's first batch: events between the restored model snapshot and where consumption
@@ -289,18 +300,40 @@ class BatchHandler:
                               lambda: self.engine.delivered(result))
             failpoints.hit("marked")
         delivered_ns = time.perf_counter_ns()
-        # the models learn after the decisions are out: learning is not on the decision's critical path.
-        # A crash before this line loses only this batch's learning, never state or decisions.
+        await self._mark_log(msgs)
+        self._observe(msgs, result, batch.recv_by_event, t0, sent_ns, now_ms)
+        for stage, a, b in (("decide", t0, decided_ns), ("send", decided_ns, sent_ns),
+                            ("delivered", sent_ns, delivered_ns)):
+            m.BATCH_STAGE_SECONDS.labels(stage=stage).observe((b - a) / 1e9)
+        # the models learn after the decisions are out: learning is not on the decision's critical path
+        await self.drain()  # the previous batch's, first: models learn batches in order, one at most behind
+        if self.learn_behind:
+            self._learning = asyncio.create_task(self._learn(result, msgs))
+            self._learning.add_done_callback(self._learning_done)
+        else:
+            await self._learn(result, msgs)
+
+    async def _learn(self, result: BatchResult, msgs: list[RawMessage]) -> None:
+        """Item contributions applied, models taught. A crash before the end loses only this batch's learning,
+        never state or decisions (the module docstring, step 5)."""
+        t0 = time.perf_counter_ns()
         await self._retry("learning from a batch", lambda: self.engine.learn(result))
         self._mark_learned(msgs)
-        await self._mark_log(msgs)
         if result.new_events:
             failpoints.hit("learnt")
-        self._observe(msgs, result, batch.recv_by_event, t0, sent_ns, now_ms)
-        end_ns = time.perf_counter_ns()
-        for stage, a, b in (("decide", t0, decided_ns), ("send", decided_ns, sent_ns),
-                            ("delivered", sent_ns, delivered_ns), ("learn", delivered_ns, end_ns)):
-            m.BATCH_STAGE_SECONDS.labels(stage=stage).observe((b - a) / 1e9)
+        m.BATCH_STAGE_SECONDS.labels(stage="learn").observe((time.perf_counter_ns() - t0) / 1e9)
+
+    async def drain(self) -> None:
+        """Wait for the previous batch's learning (if it runs behind); its error, if any, is raised here."""
+        task, self._learning = self._learning, None
+        if task is not None:
+            await task
+
+    def _learning_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None or self.on_learning_failed is None:
+            return
+        self._learning = None  # reported here; drain() must not raise it again
+        self.on_learning_failed(task.exception())
 
     async def _check_log(self, msgs: list[RawMessage]) -> None:
         """Before anything of a partition is applied: is it still the log this engine read? (:mod:`stream.logguard`)"""

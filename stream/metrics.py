@@ -32,14 +32,16 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 BATCH_SECONDS = Histogram(
-    "promo_batch_duration_seconds", "Time to process one batch (receipt to learnt: every stage)",
+    "promo_batch_duration_seconds",
+    "Time to process one batch until it may be acknowledged (receipt to delivered; learning runs behind it, "
+    "see promo_batch_stage_seconds{stage=\"learn\"})",
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
 BATCH_STAGE_SECONDS = Histogram(
     "promo_batch_stage_seconds",
     "Time of one stage of a batch: decide (log check, decode, load, plan, reserve, commit), send (decisions "
     "acknowledged by the broker), delivered (stale reservations released, decisions marked as sent), learn "
-    "(contributions applied, models taught)",
+    "(contributions applied, models taught; behind the next batch's decisions with PROMO_LEARN_BEHIND)",
     ["stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
 EVENT_LAG = Gauge(

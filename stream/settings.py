@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535)
     batch_max: int = Field(500, ge=1, description="max events per batch (stream.take_events)")
     batch_within_s: float = Field(0.005, gt=0, description="max wait to fill a batch, seconds")
+    learn_behind: bool = Field(
+        True, description="a batch's learning runs while the next batch is decided (at most one behind, in "
+        "order); false: before the next batch is taken",
+    )
     rebalance_timeout_s: float = Field(10.0, gt=0, description="consumer group rebalance timeout")
     fetch_max_wait_ms: int = Field(
         10, ge=1, le=1500,

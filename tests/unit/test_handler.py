@@ -39,6 +39,12 @@ class Sink:
         return [json.loads(v) for t, _, v in self.sent if t == topic]
 
 
+async def handled(h: BatchHandler, msgs) -> None:
+    """One batch, its learning included (it runs behind the decisions: :meth:`BatchHandler.drain`)."""
+    await h.handle(msgs)
+    await h.drain()
+
+
 def make(store=None, **kw):
     settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0, **kw)
     sink = Sink()
@@ -48,7 +54,7 @@ def make(store=None, **kw):
 
 def test_invalid_messages_go_to_the_dlq_valid_ones_decide():
     s, h, sink = make()
-    asyncio.run(h.handle([msg(ev("e1"), 0), msg(b"{nope", 1), msg(ev("e2", "cart"), 2), msg(None, 3)]))
+    asyncio.run(handled(h, [msg(ev("e1"), 0), msg(b"{nope", 1), msg(ev("e2", "cart"), 2), msg(None, 3)]))
     dlq = sink.on(s.topic_dlq)
     assert [(d["reason"], d["offset"]) for d in dlq] == [("bad_json", 1), ("bad_json", 3)]
     decisions = sink.on(s.topic_decisions)
@@ -58,8 +64,8 @@ def test_invalid_messages_go_to_the_dlq_valid_ones_decide():
 def test_redelivered_batch_sends_no_second_decision():
     s, h, sink = make()
     batch = [msg(ev("e1", "cart"), 0)]
-    asyncio.run(h.handle(batch))
-    asyncio.run(h.handle(batch))
+    asyncio.run(handled(h, batch))
+    asyncio.run(handled(h, batch))
     assert len(sink.on(s.topic_decisions)) == 1
 
 
@@ -79,7 +85,7 @@ class FlakyStore(MemoryStore):
 
 def test_redis_errors_are_retried_and_reported_not_dead_lettered():
     s, h, sink = make(FlakyStore(3))
-    asyncio.run(h.handle([msg(ev("e1", "cart"), 0)]))
+    asyncio.run(handled(h, [msg(ev("e1", "cart"), 0)]))
     assert sink.on(s.topic_dlq) == [] and len(sink.on(s.topic_decisions)) == 1
     assert h.health.redis_ok
 
@@ -93,7 +99,7 @@ class PoisonStore(MemoryStore):
 
 def test_an_event_the_engine_cannot_handle_is_isolated_and_dead_lettered():
     s, h, sink = make(PoisonStore())
-    asyncio.run(h.handle([msg(ev("e1", "cart"), 0), msg(ev("poison-1"), 1), msg(ev("e3", user="u2"), 2, b"u2")]))
+    asyncio.run(handled(h, [msg(ev("e1", "cart"), 0), msg(ev("poison-1"), 1), msg(ev("e3", user="u2"), 2, b"u2")]))
     dlq = sink.on(s.topic_dlq)
     assert [(d["reason"], d["offset"]) for d in dlq] == [("internal_error", 1)]
     assert "ValueError" in dlq[0]["error"]
@@ -103,14 +109,14 @@ def test_an_event_the_engine_cannot_handle_is_isolated_and_dead_lettered():
 @pytest.mark.parametrize("raw,reason", [(b"[]", "not_object"), (b"x" * 20000, "oversized")])
 def test_reasons(raw, reason):
     s, h, sink = make()
-    asyncio.run(h.handle([msg(raw, 0)]))
+    asyncio.run(handled(h, [msg(raw, 0)]))
     assert sink.on(s.topic_dlq)[0]["reason"] == reason
 
 
 def test_pseudonymised_ids_never_reach_the_store_but_decisions_carry_the_shop_id():
     store = MemoryStore()
     s, h, sink = make(store, pseudonymise_key="k" * 16)
-    asyncio.run(h.handle([msg(ev("e1", "cart", user="alice"), 0, b"alice")]))
+    asyncio.run(handled(h, [msg(ev("e1", "cart", user="alice"), 0, b"alice")]))
     assert "alice" not in store.profiles and len(store.profiles) == 1
     (pseudo,) = store.profiles
     assert pseudo.startswith("p-")
@@ -127,8 +133,8 @@ def test_learned_offsets_advance_and_a_gap_after_the_restored_snapshot_is_report
     s, h, sink = make()
     h.engine.restored_offsets = {("promo.events", 0): 5}
     with caplog.at_level("WARNING", logger="promo.worker"):
-        asyncio.run(h.handle([msg(ev("e1"), 12), msg(ev("e2"), 13)]))
-        asyncio.run(h.handle([msg(ev("e3"), 14)]))
+        asyncio.run(handled(h, [msg(ev("e1"), 12), msg(ev("e2"), 13)]))
+        asyncio.run(handled(h, [msg(ev("e3"), 14)]))
     assert h.engine.learned_offsets == {("promo.events", 0): 15}
     gaps = [r.getMessage() for r in caplog.records if "did not learn" in r.getMessage()]
     assert len(gaps) == 1 and "did not learn 7 events" in gaps[0] and "promo.events[0]" in gaps[0]
@@ -138,7 +144,7 @@ def test_no_gap_is_reported_when_consumption_resumes_where_the_snapshot_ends(cap
     s, h, sink = make()
     h.engine.restored_offsets = {("promo.events", 0): 12}
     with caplog.at_level("WARNING", logger="promo.worker"):
-        asyncio.run(h.handle([msg(ev("e1"), 12)]))
+        asyncio.run(handled(h, [msg(ev("e1"), 12)]))
     assert not [r for r in caplog.records if "did not learn" in r.getMessage()]
 
 
@@ -171,8 +177,8 @@ def test_events_lost_with_the_previous_worker_are_read_back_and_label_pending_po
     engine = Engine(MemoryStore(), holdout_pct=0.0, learning=core)
     engine.restored_offsets = {("promo.events", 0): 5}
     h = BatchHandler(settings, engine, Sink(), Health(), fetch=fetch)
-    asyncio.run(h.handle([msg(ev("b1", user="u2"), 7)]))
-    asyncio.run(h.handle([msg(ev("b2", user="u2"), 8)]))
+    asyncio.run(handled(h, [msg(ev("b1", user="u2"), 7)]))
+    asyncio.run(handled(h, [msg(ev("b2", user="u2"), 8)]))
     assert asked == [{("promo.events", 0): (5, 7)}]  # once, for exactly the missing offsets
     assert core.purchase_model.n_positive == 1
 
@@ -195,7 +201,7 @@ def test_reading_back_is_capped_to_the_newest_events_and_can_be_turned_off(cap, 
     engine.restored_offsets = {("promo.events", 0): 5}
     h = BatchHandler(settings, engine, Sink(), Health(), fetch=fetch)
     with caplog.at_level("WARNING", logger="promo.worker"):
-        asyncio.run(h.handle([msg(ev("e1"), 100)]))
+        asyncio.run(handled(h, [msg(ev("e1"), 100)]))
     assert asked == want
     (warning,) = [r.getMessage() for r in caplog.records if "did not learn 95 events" in r.getMessage()]
     assert ("reading back the newest 3 (PROMO_RELEARN_MAX_EVENTS=3)" in warning) == (cap == 3)

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 from models.engine import Engine
 from models.state.engine_memory import MemoryStore
 from stream.faults import WorkerStop
-from tests.unit.test_handler import Sink, ev, make, msg
+from tests.unit.test_handler import Sink, ev, handled, make, msg
 
 OOM = rex.ResponseError("Error running script (call to f_1): @user_script: 9: -OOM command not allowed when used "
                         "memory > 'maxmemory'.")
@@ -44,7 +44,7 @@ def test_a_commit_refused_by_a_full_redis_is_retried_and_the_rest_counts_once():
     store = OomForUser("u2", 2)
     s, h, sink = make(store)
     batch = [msg(ev("a1", "cart", user="u1"), 0), msg(ev("b1", "cart", user="u2"), 1, b"u2")]
-    asyncio.run(h.handle(batch))
+    asyncio.run(handled(h, batch))
     assert sink.on(s.topic_dlq) == []
     assert sorted(d["trigger_event_id"] for d in sink.on(s.topic_decisions)) == ["a1", "b1"]
     assert not h.health.failing
@@ -71,7 +71,7 @@ def test_a_commit_in_doubt_is_recognised_by_its_token_not_counted_as_a_duplicate
 
     s, h, sink = make(DropsAfterCommit())
     before = (m.EVENTS.labels(type="cart")._value.get(), m.EVENTS_DUPLICATE._value.get())
-    asyncio.run(h.handle([msg(ev("a1", "cart"), 0)]))
+    asyncio.run(handled(h, [msg(ev("a1", "cart"), 0)]))
     after = (m.EVENTS.labels(type="cart")._value.get(), m.EVENTS_DUPLICATE._value.get())
     assert (after[0] - before[0], after[1] - before[1]) == (1, 0)  # applied once, not a duplicate of itself
     (d,) = sink.on(s.topic_decisions)
@@ -106,7 +106,7 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
         def recommend(self, prof, k, now, reads=None):
             return []
 
-        def propensity(self, prof, now):
+        def propensity(self, prof, now, context=None):
             return 0.1
 
         def segment(self, prof):
@@ -124,7 +124,7 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
     # the exploring policy reads what the commits taught back from the store after a batch with decisions
     h.engine = Engine(store, ThompsonPolicy(load_catalogue(), holdout_pct=0.0), holdout_pct=0.0, learning=learning)
     assert h.engine.shares_policy
-    asyncio.run(h.handle([msg(ev("a1", "cart"), 0), msg(ev("a2"), 1)]))
+    asyncio.run(handled(h, [msg(ev("a1", "cart"), 0), msg(ev("a2"), 1)]))
     assert store.failed and learning.n == 2
 
 
@@ -136,7 +136,7 @@ class BrokenEngineStore(MemoryStore):
 def test_when_every_event_fails_alone_the_worker_stops_instead_of_dead_lettering_the_traffic():
     s, h, sink = make(BrokenEngineStore(), dlq_max_consecutive=20, dlq_max_ratio=1.0)
     with pytest.raises(WorkerStop, match="in a row"):
-        asyncio.run(h.handle([msg(ev(f"e{i}", user=f"u{i}"), i) for i in range(25)]))
+        asyncio.run(handled(h, [msg(ev(f"e{i}", user=f"u{i}"), i) for i in range(25)]))
     assert sink.on(s.topic_dlq) == []
 
 
@@ -159,7 +159,7 @@ class FlakyPoison(MemoryStore):
 
 def test_an_event_is_dead_lettered_only_if_it_fails_alone_against_a_healthy_store():
     s, h, sink = make(FlakyPoison())
-    asyncio.run(h.handle([msg(ev("a1", "cart"), 0)]))
+    asyncio.run(handled(h, [msg(ev("a1", "cart"), 0)]))
     assert sink.on(s.topic_dlq) == [] and len(sink.on(s.topic_decisions)) == 1
 
 
@@ -186,7 +186,7 @@ def test_a_failed_ack_sends_that_record_again_and_holds_the_batch_until_it_is_ac
     s, h, _ = make()
     sink = FailingAcks(2)
     h.send = sink
-    asyncio.run(h.handle([msg(b"{bad", 0), msg(ev("a1", "cart"), 1)]))
+    asyncio.run(handled(h, [msg(b"{bad", 0), msg(ev("a1", "cart"), 1)]))
     assert [t for t in sink.attempts] == [s.topic_dlq, s.topic_decisions, s.topic_decisions, s.topic_decisions]
     assert len(sink.on(s.topic_decisions)) == 1 and len(sink.on(s.topic_dlq)) == 1
     assert not h.health.failing
@@ -196,7 +196,7 @@ def test_a_permanent_send_error_stops_the_batch_unacknowledged():
     s, h, _ = make()
     h.send = FailingAcks(1, RecordTooLargeError)
     with pytest.raises(RecordTooLargeError):
-        asyncio.run(h.handle([msg(ev("a1", "cart"), 0)]))
+        asyncio.run(handled(h, [msg(ev("a1", "cart"), 0)]))
     assert h.engine.learned_offsets == {}  # the batch never finished
 
 
@@ -225,7 +225,7 @@ def test_decisions_sent_after_retries_are_marked_sent_once():
     store = MemoryStore()
     s, h, _ = make(store)
     h.send = FailingAcks(1)
-    asyncio.run(h.handle([msg(ev("a1", "cart"), 0)]))
+    asyncio.run(handled(h, [msg(ev("a1", "cart"), 0)]))
     assert [v[1] for v in store.decisions.values()] == [True]
     json.dumps(h.health.failing)
 
@@ -239,11 +239,11 @@ def test_a_decoder_that_fails_on_everything_stops_the_worker_instead_of_dead_let
     s, h, sink = make(dlq_max_consecutive=5, dlq_max_ratio=1.0)
     monkeypatch.setattr(handler, "decode_event", broken)
     with pytest.raises(WorkerStop, match="in a row"):
-        asyncio.run(h.handle([msg(ev(f"e{i}"), i) for i in range(6)]))
+        asyncio.run(handled(h, [msg(ev(f"e{i}"), i) for i in range(6)]))
     assert sink.on(s.topic_dlq) == []
 
 
 def test_bad_input_is_dead_lettered_and_never_counts_against_the_limit():
     s, h, sink = make(dlq_max_consecutive=2, dlq_max_ratio=0.01)
-    asyncio.run(h.handle([msg(b"{not json", i) for i in range(50)]))
+    asyncio.run(handled(h, [msg(b"{not json", i) for i in range(50)]))
     assert len(sink.on(s.topic_dlq)) == 50
