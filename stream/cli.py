@@ -319,15 +319,19 @@ def evaluate_stream(file: Path, fmt: str, limit: int | None, horizon_h: float | 
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "obd"]), default="jsonl")
 @click.option("--seed", type=int, default=0)
+@click.option("--policy", "policies", type=click.Choice(["thompson", "rules"]), multiple=True,
+              default=("thompson",), show_default=True,
+              help="the worker's policy class to replay over the log, reported as policies.engine:<name> (repeatable)")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_policy(file: Path, fmt: str, seed: int, as_json: bool) -> None:
+def evaluate_policy(file: Path, fmt: str, seed: int, policies: tuple[str, ...], as_json: bool) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR) on logged decisions."""
     from stream.evaluate import evaluate_policy_file
 
     if not file.exists():
         raise PromoError(f"{file}: no such file or directory")
     try:
-        report = evaluate_policy_file(file, fmt=fmt, seed=seed)
+        report = evaluate_policy_file(file, fmt=fmt, seed=seed, policies=policies,
+                                      catalogue_path=_settings().catalogue_path)
     except ValueError as exc:  # PolicyDataError names <file>:<line>
         raise PromoError(str(exc)) from exc
     emit(report, as_json)

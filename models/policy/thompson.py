@@ -1,25 +1,34 @@
-"""Contextual Thompson-sampling offer policy scoring incremental margin.
+"""Contextual Thompson-sampling offer policy learning the incremental margin it optimises.
 
-Response model. For a context ``x`` the learning core already estimates ``q(x) = P(buy | x)`` (the
-River purchase-propensity model, ``ctx.propensity``). Each offer ``a`` (``none`` included) multiplies it by
-a lift learned per context cell (by default the user's segment)::
+Reward model. A closed decision's reward is what it earned (:mod:`models.policy.attribution`): the order's margin
+net of the offer's cost (only when redeemed), 0 when the window expired; ``none`` earns the order's margin. For a
+context ``x`` the catalogue says what each offer ``a`` (``none`` included) earns *if* the user buys,
+``v(a, x)`` (``margin(basket) - cost(basket)``; ``none``: the cart's margin), and the learning core estimates
+``q(x) = P(buy | x)`` (``ctx.propensity``). The policy learns, per offer and context cell (by default the user's
+segment), a value lift ``m``::
 
-    P(buy | a, x) = min(1, q(x) * m[a, cell(x)]),     m ~ Gamma(alpha, beta)
+    E[reward | a, x] = q(x) * v(a, x) * m[a, cell(x)],     m ~ Gamma(alpha, beta)
 
-a conjugate Gamma-Poisson model: every decision adds its exposure ``q(x)`` to ``beta`` of the chosen
-offer's cell, every conversion adds 1 to ``alpha``. Exposure is counted when the offer is chosen and the
-conversion when the attribution window closes, so delayed rewards do not bias early estimates upwards
-(purchases arrive within hours, "no purchase" only when the window expires).
+a conjugate Gamma-Poisson model on the reward counted in units of ``v(a, x)``: every decision adds its exposure
+``q(x)`` to ``beta`` of the chosen offer's cell, every closed decision adds ``reward / v(a, x)`` to ``alpha``
+(1 for a purchase at the catalogue's terms; more when the basket was larger, less when the discount gave away
+more; 0 when the window expired). So the posterior is over the reward itself, not over conversions: an offer
+whose buyers spend less than the cart, or a coupon redeemed on small baskets, earns a lower ``m`` although it
+converts. Exposure is counted when the offer is chosen and the reward when the attribution window closes, so
+delayed rewards do not bias early estimates upwards (purchases arrive within hours, "no purchase" only when the
+window expires).
 
 Decision. Draw ``m`` for every eligible offer (``n_draws`` times, from the posterior tempered by
-``temper``: ``Gamma(temper*alpha, temper*beta)``), score each draw's incremental margin
+``temper``: ``Gamma(temper*alpha, temper*beta)``), score each draw's incremental margin against the no-offer arm's
+own draw (pacing's shadow price charged on the offer's cost)
 
-    P(buy | offer)(margin - (1 + shadow price) cost) - P(buy | none) margin
+    q m[a] (margin - (1 + shadow price) cost) - q m[none] margin
 
 (``none`` scores 0), and count how often each offer wins. Mixing in a minimum exploration ``floor`` per
 eligible offer gives the choice distribution; the offer is drawn from it with the caller's ``rng``. The
 logged ``propensity`` is the exact probability of the chosen offer given the state and the draws, as
-off-policy evaluation needs. "none" wins when no offer pays.
+off-policy evaluation needs. "none" wins when no offer pays: when a discount gives away more margin than the
+purchases it adds.
 
 >>> import random
 >>> from models.policy.catalogue import load_catalogue
@@ -28,7 +37,7 @@ off-policy evaluation needs. "none" wins when no offer pays.
 >>> ctx = DecisionContext("u1", 1_700_000_000_000, 120.0, ["i1"], ["apparel"], False, 3, 2, 0.5, 0.1)
 >>> choice = policy.choose(ctx, random.Random(42))
 >>> choice.group, choice.model_version, sorted(choice.scores)
-('treatment', 'ts-2', ['coupon_5', 'none', 'pct_10', 'spend100_save15'])
+('treatment', 'ts-3', ['coupon_5', 'none', 'pct_10', 'spend100_save15'])
 >>> 0.0 < choice.propensity <= 1.0
 True
 >>> policy.learn_one(ctx, choice.offer.offer_id, 30.0)
@@ -47,6 +56,15 @@ from models.policy.eligibility import filter_offers, holdout
 
 MIN_EXPOSURE = 1e-3
 
+VALUE_FLOOR = 0.1
+"""The reward of a decision is counted in units of at least this share of the cart's margin: an offer the catalogue
+expects to keep (almost) nothing of the margin, chosen only by the exploration floor, would otherwise turn a small
+difference of baskets into a huge count."""
+
+MIN_ALPHA = 1e-6
+"""``alpha`` read from a cell is at least this: rewards net of cost may be negative (a discount larger than the
+order's margin), so a cell's sum may fall to or below 0, where the Gamma posterior is undefined."""
+
 
 def _cell_value(ctx: DecisionContext, key: str):
     if key == "segment":
@@ -57,7 +75,7 @@ def _cell_value(ctx: DecisionContext, key: str):
 
 
 class ThompsonPolicy(Policy):
-    """Thompson sampling over eligible offers with per-offer, per-cell purchase-lift models.
+    """Thompson sampling over eligible offers with per-offer, per-cell models of the reward (value lift).
 
     Parameters
     ----------
@@ -89,7 +107,7 @@ class ThompsonPolicy(Policy):
         again - a refused budget reservation, a concurrent change of the user - is counted once).
     """
 
-    model_version = "ts-2"
+    model_version = "ts-3"
     shares_state = True
 
     def __init__(
@@ -138,8 +156,35 @@ class ThompsonPolicy(Policy):
 
     def _posterior(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
         """The cell's ``[alpha, beta]`` to read: its prior while nothing was learnt in it (reading stores nothing,
-        so choosing never changes what the policy learns next)."""
-        return self.cells.get((spec.offer_id, self.cell(ctx))) or self._prior(spec, ctx)
+        so choosing never changes what the policy learns next); ``alpha`` at least :data:`MIN_ALPHA`."""
+        ab = self.cells.get((spec.offer_id, self.cell(ctx)))
+        if ab is None:
+            return self._prior(spec, ctx)
+        return [max(ab[0], MIN_ALPHA), ab[1]]
+
+    @staticmethod
+    def value(spec: OfferSpec, ctx: DecisionContext) -> float:
+        """What a decision with ``spec`` earns if the user buys on the catalogue's terms, before pacing: the
+        basket's margin net of the offer's cost (``none``: the cart's margin).
+
+        >>> from models.policy.catalogue import load_catalogue
+        >>> cat = load_catalogue()
+        >>> ctx = DecisionContext("u", 0, 80.0, [], [], False, 1, None, 0.0, 0.2)
+        >>> ThompsonPolicy.value(cat["coupon_5"], ctx), ThompsonPolicy.value(cat["none"], ctx)
+        (15.0, 20.0)
+        """
+        if spec.kind == "none":
+            return spec.margin(ctx.cart_value)
+        basket = spec.basket(ctx.cart_value)
+        return spec.margin(basket) - spec.cost(basket)
+
+    def reward_units(self, spec: OfferSpec, ctx: DecisionContext, reward: float) -> float:
+        """``reward`` in units of :meth:`value` (at least :data:`VALUE_FLOOR` of the cart's margin): what a closed
+        decision adds to its cell's ``alpha``. 0 when the context has no value to count in (an empty cart)."""
+        unit = max(self.value(spec, ctx), VALUE_FLOOR * spec.margin(ctx.cart_value))
+        if not unit > 0.0:
+            return 0.0
+        return float(reward) / unit
 
     def _posterior_to_learn(self, spec: OfferSpec, ctx: DecisionContext) -> list[float]:
         """The cell's ``[alpha, beta]`` to update in place, created from the prior of the context that first
@@ -151,10 +196,17 @@ class ThompsonPolicy(Policy):
         return ab
 
     def predict_buy(self, ctx: DecisionContext, offer_id: str) -> float:
-        """Posterior-mean ``P(buy | offer, context)``."""
+        """Posterior-mean purchases per decision at the catalogue's terms, ``q(x) m`` (at most 1): the expected
+        reward :meth:`predict_reward` in units of :meth:`value`."""
         spec = self.catalogue.offers.get(offer_id) or self.catalogue[NONE_ID]
         a, b = self._posterior(spec, ctx)
         return min(1.0, self.exposure(ctx) * a / b)
+
+    def predict_reward(self, ctx: DecisionContext, offer_id: str) -> float:
+        """Posterior-mean reward of a decision with ``offer_id`` in ``ctx``, ``q(x) v(a, x) m`` (no pacing)."""
+        spec = self.catalogue.offers.get(offer_id) or self.catalogue[NONE_ID]
+        a, b = self._posterior(spec, ctx)
+        return self.exposure(ctx) * self.value(spec, ctx) * a / b
 
     # --- policy interface --------------------------------------------------------------------
     def clone(self) -> "ThompsonPolicy":
@@ -212,13 +264,14 @@ class ThompsonPolicy(Policy):
         q = self.exposure(ctx)
         gen = np.random.default_rng(rng.getrandbits(63))
         t = self.temper
-        p = np.minimum(1.0, q * gen.gamma(a * t, 1.0 / (b * t), size=(self.n_draws, n)))
+        # not clipped at 1: q m is the reward in units of value, and larger baskets may earn more than one unit
+        p = q * gen.gamma(a * t, 1.0 / (b * t), size=(self.n_draws, n))
         inc = p * gain - p[:, :1] * margin
         inc[:, 0] = 0.0
         wins = np.bincount(np.argmax(inc, axis=1), minlength=n) / self.n_draws
         f = min(self.floor, 1.0 / n)
         probs = (1.0 - n * f) * wins + f
-        pm = np.minimum(1.0, q * a / b)
+        pm = q * a / b
         mean_scores = pm * gain - pm[0] * margin
         mean_scores[0] = 0.0
         return probs, mean_scores
@@ -234,16 +287,16 @@ class ThompsonPolicy(Policy):
             self._posterior_to_learn(spec, ctx)[1] += self.exposure(ctx)
 
     def learn_one(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None) -> None:
-        """Learn the outcome of a closed decision (holdout decisions teach ``none`` too).
+        """Learn the reward of a closed decision (holdout decisions teach ``none`` too): ``alpha`` of the offer's
+        cell gains the reward in units of :meth:`value` (:meth:`reward_units`).
 
-        ``converted`` defaults to ``reward != 0`` (a purchase inside the window; expiry gives reward 0).
+        ``converted`` is not needed: the reward says what the decision earned (0 when the window expired).
         """
         spec = self.catalogue.offers.get(offer_id)
         if spec is None:
             return None
-        y = bool(reward != 0) if converted is None else bool(converted)
         ab = self._posterior_to_learn(spec, ctx)
-        ab[0] += y
+        ab[0] += self.reward_units(spec, ctx, reward)
         if not self.exposure_at_choice:
             ab[1] += self.exposure(ctx)
         self.n_learned += 1
@@ -276,9 +329,14 @@ class ThompsonPolicy(Policy):
         return self._update(ctx, offer_id, 0.0, self.exposure(ctx))
 
     def outcome_update(self, ctx: DecisionContext, offer_id: str, reward: float, converted: bool | None = None):
-        """The update :meth:`learn_one` would make for a closed decision, as :meth:`exposure_update`."""
-        y = bool(reward != 0) if converted is None else bool(converted)
-        return self._update(ctx, offer_id, float(y), 0.0 if self.exposure_at_choice else self.exposure(ctx))
+        """The update :meth:`learn_one` would make for a closed decision, as :meth:`exposure_update`: ``d_alpha``
+        is the reward in units of :meth:`value` (a float, possibly negative; the store adds it with
+        ``HINCRBYFLOAT`` as before)."""
+        spec = self.catalogue.offers.get(offer_id)
+        if spec is None:
+            return None
+        return self._update(ctx, offer_id, self.reward_units(spec, ctx, reward),
+                            0.0 if self.exposure_at_choice else self.exposure(ctx))
 
     def load_state(self, state: dict) -> None:
         """Replace the posteriors with the store's hash: fields ``a:<cell field>``, ``b:<cell field>`` and ``n``

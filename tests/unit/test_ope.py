@@ -109,7 +109,7 @@ def test_jsonl_roundtrip_and_cli(tmp_path):
     rows = simulated_logs(400, 3)
     f = _write(tmp_path, [{"actions": ACTIONS}] + [
         {"context": r.context, "action": r.action, "propensity": r.propensity, "reward": r.reward} for r in rows])
-    direct = evaluate_rows(rows)
+    direct = evaluate_rows([list(ACTIONS)] + rows, seed=4, engine_policies=("thompson",))
     from_file = evaluate_file(f, seed=4)
     assert from_file["policies"] == direct["policies"] and from_file["seed"] == 4
     res = CliRunner().invoke(cli, ["evaluate", "policy", str(f), "--json"])
@@ -140,3 +140,32 @@ def test_obd_reader_and_converter(tmp_path):
     (sample / "men.csv").write_text("a,b\n1,2\n")
     with pytest.raises(PolicyDataError, match="not an Open Bandit Dataset CSV"):
         evaluate_file(sample, fmt="obd")
+
+
+def test_engine_policies_are_replayed_and_reported_beside_the_others():
+    """The worker's own policy classes, replayed over the log, are reported as ``engine:<name>`` with the same
+    fields; the Thompson policy learning every row finds the best action and its IPS interval covers its true
+    value; with replay learning it learns only the rows it would have chosen itself."""
+    rows = simulated_logs(3000, 2)
+    rep = evaluate_rows(rows, seed=1, true_reward=true_reward, engine_policies=("thompson", "rules"), learning="all")
+    p = rep["policies"]
+    for name in ("engine:thompson", "engine:rules"):
+        assert set(p[name]) >= set(p["learned"]) and p[name]["rows_learnt"] == 3000, name
+    best_true = max(p[f"always:{a}"]["true"] for a in ACTIONS)
+    assert p["engine:thompson"]["true"] >= 0.9 * best_true, (p["engine:thompson"], best_true)
+    assert p["engine:thompson"]["ips_ci95"][0] <= p["engine:thompson"]["true"] <= p["engine:thompson"]["ips_ci95"][1]
+    replayed = evaluate_rows(rows, seed=1, engine_policies=("thompson",))["policies"]["engine:thompson"]
+    assert replayed["learning"] == "replay" and 0 < replayed["rows_learnt"] < 3000
+    assert evaluate_rows(rows, seed=1, engine_policies=("thompson",))["policies"]["engine:thompson"] == replayed
+
+
+def test_cli_policy_option(tmp_path):
+    rows = simulated_logs(300, 5)
+    f = _write(tmp_path, [{"actions": ACTIONS}] + [
+        {"context": r.context, "action": r.action, "propensity": r.propensity, "reward": r.reward} for r in rows])
+    res = CliRunner().invoke(cli, ["evaluate", "policy", str(f), "--policy", "rules", "--policy", "thompson", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)["policies"]
+    assert {"engine:rules", "engine:thompson"} <= set(out)
+    res = CliRunner().invoke(cli, ["evaluate", "policy", str(f), "--policy", "greedy", "--json"])
+    assert res.exit_code != 0

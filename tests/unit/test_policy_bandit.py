@@ -71,7 +71,8 @@ def _train(p: ThompsonPolicy, lift: dict[str, float], n: int, seg: int = 1, q: f
         c = ctx(i, seg=seg, q=q, cart=cart)
         ch = p.choose(c, random.Random(rnd.random()))
         bought = rnd.random() < q * lift[ch.offer.offer_id]
-        p.learn_one(c, ch.offer.offer_id, 30.0 if bought else 0.0)
+        # the reward attribution gives a purchase with the offer: the basket's margin net of the offer's cost
+        p.learn_one(c, ch.offer.offer_id, ThompsonPolicy.value(CAT[ch.offer.offer_id], c) if bought else 0.0)
 
 
 def test_learns_the_offer_that_pays_and_none_when_nothing_pays():
@@ -143,3 +144,42 @@ def test_bad_context_values_do_not_crash():
         assert 0 < ch.propensity <= 1
         p.learn_one(ctx(q=q), ch.offer.offer_id, 1.0)
     p.learn_one(ctx(), "unknown-offer", 1.0)  # an offer removed from the catalogue: ignored
+
+
+def test_learns_the_reward_not_conversions():
+    """An offer that doubles purchases on paper but whose buyers only take the discount on small baskets (reward
+    below the catalogue's) loses to "none": the policy learns what decisions earn, not how often they convert."""
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    rnd = random.Random(4)
+    for i in range(4000):
+        c = ctx(i)
+        oid = p.choose(c, random.Random(rnd.random())).offer.offer_id
+        bought = rnd.random() < 0.1 * (2.0 if oid == "cheap" else 1.0)
+        earned = 3.0 if oid == "cheap" else ThompsonPolicy.value(CAT[oid], c)  # cheap: baskets of 17, 2 off
+        p.learn_one(c, oid, earned if bought else 0.0, converted=bought)
+    picks = Counter(p.choose(ctx(50_000 + i), random.Random(i)).offer.offer_id for i in range(300))
+    assert picks["none"] > 250, picks
+    assert p.predict_reward(ctx(), "cheap") < p.predict_reward(ctx(), "none")
+
+
+def test_shared_updates_teach_what_learn_one_teaches():
+    """The exposure and outcome updates the engine commits, summed by a store and loaded back, give exactly the
+    posteriors the policy builds learning in memory (negative and fractional rewards included)."""
+    from models.state.engine_memory import MemoryStore
+
+    shared = ThompsonPolicy(CAT, holdout_pct=0.0, defer_exposure=True)
+    local = ThompsonPolicy(CAT, holdout_pct=0.0, defer_exposure=True)
+    store = MemoryStore()
+    rng = random.Random(8)
+    for i in range(300):
+        c = DecisionContext(f"u{i}", 0, 20.0 + i % 90, [], [], False, 1, i % 3, 0.3, 0.05 + (i % 7) / 20)
+        oid = shared.choose(c, random.Random(i)).offer.offer_id
+        reward = rng.choice([0.0, 0.0, 12.5, -3.0, 31.0])
+        store._apply_policy([u for u in (shared.exposure_update(c, oid), shared.outcome_update(c, oid, reward))
+                             if u is not None], {"n": 1})
+        local.expose(c, oid)
+        local.learn_one(c, oid, reward)
+    shared.load_state(asyncio.run(store.policy_state()))
+    assert shared.cells.keys() == local.cells.keys()
+    for k, (a, b) in local.cells.items():
+        assert shared.cells[k] == pytest.approx([a, b], rel=1e-9, abs=1e-9), k

@@ -1,5 +1,7 @@
 """Evaluate policies on logged decisions (see :mod:`models.evaluation.ope`): the progressive learned policy,
-the logging policy and every constant policy, with each estimator of :mod:`models.evaluation.ope.estimators`.
+the logging policy, every constant policy and the worker's own policy classes replayed over the log
+(``engine:<name>``, :mod:`models.evaluation.ope.engine`), with each estimator of
+:mod:`models.evaluation.ope.estimators`.
 
 One pass over the log (:func:`evaluate_rows`): the rows are checked against the declared actions
 (:func:`_logged_rows`), the actions indexed (:func:`_action_list`), then each row scores every target policy and
@@ -12,6 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from models.evaluation.ope.engine import EnginePolicyReplay
 from models.evaluation.ope.estimators import ESTIMATORS, Z95, OffPolicyEstimator, SelfNormalisedIPS
 from models.evaluation.ope.logged import LoggedRow, PolicyDataError
 from models.evaluation.ope.reward_model import ShrinkageRewardModel, greedy
@@ -93,10 +96,12 @@ class _ProgressiveEvaluation:
     """One pass over the log: each row is scored by every target policy with the reward model trained on the rows
     before it, then learnt. Families of target policies: ``always:<a>`` (one per action), ``learned`` (greedy on
     the reward model) and ``logging`` (the logged rewards themselves). With ``true_reward``, each policy's true
-    value is summed too."""
+    value is summed too. ``engines``: the worker's policies replayed over the log (``engine:<name>``), each scored
+    on a row before it may learn it."""
 
     def __init__(self, actions: list[str], strength: float,
-                 true_reward: Callable[[dict, str], float] | None) -> None:
+                 true_reward: Callable[[dict, str], float] | None,
+                 engines: list[EnginePolicyReplay] | None = None) -> None:
         self.actions = actions
         self.index = {a: i for i, a in enumerate(actions)}
         self.none_index = self.index.get("none")
@@ -107,6 +112,9 @@ class _ProgressiveEvaluation:
         self.logged_reward_sum = self.logged_reward_sq_sum = 0.0
         self.true_constant = np.zeros(len(actions))
         self.true_learned = 0.0
+        self.engines = list(engines or [])
+        self.engine_estimates = _Estimates(len(self.engines)) if self.engines else None
+        self.true_engines = np.zeros(len(self.engines))
         self.n_rows = 0
 
     def add(self, row: LoggedRow) -> None:
@@ -118,13 +126,18 @@ class _ProgressiveEvaluation:
         constant_actions = self._constant_actions(logged, eligible)
         self._add_constant(row, logged, rhat, constant_actions)
         self._add_learned(row, logged, rhat, learned_pi)
+        engine_pis = self._add_engines(row, logged, rhat)
         self.logged_reward_sum += row.reward
         self.logged_reward_sq_sum += row.reward * row.reward
         if self.true_reward is not None:
             true_rewards = np.array([self.true_reward(row.context, a) for a in self.actions])
             self.true_constant += true_rewards[constant_actions]
             self.true_learned += float(learned_pi @ true_rewards)
+            for k, pi in enumerate(engine_pis):
+                self.true_engines[k] += float(pi @ true_rewards)
         self.model.learn(row.context, row.action, row.reward)
+        for engine, pi in zip(self.engines, engine_pis):
+            engine.learn(row, pi)  # after scoring: row t is scored by the policy as it stood after rows < t
         self.n_rows += 1
 
     def _eligible(self, row: LoggedRow) -> np.ndarray | None:
@@ -154,6 +167,17 @@ class _ProgressiveEvaluation:
         dr = float(learned_pi @ rhat) + w * (row.reward - rhat[logged])
         self.learned.add(np.array([w]), row.reward, np.array([dr]))
 
+    def _add_engines(self, row: LoggedRow, logged: int, rhat: np.ndarray) -> list[np.ndarray]:
+        """Score ``row`` with every replayed engine policy; returns their distributions (for :meth:`add` to learn)."""
+        if not self.engines:
+            return []
+        pis = [engine.distribution(row) for engine in self.engines]
+        w = np.array([pi[logged] for pi in pis]) / row.propensity
+        dr = np.array([float(pi @ rhat) for pi in pis]) + w * (row.reward - rhat[logged])
+        assert self.engine_estimates is not None
+        self.engine_estimates.add(w, row.reward, dr)
+        return pis
+
     def logged_mean(self) -> float:
         return self.logged_reward_sum / self.n_rows
 
@@ -161,9 +185,15 @@ class _ProgressiveEvaluation:
         """Each target policy's report: ``learned``, ``logging``, then ``always:<a>`` in action order."""
         n = self.n_rows
         policies: dict[str, dict] = {"learned": self.learned.report(0), "logging": self._logging_report()}
+        for k, engine in enumerate(self.engines):
+            assert self.engine_estimates is not None
+            policies[f"engine:{engine.name}"] = {**self.engine_estimates.report(k), "learning": engine.learning,
+                                                 "rows_learnt": engine.rows_learnt}
         for action, i in self.index.items():
             policies[f"always:{action}"] = self.constant.report(i)
         if self.true_reward is not None:
+            for k, engine in enumerate(self.engines):
+                policies[f"engine:{engine.name}"]["true"] = _reported(self.true_engines[k] / n)
             policies["learned"]["true"] = _reported(self.true_learned / n)
             for action, i in self.index.items():
                 policies[f"always:{action}"]["true"] = _reported(self.true_constant[i] / n)
@@ -187,15 +217,23 @@ def evaluate_rows(
     true_reward: Callable[[dict, str], float] | None = None,
     progress: Callable[[int], None] | None = None,
     source: str = "<rows>",
+    engine_policies: Iterable[str] = (),
+    learning: str = "replay",
+    catalogue=None,
 ) -> dict:
-    """Evaluate the learned, logging and constant policies on logged rows (see the module docstring).
+    """Evaluate the learned, logging and constant policies on logged rows (see the module docstring), and the
+    worker's policy classes named in ``engine_policies`` (``"thompson"``, ``"rules"``) replayed with ``learning``
+    (``"replay"`` or ``"all"``, :mod:`models.evaluation.ope.engine`) over ``catalogue`` (default: the bundled one).
 
     ``true_reward(context, action)`` (simulated logs only) adds each policy's true value as ``"true"``.
-    The progressive greedy learner is deterministic; ``seed`` is recorded in the report.
+    The progressive greedy learner is deterministic; ``seed`` seeds the replayed Thompson policy's draws.
     """
     declared, logged = _logged_rows(rows, source)
     actions = _action_list(declared, logged)
-    evaluation = _ProgressiveEvaluation(actions, strength, true_reward)
+    p_min = min(row.propensity for row in logged)
+    engines = [EnginePolicyReplay(name, actions, p_min, catalogue=catalogue, learning=learning, seed=seed)
+               for name in dict.fromkeys(engine_policies)]
+    evaluation = _ProgressiveEvaluation(actions, strength, true_reward, engines)
     for row in logged:
         evaluation.add(row)
         if progress is not None and evaluation.n_rows % PROGRESS_EVERY == 0:
@@ -208,7 +246,9 @@ def evaluate_rows(
         "actions": len(actions),
         "seed": seed,
         "learning": "progressive (row t scored by a policy trained on rows < t)",
+        "engine_learning": learning if engines else None,
         "mean_reward": _reported(evaluation.logged_mean()),
         "best_constant": best,
+        "best_constant_ips": max(constants, key=lambda name: policies[name]["ips"] or -math.inf),
         "policies": policies,
     }
