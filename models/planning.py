@@ -102,7 +102,7 @@ class Planner:
             segment=learning.segment(prof) if learning is not None else None,
             churn_risk=float(prof.churn_risk or 0.0),
             propensity=(
-                learning.propensity(prof, e.ts) if learning is not None
+                learning.propensity(prof, e.ts, e.context or None) if learning is not None
                 else (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10)
             ),
             offers_today=prof.offers_since(day_start),

@@ -133,6 +133,8 @@ class Profile:
     prev_ts: int = 0  # time of the event before the latest one (dwell time)
     last_repeat: int = 0  # 1 when the latest event's item is the one of the event before
     session_new_items: int = 0  # events of the session on an item not among the recent items before
+    prev_session_gap_ms: int = 0  # from the previous session's last event to this session's first (0: first session)
+    last_cart_ts: int = 0  # time of the latest add-to-cart (0: none yet)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -223,6 +225,8 @@ class Profile:
             or ts - self.last_ts > self.SESSION_GAP_MS
             or (session_id and session_id != self.session_id)
         ):
+            if self.session_events and ts > self.last_ts:  # how long the user stayed away: a return signal
+                self.prev_session_gap_ms = ts - self.last_ts
             self.n_sessions += 1
             self.session_id = session_id or ""
             self.session_start = ts
@@ -255,6 +259,8 @@ class Profile:
         self.cart[e.item_id] = [qty, float(e.price or (line[1] if line else 0.0)), e.category or (line and line[2])]
         self.session_carts += 1
         self.session_cart_value += e.value
+        if e.ts > self.last_cart_ts:
+            self.last_cart_ts = e.ts
 
     def _remove_from_cart(self, e: Event) -> None:
         """Take the quantity off the item's cart line; the line goes when nothing is left."""

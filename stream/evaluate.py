@@ -13,6 +13,7 @@ from pathlib import Path
 from models.evaluation.ope import evaluate_rows, iter_jsonl, iter_obd
 from models.evaluation.ope.logged import PolicyDataError, obd_csv
 from models.evaluation.prequential import evaluate_events, fmt_score
+from models.policy.catalogue import DEFAULT_PATH, load_catalogue
 from models.events import Event
 from stream.errors import PromoError
 from stream.sources import read_events
@@ -84,12 +85,20 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
         say("HR@20 / MRR@20 of the baselines: " + ", ".join(
             f"{name} {fmt_score(m['hr_at_20'])} / {fmt_score(m['mrr_at_20'])}"
             for name, m in report["baselines"].items()))
+        say("AUC engine / frequency by horizon: " + ", ".join(
+            f"{h} h {fmt_score(m['engine'])} / {fmt_score(m['frequency'])}"
+            for h, m in report["auc_by_horizon_h"].items()))
     return report
 
 
-def evaluate_policy_file(path: str | Path, fmt: str = "jsonl", seed: int = 0) -> dict:
-    """``promo evaluate policy FILE --format jsonl|obd --seed N``: the report dict (:mod:`models.evaluation.ope`).
+def evaluate_policy_file(path: str | Path, fmt: str = "jsonl", seed: int = 0, policies: tuple[str, ...] = ("thompson",),
+                         learning: str = "replay", catalogue_path: str | Path | None = None) -> dict:
+    """``promo evaluate policy FILE --format jsonl|obd --seed N --policy thompson|rules``: the report dict
+    (:mod:`models.evaluation.ope`), with the worker's policy classes in ``policies`` replayed over the log as
+    ``engine:<name>`` (:mod:`models.evaluation.ope.engine`; ``learning``: ``replay`` or ``all``).
 
+    ``catalogue_path`` (the CLI passes ``PROMO_CATALOGUE_PATH``'s; default the bundled catalogue) is the worker's
+    catalogue the replayed policies decide with when the log's actions are its offers (a ``promo ledger export``).
     Raises :class:`PolicyDataError` (a ``ValueError``) naming ``<file>:<line>`` for invalid input.
     """
     if fmt == "jsonl":
@@ -98,12 +107,14 @@ def evaluate_policy_file(path: str | Path, fmt: str = "jsonl", seed: int = 0) ->
         rows = iter_obd(path)
     else:
         raise PolicyDataError(f"{path}:0: unknown format '{fmt}' (use jsonl or obd)")
+    catalogue = load_catalogue(catalogue_path or DEFAULT_PATH)
 
     def progress(n: int) -> None:
         print(f"evaluate policy: {n} rows", file=sys.stderr, flush=True)
 
     src = str(obd_csv(Path(path))) if fmt == "obd" else str(path)
-    report = evaluate_rows(rows, seed=seed, progress=progress, source=src)
+    report = evaluate_rows(rows, seed=seed, progress=progress, source=src, engine_policies=policies,
+                           learning=learning, catalogue=catalogue)
     report["file"] = str(path)
     report["format"] = fmt
     return report

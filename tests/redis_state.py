@@ -85,6 +85,8 @@ _CONTEXT_DERIVED: tuple[tuple[str, str], ...] = (
     ("features.last_price_level", "the category price statistics at decision time"),
     ("features.item_conversion", "the item conversion statistics at decision time"),
     ("features.category_conversion", "the category conversion statistics at decision time"),
+    ("features.category_share", "the category's share of all events at decision time"),
+    ("features.category_buy_per_cart", "the category's purchases per add-to-cart at decision time"),
 )
 
 DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (

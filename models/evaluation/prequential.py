@@ -22,12 +22,19 @@ The events are replayed in batches of ``batch_size`` events, as the worker would
   frequency baseline; AUC (exact, rank-based) and log loss are computed over the points whose horizon closed
   before the log ends (``scored_points``): a positive label arrives early and a negative one only when H
   elapses, so scoring every label seen would pit late positives against early negatives.
+* **purchase within H, at several H** — ``auc_by_horizon_h`` scores the same way at each horizon of
+  ``report_horizons_h`` (default 0.05, 0.25, 1 and 24 hours), from the same replay: beside the core, one
+  propensity-only core per other horizon (the same events and profiles, its own decision points, labels and
+  model; no item statistics) learns each batch, so the four horizons cost one replay plus the propensity part
+  three more times (``horizons_s``), not four replays. A horizon longer than the log leaves no point whose horizon
+  closed: its AUCs are ``null``.
 * **events/s** — events divided by the time spent in the learning path (profile apply + ``learn_batch``);
   the time spent on the evaluation's own predictions is excluded (it is reported as ``predict_s``).
 
 Output keys (contract): ``events``, ``events_per_s``, ``engine`` and ``baseline`` with ``hr_at_20``,
 ``mrr_at_20``, ``auc``, ``logloss``; ``baselines`` with ``{"<name>": {"hr_at_20", "mrr_at_20"}}`` for
-``popularity`` (the same numbers as ``baseline``) and each baseline of :mod:`models.evaluation.baselines`; more
+``popularity`` (the same numbers as ``baseline``) and each baseline of :mod:`models.evaluation.baselines`;
+``auc_by_horizon_h`` with ``{"<H>": {"engine", "frequency", "scored_points", "scored_positives"}}``; more
 keys describe the run (``baselines_s``: time the baselines spent learning and recommending). Undefined values
 (no label yet, one class only) are ``null``.
 """
@@ -46,9 +53,11 @@ from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
 from models.profile import Profile
 
-__all__ = ["evaluate_events", "roc_auc", "log_loss"]
+__all__ = ["evaluate_events", "closed_predictions", "roc_auc", "log_loss", "REPORT_HORIZONS_H"]
 
 K = 20
+REPORT_HORIZONS_H = (0.05, 0.25, 1.0, 24.0)
+"""Horizons (hours) of ``auc_by_horizon_h``."""
 
 
 def roc_auc(y, p) -> float | None:
@@ -94,24 +103,54 @@ def evaluate_events(
     core: LearningCore | None = None,
     baselines: dict[str, NextItemBaseline] | None = None,
     progress=None,
+    report_horizons_h: tuple[float, ...] = REPORT_HORIZONS_H,
 ) -> dict:
     """Prequential evaluation of a time-sorted, de-duplicated event list (see the module docstring).
 
     ``baselines``: the next-item baselines by name (default :func:`models.evaluation.baselines.make_baselines`;
-    ``{}`` for popularity only)."""
+    ``{}`` for popularity only). ``report_horizons_h``: the horizons of ``auc_by_horizon_h`` (``()``: none)."""
     core = core or LearningCore(MemoryItemStore(), horizon_h=horizon_h, keep_predictions=True)
     core.purchase_model.keep_predictions = True
+    horizon_cores = {h: (core if h == core.horizon_h else _propensity_core(core, h)) for h in report_horizons_h}
     if baselines is None:
         baselines = make_baselines()
     clash = {"engine", "baseline", "popularity"} & set(baselines)
     if clash:
         raise ValueError(f"baseline names {sorted(clash)} are taken by the report")
     t_start = time.perf_counter()
-    run = _replay(events, core, batch_size, k, progress, baselines)
+    extra = [c for c in horizon_cores.values() if c is not core]
+    run = _replay(events, core, batch_size, k, progress, baselines, extra)
     report = _report(core, run, len(events), batch_size, t_start)
+    report["auc_by_horizon_h"] = {f"{h:g}": _horizon_scores(c) for h, c in horizon_cores.items()}
+    report["horizons_s"] = round(run.horizons_s, 3)
     if k != K:
         report["k"] = k
     return report
+
+
+def _propensity_core(core: LearningCore, horizon_h: float) -> LearningCore:
+    """A core like ``core`` at another horizon that learns only purchase propensity (the item statistics are
+    the main core's: ``items_via_commit`` skips them)."""
+    other = LearningCore(MemoryItemStore(), horizon_h=horizon_h, decision_points=core.decision_points,
+                         keep_predictions=True, propensity_options=core.propensity_options,
+                         context_keys=core.context_keys)
+    other.items_via_commit = True
+    return other
+
+
+def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int]]:
+    """The ``(label, engine p, baseline p, ts)`` of the core's points whose horizon closed before its watermark."""
+    # score only points whose horizon closed before the log ends: positives close early, negatives only at
+    # the horizon, so scoring every label seen would compare late positives with early negatives
+    closed = core.watermark - core.purchase_model.horizon_ms
+    return [t for t in core.purchase_model.predictions if t[3] <= closed]
+
+
+def _horizon_scores(core: LearningCore) -> dict:
+    preds = closed_predictions(core)
+    y = [t[0] for t in preds]
+    return {"engine": roc_auc(y, [t[1] for t in preds]), "frequency": roc_auc(y, [t[2] for t in preds]),
+            "scored_points": len(preds), "scored_positives": int(sum(y))}
 
 
 @dataclass
@@ -149,12 +188,14 @@ class _Replay:
     predict_s: float = 0.0
     baselines: tuple[str, ...] = ()
     baselines_s: float = 0.0
+    horizons_s: float = 0.0
 
 
 def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, progress,
-            baselines: dict[str, NextItemBaseline]) -> _Replay:
+            baselines: dict[str, NextItemBaseline], horizon_cores: list[LearningCore] = ()) -> _Replay:
     """Replay ``events`` in batches as the worker would: each event's next item predicted before it is applied,
-    then the batch learnt; the baselines predict at the same points and learn each event after it."""
+    then the batch learnt; the baselines predict at the same points and learn each event after it;
+    ``horizon_cores`` (propensity at other horizons) learn each batch after the core."""
     run = _Replay(baselines=tuple(baselines))
     models = list(baselines.items())
     profiles = run.profiles
@@ -187,7 +228,11 @@ def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, pr
             touched[e.user_id] = prof
         t0 = time.perf_counter()
         core.learn_batch(batch, touched)
-        run.learn_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        run.learn_s += t1 - t0
+        for other in horizon_cores:
+            other.learn_batch(batch, touched)
+        run.horizons_s += time.perf_counter() - t1
         if progress and time.perf_counter() - last_report > 2.0:
             last_report = time.perf_counter()
             done = start + len(batch)
@@ -206,10 +251,7 @@ def _predict_next_item(core: LearningCore, prof: Profile, e: Event, k: int, tall
 
 def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: float) -> dict:
     """The output keys (see the module docstring)."""
-    # score only points whose horizon closed before the log ends: positives close early, negatives only at
-    # the horizon, so scoring every label seen would compare late positives with early negatives
-    closed = core.watermark - core.purchase_model.horizon_ms
-    preds = [t for t in core.purchase_model.predictions if t[3] <= closed]
+    preds = closed_predictions(core)
     y = [t[0] for t in preds]
     q = core.quality()
     next_item = run.next_item

@@ -262,8 +262,8 @@ class LearningCore:
         carts: set[str] = set()
         model = self.purchase_model
         iev, ipur = self.item_conv.events, self.item_conv.purchases
-        cev, cpur = self.cat_conv.events, self.cat_conv.purchases
-        n_conv = n_pur = n_cat = n_cat_pur = 0
+        cev, cpur, ccart = self.cat_conv.events, self.cat_conv.purchases, self.cat_conv.carts
+        n_conv = n_pur = n_cat = n_cat_pur = n_cat_cart = 0
         for e in events:
             u = e.user_id
             seen[u] = seen.get(u, 0) + 1
@@ -287,9 +287,12 @@ class LearningCore:
                 model.purchase(u, e.ts)
             elif etype == "cart":
                 carts.add(u)
+                if cat:
+                    ccart[cat] = ccart.get(cat, 0) + 1
+                    n_cat_cart += 1
             last[u] = e
         self.item_conv.add_totals(n_conv, n_pur)
-        self.cat_conv.add_totals(n_cat, n_cat_pur)
+        self.cat_conv.add_totals(n_cat, n_cat_pur, n_cat_cart)
         return last, seen, carts
 
     def relearn(self, events: list[Event]) -> None:

@@ -78,6 +78,10 @@ class DelayedLabelLearner:
         Decision points waiting for a label; the oldest beyond are dropped (counted in ``n_dropped``).
     keep_predictions
         Also keep every ``(label, engine p, baseline p, point ts)`` (offline evaluation: exact AUC).
+    keep_features
+        With ``keep_predictions``, also keep each of those points' ``(dense values, extra)`` in
+        :attr:`kept_features` (same order): offline models can then learn from the very points the engine is
+        scored on (``load_tests/propensity_yardstick.py``).
     metric_window
         Labels the online AUC and log loss are computed over (the most recent ones).
     negative_rate
@@ -96,6 +100,8 @@ class DelayedLabelLearner:
         scored (online metrics) when its horizon closes, with the prediction made at the decision point.
     """
 
+    keep_features = False  # a learner unpickled from before the attribute existed keeps none
+
     def __init__(
         self,
         horizon_ms: int = 3_600_000,
@@ -106,6 +112,7 @@ class DelayedLabelLearner:
         metric_window: int = 10_000,
         negative_rate: float = 0.25,
         learn_at: str = "label",
+        keep_features: bool = False,
     ) -> None:
         if horizon_ms <= 0:
             raise ValueError(f"the propensity horizon must be > 0 ms, got {horizon_ms}")
@@ -122,6 +129,7 @@ class DelayedLabelLearner:
         if learn_at not in ("horizon", "label", "fake_negative"):
             raise ValueError(f"learn_at must be 'horizon', 'label' or 'fake_negative', got {learn_at!r}")
         self.learn_at = learn_at
+        self.keep_features = keep_features
         self.reset()
 
     def reset(self) -> None:
@@ -136,10 +144,12 @@ class DelayedLabelLearner:
         self.n_negative_seen = 0
         self.n_scored = 0
         self.predictions: list[tuple[int, float, float, int]] = []
+        self.kept_features: list[tuple[tuple[float, ...], dict | None]] = []
 
     def clone(self) -> "DelayedLabelLearner":
         return DelayedLabelLearner(self.horizon_ms, self.model.clone(), self.baseline.clone(), self.max_pending,
-                                   self.keep_predictions, self.metric_window, self.negative_rate, self.learn_at)
+                                   self.keep_predictions, self.metric_window, self.negative_rate, self.learn_at,
+                                   self.keep_features)
 
     def __len__(self) -> int:
         """Decision points still waiting for a label."""
@@ -263,6 +273,8 @@ class DelayedLabelLearner:
         if self.keep_predictions:
             p, b = pt.preds
             self.predictions.append((y, p, b, pt.ts))
+            if self.keep_features:
+                self.kept_features.append((tuple(pt.values), pt.extra))
         if self.learn_at == "label":
             self._fit(pt)
         elif self.learn_at == "fake_negative" and y:

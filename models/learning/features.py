@@ -3,7 +3,9 @@ category convert, and the event's context.
 
 * :data:`MODEL_FEATURE_NAMES`: the dense features (:data:`models.profile_features.FEATURE_NAMES`, then
   :data:`CONVERSION_FEATURES`: the log-odds of a purchase of the user's current item and category, learnt from
-  past events by :class:`models.learning.conversion.ConversionRates`), as :func:`model_values` lists them;
+  past events by :class:`models.learning.conversion.ConversionRates`, then
+  :data:`models.learning.behaviour_features.BEHAVIOUR_FEATURES`: per-session rates, time of day, gaps and the
+  current category), as :func:`model_values` lists them;
 * :func:`context_features`: the event's ``context`` (numbers as ``ctx_<key>``, strings of the given keys one-hot
   as ``ctx_<key>=<value>``), sparse.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from models.learning.behaviour_features import BEHAVIOUR_FEATURES, behaviour_values
 from models.profile_features import FEATURE_NAMES
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ __all__ = ["CONVERSION_FEATURES", "MODEL_FEATURE_NAMES", "DEFAULT_CONTEXT_KEYS",
 CONVERSION_FEATURES = ("item_conversion", "category_conversion")
 """Log-odds of a purchase of the user's current item and category (smoothed conversion rates)."""
 
-MODEL_FEATURE_NAMES = FEATURE_NAMES + CONVERSION_FEATURES
+MODEL_FEATURE_NAMES = FEATURE_NAMES + CONVERSION_FEATURES + BEHAVIOUR_FEATURES
 """The dense features, in :func:`model_values` order."""
 
 DEFAULT_CONTEXT_KEYS = frozenset({"channel", "device", "behavior", "platform", "country"})
@@ -48,6 +51,7 @@ def model_values(profile: Profile, now_ms: int, stats: CategoryStats | None, ite
     values = profile.feature_values(now_ms, stats)
     values.append(item_conv.log_odds(profile.recent_items[-1] if profile.recent_items else None))
     values.append(cat_conv.log_odds(profile.last_category))
+    values += behaviour_values(profile, now_ms, cat_conv)
     return values
 
 

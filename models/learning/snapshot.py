@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import importlib
 import io
+import logging
 import pickle
 
 from models.state.item_memory import MemoryItemStore
 
-SNAPSHOT_VERSION = 1
-"""The stored format: a dict of the core's state (:func:`core_snapshot`); the purchase model is under ``labels``."""
+log = logging.getLogger(__name__)
+
+SNAPSHOT_VERSION = 2
+"""The stored format: a dict of the core's state (:func:`core_snapshot`); the purchase model is under ``labels``.
+Version 2: the purchase model sees more features (:data:`models.learning.features.MODEL_FEATURE_NAMES`); an
+engine of version 1 refuses it (it would fail on the longer feature vectors) rather than misread it."""
+
+READABLE_VERSIONS = (1, 2)
+"""Versions :func:`restore_core` reads. A version 1 snapshot keeps everything but its purchase model, learnt on
+fewer features: that model starts afresh (:func:`_restored_purchase_model`)."""
 
 _PROPENSITY_MODULES = ("models.learning.propensity", "models.learning.delayed_labels", "models.learning.conversion",
                        "models.learning.rolling_logloss")
@@ -104,16 +113,16 @@ def restore_core(core, data: bytes) -> dict:
     except Exception as exc:
         raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
                          "delete the snapshot key to start from empty models") from exc
-    if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+    if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"model snapshot has version {got!r}, this engine reads version {SNAPSHOT_VERSION}; "
-                         "delete the snapshot key to start from empty models")
+        raise ValueError(f"model snapshot has version {got!r}, this engine reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; delete the snapshot key to start from empty models")
     core.vocab = state["vocab"]
     core.windows = state["windows"]
     core.stats = state["stats"]
     core.item_conv = state["item_conv"]
     core.cat_conv = state["cat_conv"]
-    core.purchase_model = state["labels"]
+    core.purchase_model = _restored_purchase_model(core.purchase_model, state["labels"])
     core.segments = state["segments"]
     core.last_sample = state["last_sample"]
     core.watermark = state["watermark"]
@@ -121,6 +130,23 @@ def restore_core(core, data: bytes) -> dict:
     if state["store"] is not None and isinstance(core.store, MemoryItemStore):
         core.store = state["store"]
     return state["offsets"]
+
+
+def _restored_purchase_model(current, stored):
+    """The stored delayed-label learner when its model reads the features the engine computes now; otherwise
+    (a snapshot from before the features changed) a fresh one like ``current`` that keeps the stored frequency
+    baseline: the pending decision points hold features of the old layout and are dropped unlearnt."""
+    from models.learning.features import MODEL_FEATURE_NAMES
+
+    names = tuple(getattr(getattr(stored, "model", None), "feature_names", ()))
+    if names == tuple(MODEL_FEATURE_NAMES):
+        return stored
+    fresh = current.clone()
+    fresh.baseline = getattr(stored, "baseline", fresh.baseline)
+    log.warning("model snapshot: the purchase model was learnt on %d features, the engine now computes %d; it "
+                "starts afresh (%d pending decision points dropped)", len(names), len(MODEL_FEATURE_NAMES),
+                len(stored) if hasattr(stored, "n_open") else 0)
+    return fresh
 
 
 def snapshot_key(prefix: str = "promo") -> str:
@@ -175,7 +201,7 @@ def scrub_snapshot(client, users, prefix: str = "promo", attempts: int = 10) -> 
                 if data is None or not any(n in data for n in needles):
                     return 0
                 state = loads(data)
-                if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+                if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
                     return 0  # not a snapshot this engine reads: a worker refuses it at start and says why
                 n = forget_users_in(state["windows"], state["labels"], state["last_sample"], users)
                 if not n:

@@ -101,3 +101,26 @@ def test_exact_auc_and_log_loss():
     assert roc_auc([0, 1, 1, 0], [0.1, 0.8, 0.7, 0.2]) == 1.0
     assert roc_auc([], []) is None and log_loss([], []) is None
     assert log_loss([1], [1.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_auc_is_reported_at_several_horizons_from_one_replay():
+    """``auc_by_horizon_h``: one entry per horizon; the core's own horizon repeats the main AUCs, and a horizon
+    longer than the log has no closed point (null AUCs, none scored)."""
+    events, _ = load_events_from_docs(shop_log())
+    r = evaluate_events(events, horizon_h=0.05, baselines={}, report_horizons_h=(0.01, 0.05, 24.0))
+    by_h = r["auc_by_horizon_h"]
+    assert list(by_h) == ["0.01", "0.05", "24"]
+    assert set(by_h["0.05"]) == {"engine", "frequency", "scored_points", "scored_positives"}
+    assert by_h["0.05"]["engine"] == r["engine"]["auc"] and by_h["0.05"]["frequency"] == r["baseline"]["auc"]
+    assert by_h["0.05"]["scored_points"] == r["scored_points"]
+    assert by_h["0.01"]["scored_points"] > 0 and by_h["0.01"]["engine"] is not None
+    assert by_h["0.01"]["scored_positives"] <= by_h["0.05"]["scored_positives"]  # a shorter window, fewer buys
+    assert by_h["24"] == {"engine": None, "frequency": None, "scored_points": 0, "scored_positives": 0}
+    assert r["horizons_s"] >= 0.0
+
+
+def load_events_from_docs(docs):
+    from stream.validation import Limits, decode_event
+
+    evs = [decode_event(json.dumps(d).encode(), Limits(max_future_skew_s=10**9), 4_102_444_800_000) for d in docs]
+    return sorted(evs, key=lambda e: e.ts), {}
