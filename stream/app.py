@@ -238,12 +238,12 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         eng = state["engine"]
         try:
             redis_ok = bool(eng) and await asyncio.wait_for(eng.store.ping(), 1.0)
-        except Exception:
+        except Exception:  # any failure of the probe (timeout, connection, auth) means "Redis not ready": 503
             redis_ok = False
         kafka_ok, kafka_error = await probe.check()
         try:
             assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_events]
-        except Exception:
+        except Exception:  # no consumer yet, or one being rebuilt (start-up, rebalance): nothing assigned, 503
             assigned = []
         rebalancing = bool(app.rebalancing)
         errors = dict(health.failing)
@@ -295,7 +295,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             maintenance_run.skipped = 0
         except StateLostError as exc:  # never "skipped": the next period would work on another state
             stop_worker(str(exc), exc, EXIT_STATE_LOST)
-        except Exception as exc:
+        except Exception as exc:  # every error gets the batch loop's verdict: transient skips a period, else stop
             fault = classify_fault(exc)
             if fault.verdict is not Verdict.RETRY:
                 stop_worker(stop_line(exc, "running the maintenance timer (sweep, budgets, snapshot)"), exc)
