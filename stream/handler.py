@@ -332,7 +332,8 @@ class BatchHandler:
     def _learning_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is None or self.on_learning_failed is None:
             return
-        self._learning = None  # reported here; drain() must not raise it again
+        if self._learning is task:  # reported here; drain() must not raise it again
+            self._learning = None
         self.on_learning_failed(task.exception())
 
     async def _check_log(self, msgs: list[RawMessage]) -> None:

@@ -126,7 +126,8 @@ class RedisStore(EngineStore):
             return 0
         pipe = self.r.pipeline(transaction=False)
         for uid, fld in parked:
-            self.scripts.queue(pipe, "apply", [f"{self.user_tag(uid)}:c"], [fld, self.parked_key, self.max_record_fields])
+            self.scripts.queue(pipe, "apply", [f"{self.user_tag(uid)}:c"],
+                               [fld, self.parked_key, self.max_record_fields])
         return self._applied(await self.scripts.execute(self.r, pipe))
 
     async def apply_parked(self, limit: int = 1000) -> int:

@@ -53,14 +53,10 @@ class Scripts:
         pipe.evalsha(self.sha[name], len(keys), *keys, *args)
 
     async def call(self, client, name: str, keys: list, args: list):
-        """Run ``name`` now; a script the server does not hold is loaded and run again (it ran nothing)."""
-        from redis.exceptions import NoScriptError
-
-        try:
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
-        except NoScriptError:
-            await self.load(client)
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+        """Run ``name`` now (a pipeline of one call: one round trip, ``NOSCRIPT`` handled as :meth:`execute`)."""
+        pipe = client.pipeline(transaction=False)
+        self.queue(pipe, name, keys, args)
+        return (await self.execute(client, pipe))[0]
 
     async def execute(self, client, pipe, raise_on_error: bool = True) -> list:
         """``pipe.execute()`` for a pipeline of queued scripts. Calls the server answered ``NOSCRIPT`` (they ran
