@@ -40,6 +40,8 @@ class Decision:
     model_version: str = "rules-1"
     reasons: list[str] = field(default_factory=list)
     latency_ms: float = 0.0
+    # the moment decided at (models.triggers); decisions stored before triggers other than the cart had none
+    trigger: str = "cart"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,8 @@ class DecisionContext:
     ``last_offer_ms`` maps offer id -> event time of the last time the user got it.
     ``offer_counts_today`` / ``offer_counts_total`` count per offer (for per-offer caps) and
     ``blocked`` maps offer id -> reason for offers the engine already knows are unavailable
-    (e.g. budget exhausted); those are filtered before the policy draws, so propensities stay exact.
+    (e.g. budget exhausted, or not given at this trigger); those are filtered before the policy draws, so
+    propensities stay exact. ``trigger`` names the moment decided at (:mod:`models.triggers`).
     """
 
     user_id: str
@@ -42,6 +43,7 @@ class DecisionContext:
     offer_counts_today: dict[str, int] = field(default_factory=dict)
     offer_counts_total: dict[str, int] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
+    trigger: str = "cart"
 
     def to_dict(self) -> dict:
         """JSON-able dict (stored with a pending decision so the policy can learn when it closes)."""
