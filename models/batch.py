@@ -23,6 +23,7 @@ class BatchResult:
     closed: list[Closed] = field(default_factory=list)  # decisions whose attribution window closed
     parked: list[tuple[str, str]] = field(default_factory=list)  # (user, record field): contributions to apply
     learnt: set[str] = field(default_factory=set)  # stages of Engine.learn done (a retried learn skips them)
+    timers_dropped: list[str] = field(default_factory=list)  # trigger names of due timers that fired nothing
 
     def to_send(self) -> list[Decision]:
         return self.decisions + self.resend
@@ -37,6 +38,7 @@ class BatchResult:
         self.profiles.update(other.profiles)
         self.closed += other.closed
         self.parked += other.parked
+        self.timers_dropped += other.timers_dropped
 
 
 def group_by_user(events: list[Event]) -> dict[str, list[Event]]:
@@ -57,7 +59,9 @@ class UserPlan:
     decisions: list[Decision] = field(default_factory=list)
     resend: list[Decision] = field(default_factory=list)
     commit: UserCommit | None = None
-    had_open: bool = False  # the user had open decisions before the batch (the store's index lists them)
+    had_open: bool = False  # the store's index listed the user before the batch (open decisions, timers)
+    changed: bool = False  # something to commit without new events or closings: a timer fired or was dropped
+    timers_dropped: list = field(default_factory=list)  # names of due timers that no longer applied
     open: list = field(default_factory=list)  # OpenDecision, after the batch
     closed: list = field(default_factory=list)  # Closed
     requests: list = field(default_factory=list)  # budget ReserveRequest
@@ -70,6 +74,7 @@ class UserPlan:
         r.new_events += self.new_events
         r.profiles[self.user_id] = self.profile
         r.closed += self.closed
+        r.timers_dropped += self.timers_dropped
         if self.commit is not None and self.commit.contrib:
             r.parked.append((self.user_id, parked_field(self.commit.version)))
         for e in self.new_events:

@@ -46,7 +46,8 @@ from models.policy.base import DecisionContext
 from models.policy.catalogue import Catalogue, load_catalogue
 from models.policy.rules import RulePolicy
 from models.state.engine_store import EngineStore
-from models.triggers.base import Trigger
+from models.triggers import build_triggers
+from models.triggers.base import Trigger, is_timer_trigger_id
 from models.triggers.cart import CartTrigger
 
 log = logging.getLogger("promo.engine")
@@ -69,7 +70,8 @@ class Engine:
         Minimum event time between two decisions for one user, for the default trigger (a ``cart``).
     triggers
         The moments to decide at (:mod:`models.triggers`); default a :class:`models.triggers.cart.CartTrigger`
-        with ``decision_cooldown_s``.
+        with ``decision_cooldown_s``. ``trigger_names`` instead: the triggers of these names, configured by the
+        catalogue's ``triggers:`` section (rebuilt from each new catalogue, :meth:`set_catalogue`).
     event_clock
         Event-time "now" of the expiry sweep and of lazy expiry (:class:`models.clock.EventClock`, fed each
         batch's event times by their ``partition``); default: one without a wall-clock bound.
@@ -96,6 +98,7 @@ class Engine:
         event_clock: EventClock | None = None,
         triggers: list[Trigger] | None = None,
         catalogue_version: str | None = None,
+        trigger_names: list[str] | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
@@ -116,12 +119,18 @@ class Engine:
         self.learned_offsets: dict[tuple[str, int], int] = {}
         self.restored_offsets: dict[tuple[str, int], int] = {}
         self._started = False  # start() ran
+        # timer-fired decisions committed by this process and not yet marked sent: the sweep does not send them again
+        self.inflight: set[str] = set()
+        self._trigger_names = trigger_names
+        self._cart_cooldown_ms = decision_cooldown_s * 1000
+        if triggers is None and trigger_names is not None:
+            triggers = build_triggers(self.catalogue, trigger_names or None, self._cart_cooldown_ms)
         contribution = self._contribution_settings()
         if contribution is not None:
             learning.items_via_commit = True  # item statistics are written in the users' commits
         self.planner = Planner(
             catalogue=self.catalogue, policy=self.policy, learning=learning, budget=budget, conversions=conversions,
-            triggers=triggers or [CartTrigger(decision_cooldown_s * 1000)], window_ms=attribution_window_s * 1000,
+            triggers=triggers or [CartTrigger(cooldown_ms=self._cart_cooldown_ms)], window_ms=attribution_window_s * 1000,
             recommend_k=recommend_k, clock_ms=self.clock_ms, event_clock=self.clock, contribution=contribution)
         # what decisions teach travels in the users' commits and is read back from the store (see learn): the
         # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
@@ -176,6 +185,7 @@ class Engine:
             event_clock=EventClock(range(settings.partitions), idle_ms=int(settings.clock_idle_s * 1000),
                                    max_future_skew_ms=settings.max_future_skew_s * 1000),
             catalogue_version=catalogue_version,
+            trigger_names=settings.trigger_names,
         )
 
     def set_catalogue(self, catalogue: Catalogue, version: str) -> bool:
@@ -203,6 +213,8 @@ class Engine:
         self.catalogue, self.policy, self.budget, self.catalogue_version = catalogue, new.policy, new.budget, version
         # the planner reads these at every use: the next plan sees the new catalogue whole
         self.planner.catalogue, self.planner.policy, self.planner.budget = new.accounting, new.policy, new.budget
+        if self._trigger_names is not None:  # the triggers' offers, cooldowns and caps are the catalogue's
+            self.planner.set_triggers(build_triggers(catalogue, self._trigger_names or None, self._cart_cooldown_ms))
         self._next_catalogue = None
         log.info("offer catalogue %s in use (%d offers, budgets %s)", version, len(catalogue) - 1,
                  catalogue.budgets() or "none")
@@ -328,6 +340,7 @@ class Engine:
     def _accept(self, plan: "UserPlan", result: BatchResult) -> None:
         """A user's plan is final (committed, or nothing to commit): into the batch's result."""
         plan.merge_into(result)
+        self.inflight.update(d.trigger_event_id for d in plan.decisions if is_timer_trigger_id(d.trigger_event_id))
         if self.policy.defer_exposure and not self.shares_policy:
             for ctx, offer_id in plan.exposures:  # counted once the decision is final
                 self.policy.expose(ctx, offer_id)
@@ -400,41 +413,80 @@ class Engine:
             self.conversions.load_state(state)
             self.conversions.report_ratios()
 
-    async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None) -> BatchResult:
-        """Close attribution windows that expired by event time ``now_ms`` (default: :attr:`watermark_ms`, the
-        clock) for ``user_ids`` (users whose open decisions the store lists as due). Reward 0, the policy learns."""
+    async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None,
+                    owned: set[int] | None = None) -> BatchResult:
+        """The expiry sweep at event time ``now_ms`` (default: :attr:`watermark_ms`, the clock), for ``user_ids``
+        (default: the users the store lists as due): close the attribution windows that expired (reward 0, the
+        policy learns), fire the timers that are due (``owned``: of these partitions only; None: all) and settle
+        timer-fired decisions (drop the delivered, send again what a crash left unsent).
+
+        The result's decisions (new and re-sent) are the caller's to send, then :meth:`delivered`; budgets of the
+        new ones are reserved before their commit, as in a batch."""
         now_ms = self.watermark_ms if now_ms is None else now_ms
         result = BatchResult()
         users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)
-        for _attempt in range(self.max_attempts):
-            if not users:
-                break
-            loads = await self.store.load({u: [] for u in users}, {})
-            plans, stale = [], []
-            for u in users:
-                plan = self.planner.plan_user(u, [], loads[u])
-                closed, still = expire(plan.open, now_ms)
-                if closed:
-                    plan.closed, plan.open = closed, still
-                    plan.commit = self.planner.user_commit(plan, loads[u].version, [], [])
-                else:  # listed as due but nothing expires (an entry of an older version): correct it
-                    stale.append((u, min((d.expires_ms for d in still), default=None), loads[u].version))
-                plans.append(plan)
-            await self.store.reindex(stale)
-            to_commit = [p for p in plans if p.commit is not None]
-            await self._settle_closing(to_commit)
-            outcomes = await self.store.commit([p.commit for p in to_commit])
-            retry = {p.user_id for p, ok in zip(to_commit, outcomes) if ok is not True}
-            for p in to_commit:
-                if p.user_id not in retry:
-                    result.closed += p.closed
-            failed = [ok for ok in outcomes if isinstance(ok, BaseException)]
-            if failed:  # what closed is counted; the rest stays due for the next sweep
-                await self.learn(result)
-                raise failed[0]
-            users = sorted(retry)
-        await self.learn(result)
+        blocked: dict[str, dict[str, str]] = {}
+        try:
+            for _attempt in range(self.max_attempts):
+                if not users:
+                    break
+                users = await self._sweep_once(users, now_ms, owned, blocked, result)
+        finally:  # what closed is counted even when a commit failed; the rest stays due for the next sweep
+            await self.learn(result)
         return result
+
+    async def _sweep_once(self, users: list[str], now_ms: int, owned, blocked: dict,
+                          result: BatchResult) -> list[str]:
+        """One pass of :meth:`sweep` over ``users``; returns those to plan again (their commit was refused)."""
+        loads = await self.store.load({u: [] for u in users}, {})
+        fired = {u: ids for u in users if (ids := self.planner.fired_ids(loads[u]))}
+        if fired:  # the stored decisions of timer-fired ones: delivered yet?
+            stored = await self.store.load({u: [] for u in fired}, fired)
+            for u in fired:
+                loads[u].stored = stored[u].stored
+        reads = await self._prefetch_due(users, loads)
+
+        def plan(u: str):
+            return self.planner.plan_user(u, [], loads[u], blocked.get(u), reads, sweep_ms=now_ms, owned=owned,
+                                          inflight=self.inflight)
+
+        plans = [plan(u) for u in users]
+        if self.budget is not None:
+            for _ in range(3):  # a refused reservation: decide again without that offer
+                refused = await self.budget.reserve_for(plans)
+                if not refused:
+                    break
+                for u, offers in refused.items():
+                    blocked.setdefault(u, {}).update(offers)
+                plans = [plan(p.user_id) if p.user_id in refused else p for p in plans]
+        # listed as due with nothing to commit (an entry of an older version, a timer of another worker's
+        # partition, a decision still being sent): correct the entry
+        await self.store.reindex([(p.user_id, self.planner.next_due(p), loads[p.user_id].version)
+                                  for p in plans if p.commit is None])
+        to_commit = [p for p in plans if p.commit is not None]
+        await self._settle_closing(to_commit)
+        outcomes = await self.store.commit([p.commit for p in to_commit])
+        if any(p.commit.decisions for p, ok in zip(to_commit, outcomes) if ok is True):
+            failpoints.hit("timer_committed")
+        retry = {p.user_id for p, ok in zip(to_commit, outcomes) if ok is not True}
+        for p in plans:
+            if p.user_id not in retry:
+                self._accept(p, result)
+        failed = [ok for ok in outcomes if isinstance(ok, BaseException)]
+        if failed:
+            raise failed[0]
+        return sorted(retry)
+
+    async def _prefetch_due(self, users: list[str], loads: dict):
+        """The item reads of the timers the sweep may fire (:meth:`_prefetch_items` for a batch)."""
+        if self.learning is None or not self.planner.timer_triggers:
+            return None
+        seeds = []
+        for u in users:
+            prof = self.planner.profile_of(loads[u])
+            if prof.timers:
+                seeds += self.planner.due_seeds(prof)
+        return await self.learning.prefetch_items(seeds, self.planner.k) if seeds else None
 
     async def delivered(self, result: BatchResult) -> None:
         """The batch's decisions (new and re-sent) reached the decisions topic: free what their ids still hold on
@@ -450,5 +502,6 @@ class Engine:
     async def mark_sent(self, decisions: list[Decision]) -> None:
         """Record that these decisions reached the decisions topic (a redelivery will not re-send them)."""
         await self.store.mark_sent([(d.user_id, d.trigger_event_id) for d in decisions])
+        self.inflight.difference_update(d.trigger_event_id for d in decisions)
 
 

@@ -29,7 +29,7 @@ False
 >>> Failpoints("comitted:1")
 Traceback (most recent call last):
 ...
-ValueError: PROMO_FAILPOINT='comitted:1': unknown point 'comitted'; points: reserved, committed, sent, marked, learnt, decision_ack, bug
+ValueError: PROMO_FAILPOINT='comitted:1': unknown point 'comitted'; points: reserved, committed, sent, marked, learnt, timer_committed, timer_sent, decision_ack, bug
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ POINTS = {
     "sent": "the decisions are on the broker; stale reservations of their ids not released, not marked as sent",
     "marked": "the decisions are marked as sent; item contributions still parked, the models not taught",
     "learnt": "everything of the batch is applied; its offsets are not yet acknowledged",
+    "timer_committed": "the sweep's commits with timer-fired decisions are in Redis, no decision of them is sent",
+    "timer_sent": "the sweep's timer-fired decisions are on the broker, not marked as sent",
 }
 
 FAULTS = {

@@ -135,6 +135,14 @@ class Profile:
     session_new_items: int = 0  # events of the session on an item not among the recent items before
     prev_session_gap_ms: int = 0  # from the previous session's last event to this session's first (0: first session)
     last_cart_ts: int = 0  # time of the latest add-to-cart (0: none yet)
+    # --- triggers (models.triggers) -----------------------------------------------------------
+    # armed timers: trigger name -> [due event time, id of the event that armed it, its item, its partition]
+    timers: dict[str, list] = field(default_factory=dict)
+    # timer-fired decisions not yet seen as delivered: trigger id -> [due event time, partition]; the sweep drops
+    # each once its stored decision is marked sent, and sends it again if a crash left it unsent
+    fired: dict[str, list] = field(default_factory=dict)
+    # event times of each trigger's recent decisions (its cooldown and daily cap), newest last
+    trigger_log: dict[str, list[int]] = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -326,10 +334,15 @@ class Profile:
         if len(recent) > self.RECENT:
             del recent[0]
 
-    def mark_decision(self, ts: int, offer_id: str | None = None) -> None:
-        """Record a decision at event time ``ts``; offers other than ``none`` feed the per-user caps."""
+    def mark_decision(self, ts: int, offer_id: str | None = None, trigger: str | None = None) -> None:
+        """Record a decision at event time ``ts``; offers other than ``none`` feed the per-user caps, and
+        ``trigger`` its log (the trigger's cooldown and daily cap)."""
         self.last_decision_ts = ts
         self.n_decisions += 1
+        if trigger:
+            log = self.trigger_log.setdefault(trigger, [])
+            log.append(ts)
+            del log[:-self.RECENT]
         if offer_id and offer_id != "none":
             hist = self.offer_history.setdefault(offer_id, [])
             hist.append(ts)

@@ -30,6 +30,7 @@ from typing import NoReturn
 import faust
 from prometheus_client import generate_latest
 
+from models import failpoints
 from models.engine import Engine
 from models.state.engine_redis import RedisStore
 from stream import metrics as m
@@ -37,7 +38,7 @@ from stream.catalogue import report_version
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
-from stream.handler import BatchHandler, Outbox, RawMessage
+from stream.handler import BatchHandler, Outbox, RawMessage, observe_decisions
 from stream.health import BrokerProbe, Health
 from stream.http_views import register_http_views
 from stream.logguard import LogGuard, fetch_probes, watch_broker_connections
@@ -265,7 +266,14 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             "catalogue_version": eng.catalogue_version, "catalogue_pending": eng.pending_catalogue_version,
         }
 
-    maintenance_run = Maintenance(settings, engine, epoch_guard)
+    def owned_partitions() -> set[int] | None:
+        """The events topic's partitions this worker consumes: the sweep fires only their users' timers."""
+        try:
+            return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_events}
+        except Exception:  # no consumer yet, or one being rebuilt: own nothing (another worker's timers wait)
+            return set()
+
+    maintenance_run = Maintenance(settings, engine, epoch_guard, send=send, owned=owned_partitions)
     report_version(engine)
 
     @app.task
@@ -493,8 +501,12 @@ class Maintenance:
     and every ``PROMO_SNAPSHOT_INTERVAL_S`` a model snapshot. Every step is idempotent: a period that fails
     (transient) is simply done again by the next."""
 
-    def __init__(self, settings: Settings, engine: Engine, guard: EpochGuard | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, guard: EpochGuard | None = None, send=None,
+                 owned=None) -> None:
         self.settings, self.engine, self.guard = settings, engine, guard
+        # how the sweep's decisions (timer-fired, re-sent) reach the decisions topic, and which partitions' timers
+        # this worker fires (None: all, a worker alone on the topic)
+        self.send, self.owned = send, owned
         self.last_snapshot = 0.0  # time.monotonic() of the last snapshot
         self.skipped = 0  # periods skipped in a row (transient errors)
         from stream.catalogue import CatalogueWatcher
@@ -519,7 +531,7 @@ class Maintenance:
         # the event-time clock over every worker's partitions; idle partitions stop holding it back (models.clock)
         now = await engine.sync_clock()
         if now:
-            await engine.sweep(now)  # closed decisions are counted by the engine's OutcomeStats
+            await self.sweep(now)
             if engine.budget is not None:
                 await engine.budget.sweep(now)
                 await engine.budget.refresh(now)
@@ -536,6 +548,36 @@ class Maintenance:
         if time.monotonic() - self.last_snapshot >= settings.snapshot_interval_s:
             self.last_snapshot = time.monotonic()
             await self.snapshot()
+
+    async def sweep(self, now: int) -> None:
+        """The expiry sweep (closed decisions are counted by the engine's OutcomeStats), and the decisions it made
+        (timers) or found unsent (a crash): sent, acknowledged, then marked as sent. A failure leaves them stored
+        and unsent: the next period sends them again, with the same ids."""
+        t0 = time.perf_counter_ns()
+        engine = self.engine
+        result = await engine.sweep(now, owned=self.owned() if self.owned is not None else None)
+        decisions = result.to_send()
+        if decisions:
+            try:
+                if self.send is None:
+                    raise RuntimeError(f"{len(decisions)} decision(s) of the sweep and nothing to send them with "
+                                       "(Maintenance built without send)")
+                outbox = Outbox(self.send)
+                for d in decisions:
+                    d.latency_ms = round((time.perf_counter_ns() - t0) / 1e6, 3)  # the sweep's, no event's receipt
+                    await outbox.put(self.settings.topic_decisions, d.user_id.encode(), d.to_json(),
+                                     fault_point="decision_ack")
+
+                async def once(what, fn, component):  # a failed ack fails this period; the next sends again
+                    await fn()
+
+                await outbox.flush(once)
+                failpoints.hit("timer_sent")
+                await engine.delivered(result)
+            finally:  # not in flight any more: marked as sent, or the next sweep sends them again
+                engine.inflight.difference_update(d.trigger_event_id for d in decisions)
+        observe_decisions(result)
+        m.SWEEP_SECONDS.observe((time.perf_counter_ns() - t0) / 1e9)
 
     async def snapshot(self) -> None:
         """The learning core's snapshot, without users whose profile is gone, with the offsets it covers."""

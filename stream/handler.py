@@ -38,6 +38,7 @@ from models.batch import BatchProgress, BatchResult
 from models.engine import Engine
 from models.events import Event
 from models.privacy import pseudonymise
+from models.triggers.base import is_timer_trigger_id
 from stream import metrics as m
 from stream.dlq import INTERNAL_ERROR, classify, dlq_record
 from stream.faults import Backoff, DlqLimit, Fault, Verdict, WorkerStop, classify_fault, describe
@@ -422,7 +423,9 @@ class BatchHandler:
     def _decision_record(self, d, clear_ids: dict[str, str]) -> tuple[str, bytes, bytes]:
         """Topic, key and value of a decision, with the shop's own user id (the engine keeps only the pseudonym
         when pseudonymising)."""
-        if clear_ids and d.user_id in clear_ids:
+        # a timer-fired decision always carries the pseudonym: the sweep, which sends it when no event of the
+        # user is at hand (and sends it again after a crash), has no clear id to give it
+        if clear_ids and d.user_id in clear_ids and not is_timer_trigger_id(d.trigger_event_id):
             d = replace(d, user_id=clear_ids[d.user_id])
         return self.topic_decisions, d.user_id.encode(), d.to_json()
 
@@ -477,14 +480,24 @@ class BatchHandler:
             m.EVENTS.labels(type=t).inc(n)
         if result.duplicates:
             m.EVENTS_DUPLICATE.inc(result.duplicates)
+        observe_decisions(result)
         for d in result.decisions:
-            m.DECISIONS.labels(offer_kind=d.offer.kind, group=d.group).inc()
-            m.OFFER_DECISIONS.labels(offer_id=d.offer.offer_id, group=d.group).inc()
             m.DECISION_LATENCY.observe((sent_ns - recv_by_event.get(d.trigger_event_id, t0)) / 1e9)
-        if result.resend:
-            m.DECISIONS_RESENT.inc(len(result.resend))
         m.BATCH_SIZE.observe(len(msgs))
         m.BATCH_SECONDS.observe((time.perf_counter_ns() - t0) / 1e9)
         if result.new_events:
             m.LAST_EVENT.set(time.time())
             m.EVENT_LAG.set(max(0.0, now_ms - result.new_events[-1].ts) / 1000.0)
+
+
+def observe_decisions(result: BatchResult) -> None:
+    """The counters of what a batch or a sweep decided and sent: per offer kind, offer, trigger; re-sent; timers
+    that fired nothing."""
+    for d in result.decisions:
+        m.DECISIONS.labels(offer_kind=d.offer.kind, group=d.group).inc()
+        m.OFFER_DECISIONS.labels(offer_id=d.offer.offer_id, group=d.group).inc()
+        m.TRIGGER_DECISIONS.labels(trigger=d.trigger, offer_kind=d.offer.kind).inc()
+    if result.resend:
+        m.DECISIONS_RESENT.inc(len(result.resend))
+    for name in result.timers_dropped:
+        m.TIMERS_DROPPED.labels(trigger=name).inc()

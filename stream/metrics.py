@@ -62,7 +62,20 @@ DECISION_LATENCY = Histogram(
     registry=REGISTRY,
 )
 DECISIONS_RESENT = Counter(
-    "promo_decisions_resent", "Stored decisions re-sent because their trigger was redelivered", registry=REGISTRY
+    "promo_decisions_resent", "Stored decisions re-sent because their trigger was redelivered, or a crash left a "
+    "timer-fired one unsent", registry=REGISTRY
+)
+TRIGGER_DECISIONS = Counter(
+    "promo_trigger_decisions", "Decisions sent per trigger (models.triggers: cart, post_purchase, retention, "
+    "cart_abandonment, browse_abandonment) and offer kind", ["trigger", "offer_kind"], registry=REGISTRY
+)
+TIMERS_DROPPED = Counter(
+    "promo_timers_dropped", "Due timers that fired no decision: the trigger is off now, or no longer applied "
+    "(the cart was emptied, the trigger's cooldown or daily cap)", ["trigger"], registry=REGISTRY
+)
+SWEEP_SECONDS = Histogram(
+    "promo_sweep_duration_seconds", "One expiry sweep: windows closed, timers fired, their decisions sent",
+    registry=REGISTRY,
 )
 
 # --- worker health ----------------------------------------------------------------------------

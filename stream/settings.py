@@ -147,7 +147,13 @@ class Settings(BaseSettings):
         "the catalogue's static expected margin, no exploration (with learning off, every decision is a "
         "function of the user's own events: two replays decide the same)"
     )
-    decision_cooldown_s: int = Field(1800, ge=0, description="min event time between two decisions for a user")
+    decision_cooldown_s: int = Field(
+        1800, ge=0, description="min event time between a decision and the next one at a cart, for a user (the "
+        "catalogue's triggers.cart.cooldown_s, if set, wins)")
+    triggers: str = Field(
+        "", description="comma-separated triggers that are on (cart, post_purchase, retention, cart_abandonment, "
+        "browse_abandonment; models.triggers); empty: the catalogue's triggers section decides (cart and every "
+        "trigger it names without enabled: false)")
     attribution_window_s: int = Field(86_400, ge=60)
     recommend_k: int = Field(10, ge=1, le=100)
     purchase_horizon_h: float = Field(24.0, gt=0, description="propensity label: purchase within H hours")
@@ -179,6 +185,21 @@ class Settings(BaseSettings):
         "", description="tests only: '<point>:<n>' makes the worker SIGKILL itself the n-th time a batch passes "
         "<point> (models.failpoints.POINTS); empty in production"
     )
+
+    @field_validator("triggers")
+    @classmethod
+    def _valid_triggers(cls, v: str) -> str:
+        from models.triggers import TRIGGERS
+
+        unknown = sorted({n.strip() for n in v.split(",") if n.strip()} - set(TRIGGERS))
+        if unknown:
+            raise ValueError(f"unknown trigger(s) {unknown}; known: {', '.join(sorted(TRIGGERS))}")
+        return v
+
+    @property
+    def trigger_names(self) -> list[str]:
+        """``triggers`` as a list; empty: the catalogue decides (:func:`models.triggers.trigger_names`)."""
+        return [n.strip() for n in self.triggers.split(",") if n.strip()]
 
     @field_validator("failpoint")
     @classmethod

@@ -526,6 +526,36 @@ def business_dashboard() -> db.Dashboard:
         "ops", width=24,
     ))
 
+    d = d.with_row(db.Row("Triggers").id(lay.id()))
+    d = d.with_panel(_timeseries(
+        lay, "Decisions by trigger",
+        "Decisions sent per second by trigger (cart, post_purchase, retention, cart_abandonment, "
+        "browse_abandonment; promo_trigger_decisions_total). The timers fire from the expiry sweep, every "
+        "PROMO_MAINTENANCE_INTERVAL_S.",
+        [_query(f"sum by (trigger) ({_rate('promo_trigger_decisions_total')})", "{{trigger}}")],
+        "ops", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Offers by trigger and kind",
+        "Share of each offer kind in the decisions of each trigger (none included): what each moment gives.",
+        [_query(f"sum by (trigger, offer_kind) ({_rate('promo_trigger_decisions_total')}) / ignoring(offer_kind) "
+                f"group_left sum by (trigger) ({_rate('promo_trigger_decisions_total')})",
+                "{{trigger}} {{offer_kind}}")],
+        "percentunit", width=8,
+    ))
+    d = d.with_panel(_timeseries(
+        lay, "Timers that fired nothing; sweep p99",
+        "Due timers dropped because the trigger is off now or no longer applied (emptied cart, the trigger's "
+        "cooldown or daily cap; promo_timers_dropped_total), and the expiry sweep's p99 duration "
+        "(promo_sweep_duration_seconds: windows closed, timers fired, their decisions sent).",
+        [
+            _query(f"sum by (trigger) ({_rate('promo_timers_dropped_total')})", "dropped {{trigger}}", "A"),
+            _query(f"histogram_quantile(0.99, sum by (le) ({_rate('promo_sweep_duration_seconds_bucket')}))",
+                   "sweep p99 (s)", "B"),
+        ],
+        "short", width=8,
+    ))
+
     d = d.with_row(db.Row("Model quality").id(lay.id()))
     d = d.with_panel(_gauge(
         lay, "AUC by model",

@@ -172,6 +172,9 @@ class Catalogue:
     margin_rate: float = 0.25
     caps: GlobalCaps = field(default_factory=GlobalCaps)
     path: str = "<memory>"
+    # the ``triggers:`` section: trigger name -> models.triggers.base.TriggerSpec (a trigger not named keeps its
+    # defaults; only ``cart`` is on unless named here or in PROMO_TRIGGERS)
+    triggers: dict = field(default_factory=dict)
 
     def __getitem__(self, offer_id: str) -> OfferSpec:
         return self.offers[offer_id]

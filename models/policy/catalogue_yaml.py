@@ -96,7 +96,9 @@ class _Validator:
         raise self.err(node, f"{what} must be an RFC 3339 time or epoch ms, got {v!r}")
 
 
-_TOP_KEYS = ("version", "currency", "margin_rate", "offer_validity_s", "caps", "offers")
+_TOP_KEYS = ("version", "currency", "margin_rate", "offer_validity_s", "caps", "offers", "triggers")
+_TRIGGER_KEYS = ("enabled", "offers", "cooldown_s", "max_per_day")
+"""Keys every trigger may have; each trigger adds its own (``models.triggers``, ``PARAMS``)."""
 _OFFER_KEYS = ("offer_id", "kind", "value", "min_spend", "margin_rate", "prior_uplift", "eligibility", "caps",
                "budget", "period", "validity_s", "description")
 """Keys every offer may have; each kind adds its own (``models.policy.offers``, ``params``)."""
@@ -150,7 +152,46 @@ def parse(text: str, name: str = "<catalogue>") -> Catalogue:
                         + (" ('none' is built in)" if spec.offer_id == NONE_ID else
                            f" (first at line {offers[spec.offer_id].line})"))
         offers[spec.offer_id] = spec
-    return Catalogue(offers=offers, margin_rate=margin_rate, caps=gcaps, path=name)
+    triggers = _parse_triggers(v, top["triggers"][1], offers) if "triggers" in top else {}
+    return Catalogue(offers=offers, margin_rate=margin_rate, caps=gcaps, path=name, triggers=triggers)
+
+
+def _parse_triggers(v: _Validator, node: yaml.Node, offers: dict[str, OfferSpec]) -> dict:
+    """The ``triggers:`` section: ``{<trigger>: {enabled, offers, cooldown_s, max_per_day, <its own keys>}}``."""
+    from models.triggers import TRIGGERS, TriggerSpec
+
+    out = {}
+    for name, (knode, tnode) in v.mapping(node, "triggers", tuple(TRIGGERS)).items():
+        cls = TRIGGERS[name]
+        w = f"triggers.{name}"
+        t = v.mapping(tnode, w, _TRIGGER_KEYS + tuple(cls.PARAMS)) if tnode.tag != "tag:yaml.org,2002:null" else {}
+        enabled = True
+        if "enabled" in t:
+            enabled = v.value(t["enabled"][1])
+            if not isinstance(enabled, bool):
+                raise v.err(t["enabled"][1], f"{w}.enabled must be true or false, got {enabled!r}")
+        allowed = None
+        if "offers" in t:
+            onode = t["offers"][1]
+            if not isinstance(onode, yaml.SequenceNode):
+                raise v.err(onode, f"{w}.offers must be a list of offer ids")
+            allowed = tuple(v.string(o, f"{w}.offers[]") for o in onode.value)
+            for o, oid in zip(onode.value, allowed):
+                if oid not in offers:
+                    raise v.err(o, f"{w}.offers: no offer '{oid}' in this catalogue (offers: "
+                                   f"{', '.join(x for x in offers if x != NONE_ID)})")
+
+        def count(key: str) -> int | None:
+            if key not in t or v.value(t[key][1]) is None:
+                return None
+            return int(v.number(t[key][1], f"{w}.{key}", 0, integer=True))
+
+        params = {}
+        for key, (default, low) in cls.PARAMS.items():
+            if key in t:
+                params[key] = v.number(t[key][1], f"{w}.{key}", low, integer=isinstance(default, int))
+        out[name] = TriggerSpec(name, enabled, allowed, count("cooldown_s"), count("max_per_day"), params)
+    return out
 
 
 def _kind_params() -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""``cart``: an item added to the cart, unless the user got a decision less than the cooldown ago (event time).
+"""``cart``: an item added to the cart, unless the user got a decision (at any trigger) less than the cooldown ago
+(event time): the default trigger, on unless the catalogue turns it off.
 
 >>> from models.events import Event
 >>> from models.profile import Profile
@@ -8,7 +9,7 @@
 >>> p.apply(cart)
 >>> t.may_fire(cart), t.fires(cart, p)
 (True, True)
->>> p.mark_decision(1_000, "coupon_5")
+>>> p.mark_decision(1_000, "coupon_5", "cart")
 >>> later = Event("e2", "cart", "u1", "i2", 60_000)
 >>> p.apply(later)
 >>> t.fires(later, p)  # one minute later: still cooling down
@@ -25,15 +26,14 @@ from models.triggers.base import Trigger, register
 @register
 class CartTrigger(Trigger):
     name = "cart"
-
-    def __init__(self, cooldown_ms: int = 1_800_000) -> None:
-        if cooldown_ms < 0:
-            raise ValueError(f"cooldown_ms must be >= 0, got {cooldown_ms}")
-        self.cooldown_ms = cooldown_ms
+    DEFAULT_COOLDOWN_MS = 1_800_000
 
     def may_fire(self, event: Event) -> bool:
         return event.type == "cart"
 
     def fires(self, event: Event, profile: Profile) -> bool:
+        # the cooldown counts from the user's last decision at any trigger, as before there were other triggers:
+        # an offer at the cart minutes after another one is noise
         return event.type == "cart" and (
-            profile.n_decisions == 0 or event.ts - profile.last_decision_ts >= self.cooldown_ms)
+            profile.n_decisions == 0 or event.ts - profile.last_decision_ts >= self.cooldown_ms) and (
+            self.max_per_day is None or self.allows(profile, event.ts))
