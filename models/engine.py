@@ -72,6 +72,8 @@ class Engine:
         The moments to decide at (:mod:`models.triggers`); default a :class:`models.triggers.cart.CartTrigger`
         with ``decision_cooldown_s``. ``trigger_names`` instead: the triggers of these names, configured by the
         catalogue's ``triggers:`` section (rebuilt from each new catalogue, :meth:`set_catalogue`).
+    resend_after_s
+        Wall-clock age after which the sweep sends a timer-fired decision found stored and unsent (a crash) again.
     event_clock
         Event-time "now" of the expiry sweep and of lazy expiry (:class:`models.clock.EventClock`, fed each
         batch's event times by their ``partition``); default: one without a wall-clock bound.
@@ -99,12 +101,14 @@ class Engine:
         triggers: list[Trigger] | None = None,
         catalogue_version: str | None = None,
         trigger_names: list[str] | None = None,
+        resend_after_s: float = 30.0,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
         self.catalogue_version = catalogue_version
         self._next_catalogue: tuple[Catalogue, str] | None = None  # set_catalogue's, for the next batch
         self._open_batch: BatchProgress | None = None  # the batch planned now, until it is committed whole
+        self._timer_horizon: int | None = None  # the clock before the batch planned now (see process_batch)
         self.policy = policy or RulePolicy(self.catalogue, holdout_pct=holdout_pct)
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -131,7 +135,8 @@ class Engine:
         self.planner = Planner(
             catalogue=self.catalogue, policy=self.policy, learning=learning, budget=budget, conversions=conversions,
             triggers=triggers or [CartTrigger(cooldown_ms=self._cart_cooldown_ms)], window_ms=attribution_window_s * 1000,
-            recommend_k=recommend_k, clock_ms=self.clock_ms, event_clock=self.clock, contribution=contribution)
+            recommend_k=recommend_k, clock_ms=self.clock_ms, event_clock=self.clock, contribution=contribution,
+            resend_after_ms=int(resend_after_s * 1000))
         # what decisions teach travels in the users' commits and is read back from the store (see learn): the
         # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
         self.shares_policy = self.planner.shares_policy
@@ -186,6 +191,8 @@ class Engine:
                                    max_future_skew_ms=settings.max_future_skew_s * 1000),
             catalogue_version=catalogue_version,
             trigger_names=settings.trigger_names,
+            # a timer-fired decision found unsent is sent again only once no sweep or batch can still be sending it
+            resend_after_s=max(30.0, 4 * settings.maintenance_interval_s),
         )
 
     def set_catalogue(self, catalogue: Catalogue, version: str) -> bool:
@@ -258,6 +265,9 @@ class Engine:
         if progress.pending is None:  # the batch's first attempt
             self._take_catalogue()  # one set meanwhile: from this batch on, never in the middle of one
             self._open_batch = progress
+            # while this batch is planned and committed the sweep fires timers due by the clock before it only:
+            # its events move the clock at once, and a timer must not fire ahead of a user's event not yet applied
+            self._timer_horizon = self.clock.time_ms
             self.observe_clock(events)  # each event's ``partition`` (set by the worker; None offline: one stream)
             progress.pending = group_by_user(events)
         while progress.pending:
@@ -269,6 +279,7 @@ class Engine:
             await self._attempt(progress)
         if self._open_batch is progress:  # committed whole; a retry after an exception keeps it open
             self._open_batch = None
+            self._timer_horizon = None
         if learn:
             if not progress.released:
                 await self._release_stale(result.to_send())
@@ -423,6 +434,8 @@ class Engine:
         The result's decisions (new and re-sent) are the caller's to send, then :meth:`delivered`; budgets of the
         new ones are reserved before their commit, as in a batch."""
         now_ms = self.watermark_ms if now_ms is None else now_ms
+        if self._timer_horizon is not None:  # a batch is being planned: no timer fires past the clock before it
+            now_ms = min(now_ms, self._timer_horizon)
         result = BatchResult()
         users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)
         blocked: dict[str, dict[str, str]] = {}

@@ -33,6 +33,25 @@ OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept bes
 DAY_MS = 86_400_000
 
 
+def basket_value(prof: Profile, e: Event, trigger: str) -> float:
+    """The basket an offer decided at ``trigger`` is weighed against (``DecisionContext.cart_value``): the cart's
+    value; at another moment with an empty cart (after an order, a return, browsing) the order the offer aims at
+    is still to come, so the user's average order, else the price of the item at hand.
+
+    >>> p = Profile(spend=90.0, n_orders=3)
+    >>> basket_value(p, Event("e1", "view", "u1", "i1", 0, price=12.0), "cart"), basket_value(p, Event("e1", "view", "u1", "i1", 0, price=12.0), "retention")
+    (0.0, 30.0)
+    >>> basket_value(Profile(last_price=12.0), Event("t", "timer", "u1", "i1", 0), "browse_abandonment")
+    12.0
+    """
+    value = prof.cart_value
+    if value > 0 or trigger == "cart":
+        return value
+    if prof.n_orders > 0 and prof.spend > 0:
+        return prof.spend / prof.n_orders
+    return float(e.price or prof.last_price or 0.0)
+
+
 class Planner:
     """Plans users' parts of batches for an :class:`models.engine.Engine` (which owns the collaborators).
 
@@ -57,11 +76,15 @@ class Planner:
         span (:meth:`models.engine.Engine._contribution_settings`); None otherwise.
     ledger_size
         Closed decisions kept per user for ``promo ledger export`` (:mod:`models.policy.ledger`); 0 keeps none.
+    resend_after_ms
+        Wall-clock age after which the sweep sends a timer-fired decision found stored and unsent again (a crash
+        between its commit and its send); younger ones may still be on their way.
     """
 
     def __init__(self, *, catalogue: Catalogue, policy: Policy, learning, budget, conversions,
                  triggers: list[Trigger], window_ms: int, recommend_k: int, clock_ms: Callable[[], int],
-                 event_clock: EventClock, contribution: dict | None, ledger_size: int = 50) -> None:
+                 event_clock: EventClock, contribution: dict | None, ledger_size: int = 50,
+                 resend_after_ms: int = 30_000) -> None:
         self.catalogue = catalogue
         self.policy = policy
         self.learning = learning
@@ -74,6 +97,7 @@ class Planner:
         self.clock = event_clock
         self._contrib = contribution
         self.ledger_size = ledger_size
+        self.resend_after_ms = resend_after_ms
         # what decisions teach travels in the users' commits (see user_commit)
         self.shares_policy = policy.shares_state
         self.shares_outcomes = conversions is not None
@@ -111,7 +135,7 @@ class Planner:
             trigger=trigger,
             user_id=e.user_id,
             now_ms=e.ts,
-            cart_value=prof.cart_value,
+            cart_value=basket_value(prof, e, trigger),
             cart_items=list(prof.cart),
             cart_categories=prof.cart_categories,
             is_new=prof.is_new,
@@ -291,11 +315,11 @@ class Planner:
         plan.exposures.append((ctx, d.offer.offer_id))
         stored_json.append((e.event_id, d.to_json()))
         if self.budget is not None:
-            req = self.budget.request(d.decision_id, d.offer.offer_id, prof.cart_value, e.ts)
+            req = self.budget.request(d.decision_id, d.offer.offer_id, ctx.cart_value, e.ts)
             if req is not None:
                 plan.requests.append(req)
         plan.open.append(OpenDecision(d.decision_id, plan.user_id, d.offer.offer_id, d.group, ts=e.ts,
-                                      expires_ms=e.ts + self.window_ms, cart_value=prof.cart_value,
+                                      expires_ms=e.ts + self.window_ms, cart_value=ctx.cart_value,
                                       propensity=d.propensity, ctx=ctx.to_dict()))
 
     def _fire_due(self, plan: UserPlan, prof: Profile, now_ms: int, owned, blocked, reads, stored_json) -> None:
@@ -319,7 +343,9 @@ class Planner:
 
     def _settle_fired(self, plan: UserPlan, prof: Profile, stored: dict, owned, inflight) -> None:
         """The sweep's look at the user's timer-fired decisions: a delivered one (or one whose stored decision is
-        gone) leaves ``prof.fired``; an undelivered one is sent again, unless this process is sending it now."""
+        gone) leaves ``prof.fired``; an undelivered one is sent again if a crash left it so: not while this process
+        sends it (``inflight``), nor before :attr:`resend_after_ms` of wall-clock time since it was decided (a
+        batch may be between its commit and its send, or another worker, during a rebalance)."""
         for tid, (_due, part) in list(prof.fired.items()):
             if owned is not None and part is not None and part not in owned:
                 continue
@@ -328,7 +354,9 @@ class Planner:
                 del prof.fired[tid]
                 plan.changed = True
             elif tid not in inflight:
-                plan.resend.append(Decision.from_json(got[0]))
+                d = Decision.from_json(got[0])
+                if self.clock_ms() - d.ts >= self.resend_after_ms:
+                    plan.resend.append(d)
 
     @staticmethod
     def next_due(plan: UserPlan) -> int | None:

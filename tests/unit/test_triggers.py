@@ -51,9 +51,9 @@ class Wall:
         return self.ms
 
 
-def engine(store=None, names=None, cat_text: str = CAT, budgets=None) -> Engine:
+def engine(store=None, names=None, cat_text: str = CAT, budgets=None, wall=None) -> Engine:
     cat = parse_catalogue(cat_text)
-    wall = Wall()
+    wall = wall or Wall()
     return Engine(store or MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                   budget=BudgetGate(cat, budgets or MemoryBudgetStore(), window_ms=DAY_MS),
                   conversions=OutcomeStats(), attribution_window_s=86_400, clock_ms=wall,
@@ -146,12 +146,14 @@ def test_a_purchase_or_an_emptied_cart_cancels_cart_abandonment():
 
 
 def test_a_crash_between_commit_and_send_sends_the_same_decision_again():
-    store = MemoryStore()
-    first = engine(store, names=["cart_abandonment"])
+    store, wall = MemoryStore(), Wall()
+    first = engine(store, names=["cart_abandonment"], wall=wall)
     run(first.process_batch([ev("c1", "cart", "u1", T0)]))
     lost = run(first.sweep(T0 + H)).decisions  # committed, then the worker died before sending
     assert len(lost) == 1
-    second = engine(store, names=["cart_abandonment"])  # a new process: nothing in flight
+    second = engine(store, names=["cart_abandonment"], wall=wall)  # a new process: nothing in flight
+    assert run(second.sweep(T0 + H)).to_send() == []  # decided just now: it may still be on its way
+    wall.ms += 30_000
     again = run(second.sweep(T0 + H))
     assert again.decisions == [] and [d.to_json() for d in again.resend] == [d.to_json() for d in lost]
     deliver(second, again)
@@ -224,14 +226,14 @@ def test_offers_not_listed_for_a_trigger_are_never_given_there():
 
 
 def test_a_timer_decision_is_charged_once_even_when_a_crash_makes_it_sent_again():
-    budgets = MemoryBudgetStore()
-    store = MemoryStore()
-    eng = engine(store, names=["cart_abandonment"], budgets=budgets)
+    budgets, store, wall = MemoryBudgetStore(), MemoryStore(), Wall()
+    eng = engine(store, names=["cart_abandonment"], budgets=budgets, wall=wall)
     run(eng.process_batch([ev(f"c{u}", "cart", f"u{u}", T0 + u) for u in range(20)]))
     swept = run(eng.sweep(T0 + 2 * H))  # committed; the worker dies before sending
     given = sorted(d.decision_id for d in swept.decisions if d.offer.offer_id == "c5")
     assert given
-    restarted = engine(store, names=["cart_abandonment"], budgets=budgets)
+    restarted = engine(store, names=["cart_abandonment"], budgets=budgets, wall=wall)
+    wall.ms += 60_000
     again = run(restarted.sweep(T0 + 2 * H))
     assert sorted(d.decision_id for d in again.resend if d.offer.offer_id == "c5") == given and not again.decisions
     deliver(restarted, again)
