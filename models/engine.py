@@ -109,6 +109,7 @@ class Engine:
         self._next_catalogue: tuple[Catalogue, str] | None = None  # set_catalogue's, for the next batch
         self._open_batch: BatchProgress | None = None  # the batch planned now, until it is committed whole
         self._timer_horizon: int | None = None  # the clock before the batch planned now (see process_batch)
+        self._clock_committed: dict = {}  # the clock's partition watermarks as of the last batch committed whole
         self.policy = policy or RulePolicy(self.catalogue, holdout_pct=holdout_pct)
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -191,8 +192,7 @@ class Engine:
                                    max_future_skew_ms=settings.max_future_skew_s * 1000),
             catalogue_version=catalogue_version,
             trigger_names=settings.trigger_names,
-            # a timer-fired decision found unsent is sent again only once no sweep or batch can still be sending it
-            resend_after_s=max(30.0, 4 * settings.maintenance_interval_s),
+            resend_after_s=settings.timer_resend_after_s,
         )
 
     def set_catalogue(self, catalogue: Catalogue, version: str) -> bool:
@@ -243,7 +243,11 @@ class Engine:
         """Publish this worker's partition watermarks to the store and merge every worker's (so the clock is a low
         watermark over all partitions of the topic, not only this worker's), then advance it; returns its time.
         """
-        self.clock.merge(await self.store.sync_clock(self.clock.state()))
+        # only what committed batches showed is published: a worker that dies in the middle of a batch must not
+        # leave a clock past events that are not applied yet (the restarted worker's sweep would fire timers and
+        # close windows ahead of them when they are redelivered)
+        published = self.clock.state() if self._open_batch is None else self._clock_committed
+        self.clock.merge(await self.store.sync_clock(published))
         return self.clock.advance()
 
     # ------------------------------------------------------------------------------------------
@@ -280,6 +284,7 @@ class Engine:
         if self._open_batch is progress:  # committed whole; a retry after an exception keeps it open
             self._open_batch = None
             self._timer_horizon = None
+            self._clock_committed = self.clock.state()
         if learn:
             if not progress.released:
                 await self._release_stale(result.to_send())

@@ -186,6 +186,11 @@ class Settings(BaseSettings):
         "<point> (models.failpoints.POINTS); empty in production"
     )
 
+    timer_resend_after_s: float = Field(
+        30.0, gt=0, description="a timer-fired decision the sweep finds stored but not marked as sent (its worker "
+        "died between commit and send) is sent again once it is this old (wall clock): younger, a batch or sweep "
+        "may still be sending it. Keep it above a few PROMO_MAINTENANCE_INTERVAL_S")
+
     @field_validator("triggers")
     @classmethod
     def _valid_triggers(cls, v: str) -> str:

@@ -527,3 +527,86 @@ def test_kill_9_inside_every_window_of_a_batch_leaves_the_same_state(stack, star
 
 def _doc(msg) -> dict:
     return json.loads(msg.value)
+
+
+# the windows of a timer-fired decision's life (models.failpoints.POINTS): after the sweep's commit, after its send
+TIMER_FAILPOINTS = [("timer_committed", 1), ("timer_sent", 1), ("timer_committed", 2)]
+
+
+def test_kill_9_inside_the_windows_of_timer_fired_decisions(stack, start_worker, redis_client):
+    """Issue 14, acceptance 2: with every trigger on (production configuration otherwise), workers kill themselves
+    inside the windows of a decision the expiry sweep fired from a timer: after its commit (stored, not sent) and
+    after its send (not marked as sent), then a last worker finishes. The replay is the random-kill test's, with a
+    tail of events two hours after it that makes every timer it armed due. Then: each window had a timer-fired
+    decision in it; every event counted once; the triggers decided are exactly those an in-memory engine decides
+    from the same events (so no timer fired twice or was lost); every stored decision reached the topic and every
+    message of a trigger equals the stored decision (re-sent with the same id and content, never another one);
+    each budget charged once (counters equal the per-decision entries, no reservation without its decision)."""
+    from models.policy.catalogue import DEFAULT_PATH
+    from tests.trigger_replay import ALL_TRIGGERS, clock_tail, decided_in_memory
+
+    t_start = time.monotonic()
+    base, last = replay()
+    events = base + clock_tail(last + 2 * 3_600_000)  # timers idle at most an hour: all due, windows still open
+    want = decided_in_memory(events, DEFAULT_PATH.read_text(), ALL_TRIGGERS)
+    assert {k for k, _ in want} >= {"cart", "post_purchase", "cart_abandonment", "browse_abandonment"}, want
+    r = redis_client
+    f = isolated(stack, "T").model_copy(update={"triggers": ",".join(ALL_TRIGGERS), "maintenance_interval_s": 1.0,
+                                                "timer_resend_after_s": 3.0, "batch_max": FAILPOINT_BATCH})
+    p = PacedProducer(f, events, None)
+    p.run()  # everything on the broker first
+    assert p.error is None and p.report["sent"] == len(events), (p.error, p.report)
+
+    def timer_decisions(prefix: str) -> tuple[int, int]:
+        """(stored, not marked as sent) decisions a timer fired."""
+        keys = list(r.scan_iter(match=f"{prefix}:{{u:*}}:d:t:*", count=5000))
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hget(k, "sent")
+        return len(keys), sum(1 for v in pipe.execute() if v != b"1")
+
+    def done() -> bool:
+        return (count_keys(r, f.redis_prefix, "{u:*}:e:*") == len(events) and unsent_decisions(r, f.redis_prefix) == 0
+                and r.scard(f"{f.redis_prefix}:sim:parked") == 0
+                and r.zcount(f"{f.redis_prefix}:open", "-inf", last + 3_600_000) == 0)
+
+    seen = {}
+    for point, n in TIMER_FAILPOINTS:
+        w = start_worker(f.model_copy(update={"failpoint": f"{point}:{n}"}))
+        wait_until(lambda: w.proc.poll() is not None or done(), 180, f"the worker to reach failpoint {point}:{n}",
+                   interval=0.1)
+        assert w.proc.poll() == -signal.SIGKILL, (
+            f"the worker armed with {point}:{n} did not kill itself there (exit {w.proc.returncode}):\n"
+            f"{w.log_tail()}")
+        stored, unsent = timer_decisions(f.redis_prefix)
+        seen[f"{point}:{n}"] = {"timer_decisions": stored, "unsent": unsent,
+                                "applied": count_keys(r, f.redis_prefix, "{u:*}:e:*")}
+        log(f"failpoint {point}:{n}: {seen[f'{point}:{n}']}")
+        assert unsent > 0, f"the worker died at {point} without a timer-fired decision unsent: {seen}"
+
+    w = start_worker(f)
+    w.wait_ready()
+    wait_until(done, 240, "the last worker to apply every event and settle every timer")
+    w.stop()
+    state = dump_state(r, f.redis_prefix)
+    check_counted_once(state, events)
+    got = {(d["trigger"], k.split(":d:", 1)[1]) for k, d in stored_decisions(state).items()}
+    assert got == want, (f"{len(got - want)} decided only by the killed workers (e.g. {sorted(got - want)[:3]}), "
+                         f"{len(want - got)} only in memory (e.g. {sorted(want - got)[:3]})")
+    by_trigger = {k.split(":d:", 1)[1]: d for k, d in stored_decisions(state).items()}
+    msgs = consume_all(f, f.topic_decisions, lambda ms: {_doc(m)["trigger_event_id"] for m in ms} >= set(by_trigger),
+                       timeout=60)
+    sent: dict[str, list] = defaultdict(list)
+    for m in msgs:
+        sent[normalise(m.value)["trigger_event_id"]].append(normalise(m.value))
+    assert set(sent) == set(by_trigger), "decisions topic != stored decisions"
+    for t, docs in sent.items():
+        assert all(d == by_trigger[t] for d in docs), f"trigger {t}: a message differs from the stored decision"
+    timer_msgs = sum(len(v) for t, v in sent.items() if t.startswith("t:"))
+    timer_ids = sum(1 for t in sent if t.startswith("t:"))
+    assert timer_msgs > timer_ids, "timer-fired decisions left unsent or unmarked by a kill must be sent again"
+    n_campaigns = check_budget_ledgers(state)
+    kinds = Counter(d["trigger"] for d in by_trigger.values())
+    log(f"timer kill windows: {seen}; decisions by trigger {dict(kinds)}; timer-fired: {timer_ids} decisions, "
+        f"{timer_msgs} messages; {n_campaigns} budgeted campaigns charged once; "
+        f"total {time.monotonic() - t_start:.1f}s")

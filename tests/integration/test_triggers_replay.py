@@ -19,22 +19,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 import zlib
 from collections import Counter
 
 import jsonschema
 import pytest
 
-from models.clock import EventClock
-from models.engine import Engine
 from models.policy.catalogue import parse_catalogue
-from models.policy.rules import RulePolicy
-from models.state.engine_memory import MemoryStore
 from stream.produce import produce_events
 from stream.sources import read_events
-from stream.validation import Limits, decode_event
-from tests.helpers import DATA, ROOT, consume_all, event_bytes, metric, wait_until
+from tests.helpers import DATA, ROOT, consume_all, metric, wait_until
+from tests.trigger_replay import clock_tail, decided_in_memory, parse_ts
 
 pytestmark = pytest.mark.integration
 
@@ -69,46 +64,11 @@ triggers:
 """
 
 
-def parse_ts(ts) -> int:
-    if isinstance(ts, (int, float)):
-        return int(ts)
-    from datetime import datetime
-
-    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
-
-
 def replay() -> list[dict]:
     taobao = [e | {"user_id": f"tb-{e['user_id']}", "item_id": f"tb-{e['item_id']}"}
               for e in read_events(TAOBAO, "taobao") if zlib.crc32(str(e["user_id"]).encode()) % TAOBAO_ONE_IN == 0]
     events = sorted(taobao, key=lambda e: parse_ts(e["ts"])) + list(read_events(REES46, "rees46", limit=N_REES46))
-    end = max(parse_ts(e["ts"]) for e in events) + 86_400_000
-    tail = [{"event_id": f"tick-{i}", "type": "view", "user_id": f"tick-{i}", "item_id": "tick", "ts": end + i}
-            for i in range(N_TAIL)]
-    return events + tail
-
-
-def expected(events: list[dict]) -> set[tuple[str, str]]:
-    """(trigger, trigger id) of every decision an in-memory engine makes from ``events`` as one stream, with the
-    rules policy and no sweep until one after the last event."""
-    cat = parse_catalogue(CATALOGUE)
-    wall = time.time_ns() // 1_000_000
-    eng = Engine(MemoryStore(), RulePolicy(cat, holdout_pct=5.0), catalogue=cat, trigger_names=[],
-                 clock_ms=lambda: wall, event_clock=EventClock(wall_ms=lambda: wall))
-    evs = [decode_event(event_bytes(e), Limits(), wall) for e in events]
-    out: set[tuple[str, str]] = set()
-
-    async def go():
-        for i in range(0, len(evs), 500):
-            out.update((d.trigger, d.trigger_event_id) for d in (await eng.process_batch(evs[i:i + 500])).decisions)
-        while await eng.store.due_users(end := max(e.ts for e in evs)):  # a sweep takes up to 1,000 users
-            swept = await eng.sweep(end)
-            out.update((d.trigger, d.trigger_event_id) for d in swept.decisions)
-            await eng.delivered(swept)
-            if not swept.decisions and not swept.closed:
-                break
-
-    asyncio.run(go())
-    return out
+    return events + clock_tail(max(parse_ts(e["ts"]) for e in events) + 86_400_000, N_TAIL)
 
 
 def test_every_trigger_decides_on_the_public_slices(engine_settings, start_worker, redis_client, tmp_path):
@@ -116,7 +76,7 @@ def test_every_trigger_decides_on_the_public_slices(engine_settings, start_worke
     cat_path.write_text(CATALOGUE)
     s = engine_settings.model_copy(update={"catalogue_path": cat_path, "maintenance_interval_s": 1.0})
     events = replay()
-    want = expected(events)
+    want = decided_in_memory(events, CATALOGUE)
     by_kind = Counter(k for k, _ in want)
     assert set(by_kind) == set(KINDS), f"the replay must arm every kind of trigger: {dict(by_kind)}"
 
