@@ -1,6 +1,6 @@
 """What the checks feed and ask: a small deterministic event stream (:func:`events`), the decision contexts at its
-carts (:func:`decision_contexts`), and the probes an object's fingerprint is read from (profiles, decision
-contexts, items, all at :data:`NOW`, after the stream ends)."""
+carts and after its purchases (:func:`decision_contexts`), and the probes an object's fingerprint is read from
+(profiles, decision contexts, items, all at :data:`NOW`, after the stream ends)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def feature_stream(evs: list[Event]) -> Iterator[tuple[dict[str, float], bool]]:
 
 
 def decision_contexts(evs: list[Event]) -> list[tuple[DecisionContext, float]]:
-    """A decision context at every cart of ``evs`` (the user's profile then), with a reward: what the policy would
-    have earned (a purchase by the user later in the stream)."""
+    """A decision context at every cart of ``evs`` and after every purchase (trigger ``post_purchase``: policies
+    that tell triggers apart learn both), the user's profile then, with a reward: what the policy would have earned
+    (a purchase by the user later in the stream)."""
     profiles: dict[str, Profile] = {}
     last_purchase: dict[str, int] = {}
     for event in evs:
@@ -80,11 +81,12 @@ def decision_contexts(evs: list[Event]) -> list[tuple[DecisionContext, float]]:
     for event in evs:
         prof = profiles.setdefault(event.user_id, Profile())
         prof.apply(event)
-        if event.type != "cart":
+        if event.type not in ("cart", "purchase"):
             continue
         ctx = DecisionContext(event.user_id, event.ts, prof.cart_value, list(prof.cart), prof.cart_categories,
                               prof.is_new, prof.n_orders, int(event.item_id[1:]) % 3, prof.churn_risk,
-                              (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10))
+                              (prof.counts.get("purchase", 0) + 1) / (prof.n_events + 10),
+                              trigger="cart" if event.type == "cart" else "post_purchase")
         out.append((ctx, 4.0 if last_purchase.get(event.user_id, 0) > event.ts else 0.0))
     return out
 
@@ -103,9 +105,11 @@ def probe_profiles() -> list[Profile]:
 
 
 def probe_contexts() -> list[DecisionContext]:
-    """Decision contexts to ask policies about: carts of growing value, new and returning users."""
-    return [DecisionContext(f"probe{i}", NOW, 30.0 + 25 * i, ["i1"], ["c1"], i % 2 == 0, i % 3, i % 3, 0.1 * i,
-                            0.05 + 0.04 * i) for i in range(6)]
+    """Decision contexts to ask policies about: carts of growing value, new and returning users, then the moment
+    after a purchase (an empty cart)."""
+    carts = [DecisionContext(f"probe{i}", NOW, 30.0 + 25 * i, ["i1"], ["c1"], i % 2 == 0, i % 3, i % 3, 0.1 * i,
+                             0.05 + 0.04 * i) for i in range(6)]
+    return carts + [DecisionContext("probe6", NOW, 0.0, [], [], False, 2, 1, 0.3, 0.1, trigger="post_purchase")]
 
 
 def rounded(x: Any) -> Any:

@@ -5,7 +5,7 @@ net of the offer's cost (only when redeemed), 0 when the window expired; ``none`
 context ``x`` the catalogue says what each offer ``a`` (``none`` included) earns *if* the user buys,
 ``v(a, x)`` (``margin(basket) - cost(basket)``; ``none``: the cart's margin), and the learning core estimates
 ``q(x) = P(buy | x)`` (``ctx.propensity``). The policy learns, per offer and context cell (by default the user's
-segment), a value lift ``m``::
+segment; at a trigger other than the cart, the trigger too: :meth:`ThompsonPolicy.cell`), a value lift ``m``::
 
     E[reward | a, x] = q(x) * v(a, x) * m[a, cell(x)],     m ~ Gamma(alpha, beta)
 
@@ -61,6 +61,9 @@ VALUE_FLOOR = 0.1
 expects to keep (almost) nothing of the margin, chosen only by the exploration floor, would otherwise turn a small
 difference of baskets into a huge count."""
 
+CART_TRIGGER = "cart"
+"""The trigger whose cells are keyed as before triggers existed (``DecisionContext.trigger``'s default)."""
+
 MIN_ALPHA = 1e-6
 """``alpha`` read from a cell is at least this: rewards net of cost may be negative (a discount larger than the
 order's margin), so a cell's sum may fall to or below 0, where the Gamma posterior is undefined."""
@@ -94,7 +97,8 @@ class ThompsonPolicy(Policy):
         Draw from the posterior with ``temper`` times its counts (> 1: less exploration of offers that
         are probably worse; the floor keeps every eligible offer possible).
     cell_keys
-        Context fields a cell is made of: ``"segment"``, ``"new"`` or a key of ``ctx.features``.
+        Context fields a cell is made of: ``"segment"``, ``"new"`` or a key of ``ctx.features``; at a trigger other
+        than the cart, the trigger's name follows them (:meth:`cell`).
     pacing
         Optional object with ``price(offer_id) -> float`` (shadow price per unit of cost,
         :class:`models.policy.pacing.PacingController`).
@@ -140,7 +144,25 @@ class ThompsonPolicy(Policy):
 
     # --- response model ----------------------------------------------------------------------
     def cell(self, ctx: DecisionContext) -> tuple:
-        return tuple(_cell_value(ctx, k) for k in self.cell_keys)
+        """The cell of ``ctx``: the values of :attr:`cell_keys`, then the trigger's name unless it is the cart.
+
+        Users answer an offer differently at each trigger (an abandoned cart is price-sensitive, a browse without a
+        cart rarely buys), so a cell mixing triggers would learn none of them; the cart's cells keep the keys they
+        had before triggers existed, so the posteriors already shared in the store stay valid. A trigger cell has
+        one value more than a cart cell: the two never collide.
+
+        >>> from models.policy.catalogue import load_catalogue
+        >>> policy = ThompsonPolicy(load_catalogue())
+        >>> ctx = DecisionContext("u", 0, 80.0, [], [], False, 1, 2, 0.0, 0.2)
+        >>> policy.cell(ctx)
+        (2,)
+        >>> ctx.trigger = "cart_abandonment"
+        >>> policy.cell(ctx)
+        (2, 'cart_abandonment')
+        """
+        values = tuple(_cell_value(ctx, k) for k in self.cell_keys)
+        trigger = ctx.trigger or CART_TRIGGER  # None: a context stored without one, which was a cart's
+        return values if trigger == CART_TRIGGER else values + (trigger,)
 
     @staticmethod
     def exposure(ctx: DecisionContext) -> float:

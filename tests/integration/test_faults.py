@@ -200,7 +200,9 @@ def test_an_unexpected_error_stops_the_worker_unacknowledged_and_the_next_worker
     sent = consume_all(s, s.topic_decisions, lambda msgs: {json.loads(m.value)["trigger_event_id"] for m in msgs}
                        >= stored, timeout=60)
     assert {json.loads(m.value)["trigger_event_id"] for m in sent} == stored
-    assert metric(second.metrics(), "promo_decisions_resent_total") >= len(unsent)
+    # counted once the batch is delivered and marked, a moment after its messages are on the topic
+    wait_until(lambda: metric(second.metrics(), "promo_decisions_resent_total") >= len(unsent), 30,
+               f"promo_decisions_resent_total to count the {len(unsent)} re-sent decisions")
 
 
 @pytest.fixture

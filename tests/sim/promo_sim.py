@@ -1,17 +1,50 @@
-"""Seeded promotion simulator with a known true response per segment and offer.
+"""Seeded promotion simulator with a known true response per trigger, segment and offer.
 
-Users arrive over a campaign period; each visit with a cart triggers a decision. A user buys with the true
-probability ``P(buy | segment, offer)``, some hours later (delayed reward through the attribution window).
-The same user stream and the same uniform draws (common random numbers) are replayed for every policy, so
-their realised incremental margins are directly comparable:
+Users arrive over a campaign period; each visit is a *trigger*, a moment the engine decides an offer (issue 14). A
+user buys with the true probability ``P(buy | trigger, segment, offer)``, some hours later (delayed reward through
+the attribution window). The same user stream and the same uniform draws (common random numbers) are replayed for
+every policy, so their realised incremental margins are directly comparable:
 
     incremental = [buy under the chosen offer] * (margin - cost) - [buy under none] * margin
 
-Every policy runs under the same constraints: eligibility, per-user caps, campaign budgets (reserved in a
-:class:`models.state.budget_memory.MemoryBudgetStore`, settled when the window closes) and pacing. After every decision
-and every settlement the simulator checks that no budget and no cap is exceeded.
+Every policy runs under the same constraints: eligibility, the offers each trigger may give, per-user caps,
+campaign budgets (reserved in a :class:`models.state.budget_memory.MemoryBudgetStore`, settled when the window
+closes) and pacing. After every decision and every settlement the simulator checks that no budget, no cap and no
+trigger's offer list is broken.
 
-Run: ``.venv/bin/python tests/sim/promo_sim.py --users 50000 --seed 1`` (JSON on stdout, progress on stderr).
+The world below is this simulator's assumption, not a measurement of any shop: plausible shapes chosen so that the
+triggers differ the way the engine must cope with, and fixed so that runs compare.
+
+Triggers. A visit's trigger is drawn per visit (:data:`TRIGGER_SHARES`): most are add-to-carts (``cart``), then
+``browse_abandonment`` (views, no cart, then idle), ``cart_abandonment`` (a cart not bought) and ``post_purchase``
+(right after an order). A returning user whose absence lasted at least :data:`RETENTION_ABSENCE_DAYS` and whose churn
+risk is at least :data:`RETENTION_CHURN` is a ``retention`` visit instead. What the decision weighs
+follows the engine: the cart at ``cart`` and ``cart_abandonment``; at the others (no cart: the user has not carted,
+or just bought, or just came back) the user's usual order (``models.planning.basket_value``), here the trigger's
+typical basket for the segment without the visit's own draw; what the user buys, if they buy, is the visit's *basket*, drawn per
+trigger around the segment's median (:data:`TRIGGER_BASKETS`).
+
+Response (:data:`RESPONSE`: trigger -> segment -> ``(P(buy | none), {offer: uplift})``):
+
+* ``cart``: as before triggers (:data:`SEGMENTS`);
+* ``browse_abandonment``: about 0.3 of the cart's base rate (no cart yet), small uplifts; a gift helps new users;
+* ``cart_abandonment``: about 0.6 of the cart's base rate, price-sensitive (discount uplifts about 1.5 times the
+  cart's), larger baskets;
+* ``post_purchase``: about a fifth of the cart's base rate (a next order within the window), a next-order coupon
+  helps the price-sensitive and new segments, hardly the others; smaller baskets;
+* ``retention``: a third to a half of the cart's base rate; only the retention offer (``winback_10``) may be given,
+  and it pays where churners are price-sensitive or buy large baskets, not for the loyal segment.
+
+Which offers a trigger may give is the catalogue's ``triggers:`` section (:data:`SIM_CATALOGUE`, read into
+:data:`TRIGGER_OFFERS`); the simulator applies it as the engine does (``models.triggers.base.Trigger.blocked``),
+by putting the other offers into ``ctx.blocked`` before ``policy.choose`` (``none`` is always allowed). Every context
+carries its ``trigger``. The policy's ``propensity`` is the true no-offer rate at the visit's trigger (the learning
+core's estimate, made perfect).
+
+Run: ``.venv/bin/python tests/sim/promo_sim.py --users 50000 --seed 1`` (JSON on stdout, progress on stderr). Per
+policy, ``by_trigger`` reports each trigger's decisions, incremental margin (realised and expected) and ``share`` of
+the policy's realised incremental margin (None when that is not positive: a share of a loss or of nothing is no
+share).
 """
 
 from __future__ import annotations
@@ -23,6 +56,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +72,7 @@ from models.decision import decision_id_for  # noqa: E402
 from models.policy.pacing import PacingController  # noqa: E402
 from models.policy.base import DecisionContext, PolicyChoice
 from models.policy.eligibility import filter_offers, holdout  # noqa: E402
+from models.triggers import build_triggers  # noqa: E402
 
 DAY = 86_400_000
 HOUR = 3_600_000
@@ -85,9 +120,31 @@ offers:
     caps: {{per_user_total: 1}}
     budget: 20000
     period: {{start: {START}, end: {START + DAYS * DAY}}}
+  - offer_id: winback_10            # the retention offer: given only at the retention trigger
+    kind: coupon
+    prior_uplift: 0.03
+    value: 10
+    min_spend: 40
+    eligibility: {{customer: returning}}
+    caps: {{per_user_total: 1}}
+    budget: 4000
+    period: {{start: {START}, end: {START + DAYS * DAY}}}
+triggers:                          # the offers each trigger may give ('none' always may)
+  cart: {{offers: [coupon_5, pct_10, spend100_save15, gift_tote]}}
+  browse_abandonment: {{offers: [coupon_5, gift_tote]}}
+  cart_abandonment: {{offers: [coupon_5, pct_10, spend100_save15]}}
+  post_purchase: {{offers: [coupon_5]}}
+  retention: {{offers: [winback_10]}}
 """
 
-# segment: (share, P(buy | none), {offer: uplift}, median cart value, P(new))
+TRIGGER_OFFERS: dict[str, tuple[str, ...]] = {
+    name: spec.offers for name, spec in parse_catalogue(SIM_CATALOGUE, "sim.yaml").triggers.items()}
+"""Trigger -> the offers it may give (``none`` always may): the catalogue's ``triggers:`` section."""
+
+TRIGGERS: tuple[str, ...] = tuple(TRIGGER_OFFERS)
+TRIGGERS_BY_NAME = {t.name: t for t in build_triggers(parse_catalogue(SIM_CATALOGUE, "sim.yaml"), list(TRIGGERS))}
+
+# segment: (share, P(buy | none), {offer: uplift}, median cart value, P(new)) at the cart
 SEGMENTS = {
     0: (0.30, 0.30, {"coupon_5": 0.02, "pct_10": 0.03, "spend100_save15": 0.02, "gift_tote": 0.01}, 40.0, 0.05),
     1: (0.30, 0.05, {"coupon_5": 0.08, "pct_10": 0.12, "spend100_save15": 0.04, "gift_tote": 0.02}, 60.0, 0.10),
@@ -95,10 +152,65 @@ SEGMENTS = {
     3: (0.20, 0.04, {"coupon_5": 0.05, "pct_10": 0.04, "spend100_save15": 0.02, "gift_tote": 0.07}, 50.0, 0.90),
 }
 
+# trigger -> segment -> (P(buy | none), {offer: uplift}); an offer not named adds nothing (the module docstring
+# says what each trigger's numbers mean)
+RESPONSE: dict[str, dict[int, tuple[float, dict[str, float]]]] = {
+    "cart": {s: (base, lift) for s, (_, base, lift, _, _) in SEGMENTS.items()},
+    "browse_abandonment": {
+        0: (0.080, {"coupon_5": 0.020, "gift_tote": 0.005}),
+        1: (0.015, {"coupon_5": 0.050, "gift_tote": 0.010}),
+        2: (0.030, {"coupon_5": 0.015, "gift_tote": 0.005}),
+        3: (0.012, {"coupon_5": 0.030, "gift_tote": 0.040}),
+    },
+    "cart_abandonment": {
+        0: (0.180, {"coupon_5": 0.030, "pct_10": 0.045, "spend100_save15": 0.030}),
+        1: (0.030, {"coupon_5": 0.120, "pct_10": 0.180, "spend100_save15": 0.060}),
+        2: (0.060, {"coupon_5": 0.045, "pct_10": 0.075, "spend100_save15": 0.150}),
+        3: (0.024, {"coupon_5": 0.075, "pct_10": 0.060, "spend100_save15": 0.030}),
+    },
+    "post_purchase": {
+        0: (0.050, {"coupon_5": 0.005}),
+        1: (0.010, {"coupon_5": 0.040}),
+        2: (0.020, {"coupon_5": 0.005}),
+        3: (0.010, {"coupon_5": 0.030}),
+    },
+    "retention": {
+        0: (0.100, {"winback_10": 0.030}),
+        1: (0.020, {"winback_10": 0.100}),
+        2: (0.040, {"winback_10": 0.040}),
+        3: (0.020, {"winback_10": 0.060}),
+    },
+}
 
-def true_p(segment: int, offer_id: str) -> float:
-    _, base, lift, _, _ = SEGMENTS[segment]
+# trigger -> (median basket as a multiple of the segment's median cart, sigma of its log); whether the decision
+# sees the basket as its cart (True) or an empty cart (False), as the engine's profile has it then
+TRIGGER_BASKETS: dict[str, tuple[float, float, bool]] = {
+    "cart": (1.0, 0.5, True),
+    "browse_abandonment": (0.8, 0.6, False),  # what was viewed
+    "cart_abandonment": (1.1, 0.5, True),  # larger carts are left more often
+    "post_purchase": (0.7, 0.5, False),  # a next, smaller order
+    "retention": (1.0, 0.5, False),
+}
+
+TRIGGER_SHARES: dict[str, float] = {"cart": 0.62, "browse_abandonment": 0.18, "cart_abandonment": 0.12,
+                                    "post_purchase": 0.08}
+"""Shares of the visits that are not a retention return (those are decided by :data:`RETENTION_ABSENCE_DAYS` and
+:data:`RETENTION_CHURN`)."""
+
+RETENTION_ABSENCE_DAYS = 6.0  # a return after this long an absence ...
+RETENTION_CHURN = 0.6  # ... by a user whose churn risk is at least this is a retention visit
+
+
+def true_p(segment: int, offer_id: str, trigger: str = "cart") -> float:
+    """``P(buy | trigger, segment, offer)``: the no-offer rate plus the offer's uplift there."""
+    base, lift = RESPONSE[trigger][segment]
     return base + (lift.get(offer_id, 0.0) if offer_id != NONE_ID else 0.0)
+
+
+def trigger_blocked(catalogue: Catalogue, trigger: str) -> dict[str, str]:
+    """The offers ``trigger`` may not give, with the reason: what the engine puts into ``ctx.blocked`` (the
+    engine's own :meth:`models.triggers.base.Trigger.blocked`); ``none`` is never blocked."""
+    return TRIGGERS_BY_NAME[trigger].blocked(catalogue.offer_ids)
 
 
 @dataclass(slots=True)
@@ -108,15 +220,19 @@ class Visit:
     segment: int
     is_new: bool
     churn: float
-    cart: float
-    u: float  # common random number: buys under offer a iff u < P(buy | segment, a)
+    trigger: str
+    cart: float  # the basket the decision weighs: the cart, or at triggers without one the user's usual order
+    has_cart: bool  # whether the user has a cart then (cart and cart_abandonment)
+    basket: float  # what the user buys without an offer, if they buy
+    u: float  # common random number: buys under offer a iff u < P(buy | trigger, segment, a)
     delay_ms: int
 
 
 def make_visits(n_users: int, seed: int) -> list[Visit]:
-    """The user stream: one visit per user, a quarter come back 2-10 days later."""
+    """The user stream: one visit per user, a quarter come back 2-10 days later; each visit has a trigger."""
     rnd = random.Random(seed)
     shares = [SEGMENTS[s][0] for s in sorted(SEGMENTS)]
+    drawn_triggers, trigger_weights = list(TRIGGER_SHARES), list(TRIGGER_SHARES.values())
     visits = []
     for i in range(n_users):
         s = rnd.choices(range(len(shares)), shares)[0]
@@ -126,34 +242,51 @@ def make_visits(n_users: int, seed: int) -> list[Visit]:
         uid = f"sim-{seed}-{i}"
         ts = START + int(rnd.random() * (DAYS - 1) * DAY)
         n = 2 if rnd.random() < 0.25 else 1
+        absence_days = 0.0
         for _ in range(n):
-            cart = round(median * math.exp(rnd.gauss(0.0, 0.5)), 2)
-            visits.append(Visit(ts, uid, s, is_new, churn, cart, rnd.random(), int(rnd.uniform(0.5, 12) * HOUR)))
-            ts += int(rnd.uniform(2, 10) * DAY)
+            if absence_days >= RETENTION_ABSENCE_DAYS and churn >= RETENTION_CHURN:
+                trigger = "retention"
+            else:
+                trigger = rnd.choices(drawn_triggers, trigger_weights)[0]
+            factor, sigma, cart_seen = TRIGGER_BASKETS[trigger]
+            basket = round(median * factor * math.exp(rnd.gauss(0.0, sigma)), 2)
+            # after an order the user is a customer: no longer new
+            new_now = is_new and trigger != "post_purchase"
+            # without a cart the engine weighs the user's average order (models.planning.basket_value): here the
+            # trigger's typical basket for the segment, without this visit's draw
+            seen = basket if cart_seen else round(median * factor, 2)
+            visits.append(Visit(ts, uid, s, new_now, churn, trigger, seen, cart_seen, basket,
+                                rnd.random(), int(rnd.uniform(0.5, 12) * HOUR)))
+            absence_days = rnd.uniform(2, 10)
+            ts += int(absence_days * DAY)
             is_new = False
     visits.sort(key=lambda v: (v.ts, v.user_id))
     return visits
 
 
 class OraclePolicy:
-    """Knows the true response; picks the best true incremental margin (with the same pacing prices)."""
+    """Knows the true response and each visit's basket; picks the best true incremental margin (with the same
+    pacing prices). Without the visits it takes the cart for the basket."""
 
     model_version = "oracle"
 
-    def __init__(self, catalogue: Catalogue, holdout_pct: float, pacing=None):
+    def __init__(self, catalogue: Catalogue, holdout_pct: float, pacing=None, visits: Iterable[Visit] = ()):
         self.catalogue, self.holdout_pct, self.pacing = catalogue, holdout_pct, pacing
+        self.basket_of = {(v.user_id, v.ts): v.basket for v in visits}
 
     def choose(self, ctx: DecisionContext, rng: random.Random) -> PolicyChoice:
         none = self.catalogue[NONE_ID]
         if holdout(ctx.user_id, self.holdout_pct):
             return PolicyChoice(none.to_offer(ctx.now_ms), 1.0, {}, "holdout", [], self.model_version)
         eligible, reasons = filter_offers(self.catalogue, ctx)
-        p0 = true_p(ctx.segment, NONE_ID)
+        basket = self.basket_of.get((ctx.user_id, ctx.now_ms), ctx.cart_value)
+        p0 = true_p(ctx.segment, NONE_ID, ctx.trigger)
         best, best_s = none, 0.0
         for s in eligible[1:]:
             lam = self.pacing.price(s.offer_id) if self.pacing else 0.0
-            b = s.basket(ctx.cart_value)
-            sc = true_p(ctx.segment, s.offer_id) * (s.margin(b) - (1 + lam) * s.cost(b)) - p0 * s.margin(ctx.cart_value)
+            b = s.basket(basket)
+            sc = (true_p(ctx.segment, s.offer_id, ctx.trigger) * (s.margin(b) - (1 + lam) * s.cost(b))
+                  - p0 * s.margin(basket))
             if sc > best_s:
                 best, best_s = s, sc
         return PolicyChoice(best.to_offer(ctx.now_ms), 1.0, {}, "treatment", reasons, self.model_version)
@@ -197,6 +330,8 @@ class RunResult:
     max_budget_use: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # expected incremental margin per tenth of the visits
     by_segment: dict = field(default_factory=dict)  # segment -> expected incremental margin
+    # trigger -> {decisions, incremental_margin, expected_incremental_margin, share of the realised incremental}
+    by_trigger: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -216,10 +351,16 @@ def run_policy(name: str, make_policy, visits: list[Visit], holdout_pct: float =
     purchases: list[tuple[int, int, Purchase]] = []
     seq = 0
     spent = {o: 0.0 for o in budgets}
+    blocked_at = {t: trigger_blocked(cat, t) for t in TRIGGERS}
+    by_trigger: dict[str, list] = {}  # trigger -> [decisions, realised incremental, expected incremental]
+
+    # each campaign's spend as last read: the store changes only by reserving and settling, after each of which
+    # check_budgets reads every campaign, so the next decision's budget blocks need no reads of their own
+    spent_now = {o: 0.0 for o in budgets}
 
     def check_budgets():
         for o, b in budgets.items():
-            s = store.spend_one(o).spent
+            s = spent_now[o] = store.spend_one(o).spent
             if s > b + 1e-9:
                 raise ConstraintViolation(f"{name}: budget of {o} exceeded: {s} > {b}")
             res.max_budget_use[o] = max(res.max_budget_use.get(o, 0.0), s / b)
@@ -247,17 +388,17 @@ def run_policy(name: str, make_policy, visits: list[Visit], holdout_pct: float =
         hist = history.get(v.user_id, [])
         day0 = now - now % DAY
         ctx = DecisionContext(
-            user_id=v.user_id, now_ms=now, cart_value=v.cart, cart_items=["i"], cart_categories=["c"],
-            is_new=v.is_new, n_purchases=0 if v.is_new else 1, segment=v.segment, churn_risk=v.churn,
-            propensity=true_p(v.segment, NONE_ID), offers_today=sum(1 for t, _ in hist if t >= day0),
-            last_offer_ms={o: t for t, o in hist},
+            user_id=v.user_id, now_ms=now, cart_value=v.cart, cart_items=["i"] if v.has_cart else [],
+            cart_categories=["c"] if v.has_cart else [], is_new=v.is_new, n_purchases=0 if v.is_new else 1,
+            segment=v.segment, churn_risk=v.churn, propensity=true_p(v.segment, NONE_ID, v.trigger),
+            offers_today=sum(1 for t, _ in hist if t >= day0), last_offer_ms={o: t for t, o in hist},
             offer_counts_today={o: sum(1 for t, x in hist if x == o and t >= day0) for _, o in hist},
-            offer_counts_total={o: sum(1 for _, x in hist if x == o) for _, o in hist},
+            offer_counts_total={o: sum(1 for _, x in hist if x == o) for _, o in hist}, trigger=v.trigger,
         )
         for o, b in budgets.items():
-            left = b - store.spend_one(o).spent
-            if left < cat[o].max_cost(v.cart):
+            if b - spent_now[o] < cat[o].max_cost(v.cart):
                 ctx.blocked[o] = "budget exhausted"
+        ctx.blocked.update(blocked_at[v.trigger])  # as the engine: the trigger's reason wins over the budget's
         did = decision_id_for(f"{v.user_id}|{now}")
         choice = policy.choose(ctx, random.Random(did))
         oid = choice.offer.offer_id
@@ -268,21 +409,30 @@ def run_policy(name: str, make_policy, visits: list[Visit], holdout_pct: float =
                 raise ConstraintViolation(f"{name}: reservation refused although the offer was not blocked")
         check_budgets()
         _check_caps(cat, hist, now, oid, name)
+        if oid != NONE_ID and oid not in TRIGGER_OFFERS[v.trigger]:
+            raise ConstraintViolation(f"{name}: {oid} given at trigger {v.trigger}, which may not give it")
         if choice.group == "holdout" and oid != NONE_ID:
             raise ConstraintViolation(f"{name}: holdout user {v.user_id} got offer {oid}")
         if not 0.0 < choice.propensity <= 1.0:
             raise ConstraintViolation(f"{name}: propensity {choice.propensity} outside (0, 1]")
         if oid != NONE_ID:
             history.setdefault(v.user_id, []).append((now, oid))
-        # outcome under the chosen offer, common random numbers
+        # outcome under the chosen offer, common random numbers; the user buys the visit's basket (topped up to the
+        # offer's minimum spend)
         spec = cat[oid]
-        p_buy = true_p(v.segment, oid)
-        basket = spec.basket(v.cart)
+        p_buy = true_p(v.segment, oid, v.trigger)
+        p_none = true_p(v.segment, NONE_ID, v.trigger)
+        basket = spec.basket(v.basket)
         gain = spec.margin(basket) - spec.cost(basket)
-        none_margin = spec.margin(v.cart) if oid != NONE_ID else cat.none_margin(v.cart)
-        res.incremental += (v.u < p_buy) * gain - (v.u < true_p(v.segment, NONE_ID)) * none_margin
-        exp_inc = p_buy * gain - true_p(v.segment, NONE_ID) * none_margin
+        none_margin = spec.margin(v.basket) if oid != NONE_ID else cat.none_margin(v.basket)
+        inc = (v.u < p_buy) * gain - (v.u < p_none) * none_margin
+        exp_inc = p_buy * gain - p_none * none_margin
+        res.incremental += inc
         res.expected_incremental += exp_inc
+        per_trigger = by_trigger.setdefault(v.trigger, [0, 0.0, 0.0])
+        per_trigger[0] += 1
+        per_trigger[1] += inc
+        per_trigger[2] += exp_inc
         tenth = k * 10 // len(visits)
         if len(res.curve) <= tenth:
             res.curve.append(0.0)
@@ -304,13 +454,33 @@ def run_policy(name: str, make_policy, visits: list[Visit], holdout_pct: float =
         _, _, p = heapq.heappop(purchases)
         learn(tracker.on_purchase(p))
     learn(tracker.sweep(end))
+    total = res.incremental
     res.incremental = round(res.incremental, 2)
     res.expected_incremental = round(res.expected_incremental, 2)
     res.max_budget_use = {o: round(x, 4) for o, x in res.max_budget_use.items()}
     res.curve = [round(x, 2) for x in res.curve]
     res.by_segment = {k: round(x, 2) for k, x in sorted(res.by_segment.items())}
+    res.by_trigger = _trigger_report(by_trigger, total)
     res.seconds = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _trigger_report(by_trigger: dict[str, list], total: float) -> dict[str, dict]:
+    """Per trigger (in :data:`TRIGGERS` order): decisions, realised and expected incremental margin, and ``share``
+    of the policy's realised incremental margin ``total``.
+
+    A share is only a share of a positive total: with a total of zero or a loss, every share is None (dividing by
+    a loss would turn the triggers that earned into negative shares). Shares of a positive total sum to 1; a
+    trigger that lost margin has a negative share, and the others then sum to more than 1.
+
+    >>> _trigger_report({"cart": [3, 30.0, 28.0], "retention": [1, -10.0, -9.0]}, 20.0)["retention"]
+    {'decisions': 1, 'incremental_margin': -10.0, 'expected_incremental_margin': -9.0, 'share': -0.5}
+    >>> _trigger_report({"cart": [3, 0.0, 0.0]}, 0.0)["cart"]["share"] is None
+    True
+    """
+    return {t: {"decisions": n, "incremental_margin": round(inc, 2), "expected_incremental_margin": round(exp, 2),
+                "share": round(inc / total, 4) if total > 0 else None}
+            for t, (n, inc, exp) in sorted(by_trigger.items(), key=lambda kv: TRIGGERS.index(kv[0]))}
 
 
 def _check_caps(cat: Catalogue, hist: list[tuple[int, str]], now: int, oid: str, name: str) -> None:
@@ -341,8 +511,8 @@ def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, pro
     runs = {
         "learned": run_policy("learned", lambda c, p: ThompsonPolicy(c, holdout_pct=holdout_pct, pacing=p),
                               visits, holdout_pct, progress=progress),
-        "oracle": run_policy("oracle", lambda c, p: OraclePolicy(c, holdout_pct, pacing=p), visits, holdout_pct,
-                             progress=progress),
+        "oracle": run_policy("oracle", lambda c, p: OraclePolicy(c, holdout_pct, pacing=p, visits=visits), visits,
+                             holdout_pct, progress=progress),
         "always:none": run_policy("always:none", lambda c, p: FixedPolicy(c, NONE_ID, holdout_pct), visits,
                                   holdout_pct, progress=progress),
     }
@@ -357,6 +527,7 @@ def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, pro
     return {
         "users": n_users,
         "visits": len(visits),
+        "visits_by_trigger": {t: sum(v.trigger == t for v in visits) for t in TRIGGERS},
         "seed": seed,
         "ratio_vs_oracle": round(learned.incremental / oracle.incremental, 4),
         "expected_ratio_vs_oracle": round(learned.expected_incremental / oracle.expected_incremental, 4),

@@ -1,4 +1,5 @@
-"""Thompson-sampling policy: exact propensities, floor, holdout, "none" when nothing pays, learning, snapshots."""
+"""Thompson-sampling policy: exact propensities, floor, holdout, "none" when nothing pays, learning, snapshots, cells
+per trigger."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ offers:
 )
 
 
-def ctx(i: int = 0, seg: int = 1, cart: float = 100.0, q: float = 0.1) -> DecisionContext:
-    return DecisionContext(f"u{i}", 1_000 + i, cart, ["x"], ["c"], False, 1, seg, 0.2, q)
+def ctx(i: int = 0, seg: int = 1, cart: float = 100.0, q: float = 0.1, trigger: str = "cart") -> DecisionContext:
+    return DecisionContext(f"u{i}", 1_000 + i, cart, ["x"], ["c"], False, 1, seg, 0.2, q, trigger=trigger)
 
 
 def test_protocol_and_holdout():
@@ -65,10 +66,10 @@ def test_same_seed_same_choice():
 
 
 def _train(p: ThompsonPolicy, lift: dict[str, float], n: int, seg: int = 1, q: float = 0.1, seed: int = 0,
-           cart: float = 100.0):
+           cart: float = 100.0, trigger: str = "cart"):
     rnd = random.Random(seed)
     for i in range(n):
-        c = ctx(i, seg=seg, q=q, cart=cart)
+        c = ctx(i, seg=seg, q=q, cart=cart, trigger=trigger)
         ch = p.choose(c, random.Random(rnd.random()))
         bought = rnd.random() < q * lift[ch.offer.offer_id]
         # the reward attribution gives a purchase with the offer: the basket's margin net of the offer's cost
@@ -183,3 +184,41 @@ def test_shared_updates_teach_what_learn_one_teaches():
     assert shared.cells.keys() == local.cells.keys()
     for k, (a, b) in local.cells.items():
         assert shared.cells[k] == pytest.approx([a, b], rel=1e-9, abs=1e-9), k
+
+
+def test_cart_cells_keep_their_store_keys_and_other_triggers_get_their_own():
+    """A cart cell's field in the store's shared hash is exactly what it was before triggers existed, so the
+    posteriors production already learnt stay valid; a cell of another trigger is its own and survives the store's
+    round trip."""
+    from models.state.engine_memory import MemoryStore
+
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    default_cart, explicit_cart = ctx(seg=3), ctx(seg=3, trigger="cart")
+    abandoned = ctx(seg=3, trigger="cart_abandonment")
+    assert p.cell(default_cart) == p.cell(explicit_cart) == (3,)
+    assert p.exposure_update(default_cart, "pct")[0] == '["pct",[3]]'
+    assert p.outcome_update(explicit_cart, "pct", 5.0)[0] == '["pct",[3]]'
+    assert p.exposure_update(abandoned, "pct")[0] == '["pct",[3,"cart_abandonment"]]'
+    store = MemoryStore()
+    store._apply_policy([p.outcome_update(default_cart, "pct", 10.0), p.outcome_update(abandoned, "pct", 30.0)],
+                        {"n": 2})
+    q = ThompsonPolicy(CAT, holdout_pct=0.0)
+    q.load_state(asyncio.run(store.policy_state()))
+    assert set(q.cells) == {("pct", (3,)), ("pct", (3, "cart_abandonment"))}
+    assert q.predict_reward(abandoned, "pct") > q.predict_reward(default_cart, "pct")
+
+
+def test_learns_each_trigger_on_its_own():
+    """A percent-off pays at an abandoned cart (price-sensitive users) and not at an add-to-cart: with cells per
+    trigger the policy learns both, where one cell would have mixed them."""
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    # add-to-cart: nothing lifts purchases, every discount is lost margin
+    _train(p, {"none": 1.0, "cheap": 1.0, "dear": 1.0, "pct": 1.0}, 3000, q=0.1, trigger="cart")
+    # abandoned cart: pct lifts purchases six-fold, 0.3 * (30 - 20) - 0.05 * 30 = 1.5 > 0
+    _train(p, {"none": 1.0, "cheap": 1.0, "dear": 1.0, "pct": 6.0}, 3000, q=0.05, seed=1, trigger="cart_abandonment")
+    at_cart = Counter(p.choose(ctx(10_000 + i), random.Random(i)).offer.offer_id for i in range(300))
+    abandoned = Counter(p.choose(ctx(20_000 + i, q=0.05, trigger="cart_abandonment"), random.Random(i)).offer.offer_id
+                        for i in range(300))
+    assert at_cart["none"] > 250, at_cart
+    assert abandoned["pct"] > 250, abandoned
+
