@@ -57,16 +57,21 @@ def summary(samples: dict) -> dict:
                if n == "promo_decision_latency_seconds_bucket"]
     p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
     kinds: dict[str, float] = {}
+    triggers: dict[str, float] = {}
     for (n, ls), v in samples.items():
         if n == "promo_decisions_total":
             kind = dict(ls)["offer_kind"]
             kinds[kind] = kinds.get(kind, 0) + v
+        elif n == "promo_trigger_decisions_total":
+            trigger = dict(ls)["trigger"]
+            triggers[trigger] = triggers.get(trigger, 0) + v
     return {
         "events": int(sample_sum(samples, "promo_events_total")),
         "duplicates": int(sample_sum(samples, "promo_events_duplicate_total")),
         "dlq": int(sample_sum(samples, "promo_events_invalid_total")),
         "decisions": int(sample_sum(samples, "promo_decisions_total")),
         "decisions_by_kind": {k: int(v) for k, v in sorted(kinds.items())},
+        "decisions_by_trigger": {k: int(v) for k, v in sorted(triggers.items())},
         "holdout": int(sample_sum(samples, "promo_decisions_total", group="holdout")),
         "latency_p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
         "latency_p99_ms": round(p99 * 1000, 2) if p99 is not None else None,

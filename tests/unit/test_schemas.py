@@ -48,8 +48,9 @@ def test_one_valid_example_per_event_type(etype):
     assert (event.type, event.event_id, event.user_id) == (etype, doc["event_id"], doc["user_id"])
 
 
-def test_decision_example_validates_and_round_trips():
-    doc = json.loads((EXAMPLES / "decision.json").read_text())
+@pytest.mark.parametrize("name", ["decision.json", "decision_timer.json"])
+def test_decision_example_validates_and_round_trips(name):
+    doc = json.loads((EXAMPLES / name).read_text())
     DECISION.validate(doc)
     assert Decision.from_dict(doc).to_dict() == doc
 
