@@ -305,16 +305,8 @@ class Engine:
         progress.in_doubt.clear()
         blocked = progress.blocked
         reads = await self._prefetch_items(pending, loads, triggers)
-        plans = [self.planner.plan_user(u, evs, loads[u], blocked.get(u), reads) for u, evs in pending.items()]
-        if self.budget is not None:
-            for _ in range(3):  # a refused reservation: decide again without that offer
-                refused = await self.budget.reserve_for(plans)
-                if not refused:
-                    break
-                for u, offers in refused.items():
-                    blocked.setdefault(u, {}).update(offers)
-                plans = [self.planner.plan_user(p.user_id, pending[p.user_id], loads[p.user_id], blocked.get(p.user_id),
-                                                reads) if p.user_id in refused else p for p in plans]
+        plans = await self._plan_and_reserve(
+            list(pending), lambda u: self.planner.plan_user(u, pending[u], loads[u], blocked.get(u), reads), blocked)
         if reads is not None and reads.misses:  # the fallback kept the result exact; say it cost a round trip
             self.item_reads_missed += reads.misses
             log.warning("%d item read(s) of recommendations were not prefetched: read synchronously (a bug in "
@@ -343,6 +335,20 @@ class Engine:
             progress.refusals += 1
         if failed:
             raise next(iter(failed.values()))
+
+    async def _plan_and_reserve(self, users: list[str], plan, blocked: dict[str, dict[str, str]]) -> list[UserPlan]:
+        """``plan(user)`` for each user, and the budgets of their decisions reserved: a refused reservation (another
+        decision took the rest of the budget) makes the user decide again with that offer in ``blocked``."""
+        plans = [plan(u) for u in users]
+        if self.budget is not None:
+            for _ in range(3):
+                refused = await self.budget.reserve_for(plans)
+                if not refused:
+                    break
+                for u, offers in refused.items():
+                    blocked.setdefault(u, {}).update(offers)
+                plans = [plan(p.user_id) if p.user_id in refused else p for p in plans]
+        return plans
 
     async def _prefetch_items(self, pending: dict[str, list[Event]], loads: dict, triggers: dict[str, list[str]]):
         """What this batch's recommendations can read, fetched before planning (which then makes no Redis call:
@@ -468,15 +474,7 @@ class Engine:
             return self.planner.plan_user(u, [], loads[u], blocked.get(u), reads, sweep_ms=now_ms, owned=owned,
                                           inflight=self.inflight)
 
-        plans = [plan(u) for u in users]
-        if self.budget is not None:
-            for _ in range(3):  # a refused reservation: decide again without that offer
-                refused = await self.budget.reserve_for(plans)
-                if not refused:
-                    break
-                for u, offers in refused.items():
-                    blocked.setdefault(u, {}).update(offers)
-                plans = [plan(p.user_id) if p.user_id in refused else p for p in plans]
+        plans = await self._plan_and_reserve(users, plan, blocked)
         # listed as due with nothing to commit (an entry of an older version, a timer of another worker's
         # partition, a decision still being sent): correct the entry
         await self.store.reindex([(p.user_id, self.planner.next_due(p), loads[p.user_id].version)
