@@ -169,3 +169,18 @@ def test_cli_policy_option(tmp_path):
     assert {"engine:rules", "engine:thompson"} <= set(out)
     res = CliRunner().invoke(cli, ["evaluate", "policy", str(f), "--policy", "greedy", "--json"])
     assert res.exit_code != 0
+
+
+def test_the_engine_replay_gives_the_policy_each_rows_trigger():
+    """A ledger's context names its trigger: the replayed Thompson policy reads the cells of that trigger (logs
+    without one are a cart's)."""
+    from models.evaluation.ope.engine import EnginePolicyReplay
+    from models.evaluation.ope.logged import LoggedRow
+
+    replay = EnginePolicyReplay("thompson", ["none", "coupon_5"], p_min=0.5)
+    at_cart = replay.context(LoggedRow({"cart_value": 40.0, "segment": 1}, "none", 0.5, 0.0, line=1))
+    abandoned = replay.context(LoggedRow({"cart_value": 40.0, "segment": 1, "trigger": "cart_abandonment"},
+                                         "none", 0.5, 0.0, line=2))
+    assert (at_cart.trigger, abandoned.trigger) == ("cart", "cart_abandonment")
+    assert "trigger" not in abandoned.features
+    assert replay.policy.cell(abandoned) == replay.policy.cell(at_cart) + ("cart_abandonment",)

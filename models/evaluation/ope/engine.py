@@ -66,7 +66,7 @@ ENGINE_POLICIES: tuple[str, ...] = ("thompson", "rules")
 LEARNING: tuple[str, ...] = ("replay", "all")
 """Learning methods of a replayed policy (see the module docstring)."""
 
-_CONTEXT_FIELDS = {"cart_value", "is_new", "n_purchases", "segment", "churn_risk", "p_buy", "offers_today"}
+_CONTEXT_FIELDS = {"cart_value", "is_new", "n_purchases", "segment", "churn_risk", "p_buy", "offers_today", "trigger"}
 
 
 def unit_catalogue(actions: list[str]) -> Catalogue:
@@ -182,7 +182,9 @@ class EnginePolicyReplay:
             cart_categories=[], is_new=bool(_number(c.get("is_new"), 0.0)),
             n_purchases=int(_number(c.get("n_purchases"), 0.0)), segment=_segment(c.get("segment")),
             churn_risk=_number(c.get("churn_risk"), 0.0), propensity=_number(c.get("p_buy"), q_default),
-            features=features, offers_today=int(_number(c.get("offers_today"), 0.0)))
+            features=features, offers_today=int(_number(c.get("offers_today"), 0.0)),
+            # the moment decided at (a ledger's context has it; logs without it are a cart's): the policy's cells
+            trigger=str(c.get("trigger") or "cart"))
 
     def distribution(self, row: LoggedRow) -> np.ndarray:
         """The policy's probability of each action (in :attr:`actions` order) for ``row``'s context, given what it
