@@ -297,6 +297,9 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         stop the worker, as in the batch loop."""
         try:
             await maintenance_run.run()
+            # a partition whose log was replaced while the consumer kept its old position gets no batch to check it
+            await log_guard.check_idle([(settings.topic_events, p) for p in sorted(owned_partitions() or ())],
+                                       idle_s=2 * settings.maintenance_interval_s)
             if log_guard.dirty:
                 log_guard.dirty = False
                 await save_log_marks(settings, state["engine"], log_guard.encoded())

@@ -46,9 +46,11 @@ stream.faults.WorkerStop: the broker lost the log of t[0]: ...
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -135,11 +137,14 @@ class LogGuard:
         self.dirty = False  # marks changed since they were last saved
         self.urgent = False  # a replaced log was accepted: save the marks at the end of this batch
         self._reverify = threading.Event()  # set from the Kafka client's thread, read by check()
+        self._unverified_since = time.monotonic()  # when the partitions last started to need a check
+        self._lock = asyncio.Lock()  # check() and check_idle() judge and change the marks one at a time
 
     def assigned(self) -> None:
         """A rebalance happened: every partition is verified again at its next batch."""
         self._verified.clear()
         self._next.clear()
+        self._unverified_since = time.monotonic()
 
     def connection_lost(self) -> None:
         """A broker connection broke: every partition is verified again at its next batch.
@@ -159,9 +164,7 @@ class LogGuard:
                 out[tp] = offset
         return out
 
-    async def check(self, first: dict[TP, int]) -> None:
-        """Verify the partitions of a batch that need it; raise :class:`WorkerStop` on a replaced log that the
-        batch would consume from its middle."""
+    async def _prepare(self) -> None:
         if self._load_marks is not None:
             loaded = await self._load_marks()
             self._load_marks = None
@@ -169,12 +172,38 @@ class LogGuard:
         if self._reverify.is_set():
             self._reverify.clear()
             self.assigned()
-        todo = self.needs_check(first)
-        if todo:
+
+    async def check(self, first: dict[TP, int]) -> None:
+        """Verify the partitions of a batch that need it; raise :class:`WorkerStop` on a replaced log that the
+        batch would consume from its middle."""
+        async with self._lock:
+            await self._prepare()
+            todo = self.needs_check(first)
+            if todo:
+                probes = await self.fetch({tp: self.marks[tp].offset for tp in todo})
+                for tp, offset in todo.items():
+                    self._judge(tp, offset, self.marks[tp], probes[tp])
+            self._verified.update(first)
+
+    async def check_idle(self, assigned: list[TP], idle_s: float) -> None:
+        """From the maintenance timer: verify the assigned partitions that still wait for their check ``idle_s``
+        after a rebalance or a broken connection, because no batch came to trigger it. That is what a consumer
+        that kept its position from a replaced log sees when the new log ends before that position: nothing
+        arrives, and the events the new log holds would wait unseen until it grows past the old position, then
+        be skipped. Such a partition is judged at the position after its mark (where the consumer stands):
+        :class:`WorkerStop`, and a restarted worker starts from the new log's beginning. An intact log counts as
+        verified."""
+        async with self._lock:
+            await self._prepare()
+            if time.monotonic() - self._unverified_since < idle_s:
+                return
+            todo = [tp for tp in assigned if tp in self.marks and tp not in self._verified]
+            if not todo:
+                return
             probes = await self.fetch({tp: self.marks[tp].offset for tp in todo})
-            for tp, offset in todo.items():
-                self._judge(tp, offset, self.marks[tp], probes[tp])
-        self._verified.update(first)
+            for tp in todo:
+                self._judge(tp, self.marks[tp].offset + 1, self.marks[tp], probes[tp])
+                self._verified.add(tp)
 
     def _judge(self, tp: TP, first: int, mark: Mark, probe: Probe) -> None:
         topic, partition = tp

@@ -80,3 +80,28 @@ def test_watch_broker_connections_refuses_an_aiokafka_without_the_hook(monkeypat
     monkeypatch.delattr(AIOKafkaClient, "_on_connection_closed")
     with pytest.raises(RuntimeError, match="_on_connection_closed is gone"):
         watch_broker_connections(lambda: None)
+
+
+def test_an_idle_partition_is_checked_without_a_batch_when_the_new_log_ends_before_the_old_position():
+    """The broker restarted empty and took fewer events than the consumer had read: the consumer, at its old
+    position, gets no batch to trigger the check; the maintenance timer's check_idle finds the replaced log. An
+    intact idle partition costs one probe, then none."""
+    tp, quiet = ("t", 0), ("t", 1)
+    log = {tp: [(b"k", b"e%d" % i) for i in range(9)], quiet: [(b"k", b"q0")]}
+    guard, probes = guard_over(log)
+    guard.processed("t", 0, 8, b"k", b"e8")
+    guard.processed("t", 1, 0, b"k", b"q0")
+    log[tp] = [(b"k", b"n%d" % i) for i in range(3)]  # restarted empty, 3 new events: ends before offset 9
+    guard.connection_lost()
+    asyncio.run(guard.check_idle([tp, quiet], idle_s=60.0))
+    assert probes == [], "not before the partitions had time to show a batch"
+    with pytest.raises(WorkerStop, match=r"t\[0\].*position 9 belongs to the old log"):
+        asyncio.run(guard.check_idle([tp, quiet], idle_s=0.0))
+    assert probes == [{tp: 8, quiet: 0}]
+    del log[tp]
+    guard, probes = guard_over(log)
+    guard.processed("t", 1, 0, b"k", b"q0")
+    guard.assigned()
+    asyncio.run(guard.check_idle([quiet], idle_s=0.0))
+    asyncio.run(guard.check_idle([quiet], idle_s=0.0))
+    assert probes == [{quiet: 0}]
