@@ -45,6 +45,7 @@ from models.policy.attribution import expire
 from models.policy.base import DecisionContext
 from models.policy.catalogue import Catalogue, load_catalogue
 from models.policy.rules import RulePolicy
+from models.profile import Profile
 from models.state.engine_store import EngineStore
 from models.triggers import build_triggers
 from models.triggers.base import Trigger, is_timer_trigger_id
@@ -463,12 +464,13 @@ class Engine:
                           result: BatchResult) -> list[str]:
         """One pass of :meth:`sweep` over ``users``; returns those to plan again (their commit was refused)."""
         loads = await self.store.load({u: [] for u in users}, {})
-        fired = {u: ids for u in users if (ids := self.planner.fired_ids(loads[u]))}
+        profiles = {u: self.planner.profile_of(loads[u]) for u in users}  # read once here; planning reads its own
+        fired = {u: list(prof.fired) for u, prof in profiles.items() if prof.fired}
         if fired:  # the stored decisions of timer-fired ones: delivered yet?
             stored = await self.store.load({u: [] for u in fired}, fired)
             for u in fired:
                 loads[u].stored = stored[u].stored
-        reads = await self._prefetch_due(users, loads)
+        reads = await self._prefetch_due(profiles)
 
         def plan(u: str):
             return self.planner.plan_user(u, [], loads[u], blocked.get(u), reads, sweep_ms=now_ms, owned=owned,
@@ -493,15 +495,12 @@ class Engine:
             raise failed[0]
         return sorted(retry)
 
-    async def _prefetch_due(self, users: list[str], loads: dict):
-        """The item reads of the timers the sweep may fire (:meth:`_prefetch_items` for a batch)."""
+    async def _prefetch_due(self, profiles: dict[str, Profile]):
+        """The item reads of the timers the sweep may fire for these users' ``profiles`` (:meth:`_prefetch_items`
+        for a batch)."""
         if self.learning is None or not self.planner.timer_triggers:
             return None
-        seeds = []
-        for u in users:
-            prof = self.planner.profile_of(loads[u])
-            if prof.timers:
-                seeds += self.planner.due_seeds(prof)
+        seeds = [s for prof in profiles.values() if prof.timers for s in self.planner.due_seeds(prof)]
         return await self.learning.prefetch_items(seeds, self.planner.k) if seeds else None
 
     async def delivered(self, result: BatchResult) -> None:

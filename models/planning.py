@@ -162,9 +162,7 @@ class Planner:
     def recommendation_seeds(self, load, evs: list[Event]) -> list[str]:
         """The items that seed the recommendations of the user's decisions in this batch (from the loaded profile
         and the events, as :meth:`plan_user` will fold them): what the engine fetches before planning."""
-        raw = dict(load.profile)
-        raw.pop(OPEN_FIELD, None)
-        prof = Profile.from_dict(raw)
+        prof = self.profile_of(load)
         # an armed timer fires before whichever new event comes after it is due: every step may decide then
         timers = bool(prof.timers) and bool(self.timer_triggers)
         steps, done = [], set()
@@ -183,10 +181,6 @@ class Planner:
         raw = dict(load.profile)
         raw.pop(OPEN_FIELD, None)
         return Profile.from_dict(raw)
-
-    def fired_ids(self, load) -> list[str]:
-        """The trigger ids of the user's timer-fired decisions not yet seen as delivered (the sweep loads them)."""
-        return list(self.profile_of(load).fired) if load.profile else []
 
     def due_seeds(self, prof: Profile) -> list[str]:
         """The items that seed the recommendations of a decision made on ``prof`` as it is (a timer's)."""

@@ -235,6 +235,13 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         finally:  # stopping: the last batch's learning, which runs behind its decisions, may still be running
             await finish_learning(handler, settings.shutdown_grace_s)
 
+    def owned_partitions() -> set[int]:
+        """The events topic's partitions this worker consumes (readiness; the sweep fires only their timers)."""
+        try:
+            return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_events}
+        except Exception:  # no consumer yet, or one being rebuilt (start-up, rebalance): nothing is assigned now
+            return set()
+
     async def is_ready() -> tuple[bool, dict]:
         eng = state["engine"]
         try:
@@ -242,10 +249,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         except Exception:  # any failure of the probe (timeout, connection, auth) means "Redis not ready": 503
             redis_ok = False
         kafka_ok, kafka_error = await probe.check()
-        try:
-            assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_events]
-        except Exception:  # no consumer yet, or one being rebuilt (start-up, rebalance): nothing assigned, 503
-            assigned = []
+        assigned = owned_partitions()  # none while the consumer is missing or rebuilt: 503
         rebalancing = bool(app.rebalancing)
         errors = dict(health.failing)
         if not redis_ok:
@@ -260,18 +264,11 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             m.COMPONENT_UP.labels(component=comp).set(0 if comp in errors else 1)
         return ok, {
             "ready": ok, "redis": "redis" not in errors, "kafka": "kafka" not in errors, "errors": errors,
-            "assigned_partitions": sorted(tp.partition for tp in assigned), "rebalancing": rebalancing,
+            "assigned_partitions": sorted(assigned), "rebalancing": rebalancing,
             "last_error": health.last_error,
             # the offer catalogue decided with (stream.catalogue), and one waiting for the batch in progress
             "catalogue_version": eng.catalogue_version, "catalogue_pending": eng.pending_catalogue_version,
         }
-
-    def owned_partitions() -> set[int] | None:
-        """The events topic's partitions this worker consumes: the sweep fires only their users' timers."""
-        try:
-            return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_events}
-        except Exception:  # no consumer yet, or one being rebuilt: own nothing (another worker's timers wait)
-            return set()
 
     maintenance_run = Maintenance(settings, engine, epoch_guard, send=send, owned=owned_partitions)
     report_version(engine)
@@ -298,7 +295,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
         try:
             await maintenance_run.run()
             # a partition whose log was replaced while the consumer kept its old position gets no batch to check it
-            await log_guard.check_idle([(settings.topic_events, p) for p in sorted(owned_partitions() or ())],
+            await log_guard.check_idle([(settings.topic_events, p) for p in sorted(owned_partitions())],
                                        idle_s=2 * settings.maintenance_interval_s)
             if log_guard.dirty:
                 log_guard.dirty = False
@@ -645,7 +642,8 @@ def _preflight(settings: Settings) -> Epoch:
     _check_web_port(settings)
     try:
         ensure_topics(settings, timeout_s=10.0)
-    except Exception as exc:
+    except Exception as exc:  # any failure to reach or create the topics (network, auth, timeout, a broker error)
+        # at start-up, before anything is consumed: one line and a non-zero exit is the whole verdict
         raise PromoError(
             f"cannot reach Kafka at {settings.kafka_bootstrap} (PROMO_KAFKA_BOOTSTRAP): {type(exc).__name__} {exc}; "
             "start the embedded stack with `promo stack up`"
@@ -654,7 +652,7 @@ def _preflight(settings: Settings) -> Epoch:
         r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
         r.ping()
         r.close()
-    except Exception as exc:
+    except Exception as exc:  # any failure to reach Redis (connection, auth, timeout, bad URL), at start-up as above
         raise PromoError(
             f"cannot reach Redis at {settings.redis_url_safe} (PROMO_REDIS_URL): {exc}; "
             "start the embedded stack with `promo stack up`"

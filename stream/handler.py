@@ -210,8 +210,8 @@ class BatchHandler:
                 for raw in values:
                     try:
                         ev = decode_event(raw, self.limits, now_ms)
-                    except Exception:
-                        continue  # dead-lettered by the worker that consumed it
+                    except Exception:  # any decoding or validation error: the event is invalid, and the worker
+                        continue  # that consumed it dead-lettered it; relearning only re-teaches the models
                     if ev.event_id in seen:
                         continue
                     seen.add(ev.event_id)
