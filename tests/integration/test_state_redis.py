@@ -65,3 +65,61 @@ def test_script_calls_cost_no_extra_round_trip_and_survive_a_flushed_script_cach
     assert flushed == [True, True, True]
     assert profiles == [b'{"n":"0"}', b'{"n":"1"}', b'{"n":"2"}']
     assert again == [False]  # a marker exists: refused, not an error and not applied twice
+
+
+def test_buffered_replies_read_without_a_timer_equal_redis_py_s_own_reads(redis_url, monkeypatch):
+    """``redis_async`` returns a reply the C reader already holds without entering a timeout; every reply of a
+    pipeline (values, nil, nested arrays, error replies in place, a value larger than one socket read so that
+    its reply arrives in pieces) is what a plain redis-py client reads, in order, and an error reply is still
+    raised by a single command. A paused Redis still times out (the read that needs the socket has its timer)."""
+    from redis.exceptions import ResponseError, TimeoutError as RedisTimeout
+
+    from models.state.redis_async import async_client
+
+    import redis.asyncio.connection as rconn
+
+    timers = []
+    real_timeout = rconn.async_timeout
+    monkeypatch.setattr(rconn, "async_timeout", lambda t: timers.append(t) or real_timeout(t))
+    big = b"x" * (3 << 20)  # 3 MiB: several socket reads
+
+    async def replies(r, key):  # each client on keys of its own: the same replies from the same state
+        pipe = r.pipeline(transaction=False)
+        pipe.set(key, "v").get(key).get(key + ":none").hset(key + ":h", mapping={"a": 1, "b": 2})
+        pipe.hgetall(key + ":h").incr(key)  # an error reply (not an integer) in the middle
+        pipe.set(key + ":big", big).get(key + ":big").zadd(key + ":z", {"m": 1.5}).zrange(key + ":z", 0, -1,
+                                                                                             withscores=True)
+        pipe.execute_command("EVAL", "return {1, {2, 'x'}, redis.status_reply('OK')}", 0)
+        out = await pipe.execute(raise_on_error=False)
+        return [type(x).__name__ + ":" + str(x) if isinstance(x, Exception) else x for x in out]
+
+    async def go():
+        fast, plain = async_client(redis_url, socket_timeout=1.0), aioredis.Redis.from_url(redis_url)
+        key = "br" + uuid.uuid4().hex[:6]
+        await fast.ping()
+        await plain.ping()  # both connected: what follows counts the replies' timers only
+        timers.clear()
+        got = await replies(fast, key + "f")
+        fast_timers = len(timers)
+        want = await replies(plain, key + "p")
+        plain_timers = len(timers) - fast_timers
+        with pytest.raises(ResponseError):
+            await fast.incr(key + "f")
+        await plain.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        try:
+            with pytest.raises(RedisTimeout):
+                await fast.get(key + "f")
+        finally:
+            await plain.execute_command("CLIENT", "UNPAUSE")
+        fresh = await fast.get(key + "f")  # the connection that timed out was dropped; a new one answers
+        for k in (key + "f", key + "p"):
+            await plain.delete(k, k + ":h", k + ":big", k + ":z")
+        await fast.aclose()
+        await plain.aclose()
+        return got, want, fresh, fast_timers, plain_timers
+
+    got, want, fresh, fast_timers, plain_timers = asyncio.run(go())
+    assert plain_timers == 11 and fast_timers < plain_timers  # redis-py: a timer per reply
+    assert got == want
+    assert got[1] == b"v" and got[2] is None and got[7] == big and got[5].startswith("ResponseError:")
+    assert fresh == b"v"
