@@ -33,7 +33,7 @@ from prometheus_client import generate_latest
 from models import failpoints
 from models.engine import Engine
 from models.state.engine_redis import RedisStore
-from stream import metrics as m
+from stream import forked, metrics as m
 from stream.catalogue import report_version
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
@@ -593,9 +593,16 @@ class Maintenance:
                      "before the snapshot", dropped)
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
-        blob = engine.learning.snapshot(covered)  # serialised in the loop (nothing touches the models meanwhile)
-        await asyncio.to_thread(_write_snapshots, self.settings, {snapshot_key(self.settings.redis_prefix): blob},
-                                self.guard)
+        key = snapshot_key(self.settings.redis_prefix)
+        if forked.available():
+            # serialised and written by a child forked here: it holds the models as they are at this line, with
+            # the offsets above, while this process goes on deciding (pickling holds the GIL for its whole
+            # length, so a thread would not free the loop: stream/forked.py)
+            await forked.run_forked(
+                lambda: _write_snapshots(self.settings, {key: engine.learning.snapshot(covered)}, self.guard))
+        else:
+            blob = engine.learning.snapshot(covered)  # serialised in the loop (nothing touches the models meanwhile)
+            await asyncio.to_thread(_write_snapshots, self.settings, {key: blob}, self.guard)
         m.MODEL_SNAPSHOTS.inc()
 
 
