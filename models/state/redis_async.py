@@ -36,7 +36,11 @@ except ImportError:  # pragma: no cover - hiredis is a dependency of the project
 # redis-py's hiredis parser and its "reply incomplete" marker (redis is pinned in pyproject.toml: these are not
 # public, so a new redis-py is checked against _HiredisPacking.read_response)
 from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA, _AsyncHiredisParser  # noqa: E402
-from redis.exceptions import ConnectionError as _ConnectionError, ResponseError as _ResponseError  # noqa: E402
+from redis.exceptions import (  # noqa: E402
+    ConnectionError as _ConnectionError,
+    DataError as _DataError,
+    ResponseError as _ResponseError,
+)
 
 __all__ = ["Scripts", "async_client", "connection_class"]
 
@@ -104,14 +108,16 @@ class _HiredisPacking:
     preload: tuple[str, ...] = ()
 
     def pack_command(self, *args):
-        from redis.exceptions import DataError
-
         if hiredis is None:  # a dependency; without it, redis-py's own packing
             return super().pack_command(*args)
-        if isinstance(args[0], str):  # as redis-py: a command name with spaces ("SCRIPT LOAD") is several words
-            args = tuple(args[0].encode().split()) + args[1:]
-        elif b" " in args[0]:
-            args = tuple(args[0].split()) + args[1:]
+        # as redis-py: a command name with spaces ("SCRIPT LOAD") is several words (hiredis encodes str as UTF-8,
+        # as redis-py does, so other names go as they are: this runs for every command of every batch)
+        first = args[0]
+        if isinstance(first, str):
+            if " " in first:
+                args = tuple(first.encode().split()) + args[1:]
+        elif b" " in first:
+            args = tuple(first.split()) + args[1:]
         try:
             return [hiredis.pack_command(args)]
         except TypeError:  # hiredis takes str, int, float and bytes: a bytearray is copied (rare, off the hot path)
@@ -119,7 +125,7 @@ class _HiredisPacking:
         try:
             return [hiredis.pack_command(args)]
         except TypeError as exc:  # what redis-py raises for an argument it cannot encode
-            raise DataError(str(exc)) from exc
+            raise _DataError(str(exc)) from exc
 
     async def read_response(self, disable_decoding: bool = False, timeout: float | None = None, **kwargs):
         # A pipeline reads its replies one at a time, and redis-py enters an asyncio timeout for each: a timer
