@@ -20,6 +20,7 @@ Where ``os.fork`` is missing (not a POSIX system) :func:`available` is False and
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import signal
@@ -44,11 +45,12 @@ async def run_forked(work: Callable[[], None]) -> None:
     Raises what ``work`` raised (or :class:`RuntimeError` with its text, when it cannot be pickled), or
     :class:`ChildDied`. Cancelled while it waits, it kills the child.
     """
+    prctl = _prctl()  # looked up before the fork: the child takes no loader lock another thread may have held
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; its effects are what the tests check
         os.close(read_fd)
-        _child(work, write_fd, os.getppid())
+        _child(work, write_fd, os.getppid(), prctl)
     os.close(write_fd)
     reaped = False
     try:
@@ -65,13 +67,11 @@ async def run_forked(work: Callable[[], None]) -> None:
                         "reported; the work was not done (out of memory? see the kernel log)")
 
 
-def _child(work: Callable[[], None], write_fd: int, parent: int) -> None:  # pragma: no cover - in the child
-    import gc
-
+def _child(work: Callable[[], None], write_fd: int, parent: int, prctl) -> None:  # pragma: no cover - in the child
     gc.disable()
     code = 0
     try:
-        _die_with_parent(parent)
+        _die_with_parent(parent, prctl)
         _default_signals()
         work()
         report = b""
@@ -89,12 +89,21 @@ def _child(work: Callable[[], None], write_fd: int, parent: int) -> None:  # pra
         os._exit(code)
 
 
-def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child
-    if sys.platform.startswith("linux"):
+_PRCTL = []  # libc's prctl, once looked up (Linux); empty elsewhere
+
+
+def _prctl():
+    if not _PRCTL and sys.platform.startswith("linux"):
         import ctypes
 
+        _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
+    return _PRCTL[0] if _PRCTL else None
+
+
+def _die_with_parent(parent: int, prctl) -> None:  # pragma: no cover - in the child
+    if prctl is not None:
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
