@@ -223,7 +223,7 @@ class BatchHandler:
             wanted = sum(end - start for start, end in gaps.values())
             log.info("models re-learnt %d events of %d partition(s) (%d offsets) lost with the previous worker, "
                      "in %.0f ms", len(events), len(gaps), wanted, (time.perf_counter() - t0) * 1000)
-        except Exception as exc:
+        except Exception as exc:  # any: re-learning only restores model quality, per-user state is exact without it
             log.warning("could not read back the events the models missed (%s: %s); continuing without them",
                         type(exc).__name__, exc)
 
@@ -244,7 +244,7 @@ class BatchHandler:
         while True:
             try:
                 out = await fn()
-            except Exception as exc:
+            except Exception as exc:  # each one classified: transient ones retried here, the rest re-raised
                 fault = classify_fault(exc)
                 if fault.verdict is not Verdict.RETRY:
                     raise
@@ -451,7 +451,7 @@ class BatchHandler:
                                                                                            progress=sub))
                 except WorkerStop:
                     raise
-                except Exception as exc1:
+                except Exception as exc1:  # deterministic only if the store answered throughout: see below
                     healthy_now = await self._store_answers()
                     if healthy_before and healthy_now:  # failed alone against a store that answered throughout
                         poison.append((ev, exc1))
@@ -471,7 +471,7 @@ class BatchHandler:
     async def _store_answers(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.engine.store.ping(), 2.0))
-        except Exception:
+        except Exception:  # a health probe: any failure to answer (timeout, connection, error reply) is "no"
             return False
 
     def _observe(self, msgs, result, recv_by_event, t0, sent_ns, now_ms) -> None:

@@ -110,7 +110,7 @@ def restore_core(core, data: bytes) -> dict:
     ``ValueError`` on a snapshot this engine cannot read."""
     try:
         state = loads(data)
-    except Exception as exc:
+    except Exception as exc:  # whatever a corrupt or foreign pickle raises, re-raised as the documented error
         raise ValueError(f"model snapshot ({len(data)} bytes) cannot be read: {exc}; "
                          "delete the snapshot key to start from empty models") from exc
     if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:

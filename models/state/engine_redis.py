@@ -280,7 +280,7 @@ class RedisStore(EngineStore):
     async def ping(self) -> bool:
         try:
             return bool(await self.r.ping())
-        except Exception:
+        except Exception:  # a health probe: any failure to answer (timeout, connection, error reply) is "no"
             return False
 
     async def close(self) -> None:
