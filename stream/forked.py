@@ -20,6 +20,7 @@ Where ``os.fork`` is missing (not a POSIX system) :func:`available` is False and
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import pickle
@@ -89,15 +90,14 @@ def _child(work: Callable[[], None], write_fd: int, parent: int, prctl) -> None:
         os._exit(code)
 
 
-_PRCTL = []  # libc's prctl, once looked up (Linux); empty elsewhere
-
-
+@functools.cache
 def _prctl():
-    if not _PRCTL and sys.platform.startswith("linux"):
-        import ctypes
+    """libc's ``prctl`` (Linux; None elsewhere), looked up once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
-    return _PRCTL[0] if _PRCTL else None
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent(parent: int, prctl) -> None:  # pragma: no cover - in the child
