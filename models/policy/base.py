@@ -46,8 +46,26 @@ class DecisionContext:
     trigger: str = "cart"
 
     def to_dict(self) -> dict:
-        """JSON-able dict (stored with a pending decision so the policy can learn when it closes)."""
-        return asdict(self)
+        """JSON-able dict (stored with a pending decision so the policy can learn when it closes).
+
+        Written out rather than ``dataclasses.asdict``, which deep-copies field by field: this runs for every
+        decision, and the containers here hold only strings and numbers, so a copy of each container is a full
+        copy.
+
+        >>> ctx = DecisionContext("u", 5, 10.0, ["i"], ["c"], True, 0, 1, 0.2, 0.1, features={"x": 1.0})
+        >>> d = ctx.to_dict()
+        >>> d["cart_items"] is ctx.cart_items, d == asdict(ctx), DecisionContext.from_dict(d) == ctx
+        (False, True, True)
+        """
+        return {
+            "user_id": self.user_id, "now_ms": self.now_ms, "cart_value": self.cart_value,
+            "cart_items": list(self.cart_items), "cart_categories": list(self.cart_categories),
+            "is_new": self.is_new, "n_purchases": self.n_purchases, "segment": self.segment,
+            "churn_risk": self.churn_risk, "propensity": self.propensity, "features": dict(self.features),
+            "offers_today": self.offers_today, "last_offer_ms": dict(self.last_offer_ms),
+            "offer_counts_today": dict(self.offer_counts_today), "offer_counts_total": dict(self.offer_counts_total),
+            "blocked": dict(self.blocked), "trigger": self.trigger,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecisionContext":

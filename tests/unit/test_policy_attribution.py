@@ -110,3 +110,30 @@ def test_outcome_stats_and_their_metrics():
     assert M.OFFER_COST.labels("coupon_5")._value.get() == cost_before + 5.0
     assert M.UPLIFT._value.get() == pytest.approx(0.25)
     assert s.money[("coupon_5", "treatment")] == [100.0, 5.0, 20.0, 1]
+
+
+def test_hand_written_to_dicts_cover_every_field_and_copy_the_containers():
+    """``to_dict`` of a context and of an open decision are written out for speed: a field added to either
+    dataclass must be added there too, and the stored dict must not share a container the policy may change."""
+    from dataclasses import asdict, fields
+
+    from models.policy.attribution import OpenDecision
+    from models.policy.base import DecisionContext
+
+    ctx = DecisionContext("u", 5, 10.0, ["i1"], ["c1"], True, 2, 3, 0.4, 0.2, features={"hour": 3.0},
+                          offers_today=1, last_offer_ms={"coupon_5": 4}, offer_counts_today={"coupon_5": 1},
+                          offer_counts_total={"coupon_5": 2}, blocked={"pct_10": "budget"}, trigger="retention")
+    d = ctx.to_dict()
+    assert list(d) == [f.name for f in fields(DecisionContext)]
+    assert d == asdict(ctx)
+    for name in ("cart_items", "cart_categories", "features", "last_offer_ms", "offer_counts_today",
+                 "offer_counts_total", "blocked"):
+        assert d[name] is not getattr(ctx, name), name
+    ctx.features["hour"] = 4.0
+    assert d["features"] == {"hour": 3.0}
+
+    open_ = OpenDecision("d1", "u", "coupon_5", "treatment", 5, 9, cart_value=10.0, propensity=0.5, ctx=d)
+    od = open_.to_dict()
+    assert list(od) == [f.name for f in fields(OpenDecision)]
+    assert od == asdict(open_) and od["ctx"] is not d
+    assert OpenDecision.from_dict(od) == open_
