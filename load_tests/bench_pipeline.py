@@ -334,11 +334,23 @@ def redis_counts(redis_url: str) -> dict[str, int]:
     finally:
         client.close()
     scripts = sum(int(cmds.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval", "fcall"))
-    return {"commands": int(stats["total_commands_processed"]), "script_calls": scripts}
+    # Per command, scripts' inner commands included: which commands the Redis CPU goes to.
+    by_command = {name.removeprefix("cmdstat_"): {"calls": int(v["calls"]), "usec": int(v["usec"])}
+                  for name, v in cmds.items() if name.startswith("cmdstat_")}
+    return {"commands": int(stats["total_commands_processed"]), "script_calls": scripts, "by_command": by_command}
 
 
-def redis_per_event(before: dict[str, int], after: dict[str, int], n_events: int) -> dict[str, float]:
-    return {k: round((after[k] - before[k]) / n_events, 3) for k in before}
+def redis_per_event(before: dict, after: dict, n_events: int) -> dict:
+    """Each counter's growth per event; ``by_command`` keeps only the commands that ran, busiest first."""
+    out = {k: round((after[k] - before[k]) / n_events, 3) for k in ("commands", "script_calls")}
+    rows = []
+    for name, now in after.get("by_command", {}).items():
+        was = before.get("by_command", {}).get(name, {"calls": 0, "usec": 0})
+        calls, usec = now["calls"] - was["calls"], now["usec"] - was["usec"]
+        if calls > 0:
+            rows.append((name, {"calls": round(calls / n_events, 3), "usec": round(usec / n_events, 2)}))
+    out["by_command"] = dict(sorted(rows, key=lambda r: -r[1]["usec"]))
+    return out
 
 
 def _check_applied(worker: Proc, samples: dict, n_events: int) -> None:
