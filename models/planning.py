@@ -13,6 +13,7 @@ import random
 import uuid
 from typing import Callable
 
+from models import jsoncodec
 from models.batch import UserPlan
 from models.clock import EventClock
 from models.decision import Decision, decision_id_for
@@ -234,7 +235,7 @@ class Planner:
         open_raw = raw.pop(OPEN_FIELD, None)
         prof = Profile.from_dict(raw)
         if isinstance(open_raw, (str, bytes)):  # written by an earlier version: JSON text
-            open_raw = json.loads(open_raw)
+            open_raw = jsoncodec.loads(open_raw)
         open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []
         plan = UserPlan(uid, prof, had_open=bool(open_ or prof.timers or prof.fired), open=open_)
         cs = self._contrib
@@ -373,7 +374,7 @@ class Planner:
                             token=f"{self._instance}:{next(self._commits)}")
         # kept beside each decision for ``promo explain``, and the closings for ``promo ledger export``: no read
         # or round trip of their own, they travel in the same atomic call
-        commit.contexts = {d.trigger_event_id: json.dumps(ctx.to_dict(), separators=(",", ":"))
+        commit.contexts = {d.trigger_event_id: jsoncodec.dumps_str(ctx.to_dict())
                            for d, (ctx, _) in zip(plan.decisions, plan.exposures)}
         if plan.closed and self.ledger_size:
             now = self.clock_ms()

@@ -53,6 +53,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from models import jsoncodec
 from models.events import EVENT_TYPES, Event
 
 REASONS: tuple[str, ...] = (
@@ -419,7 +420,8 @@ def decode_event(raw: bytes | None, limits: Limits, now_ms: int, recv_ns: int = 
         if depth > MAX_NESTING:
             raise _bad("bad_json", f"JSON nested {depth} levels deep, more than {MAX_NESTING}; events are flat objects")
     try:
-        doc = _decode_json(text)
+        # orjson where it reads as json does; the standard library's strict decoder otherwise, and for the errors
+        doc = jsoncodec.loads(raw, lambda _raw: _decode_json(text))
     except json.JSONDecodeError as exc:
         if text.startswith("\ufeff"):
             raise _bad("bad_json", "message starts with a byte order mark (BOM); send plain UTF-8 JSON") from None

@@ -38,7 +38,7 @@ Examples
 
 from __future__ import annotations
 
-import json
+from models import jsoncodec
 
 __all__ = ["GRID_HALF_LIVES", "grid", "Contribution", "SEP"]
 
@@ -125,9 +125,9 @@ class Contribution:
     def to_json(self, header: dict | None = None) -> str:
         """The payload of the user's commit script (see :class:`models.state.engine_redis.RedisStore`), after ``header``
         (the item store's prefix and bounds)."""
-        return json.dumps({
+        return jsoncodec.dumps_str({
             **(header or {}),
             "i": [[k, g, v, self.last[k]] for k, (g, v) in self.items.items()],
             "q": [[k, g, v] for k, (g, v) in self.pops.items()],
             "p": [[a, b, g, v] for (a, b), (g, v) in self.pairs.items()],
-        }, separators=(",", ":"))
+        })

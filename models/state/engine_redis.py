@@ -3,8 +3,7 @@ in ``models/state/lua/`` (``commit``, ``apply``, ``reindex``, ``clock``)."""
 
 from __future__ import annotations
 
-import json
-
+from models import jsoncodec
 from models.keys import escape_user_id
 from models.state.engine_store import EngineStore, UserLoad
 from models.state.redis_async import Scripts, async_client
@@ -186,7 +185,7 @@ class RedisStore(EngineStore):
         out, i, recheck = {}, 0, []
         for uid, eids, trig in plan:
             packed, ver, tok = res[i]
-            load = UserLoad(profile=json.loads(packed) if packed else {}, version=ver.decode() if ver else "",
+            load = UserLoad(profile=jsoncodec.loads(packed) if packed else {}, version=ver.decode() if ver else "",
                             token=tok.decode() if tok else "")
             i += 1
             if eids:
@@ -219,7 +218,7 @@ class RedisStore(EngineStore):
             keys = [self.profile_key(c.user_id)]
             keys += [self.marker_key(c.user_id, e) for e in c.event_ids]
             keys += [self.decision_key(c.user_id, t) for t, _ in c.decisions]
-            packed = json.dumps(c.profile, separators=(",", ":"))
+            packed = jsoncodec.dumps(c.profile)
             fields = ["v", packed] + (["tok", c.token] if c.token else [])
             args: list = [len(c.event_ids), self.dedup_ttl_s, self.profile_ttl_s, self.decision_ttl_s,
                           len(fields) // 2, *fields]
