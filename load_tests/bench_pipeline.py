@@ -576,7 +576,7 @@ def run(
     if n_events < 100:
         raise BenchError(f"--events must be at least 100 to measure a rate, got {n_events}")
     if rate <= 0 or latency_s <= 0:
-        raise BenchError(f"--rate and the latency duration must be > 0, got {rate} and {latency_s}")
+        raise BenchError(f"--rate and --latency-s must be > 0, got {rate:g} and {latency_s:g}")
     n_latency = max(1, int(rate * latency_s))
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="promo-bench-"))

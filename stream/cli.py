@@ -357,8 +357,11 @@ def bench_core(n_events: int, as_json: bool) -> None:
 @click.option("--rate", type=float, default=1000.0, help="offered rate for the latency run")
 @click.option("--partitions", type=int, default=None,
               help="partitions of the benchmark's topics (default: PROMO_PARTITIONS)")
+@click.option("--latency-s", type=float, default=15.0, show_default=True,
+              help="length of each latency run: longer runs give a steadier p99 (about rate x 0.05 decisions a "
+                   "second), and the embedded broker slows as it stores more")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pipeline(n_events: int, rate: float, partitions: int | None, as_json: bool) -> None:
+def bench_pipeline(n_events: int, rate: float, partitions: int | None, latency_s: float, as_json: bool) -> None:
     """Embedded stack: consume-only vs pass-through vs full engine; end-to-end latency at --rate, beside a
     minimal deciding agent's (the floor)."""
     from load_tests.bench_pipeline import run
@@ -368,7 +371,7 @@ def bench_pipeline(n_events: int, rate: float, partitions: int | None, as_json: 
         if partitions < 1:
             raise PromoError(f"--partitions must be at least 1, got {partitions}")
         settings = settings.model_copy(update={"partitions": partitions})
-    emit(run(settings, n_events=n_events, rate=rate), as_json)
+    emit(run(settings, n_events=n_events, rate=rate, latency_s=latency_s), as_json)
 
 
 def main() -> None:
