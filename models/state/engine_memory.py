@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from models import jsoncodec
 from models.state.engine_store import EngineStore, UserLoad
 
 
@@ -45,7 +44,7 @@ class MemoryStore(EngineStore):
         out = {}
         for uid, eids in event_ids.items():
             out[uid] = UserLoad(
-                profile=json.loads(self.profiles.get(uid, "{}")),  # a fresh copy, as from Redis
+                profile=jsoncodec.loads(self.profiles.get(uid, "{}")),  # a fresh copy, as from Redis
                 version=str(self.versions[uid]) if uid in self.versions else "",
                 token=self.tokens.get(uid, ""),
                 seen={e for e in eids if (uid, e) in self.seen},
@@ -66,9 +65,9 @@ class MemoryStore(EngineStore):
             if c.token:
                 self.tokens[c.user_id] = c.token
             self.seen.update((c.user_id, e) for e in c.event_ids)
-            stored = json.loads(self.profiles.get(c.user_id, "{}"))
+            stored = jsoncodec.loads(self.profiles.get(c.user_id, "{}"))
             stored.update(c.profile)
-            self.profiles[c.user_id] = json.dumps(stored)
+            self.profiles[c.user_id] = jsoncodec.dumps_str(stored)  # the codec RedisStore writes with
             if c.open_until is None:
                 self.open_until.pop(c.user_id, None)
             else:
