@@ -10,8 +10,9 @@ the time. What is written and read stays what ``json`` (compact separators) wrot
   ``cjson`` reads both alike).
 * **Non-finite floats stay as json writes them.** orjson writes NaN and infinities as ``null``; an output holding
   ``null`` is written again by ``json`` when the value holds a non-finite float, so a NaN still reads back as NaN.
-  The engine's documents rarely hold ``null`` at all (a decision's ``expires_at``), so this costs nothing in the
-  common case.
+  The engine's profile documents and contribution payloads hold ``null`` only with learning off (an open
+  decision's context has no segment then): there a document costs orjson's encoding plus json's, about what json
+  alone cost before. A decision holds one (``expires_at``), so decisions keep ``json``.
 * **Whatever orjson refuses** (integers beyond 64 bits, strings with lone surrogates, non-string keys it cannot
   convert, types it does not know) is written by ``json`` exactly as before (ASCII, escapes), with json's errors
   for what json refuses too.
