@@ -21,6 +21,7 @@ clients, and at every maintenance period.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -584,8 +585,6 @@ class Maintenance:
         engine = self.engine
         if engine.learning is None:
             return
-        from models.learning.snapshot import snapshot_key
-
         gone = await engine.store.missing_profiles(sorted(engine.learning.held_users()))
         dropped = engine.learning.forget_users(gone) if gone else 0  # forgotten users never reach a snapshot
         if dropped:
@@ -593,30 +592,34 @@ class Maintenance:
                      "before the snapshot", dropped)
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
-        key = snapshot_key(self.settings.redis_prefix)
         if forked.available():
             # serialised and written by a child forked here: it holds the models as they are at this line, with
             # the offsets above, while this process goes on deciding (pickling holds the GIL for its whole
             # length, so a thread would not free the loop: stream/forked.py)
+            learning = engine.learning
             await forked.run_forked(
-                lambda: _write_snapshots(self.settings, {key: engine.learning.snapshot(covered)}, self.guard))
+                lambda: _write_snapshot(self.settings, learning.snapshot(covered), learning.held_users(), self.guard))
         else:
             blob = engine.learning.snapshot(covered)  # serialised in the loop (nothing touches the models meanwhile)
-            await asyncio.to_thread(_write_snapshots, self.settings, {key: blob}, self.guard)
+            held = engine.learning.held_users()
+            await asyncio.to_thread(_write_snapshot, self.settings, blob, held, self.guard)
         m.MODEL_SNAPSHOTS.inc()
 
 
-def _write_snapshots(settings: Settings, blobs: dict[str, bytes], guard: EpochGuard | None = None) -> None:
+def _write_snapshot(settings: Settings, blob: bytes, held: set[str], guard: EpochGuard | None = None) -> None:
+    """Write the model snapshot ``blob`` (holding the users ``held``) without the users forgotten while it was
+    taken (:func:`models.learning.snapshot.save_snapshot_fenced`)."""
     import redis
+
+    from models.learning.snapshot import save_snapshot_fenced
+    from models.state.engine_redis import user_profile_key
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
     if guard is not None:
         guard.watch(client)  # written on a connection that found the worker's epoch
     try:
-        pipe = client.pipeline(transaction=False)
-        for key, blob in blobs.items():
-            pipe.set(key, blob)
-        pipe.execute()
+        save_snapshot_fenced(client, blob, held, functools.partial(user_profile_key, settings.redis_prefix),
+                             settings.redis_prefix)
     finally:
         client.close()
 

@@ -49,6 +49,8 @@ from enum import Enum
 import aiokafka.errors as kex
 import redis.exceptions as rex
 
+from models.learning.snapshot import ForgetsKeptLanding
+
 
 class Verdict(str, Enum):
     RETRY = "retry"
@@ -130,6 +132,8 @@ def classify_fault(exc: BaseException) -> Fault:
     exc = _cause(exc)
     if isinstance(exc, rex.RedisError):
         return _redis_fault(exc)
+    if isinstance(exc, ForgetsKeptLanding):  # the snapshot's write lost to forgets each time: Redis' "try again"
+        return Fault(Verdict.RETRY, "redis", "tryagain")
     if isinstance(exc, kex.KafkaError):
         for cls, kind in _KAFKA_KINDS:
             if isinstance(exc, cls):

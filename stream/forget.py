@@ -6,15 +6,16 @@ marker, every stored decision - all keys under the user's hash tag ``{u:<user>}`
 entry in the expiry sweep's index of open decisions and in the set of records with parked contributions, the
 user's contributions to item statistics (subtracted from them in bounded, idempotent steps of at most
 ``FORGET_CHUNK_FIELDS`` record fields per Lua call, :meth:`models.state.item_redis.RedisItemStore.subtract_record`),
-and the user's entries in the stored model snapshot (:func:`models.learning.core.scrub_snapshot`). Workers drop the
+and the user's entries in the stored model snapshot (:func:`models.learning.snapshot.scrub_snapshot`). Workers drop the
 user from their in-memory models at their next snapshot (``stream.app.Maintenance``), the worker that takes a
 ``<prefix>.forget`` request at once.
 With ``PROMO_PSEUDONYMISE_KEY`` set, the id is pseudonymised first, exactly as at ingestion.
 
 Order, so that an interrupted forget can be run again and finishes exactly: subtract the contribution record
-(each step deletes the fields it subtracted), delete the user's other keys, then one atomic call subtracts what
-was applied meanwhile, deletes the record and the index entries and counts the user in ``<prefix>:forgotten``
-(the cluster-wide count every worker exports as ``promo_users_forgotten_total``).
+(each step deletes the fields it subtracted), delete the user's other keys, add to the forget sequence (what a model
+snapshot being written watches, so that it cannot bring the user back), scrub the stored snapshot, then one atomic
+call subtracts what was applied meanwhile, deletes the record and the index entries and counts the user in
+``<prefix>:forgotten`` (the cluster-wide count every worker exports as ``promo_users_forgotten_total``).
 
 Events of the user that arrive after the forget are new data and build a new profile; events that arrive while
 it runs may be forgotten in part (their profile update or their contributions).
@@ -129,7 +130,7 @@ def forget_everything(settings: Settings, client, uid: str, max_rounds: int = 20
     ``fields``, ``calls``, ``max_call_ms``: the longest Lua call, ``forgotten_total``: the shared count after,
     ``counted``: 1 if something of the user was found and the user was counted)."""
     from models.state.item_redis import RedisItemStore
-    from models.learning.snapshot import scrub_snapshot
+    from models.learning.snapshot import forget_seq_key, scrub_snapshot
 
     prefix = settings.redis_prefix
     store = RedisItemStore(client, prefix=prefix)
@@ -137,6 +138,9 @@ def forget_everything(settings: Settings, client, uid: str, max_rounds: int = 20
     had_record = bool(client.exists(record))
     stats = store.subtract_record(uid)
     removed = forget_keys(client, prefix, uid, keep=frozenset({record.encode()}))
+    # between the keys and the stored snapshot: a snapshot being written meanwhile sees the profile gone, or this
+    # step (and writes again), or is written before the scrub below (models.learning.snapshot.save_snapshot_fenced)
+    client.incr(forget_seq_key(prefix))
     scrubbed = scrub_snapshot(client, [uid], prefix)
     found = had_record or keys_removed(removed) > 0 or scrubbed > 0
     for _ in range(max_rounds):

@@ -2,7 +2,8 @@
 
 :meth:`models.learning.core.LearningCore.snapshot` and ``restore`` make and read the bytes (:func:`core_snapshot`,
 :func:`restore_core`: the stored format, :data:`SNAPSHOT_VERSION`); this module keeps them under ONE key
-(:func:`snapshot_key`), and removes forgotten users from the stored snapshot (:func:`scrub_snapshot`, used by
+(:func:`snapshot_key`), writes it without users forgotten while it was taken (:func:`save_snapshot_fenced`, the
+worker's snapshot), and removes forgotten users from the stored snapshot (:func:`scrub_snapshot`, used by
 ``promo forget``). A snapshot is a pickle (not compressed):
 load only snapshots written by the engine's own Redis.
 
@@ -181,35 +182,119 @@ def forget_users_in(windows, purchase_model, last_sample: dict, users) -> int:
     return len(held)
 
 
+def _without_users(data: bytes, users) -> tuple[bytes, int]:
+    """``data`` (a stored snapshot) with ``users`` removed, as :meth:`models.learning.core.LearningCore.forget_users`
+    would, and how many of them it held; ``data`` itself when it holds none of them (or is not a snapshot this
+    engine reads: a worker refuses such a snapshot at start and says why).
+
+    A snapshot is a pickle (no compression): a user id it holds is in its bytes as UTF-8, so a snapshot without
+    those bytes is not even decoded."""
+    needles = [u.encode("utf-8", "surrogatepass") for u in users]
+    if not any(n in data for n in needles):
+        return data, 0
+    state = loads(data)
+    if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
+        return data, 0
+    n = forget_users_in(state["windows"], state["labels"], state["last_sample"], users)
+    return (dumps(state), n) if n else (data, 0)
+
+
 def scrub_snapshot(client, users, prefix: str = "promo", attempts: int = 10) -> int:
     """Remove ``users`` from the model snapshot stored in Redis (sync client), as
     :meth:`models.learning.core.LearningCore.forget_users` would; returns how many of them it held (0: the
     snapshot was left as it is).
 
-    The snapshot is a pickle (no compression): a user id it holds is in its bytes as UTF-8, so a snapshot without
-    those bytes is not even decoded. The rewrite is optimistic (``WATCH``): a worker writing a newer snapshot
-    meanwhile wins, and the check runs again on that one."""
+    The rewrite is optimistic (``WATCH``): a worker writing a newer snapshot meanwhile wins, and the check runs
+    again on that one. A snapshot being written while the user is forgotten is :func:`save_snapshot_fenced`'s
+    concern: ``promo forget`` adds to :func:`forget_seq_key` before it calls this."""
     import redis
 
     key = snapshot_key(prefix)
-    needles = [u.encode("utf-8", "surrogatepass") for u in users]
     for _ in range(attempts):
         with client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(key)
                 data = pipe.get(key)
-                if data is None or not any(n in data for n in needles):
+                if data is None:
                     return 0
-                state = loads(data)
-                if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
-                    return 0  # not a snapshot this engine reads: a worker refuses it at start and says why
-                n = forget_users_in(state["windows"], state["labels"], state["last_sample"], users)
+                scrubbed, n = _without_users(data, users)
                 if not n:
                     return 0
                 pipe.multi()
-                pipe.set(key, dumps(state))
+                pipe.set(key, scrubbed)
                 pipe.execute()
                 return n
             except redis.WatchError:
                 continue
     raise RuntimeError(f"the model snapshot {key} changed {attempts} times while users were removed from it")
+
+
+def forget_seq_key(prefix: str = "promo") -> str:
+    """A count every forget adds to after it deleted the user's keys and before it scrubs the stored snapshot
+    (``stream.forget.forget_everything``): what a snapshot being written watches (:func:`save_snapshot_fenced`).
+    It holds no user id."""
+    return f"{prefix}:forget:seq"
+
+
+def missing_keys(client, keys: list[str], chunk: int = 5000) -> list[int]:
+    """Indexes of ``keys`` that do not exist (sync client; one pipelined ``EXISTS`` per key, ``chunk`` per round
+    trip)."""
+    gone: list[int] = []
+    for i in range(0, len(keys), chunk):
+        pipe = client.pipeline(transaction=False)
+        for k in keys[i : i + chunk]:
+            pipe.exists(k)
+        gone += [i + j for j, exists in enumerate(pipe.execute()) if not exists]
+    return gone
+
+
+class ForgetsKeptLanding(Exception):
+    """A snapshot was not written: a forget landed during each of its attempts. Nothing is lost (the stored
+    snapshot is the previous one, still scrubbed); the next snapshot period tries again.
+
+    It is Redis' own "try again" to the worker's fault policy (:func:`stream.faults.classify_fault`), which then
+    skips the maintenance period instead of stopping the worker: see :func:`save_snapshot_fenced`."""
+
+
+def save_snapshot_fenced(client, data: bytes, held, profile_key, prefix: str = "promo", attempts: int = 5,
+                         missing=missing_keys) -> tuple[int, int]:
+    """Write ``data`` (a snapshot holding the users ``held``) under :func:`snapshot_key`, without any of them whose
+    profile is gone by the time it is written; returns its size in bytes and how many users were dropped.
+
+    Why. The snapshot is taken from the models as they are when the writer starts (a forked child,
+    ``stream.forked``). A user forgotten meanwhile would otherwise come back with it: ``promo forget`` scrubs the
+    snapshot stored *before* this one is written, and the workers drop the user from memory only at their next
+    snapshot.
+
+    How, with no lock the forget has to wait for. The writer ``WATCH``es :func:`forget_seq_key`, then checks the
+    profiles of ``held`` (``profile_key(user)``; ``missing(client, keys)`` answers the indexes of keys that do not
+    exist), removes the users whose profile is gone, and writes in ``MULTI``/``EXEC``. A forget deletes the
+    user's keys, adds to the sequence, then scrubs the stored snapshot. So for any forget: its sequence step came
+    before the ``WATCH`` (its profile was gone at the check: removed here), or between the ``WATCH`` and the write
+    (the write fails and all is done again), or after the write (its scrub runs after, on this snapshot). After
+    ``attempts`` failed writes it raises :class:`ForgetsKeptLanding` with nothing written.
+
+    Users whose profile expired (idle) are removed too: they are what the worker drops before its snapshot.
+    """
+    import redis
+
+    key, seq = snapshot_key(prefix), forget_seq_key(prefix)
+    users = sorted(held)
+    dropped = 0
+    for _ in range(attempts):
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(seq)
+                gone = [users[i] for i in missing(client, [profile_key(u) for u in users])]
+                if gone:
+                    data, n = _without_users(data, gone)
+                    dropped += n
+                    users = sorted(set(users) - set(gone))
+                pipe.multi()
+                pipe.set(key, data)
+                pipe.execute()
+                return len(data), dropped
+            except redis.WatchError:
+                continue
+    raise ForgetsKeptLanding(f"the model snapshot {key} was not written: a user was forgotten during each of "
+                             f"{attempts} attempts to write it; the next snapshot period tries again")

@@ -16,6 +16,11 @@ def forgotten_key(prefix: str) -> str:
     return f"{prefix}:forgotten"
 
 
+def user_profile_key(prefix: str, user_id: str) -> str:
+    """The key of a user's profile, ``<prefix>:{u:<id>}:p`` (the id escaped, :func:`models.keys.escape_user_id`)."""
+    return f"{prefix}:{{u:{escape_user_id(user_id)}}}:p"
+
+
 class RedisStore(EngineStore):
     """The production store on redis-py's asyncio client; one round trip per phase of a batch."""
 
@@ -66,7 +71,7 @@ class RedisStore(EngineStore):
         return f"{self.prefix}:{{u:{escape_user_id(user_id)}}}"
 
     def profile_key(self, user_id: str) -> str:
-        return f"{self.user_tag(user_id)}:p"
+        return user_profile_key(self.prefix, user_id)
 
     def marker_key(self, user_id: str, event_id: str) -> str:
         return f"{self.user_tag(user_id)}:e:{event_id}"
