@@ -10,9 +10,10 @@ the parent stops only for the fork itself (its page tables) and goes on deciding
 The child is kept simple, since it is a copy of a process with other threads (Faust's consumer): it runs only
 ``work``, with the garbage collector off (no finalizer of an inherited object runs in it), without logging,
 asyncio or exit handlers, and leaves with ``os._exit``. It dies with the worker (``PR_SET_PDEATHSIG`` on Linux):
-a worker killed while its child writes leaves no writer behind. What ``work`` raises comes back to the parent,
-pickled through a pipe, and is raised there, so the caller's fault policy sees the same exception as if the
-work had run in the parent (a transient Redis error skips a period; anything else stops the worker).
+a worker killed while its child writes leaves no writer behind. What ``work`` returns or raises comes back to the
+parent, pickled through a pipe: the value is returned there, the exception raised there, so the caller's fault
+policy sees the same exception as if the work had run in the parent (a transient Redis error skips a period;
+anything else stops the worker).
 
 Where ``os.fork`` is missing (not a POSIX system) :func:`available` is False and callers do the work in-process.
 """
@@ -27,8 +28,11 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = ["ChildDied", "available", "run_forked"]
+
+T = TypeVar("T")
 
 
 class ChildDied(RuntimeError):
@@ -40,8 +44,9 @@ def available() -> bool:
     return hasattr(os, "fork")
 
 
-async def run_forked(work: Callable[[], None]) -> None:
-    """Run ``work()`` in a forked child and wait for it without blocking the event loop.
+async def run_forked(work: Callable[[], T]) -> T:
+    """Run ``work()`` in a forked child and wait for it without blocking the event loop; returns what it returned
+    (pickled through the pipe: keep it small).
 
     Raises what ``work`` raised (or :class:`RuntimeError` with its text, when it cannot be pickled), or
     :class:`ChildDied`. Cancelled while it waits, it kills the child.
@@ -61,21 +66,22 @@ async def run_forked(work: Callable[[], None]) -> None:
     finally:
         if not reaped:  # cancelled (the worker stops): the child must not outlive the wait for it
             _kill(pid)
-    if report:
+    if status == 0:
+        return pickle.loads(report) if report else None
+    if report and os.WIFEXITED(status):  # the child caught what ``work`` raised and reported it
         raise pickle.loads(report)
-    if status != 0:
-        raise ChildDied(f"the child process doing background work ended with {_describe(status)} before it "
-                        "reported; the work was not done (out of memory? see the kernel log)")
+    raise ChildDied(f"the child process doing background work ended with {_describe(status)} before it "
+                    "reported; the work was not done (out of memory? see the kernel log)")
 
 
-def _child(work: Callable[[], None], write_fd: int, parent: int, prctl) -> None:  # pragma: no cover - in the child
+def _child(work: Callable[[], object], write_fd: int, parent: int, prctl) -> None:  # pragma: no cover - in the child
     gc.disable()
     code = 0
     try:
         _die_with_parent(parent, prctl)
         _default_signals()
-        work()
-        report = b""
+        result = work()
+        report = b"" if result is None else pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:  # everything goes back to the parent, which raises it where the work was asked
         code = 1
         try:

@@ -46,6 +46,18 @@ def test_the_child_sees_the_state_at_the_fork_while_the_parent_goes_on(tmp_path)
     assert pickle.loads(out.read_bytes()) == {"n": 1}
 
 
+def test_what_the_work_returns_comes_back_to_the_parent():
+    held = {"u1", "u2"}
+
+    def work():
+        held.discard("u1")  # the child's copy
+        return sorted(held)
+
+    assert asyncio.run(forked.run_forked(work)) == ["u2"]
+    assert held == {"u1", "u2"}  # the parent's own state is untouched
+    assert asyncio.run(forked.run_forked(lambda: None)) is None
+
+
 @pytest.mark.parametrize("exc, verdict", [
     (redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."), Verdict.RETRY),
     (ValueError("a bug"), Verdict.STOP),
