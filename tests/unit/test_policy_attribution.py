@@ -113,8 +113,8 @@ def test_outcome_stats_and_their_metrics():
 
 
 def test_hand_written_to_dicts_cover_every_field_and_copy_the_containers():
-    """``to_dict`` of a context and of an open decision are written out for speed: a field added to either
-    dataclass must be added there too, and the stored dict must not share a container the policy may change."""
+    """``to_dict`` of a context, an open decision and a decision are written out for speed: a field added to one
+    of these dataclasses must be added there too, and the dict must not share a container that may change."""
     from dataclasses import asdict, fields
 
     from models.policy.attribution import OpenDecision
@@ -137,3 +137,15 @@ def test_hand_written_to_dicts_cover_every_field_and_copy_the_containers():
     assert list(od) == [f.name for f in fields(OpenDecision)]
     assert od == asdict(open_) and od["ctx"] is not d
     assert OpenDecision.from_dict(od) == open_
+
+    from models.decision import Decision, Offer
+
+    dec = Decision("d1", "u", 5, "e1", Offer("coupon_5", "coupon", 5.0, 30.0, 99), items=["i1", "i2"],
+                   propensity=0.4, scores={"none": 0.0, "coupon_5": 1.5}, group="holdout", model_version="ts-3",
+                   reasons=["why"], latency_ms=3.5, trigger="retention")
+    dd = dec.to_dict()
+    assert list(dd) == [f.name for f in fields(Decision)]
+    assert list(dd["offer"]) == [f.name for f in fields(Offer)]
+    assert dd == asdict(dec) and Decision.from_dict(dd) == dec
+    for name in ("items", "scores", "reasons"):
+        assert dd[name] is not getattr(dec, name), name
