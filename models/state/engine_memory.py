@@ -99,9 +99,6 @@ class MemoryStore(EngineStore):
             else:
                 self.open_until[uid] = until
 
-    async def missing_profiles(self, user_ids: list[str]) -> list[str]:
-        return [u for u in user_ids if u not in self.profiles]
-
     async def ledger(self, user_id: str, n: int = 0) -> list[str]:
         kept = self.ledgers.get(user_id, [])
         return list(kept[-n:] if n > 0 else kept)

@@ -256,16 +256,6 @@ class RedisStore(EngineStore):
             pipe.hset(self.decision_key(uid, trig), "sent", "1")
         await pipe.execute()
 
-    async def missing_profiles(self, user_ids: list[str], chunk: int = 5000) -> list[str]:
-        gone: list[str] = []
-        for i in range(0, len(user_ids), chunk):  # one pipelined EXISTS per user, ``chunk`` per round trip
-            part = user_ids[i : i + chunk]
-            pipe = self.r.pipeline(transaction=False)
-            for uid in part:
-                pipe.exists(self.profile_key(uid))
-            gone += [uid for uid, exists in zip(part, await pipe.execute()) if not exists]
-        return gone
-
     async def ledger(self, user_id: str, n: int = 0) -> list[str]:
         return [r.decode() for r in await self.r.lrange(self.ledger_key(user_id), -n if n > 0 else 0, -1)]
 

@@ -147,11 +147,6 @@ class EngineStore(ABC):
         """Publish this worker's partition watermarks (``models.clock.EventClock.state``; each entry only ever
         rises) and return every partition's, as published by all workers."""
 
-    @abstractmethod
-    async def missing_profiles(self, user_ids: list[str]) -> list[str]:
-        """The users of ``user_ids`` whose profile is gone (forgotten by any path, or expired): the worker drops
-        them from its in-memory models before a snapshot, so no list of forgotten ids is kept anywhere."""
-
     async def ledger(self, user_id: str, n: int = 0) -> list[str]:
         """The user's ledger records (JSON, :mod:`models.policy.ledger`), oldest first; the last ``n`` with
         ``n > 0``. A store that keeps no ledger has none."""

@@ -132,11 +132,6 @@ class EngineStoreContract:
         assert run(store.commit([UserCommit("u1", {"n": 1}, ["e1"], [], token="w1:7")])) == [True]
         assert run(store.load({"u1": []}, {}))["u1"].token == "w1:7"
 
-    def test_missing_profiles_names_users_without_one(self):
-        store = self.make_store()
-        run(store.commit([UserCommit("u1", {"n": 1}, ["e1"], [])]))
-        assert run(store.missing_profiles(["u1", "ghost"])) == ["ghost"]
-
     def test_the_clock_keeps_the_largest_entry_per_partition(self):
         store = self.make_store()
         assert run(store.sync_clock({})) == {}
