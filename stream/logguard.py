@@ -14,6 +14,9 @@ the message at the remembered offset back from the broker (:data:`FetchFn`) and 
 
 * the same message: the log is intact; carry on;
 * gone because retention trimmed the log's start past it: intact as well (logged);
+* the partition itself is gone (the topic was re-created with fewer partitions: a memory-only broker restarted and
+  a client's metadata request created it with the broker's default count): nothing of it can be skipped, so its
+  mark is dropped (logged) and the group moves to the partitions the topic has;
 * a different message, or none because the log now ends before it: the log was **replaced**. If consumption
   starts at the new log's first offset, nothing of it is skipped: the worker logs it as an error, counts it in
   ``promo_log_resets_total`` and carries on (events applied before are de-duplicated by event id). Otherwise the
@@ -100,11 +103,13 @@ class Mark:
 @dataclass(frozen=True, slots=True)
 class Probe:
     """What the broker holds for one partition: its first offset, its end, and the message at the offset asked
-    for (``(key, value)``, or None when the log does not hold that offset)."""
+    for (``(key, value)``, or None when the log does not hold that offset); ``gone`` when the topic has no such
+    partition any more."""
 
     earliest: int
     end: int
     message: tuple[bytes | None, bytes | None] | None
+    gone: bool = False
 
 
 FetchFn = Callable[[dict[TP, int]], Awaitable[dict[TP, Probe]]]
@@ -207,6 +212,15 @@ class LogGuard:
 
     def _judge(self, tp: TP, first: int, mark: Mark, probe: Probe) -> None:
         topic, partition = tp
+        if probe.gone:  # nothing can be skipped in a partition that does not exist; the group rebalances
+            log.warning("%s[%d] no longer exists on the broker: the topic was re-created with fewer partitions (a "
+                        "memory-only broker restarted and a client's metadata request created it with its default "
+                        "count?). Its mark (offset %d) is dropped; the consumer group moves to the partitions the "
+                        "topic has. Create the topics before any client reconnects, or disable auto-creation",
+                        topic, partition, mark.offset)
+            del self.marks[tp]
+            self.urgent = True
+            return
         if probe.message is not None and fingerprint(*probe.message) == mark.fingerprint:
             return  # the same log
         if probe.message is None and mark.offset < probe.earliest:
@@ -309,7 +323,18 @@ async def fetch_probes(kafka_kwargs: dict, wanted: dict[TP, int], timeout_s: flo
     await consumer.start()
     out: dict[TP, Probe] = {}
     try:
-        tps = {TopicPartition(t, p): o for (t, p), o in wanted.items()}
+        # a partition the topic no longer has is gone (asking its offsets would wait out the request timeout, 40 s,
+        # while the guard's lock holds every batch): fresh metadata of every topic first (a request naming no
+        # topic creates none; the consumer's own cluster view holds only topics it was given, hence its client's)
+        cluster = await consumer._client.fetch_all_metadata()
+        tps = {}
+        for (t, p), o in wanted.items():
+            if p in (cluster.partitions_for_topic(t) or ()):
+                tps[TopicPartition(t, p)] = o
+            else:
+                out[(t, p)] = Probe(0, 0, None, gone=True)
+        if not tps:
+            return out
         consumer.assign(list(tps))
         earliest = await consumer.beginning_offsets(list(tps))
         todo = {}

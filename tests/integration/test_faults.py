@@ -213,6 +213,34 @@ def own_stack(tmp_path):
         yield s
 
 
+def test_the_log_guard_finds_a_partition_the_topic_no_longer_has_gone_without_waiting(engine_settings):
+    """A memory-only broker restarted and a client's metadata request re-created the events topic with the
+    broker's default partition count (Tansu: 4) before ``promo stack up`` could create it with the configured
+    one: the worker's marks name partitions that do not exist. The guard's probe says so from the metadata;
+    before, asking their offsets waited out the request timeout (40 s) with the guard's lock held, so no batch
+    could run (the intermittent stall of the broker-restart test)."""
+    from aiokafka import AIOKafkaProducer
+
+    from stream.logguard import fetch_probes
+
+    s = engine_settings
+    assert s.partitions > 4
+
+    async def probe():
+        producer = AIOKafkaProducer(**s.kafka_client_kwargs())
+        await producer.start()
+        try:
+            await producer.send_and_wait(s.topic_events, b"v0", key=b"k0", partition=0)
+        finally:
+            await producer.stop()
+        return await fetch_probes(s.kafka_client_kwargs(), {(s.topic_events, 0): 0,
+                                                            (s.topic_events, s.partitions + 3): 5})
+
+    probes = asyncio.run(probe())
+    assert probes[(s.topic_events, 0)].message == (b"k0", b"v0") and not probes[(s.topic_events, 0)].gone
+    assert probes[(s.topic_events, s.partitions + 3)].gone
+
+
 @pytest.mark.parametrize("n_after", [2000, 300])
 def test_broker_killed_and_restarted_empty_skips_no_new_event(own_stack, start_worker, n_after):
     """The embedded broker is memory-only: after a kill -9 and a restart its logs are empty and start at offset 0

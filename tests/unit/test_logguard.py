@@ -105,3 +105,22 @@ def test_an_idle_partition_is_checked_without_a_batch_when_the_new_log_ends_befo
     asyncio.run(guard.check_idle([quiet], idle_s=0.0))
     asyncio.run(guard.check_idle([quiet], idle_s=0.0))
     assert probes == [{quiet: 0}]
+
+
+def test_a_partition_the_topic_no_longer_has_drops_its_mark_and_stops_nothing():
+    """After a memory-only broker restarted, a client's metadata request re-created the topic with fewer
+    partitions: a partition the worker still holds a mark for is gone. Nothing can be skipped there, so the guard
+    drops its mark (saved at once) and the worker carries on until the group moves to the partitions there are."""
+    kept, gone = ("t", 0), ("t", 7)
+
+    async def fetch(wanted):
+        return {tp: Probe(0, 0, None, gone=True) if tp == gone else Probe(0, 1, (b"k", b"e0"))
+                for tp in wanted}
+
+    guard = LogGuard(fetch)
+    guard.processed("t", 0, 0, b"k", b"e0")
+    guard.processed("t", 7, 41, b"k", b"x41")
+    guard.connection_lost()
+    asyncio.run(guard.check_idle([kept, gone], idle_s=0.0))
+    assert set(guard.marks) == {kept} and guard.urgent
+    assert "t:7" not in guard.encoded()
