@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Callable
@@ -53,11 +52,6 @@ from models.triggers.base import Trigger, is_timer_trigger_id
 from models.triggers.cart import CartTrigger
 
 log = logging.getLogger("promo.engine")
-
-SWEEP_CHUNK = 100
-"""Users the expiry sweep loads, plans and commits at a time. Planning is synchronous: a sweep that found 1,000
-users due (timers, expired windows) planned them in one go and stopped the event loop, and every batch waiting in
-it, for 200-370 ms; in chunks the loop runs the waiting batches between them."""
 
 
 class Engine:
@@ -109,7 +103,6 @@ class Engine:
         catalogue_version: str | None = None,
         trigger_names: list[str] | None = None,
         resend_after_s: float = 30.0,
-        sweep_chunk: int = SWEEP_CHUNK,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
@@ -122,7 +115,6 @@ class Engine:
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
-        self.sweep_chunk = int(sweep_chunk)
         self.item_reads_missed = 0  # recommendation reads planning had to make itself (models.state.item_reads)
         self.budget = budget  # models.policy.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.policy.attribution.OutcomeStats (treatment vs holdout)
@@ -460,14 +452,10 @@ class Engine:
         users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)
         blocked: dict[str, dict[str, str]] = {}
         try:
-            for start in range(0, len(users), self.sweep_chunk):
-                if start:
-                    await asyncio.sleep(0)  # the batches waiting in the loop go first (see SWEEP_CHUNK)
-                chunk = users[start:start + self.sweep_chunk]
-                for _attempt in range(self.max_attempts):
-                    if not chunk:
-                        break
-                    chunk = await self._sweep_once(chunk, now_ms, owned, blocked, result)
+            for _attempt in range(self.max_attempts):
+                if not users:
+                    break
+                users = await self._sweep_once(users, now_ms, owned, blocked, result)
         finally:  # what closed is counted even when a commit failed; the rest stays due for the next sweep
             await self.learn(result)
         return result
