@@ -37,6 +37,16 @@ def escape_user_id(user_id: str) -> str:
     return user_id.translate(_ESCAPE)
 
 
+def user_tag(prefix: str, user_id: str) -> str:
+    """``<prefix>:{u:<id>}``, the id escaped: the start of every key of one user (one hash tag, one Redis Cluster
+    slot), and of no other user's.
+
+    >>> user_tag("promo", "victim}:other")
+    'promo:{u:victim%7D:other}'
+    """
+    return f"{prefix}:{{u:{escape_user_id(user_id)}}}"
+
+
 def unescape_user_id(escaped: str) -> str:
     """The user id an escaped key part stands for (inverse of :func:`escape_user_id`)."""
     return unquote(escaped) if "%" in escaped else escaped

@@ -52,9 +52,9 @@ def user_pattern(prefix: str, uid: str, kind: str = "*") -> tuple[str, str]:
     >>> user_pattern("promo", "victim}:o*")
     ('promo:{u:victim%7D:o*}', 'promo:{u:victim%7D:o\\\\*}:*')
     """
-    from models.keys import escape_user_id
+    from models.keys import user_tag
 
-    tag = f"{prefix}:{{u:{escape_user_id(uid)}}}"
+    tag = user_tag(prefix, uid)
     pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + ":" + kind
     return tag, pattern
 

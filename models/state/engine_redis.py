@@ -4,7 +4,7 @@ in ``models/state/lua/`` (``commit``, ``apply``, ``reindex``, ``clock``)."""
 from __future__ import annotations
 
 from models import jsoncodec
-from models.keys import escape_user_id
+from models.keys import user_tag
 from models.state.engine_store import EngineStore, UserLoad
 from models.state.redis_async import Scripts, async_client
 
@@ -18,7 +18,7 @@ def forgotten_key(prefix: str) -> str:
 
 def user_profile_key(prefix: str, user_id: str) -> str:
     """The key of a user's profile, ``<prefix>:{u:<id>}:p`` (the id escaped, :func:`models.keys.escape_user_id`)."""
-    return f"{prefix}:{{u:{escape_user_id(user_id)}}}:p"
+    return f"{user_tag(prefix, user_id)}:p"
 
 
 class RedisStore(EngineStore):
@@ -68,7 +68,7 @@ class RedisStore(EngineStore):
     def user_tag(self, user_id: str) -> str:
         """``<prefix>:{u:<id>}``, the id escaped (:func:`models.keys.escape_user_id`): no other user's keys
         start with it."""
-        return f"{self.prefix}:{{u:{escape_user_id(user_id)}}}"
+        return user_tag(self.prefix, user_id)
 
     def profile_key(self, user_id: str) -> str:
         return user_profile_key(self.prefix, user_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from models.keys import escape_user_id
+from models.keys import user_tag
 from models.state.item_store import (_POP_RESCALE_HALF_LIVES, ItemBatch, ItemStore, SimilarityConfig,
                                      unloaded_neighbours)
 from models.state.scripts import lua
@@ -143,7 +143,7 @@ class RedisItemStore(ItemStore):
     def record_key(self, user_id: str) -> str:
         """The user's contribution record (:mod:`models.learning.contrib`), under the user's hash tag (the id escaped as in
         every user key: :func:`models.keys.escape_user_id`)."""
-        return f"{self.prefix}:{{u:{escape_user_id(user_id)}}}:c"
+        return f"{user_tag(self.prefix, user_id)}:c"
 
     def _forget_call(self, key: str, args: list, stats: dict) -> list:
         import time
