@@ -8,7 +8,6 @@ the engine reserves budgets and commits what it planned, and plans again a user 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import uuid
 from typing import Callable
@@ -378,7 +377,7 @@ class Planner:
                            for d, (ctx, _) in zip(plan.decisions, plan.exposures)}
         if plan.closed and self.ledger_size:
             now = self.clock_ms()
-            commit.ledger = [json.dumps(ledger_record(c, now), separators=(",", ":")) for c in plan.closed]
+            commit.ledger = [jsoncodec.dumps_str(ledger_record(c, now)) for c in plan.closed]
         if self.shares_policy:
             pol = self.policy
             ups = [pol.exposure_update(ctx, offer_id) for ctx, offer_id in plan.exposures]
