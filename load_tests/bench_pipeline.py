@@ -324,6 +324,20 @@ def stage_ms_per_batch(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
+def maintenance(before: dict, after: dict) -> dict:
+    """What the worker's maintenance timer did between two :meth:`Proc.metrics` samples: its expiry sweeps (how many,
+    their summed milliseconds: ``promo_sweep_duration_seconds``) and model snapshots (``promo_model_snapshots_total``;
+    each forks a child that serialises the models beside the worker). Both run beside the worker's batches."""
+    from stream.metrics import sample_sum
+
+    def delta(name: str) -> float:
+        return sample_sum(after, name) - sample_sum(before, name)
+
+    return {"sweeps": int(delta("promo_sweep_duration_seconds_count")),
+            "sweep_ms_sum": round(delta("promo_sweep_duration_seconds_sum") * 1e3, 1),
+            "snapshots": int(delta("promo_model_snapshots_total"))}
+
+
 def redis_counts(redis_url: str) -> dict[str, int]:
     """Redis's own counters: commands clients sent (a pipeline's commands each count) and script calls."""
     import redis
@@ -537,6 +551,7 @@ async def _latency_run(
                                  "decided_to_received": _quantiles(decided_to_received)},
         # p50 of the decisions triggered in each second of the run: a rising line means the worker fell behind
         "latency_p50_by_second_ms": [round(percentile(by_second[k], 50), 1) for k in sorted(by_second)],
+        "latency_max_by_second_ms": [round(max(by_second[k]), 1) for k in sorted(by_second)],
     }
 
 
@@ -683,6 +698,7 @@ def run(
         m2, r2 = engine.metrics(), redis_counts(base.redis_url)
         lat["stage_ms_per_batch"] = stage_ms_per_batch(m, m2)
         lat["redis_per_event"] = redis_per_event(r1, r2, lat["events"])
+        lat["maintenance"] = maintenance(m, m2)
         memory["engine"] = proc_memory_mb(engine.pid)
         _log(f"latency: p50 {lat['latency_ms']['p50']} ms, p99 {lat['latency_ms']['p99']} ms "
              f"over {lat['decisions']} decisions; engine RSS {memory['engine']['rss_mb']} MiB")
@@ -733,6 +749,8 @@ def run(
             "engine_latency_ms": lat["engine_latency_ms"],
             "latency_breakdown_ms": lat["latency_breakdown_ms"],
             "latency_p50_by_second_ms": lat["latency_p50_by_second_ms"],
+            "latency_max_by_second_ms": lat["latency_max_by_second_ms"],
+            "latency_maintenance": lat["maintenance"],
             "latency_cpu_us_per_event": lat["cpu_us_per_event"],
             "latency_stage_ms_per_batch": lat["stage_ms_per_batch"],
             "latency_redis_per_event": lat["redis_per_event"],

@@ -79,6 +79,12 @@ def test_latency_run_measured_decisions_of_the_offered_events(bench):
     assert bench["achieved_rate"] > 0
     eng = bench["engine_latency_ms"]
     assert 0 <= eng["p50"] <= eng["p95"] <= eng["p99"]
+    # per second of the run: the median and the worst decision, the worst never below the median
+    p50s, maxes = bench["latency_p50_by_second_ms"], bench["latency_max_by_second_ms"]
+    assert len(p50s) == len(maxes) > 0 and all(m >= p for p, m in zip(p50s, maxes))
+    timer = bench["latency_maintenance"]  # what the worker's maintenance timer did in the run, beside its batches
+    assert set(timer) == {"sweeps", "sweep_ms_sum", "snapshots"} and min(timer.values()) >= 0
+    assert timer["sweeps"] > 0 or timer["sweep_ms_sum"] == 0
 
 
 def test_stages_and_redis_work_are_reported_per_batch_and_per_event(bench):
