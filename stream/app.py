@@ -465,14 +465,15 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
     if settings.learning:
         from models.state.item_redis import RedisItemStore
         from models.state.item_store import SimilarityConfig
-        from models.learning.core import LearningCore
+        from models.learning.core import WORKER_LABELS_PER_BATCH, LearningCore
         from models.learning.snapshot import load_snapshot
 
         item_store = RedisItemStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
                                              config=SimilarityConfig(max_neighbours=settings.similarity_max_neighbours))
         watched(item_store.r)
         item_store.on_new_client = watched  # the asynchronous client of the batch's reads, made in the loop
-        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h, seed=settings.seed)
+        learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h, seed=settings.seed,
+                                labels_per_batch=WORKER_LABELS_PER_BATCH)
     store = RedisStore.from_settings(settings)
     budget_store = RedisBudgetStore.from_settings(settings)
     watched(store.r)

@@ -81,7 +81,11 @@ from models.learning.segments import ProfileSegments
 from models.learning.similarity import ItemVocab, UserWindows, aggregate_items, count_pairs
 from models.learning.snapshot import core_snapshot, forget_users_in, restore_core
 
-__all__ = ["LearningCore", "tune_gc"]
+__all__ = ["LearningCore", "WORKER_LABELS_PER_BATCH", "tune_gc"]
+
+WORKER_LABELS_PER_BATCH = 1000
+"""The worker's :attr:`LearningCore.labels_per_batch`: about 17 ms of learning at most per batch (labels cost about
+17 us each), and a backlog of 26k closes within 26 batches."""
 
 HOUR_MS = 3_600_000
 
@@ -121,7 +125,14 @@ class LearningCore:
         device, ...); numeric context values are always features.
     seed
         Kept for compatibility (the segments, which it seeded, are deterministic rules now).
+    labels_per_batch
+        Decision points whose horizon closes that one batch learns at most (None: all). When the event-time
+        clock jumps, tens of thousands may close at once: 26k took 0.45 s in one batch. The worker caps them
+        (:data:`WORKER_LABELS_PER_BATCH`) so that no batch's learning holds its event loop that long; the rest
+        close in the next batches, with the same labels.
     """
+
+    labels_per_batch: int | None = None  # a core unpickled from before the parameter existed: no cap
 
     def __init__(
         self,
@@ -141,9 +152,13 @@ class LearningCore:
         propensity_options: dict | None = None,
         context_keys: frozenset[str] | set[str] = DEFAULT_CONTEXT_KEYS,
         seed: int = 0,
+        labels_per_batch: int | None = None,
     ) -> None:
         if horizon_h <= 0:
             raise ValueError(f"horizon_h must be > 0 hours, got {horizon_h}")
+        if labels_per_batch is not None and labels_per_batch < 1:
+            raise ValueError(f"labels_per_batch must be at least 1 (or None: no cap), got {labels_per_batch}")
+        self.labels_per_batch = labels_per_batch
         self.store = store if store is not None else MemoryItemStore()
         self.horizon_h = float(horizon_h)
         self.window_width = window_width
@@ -201,6 +216,7 @@ class LearningCore:
             max_pending=self.max_pending,
             keep_predictions=self.keep_predictions, recommend_options=self.recommend_options,
             propensity_options=self.propensity_options, context_keys=self.context_keys, seed=self.seed,
+            labels_per_batch=self.labels_per_batch,
         )
 
     # --- learning ---------------------------------------------------------------------------------
@@ -224,7 +240,7 @@ class LearningCore:
         if batch_ts > self.watermark:
             self.watermark = batch_ts
         self._observe_decision_points(last, seen, carts, profiles)
-        self.purchase_model.advance(self.watermark)
+        self.purchase_model.advance(self.watermark, self.labels_per_batch)
         self.n_events += n
         self.n_batches += 1
         t3 = time.perf_counter()

@@ -26,7 +26,7 @@ Examples
 >>> learner.observe("u1", 0, {"carts": 1.0}, base_p=0.5)
 >>> learner.observe("u2", 0, {"carts": 0.0}, base_p=0.5)
 >>> learner.purchase("u1", 500)        # u1 buys within the horizon: label 1
->>> learner.advance(2_000)             # the horizon of u2's point elapses: label 0
+>>> _ = learner.advance(2_000)         # the horizon of u2's point elapses: label 0
 >>> learner.n_labels, learner.n_positive, len(learner)
 (2, 1, 0)
 >>> sorted(learner.quality())
@@ -101,6 +101,7 @@ class DelayedLabelLearner:
     """
 
     keep_features = False  # a learner unpickled from before the attribute existed keeps none
+    expired_before = -(2**63)  # points before this event time have passed their horizon (see :meth:`advance`)
 
     def __init__(
         self,
@@ -192,7 +193,9 @@ class DelayedLabelLearner:
         self.n_open += 1
         while len(self.queue) > self.max_pending:
             old = self.queue.popleft()
-            if old.open:
+            if old.ts < self.expired_before:
+                self._expire(old)  # past its horizon, left by a capped advance: negative, as advance would make it
+            elif old.open:
                 self._drop(old)
                 self.n_dropped += 1
             elif old.values is not None:
@@ -216,23 +219,50 @@ class DelayedLabelLearner:
         else:
             del self.by_user[user]
 
-    def advance(self, watermark: int) -> None:
-        """Event time reached ``watermark``: points older than ``watermark - H`` become negative."""
+    def advance(self, watermark: int, max_points: int | None = None) -> bool:
+        """Event time reached ``watermark``: points older than ``watermark - H`` become negative (unless a purchase
+        labelled them), are scored and leave. Returns True when ``max_points`` left some for a later call.
+
+        ``max_points``: close at most this many (None: all). When the clock jumps (an idle partition stops
+        holding it back, a replay) tens of thousands of points may close at once, and learning them holds the
+        caller (the worker's event loop) for as long: capped, the rest close in the next calls, oldest first.
+        Labels do not depend on it: a purchase after a point's horizon labels it 0 (:meth:`purchase`).
+
+        >>> learner = DelayedLabelLearner(horizon_ms=10)
+        >>> for u in ("a", "b", "c"):
+        ...     learner.observe(u, 0, {"carts": 1.0})
+        >>> learner.advance(100, max_points=2), learner.n_labels
+        (True, 2)
+        >>> learner.purchase("c", 50)  # after c's horizon: no positive
+        >>> learner.advance(100), learner.n_labels, learner.n_positive
+        (False, 3, 0)
+        """
         limit = watermark - self.horizon_ms
+        if limit > self.expired_before:
+            self.expired_before = limit
+        limit = self.expired_before  # a lower watermark than before does not reopen anything
         q = self.queue
+        n = 0
         while q and q[0].ts < limit:
-            pt = q.popleft()
-            if pt.open:
-                pts = self.by_user.get(pt.user)
-                if pts is not None:
-                    pts.remove(pt)
-                    if not pts:
-                        del self.by_user[pt.user]
-                self._label(pt, 0)
-            if pt.values is not None:
-                self._close_horizon(pt)
-            if pt.label >= 0:
-                self.baseline.learn_one(bool(pt.label))  # the horizon elapsed: unbiased global rate
+            if max_points is not None and n >= max_points:
+                return True
+            self._expire(q.popleft())
+            n += 1
+        return False
+
+    def _expire(self, pt: DecisionPoint) -> None:
+        """``pt`` (out of the queue) passed its horizon: negative if still open, scored, the baseline learns it."""
+        if pt.open:
+            pts = self.by_user.get(pt.user)
+            if pts is not None:
+                pts.remove(pt)
+                if not pts:
+                    del self.by_user[pt.user]
+            self._label(pt, 0)
+        if pt.values is not None:
+            self._close_horizon(pt)
+        if pt.label >= 0:
+            self.baseline.learn_one(bool(pt.label))  # the horizon elapsed: unbiased global rate
 
     def users(self) -> set[str]:
         """Users with a decision point held: open, or labelled and waiting for its horizon (with its features)."""

@@ -162,3 +162,57 @@ def test_segments_do_not_depend_on_what_they_learnt_or_their_seed():
     assert [a.predict_one(x) for x in probes] == [b.predict_one(x) for x in probes] == [0, 1, 2, 2]
     with pytest.raises(ValueError):
         ProfileSegments(n_segments=0)
+
+
+def _labelled_run(cap: int | None, max_pending: int = 10_000) -> DelayedLabelLearner:
+    """Many points, a few purchases, then a clock jump; with ``cap``, the closing is spread over later batches."""
+    rng = random.Random(7)
+    d = learner(max_pending=max_pending)
+    for i in range(300):
+        d.observe(f"u{i % 40}", i, {"x": rng.random()})
+        if i % 9 == 0:
+            d.purchase(f"u{i % 40}", i + rng.randrange(1, 3 * H))
+    t = 300
+    for _batch in range(20):  # batches after the jump: each observes one point, advances with the cap
+        t += 10 * H
+        d.observe(f"w{t}", t, {"x": 0.5})
+        d.advance(t, cap)
+    return d
+
+
+def test_a_capped_advance_closes_at_most_that_many_and_the_rest_later_with_the_same_labels():
+    d = learner()
+    for i in range(10):
+        d.observe(f"u{i}", i, {"x": 1.0})
+    assert d.advance(10 * H, max_points=4) is True and d.n_labels == 4
+    d.purchase("u9", 10 * H)  # long after u9's horizon: a negative at once, before its point closes
+    assert d.n_labels == 5 and d.n_positive == 0
+    assert d.advance(10 * H, max_points=4) is True and d.n_labels == 9
+    assert d.advance(10 * H, max_points=4) is False and d.n_labels == 10 and d.n_positive == 0
+    # the same stream, capped or not, ends with the same labels and counts (predictions made after the jump may
+    # differ: the model learnt the capped negatives a few batches later)
+    free, capped = _labelled_run(None), _labelled_run(25)
+    assert sorted((y, ts) for y, _, _, ts in free.predictions) == sorted((y, ts) for y, _, _, ts in capped.predictions)
+    assert (free.n_labels, free.n_positive, free.n_dropped) == (capped.n_labels, capped.n_positive,
+                                                                capped.n_dropped) == (319, free.n_positive, 0)
+    assert free.n_positive > 0
+
+
+def test_a_full_queue_labels_the_points_a_capped_advance_left_instead_of_dropping_them():
+    d = learner(max_pending=5)
+    for i in range(5):
+        d.observe(f"u{i}", i, {"x": 1.0})
+    d.advance(10 * H, max_points=1)  # four points past their horizon are left in the queue
+    for i in range(5):
+        d.observe(f"v{i}", 10 * H + i, {"x": 1.0})  # the queue overflows: the expired ones leave as negatives
+    assert d.n_dropped == 0 and d.n_labels == 5 and len(d) == 5
+    d.observe("v5", 10 * H + 5, {"x": 1.0})  # an open point within its horizon is still dropped, as before
+    assert d.n_dropped == 1
+
+
+def test_the_learning_core_caps_the_labels_of_one_batch():
+    from models.learning.core import LearningCore
+
+    with pytest.raises(ValueError, match="labels_per_batch"):
+        LearningCore(labels_per_batch=0)
+    assert LearningCore(labels_per_batch=7).clone().labels_per_batch == 7
