@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from load_tests import bench_core, similarity_memory
+from load_tests import bench_core, gc_pauses, similarity_memory
 
 
 def test_bench_core_report():
@@ -50,3 +50,24 @@ def test_similarity_memory_on_the_live_worker_path_is_capped_and_reports_the_rec
     assert last["bytes_per_item"] == round(last["bytes"] / last["items"], 1)
     assert r["per_1m"]["users_mb"] == round(last["bytes_per_user"] * 1e6 / 2**20, 1) > 0
     assert r["per_1m"]["items_mb"] > 0 and r["per_1m"]["event_markers_mb"] > 0
+
+
+def test_gc_pauses_times_every_collection_and_restores_the_collector(redis_url):
+    before = gc.get_threshold()
+    r = gc_pauses.run(redis_url, passes=2, batch=100, limit=1500)
+    assert r["events"] % 2 == 0 and r["events"] > 2000 and r["batch_size"] == 100  # both files, twice
+    assert set(r["collections"]) == {"gen0", "gen1", "gen2"}
+    for c in r["collections"].values():
+        assert c["count"] >= 0 and c["sum_ms"] >= c["longest_ms"] >= 0
+    assert r["tracked_objects_at_end"] > 0 and r["batch_ms"]["max"] >= r["batch_ms"]["p50"] > 0
+    assert gc.get_threshold() == before and gc.isenabled()  # the benchmark restores the collector
+
+
+def test_gc_pauses_loops_the_events_with_new_users_later_in_time():
+    from models.events import Event
+
+    evs = [Event(event_id=f"e{i}", type="view", user_id=f"u{i % 2}", item_id="i", ts=1000 + i) for i in range(3)]
+    out = gc_pauses.looped(evs, 2)
+    assert [e.user_id for e in out] == ["u0~0", "u1~0", "u0~0", "u0~1", "u1~1", "u0~1"]
+    assert [e.ts for e in out] == sorted(e.ts for e in out) and out[3].ts == 1000 + 1002
+    assert len({e.event_id for e in out}) == 6
