@@ -30,9 +30,10 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from models import failpoints
 from models.batch import BatchProgress, BatchResult, UserPlan, group_by_user
@@ -52,6 +53,12 @@ from models.triggers.base import Trigger, is_timer_trigger_id
 from models.triggers.cart import CartTrigger
 
 log = logging.getLogger("promo.engine")
+
+SWEEP_CHUNK = 50
+"""Users the expiry sweep loads, plans and commits at a time. Planning is synchronous: a sweep that found 1,000
+users due (timers, expired windows) planned them in one go and stopped the event loop, and every batch waiting in
+it, for 200-280 ms; in chunks the waiting batches run between them (the worker awaits
+:class:`stream.handler.BatchesFirst` there, so a chunk does not start while a batch is on its way)."""
 
 
 class Engine:
@@ -103,6 +110,7 @@ class Engine:
         catalogue_version: str | None = None,
         trigger_names: list[str] | None = None,
         resend_after_s: float = 30.0,
+        sweep_chunk: int = SWEEP_CHUNK,
     ) -> None:
         self.store = store
         self.catalogue = catalogue or load_catalogue()
@@ -115,6 +123,7 @@ class Engine:
         self.learning = learning
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.max_attempts = max_attempts
+        self.sweep_chunk = int(sweep_chunk)
         self.item_reads_missed = 0  # recommendation reads planning had to make itself (models.state.item_reads)
         self.budget = budget  # models.policy.budget.BudgetGate: blocks, reserves and settles budgeted offers
         self.conversions = conversions  # models.policy.attribution.OutcomeStats (treatment vs holdout)
@@ -437,14 +446,15 @@ class Engine:
             self.conversions.report_ratios()
 
     async def sweep(self, now_ms: int | None = None, user_ids: list[str] | None = None,
-                    owned: set[int] | None = None) -> BatchResult:
+                    owned: set[int] | None = None, between: Callable[[], Awaitable] | None = None) -> BatchResult:
         """The expiry sweep at event time ``now_ms`` (default: :attr:`watermark_ms`, the clock), for ``user_ids``
         (default: the users the store lists as due): close the attribution windows that expired (reward 0, the
         policy learns), fire the timers that are due (``owned``: of these partitions only; None: all) and settle
         timer-fired decisions (drop the delivered, send again what a crash left unsent).
 
         The result's decisions (new and re-sent) are the caller's to send, then :meth:`delivered`; budgets of the
-        new ones are reserved before their commit, as in a batch."""
+        new ones are reserved before their commit, as in a batch. The users are swept :attr:`sweep_chunk` at a time;
+        ``between()`` is awaited before each chunk after the first (default: one turn of the event loop)."""
         now_ms = self.watermark_ms if now_ms is None else now_ms
         if self._timer_horizon is not None:  # a batch is being planned: no timer fires past the clock before it
             now_ms = min(now_ms, self._timer_horizon)
@@ -452,10 +462,14 @@ class Engine:
         users = list(user_ids) if user_ids is not None else await self.store.due_users(now_ms)
         blocked: dict[str, dict[str, str]] = {}
         try:
-            for _attempt in range(self.max_attempts):
-                if not users:
-                    break
-                users = await self._sweep_once(users, now_ms, owned, blocked, result)
+            for start in range(0, len(users), self.sweep_chunk):
+                if start:  # the batches waiting in the loop go first (see SWEEP_CHUNK)
+                    await (between() if between is not None else asyncio.sleep(0))
+                chunk = users[start:start + self.sweep_chunk]
+                for _attempt in range(self.max_attempts):
+                    if not chunk:
+                        break
+                    chunk = await self._sweep_once(chunk, now_ms, owned, blocked, result)
         finally:  # what closed is counted even when a commit failed; the rest stays due for the next sweep
             await self.learn(result)
         return result

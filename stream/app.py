@@ -39,7 +39,7 @@ from stream.catalogue import report_version
 from stream.epoch import EXIT_STATE_LOST, Epoch, EpochGuard, StateLostError, check_at_start
 from stream.errors import PromoError
 from stream.faults import Verdict, WorkerStop, classify_fault, describe
-from stream.handler import BatchHandler, Outbox, RawMessage, observe_decisions
+from stream.handler import BatchesFirst, BatchHandler, Outbox, RawMessage, observe_decisions
 from stream.health import BrokerProbe, Health
 from stream.http_views import register_http_views
 from stream.logguard import LogGuard, fetch_probes, watch_broker_connections
@@ -181,6 +181,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                      load_marks=lambda: load_log_marks(settings, state["engine"]),
                      on_reset=lambda topic, partition: m.LOG_RESETS.inc())
     watch_broker_connections(log_guard.connection_lost)
+    batches_first = BatchesFirst()  # the batch agent holds it while deciding; the maintenance timer's sweep waits
 
     async def on_recovered(component: str) -> None:
         """Redis answers again after failing: is it still the state this worker started in? (A restart breaks
@@ -220,7 +221,8 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                                fetch=lambda ranges: fetch_ranges(settings, ranges), guard=log_guard,
                                on_recovered=on_recovered,
                                save_marks=lambda fields: save_log_marks(settings, state["engine"], fields),
-                               on_learning_failed=lambda exc: stop_worker(learning_stop_line(exc), exc))
+                               on_learning_failed=lambda exc: stop_worker(learning_stop_line(exc), exc),
+                               batches_first=batches_first)
         try:
             async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
                 msgs = [
@@ -271,7 +273,8 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
             "catalogue_version": eng.catalogue_version, "catalogue_pending": eng.pending_catalogue_version,
         }
 
-    maintenance_run = Maintenance(settings, engine, epoch_guard, send=send, owned=owned_partitions)
+    maintenance_run = Maintenance(settings, engine, epoch_guard, send=send, owned=owned_partitions,
+                                  batches_first=batches_first)
     report_version(engine)
 
     @app.task
@@ -504,11 +507,14 @@ class Maintenance:
     (transient) is simply done again by the next."""
 
     def __init__(self, settings: Settings, engine: Engine, guard: EpochGuard | None = None, send=None,
-                 owned=None) -> None:
+                 owned=None, batches_first=None) -> None:
         self.settings, self.engine, self.guard = settings, engine, guard
         # how the sweep's decisions (timer-fired, re-sent) reach the decisions topic, and which partitions' timers
         # this worker fires (None: all, a worker alone on the topic)
         self.send, self.owned = send, owned
+        # the batch handler's stream.handler.BatchesFirst: the sweep's chunks wait for a batch's decisions (None:
+        # one turn of the loop between chunks)
+        self.batches_first = batches_first
         self.last_snapshot = 0.0  # time.monotonic() of the last snapshot
         self.skipped = 0  # periods skipped in a row (transient errors)
         from stream.catalogue import CatalogueWatcher
@@ -557,7 +563,8 @@ class Maintenance:
         and unsent: the next period sends them again, with the same ids."""
         t0 = time.perf_counter_ns()
         engine = self.engine
-        result = await engine.sweep(now, owned=self.owned() if self.owned is not None else None)
+        between = self.batches_first.gap if self.batches_first is not None else None
+        result = await engine.sweep(now, owned=self.owned() if self.owned is not None else None, between=between)
         decisions = result.to_send()
         if decisions:
             try:
@@ -591,6 +598,8 @@ class Maintenance:
         learning = engine.learning
         if learning is None:
             return
+        if self.batches_first is not None:  # the fork stops the loop for 10-20 ms: not while a batch is on its way
+            await self.batches_first.gap()
         # the offsets the models have learnt up to: partitions not consumed since the restore keep theirs
         covered = {**engine.restored_offsets, **engine.learned_offsets}
         if forked.available():

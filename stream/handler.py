@@ -27,6 +27,7 @@ propagates: the agent stops the worker process without acknowledging the batch, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -52,7 +53,66 @@ log = logging.getLogger("promo.worker")
 # send(topic, key, value, headers) -> awaitable that completes when the broker acknowledged the record
 SendFn = Callable[[str, bytes | None, bytes, list | None], Awaitable[Awaitable]]
 
-__all__ = ["BatchHandler", "Health", "Outbox", "RawMessage"]
+__all__ = ["BatchesFirst", "BatchHandler", "Health", "Outbox", "RawMessage"]
+
+
+class BatchesFirst:
+    """Background work of the worker's event loop (the expiry sweep's chunks) runs in the gaps between batches.
+
+    The handler holds :meth:`batch` from a batch's start until its decisions are sent; the sweep awaits
+    :meth:`gap` before each chunk after the first. Without it, a chunk started while a batch is on its way runs
+    its synchronous steps (parsing, planning, packing) between every two of the batch's round trips, and the
+    decisions wait for all of them: with a chunk, only for the one the batch met on its arrival.
+
+    ``max_wait_s`` bounds the wait, so a saturated worker still sweeps (at worst a chunk beside every batch).
+
+    >>> import asyncio
+    >>> first = BatchesFirst(max_wait_s=1.0)
+    >>> async def demo():
+    ...     order = []
+    ...     async def a_batch():
+    ...         with first.batch():
+    ...             await asyncio.sleep(0.01)  # its round trips
+    ...             order.append("decisions sent")
+    ...     task = asyncio.ensure_future(a_batch())
+    ...     await asyncio.sleep(0)  # the batch starts
+    ...     await first.gap()
+    ...     order.append("sweep chunk")
+    ...     await task
+    ...     return order
+    >>> asyncio.run(demo())
+    ['decisions sent', 'sweep chunk']
+    """
+
+    def __init__(self, max_wait_s: float = 0.25) -> None:
+        if not max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be > 0, got {max_wait_s!r}")
+        self.max_wait_s = float(max_wait_s)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.waited_s = 0.0  # total time gap() waited (for tests and benchmarks)
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Held by the handler while a batch is on its way to its decisions' send."""
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    async def gap(self) -> None:
+        """Return once no batch is on its way (a batch ready to start goes first), or after ``max_wait_s``."""
+        await asyncio.sleep(0)
+        if self._idle.is_set():
+            return
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
+        except asyncio.TimeoutError:
+            pass  # batches back to back: this chunk goes beside the next one
+        finally:
+            self.waited_s += time.perf_counter() - t0
 
 
 @dataclass(slots=True)
@@ -140,7 +200,7 @@ class _Decoded:
 class BatchHandler:
     def __init__(self, settings: Settings, engine: Engine, send: SendFn, health: Health | None = None,
                  fetch=None, on_recovered=None, guard: LogGuard | None = None, save_marks=None,
-                 on_learning_failed=None) -> None:
+                 on_learning_failed=None, batches_first: BatchesFirst | None = None) -> None:
         """``fetch(ranges) -> {(topic, partition): [message value, ...]}`` reads offsets ``[start, end)`` back
         (:func:`stream.relearn.fetch_ranges`); without it, learning lost with a previous worker is only reported.
         ``on_recovered(component)``: awaited when a component that was failing answers again (the worker checks
@@ -148,8 +208,11 @@ class BatchHandler:
         ``guard``: checks the broker's log before a partition is consumed (:mod:`stream.logguard`);
         ``save_marks(fields)`` persists its marks when a replaced log was accepted. ``on_learning_failed(exc)``:
         called when learning behind the decisions fails with an error that is not transient (the worker stops
-        there); without it the error is raised by the next batch, before it is acknowledged."""
+        there); without it the error is raised by the next batch, before it is acknowledged. ``batches_first``: held
+        from a batch's start until its decisions are sent, so the expiry sweep runs between batches
+        (:class:`BatchesFirst`)."""
         self.settings = settings
+        self.batches_first = batches_first or BatchesFirst()
         self.engine = engine
         self.send = send
         self.health = health or Health()
@@ -277,24 +340,26 @@ class BatchHandler:
         """One batch, in the order of effects of the module docstring; returns when it may be acknowledged."""
         t0 = time.perf_counter_ns()
         now_ms = time.time_ns() // 1_000_000
-        await self._check_log(msgs)
-        gaps = self._check_learning_gap(msgs)
-        if gaps:  # before this batch teaches anything: labels of pending points must not expire first
-            await self._relearn(gaps, now_ms)
-        outbox = Outbox(self.send)
-        batch = await self._decode(msgs, now_ms, outbox)
-        result = await self._apply(batch, outbox)
-        decided_ns = time.perf_counter_ns()
-        if result.new_events and failpoints.fault("bug"):
-            raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
-        decisions = result.to_send()
-        for d in result.decisions:
-            d.latency_ms = round((time.perf_counter_ns() - batch.recv_by_event.get(d.trigger_event_id, t0)) / 1e6, 3)
-            await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
-        for d in result.resend:
-            await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
-        await outbox.flush(self._retry)  # durable on the broker before the batch is acknowledged
-        sent_ns = time.perf_counter_ns()
+        with self.batches_first.batch():  # the expiry sweep's chunks wait for the decisions' send (BatchesFirst)
+            await self._check_log(msgs)
+            gaps = self._check_learning_gap(msgs)
+            if gaps:  # before this batch teaches anything: labels of pending points must not expire first
+                await self._relearn(gaps, now_ms)
+            outbox = Outbox(self.send)
+            batch = await self._decode(msgs, now_ms, outbox)
+            result = await self._apply(batch, outbox)
+            decided_ns = time.perf_counter_ns()
+            if result.new_events and failpoints.fault("bug"):
+                raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
+            decisions = result.to_send()
+            for d in result.decisions:
+                d.latency_ms = round((time.perf_counter_ns() - batch.recv_by_event.get(d.trigger_event_id, t0)) / 1e6,
+                                     3)
+                await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
+            for d in result.resend:
+                await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
+            await outbox.flush(self._retry)  # durable on the broker before the batch is acknowledged
+            sent_ns = time.perf_counter_ns()
         if decisions:
             failpoints.hit("sent")
             await self._retry("releasing stale reservations and marking decisions as sent",

@@ -117,6 +117,65 @@ def test_window_expiry_by_the_sweep_closes_with_reward_zero():
     assert run(eng.sweep(48 * H)).closed == []
 
 
+def test_the_sweep_works_in_chunks_and_lets_the_loop_run_between_them():
+    """Planning is synchronous: a sweep over many due users in one go would hold the event loop (and the batches
+    waiting in it) for all of them. In chunks of ``sweep_chunk`` users, a task waiting in the loop runs before the
+    sweep ends, and every due window still closes once."""
+    store = MemoryStore()
+    eng = engine(store)
+    eng.sweep_chunk = 10
+    run(eng.process_batch([cart(i, user=f"u{i}") for i in range(35)]))
+    assert len(run(store.due_users(24 * H))) == 35
+    passes = []
+    sweep_once = eng._sweep_once
+
+    async def counted(users, *args):
+        passes.append(len(users))
+        return await sweep_once(users, *args)
+
+    eng._sweep_once = counted
+
+    async def sweep_with_a_waiting_task():
+        sweeping = asyncio.ensure_future(eng.sweep(24 * H))
+        await asyncio.sleep(0)  # the sweep starts (the memory store never waits)
+
+        async def waiting() -> bool:  # e.g. a batch: runs as soon as the loop gets to it
+            return not sweeping.done()
+
+        waited = asyncio.ensure_future(waiting())
+        return await sweeping, await waited
+
+    res, ran_during_the_sweep = run(sweep_with_a_waiting_task())
+    assert passes == [10, 10, 10, 5]
+    assert ran_during_the_sweep
+    assert sorted(c.decision.user_id for c in res.closed) == sorted(f"u{i}" for i in range(35))
+    assert run(store.due_users(48 * H)) == []
+
+
+def test_the_sweep_awaits_the_callers_gap_between_its_chunks():
+    """The worker passes ``between`` (stream.handler.BatchesFirst.gap): awaited before every chunk but the first."""
+    store = MemoryStore()
+    eng = engine(store)
+    eng.sweep_chunk = 10
+    run(eng.process_batch([cart(i, user=f"u{i}") for i in range(25)]))
+    gaps = []
+
+    async def between():
+        gaps.append(len(passes))
+
+    passes = []
+    sweep_once = eng._sweep_once
+
+    async def counted(users, *args):
+        passes.append(len(users))
+        return await sweep_once(users, *args)
+
+    eng._sweep_once = counted
+    res = run(eng.sweep(24 * H, between=between))
+    assert passes == [10, 10, 5] and gaps == [1, 2]  # before the second chunk and before the third
+    assert len(res.closed) == 25
+
+
 def test_purchase_without_decision_id_inside_the_window_converts():
     eng = engine()
     run(eng.process_batch([cart(1)]))

@@ -206,3 +206,55 @@ def test_reading_back_is_capped_to_the_newest_events_and_can_be_turned_off(cap, 
     (warning,) = [r.getMessage() for r in caplog.records if "did not learn 95 events" in r.getMessage()]
     assert ("reading back the newest 3 (PROMO_RELEARN_MAX_EVENTS=3)" in warning) == (cap == 3)
     assert ("reading" not in warning) == (cap == 0)
+
+
+def test_batches_first_is_held_until_the_decisions_are_sent_and_released_after():
+    """The expiry sweep's chunks wait in BatchesFirst.gap while a batch is on its way: the handler holds it from
+    the batch's start until the broker acknowledged its decisions, and releases it then (and on an error)."""
+    settings, h, sink = make()
+    seen = []
+
+    class Watching(Sink):
+        async def __call__(self, topic, key, value, headers):
+            seen.append(h.batches_first._idle.is_set())  # while the decision is sent: held
+            return await super().__call__(topic, key, value, headers)
+
+    h.send = Watching()
+    asyncio.run(handled(h, [msg(ev("c1", "cart", price=50.0), 0)]))
+    assert seen == [False]
+    assert h.batches_first._idle.is_set()
+
+    async def failing(*_a, **_k):
+        raise RuntimeError("boom")
+
+    h.engine.process_batch = failing
+    with pytest.raises(RuntimeError):
+        asyncio.run(handled(h, [msg(ev("c2", "cart", price=50.0), 1)]))
+    assert h.batches_first._idle.is_set()  # a failed batch does not hold the sweep back
+
+
+def test_a_gap_waits_for_the_batch_on_its_way_at_most_max_wait():
+    from stream.handler import BatchesFirst
+
+    with pytest.raises(ValueError, match="max_wait_s"):
+        BatchesFirst(max_wait_s=0)
+    first = BatchesFirst(max_wait_s=0.05)
+
+    async def batch_that_never_ends() -> tuple[bool, float]:
+        release = asyncio.Event()
+
+        async def a_batch():
+            with first.batch():
+                await release.wait()
+
+        task = asyncio.ensure_future(a_batch())
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        await first.gap()  # a saturated worker still sweeps: the wait is bounded
+        waited = time.perf_counter() - t0
+        release.set()
+        await task
+        return task.done(), waited
+
+    done, waited = asyncio.run(batch_that_never_ends())
+    assert done and waited >= 0.05 and first.waited_s >= 0.05
