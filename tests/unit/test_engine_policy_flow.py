@@ -117,16 +117,14 @@ def test_window_expiry_by_the_sweep_closes_with_reward_zero():
     assert run(eng.sweep(48 * H)).closed == []
 
 
-def test_the_sweep_works_in_chunks_and_lets_the_loop_run_between_them():
-    """Planning is synchronous: a sweep over many due users in one go would hold the event loop (and the batches
-    waiting in it) for all of them. In chunks of ``sweep_chunk`` users, a task waiting in the loop runs before the
-    sweep ends, and every due window still closes once."""
+def _sweep_in_chunks_of_10(n_users: int):
+    """An engine with ``n_users`` due by ``24 * H``, sweeping 10 users at a time; the list of its passes' sizes."""
     store = MemoryStore()
     eng = engine(store)
     eng.sweep_chunk = 10
-    run(eng.process_batch([cart(i, user=f"u{i}") for i in range(35)]))
-    assert len(run(store.due_users(24 * H))) == 35
-    passes = []
+    run(eng.process_batch([cart(i, user=f"u{i}") for i in range(n_users)]))
+    assert len(run(store.due_users(24 * H))) == n_users
+    passes: list[int] = []
     sweep_once = eng._sweep_once
 
     async def counted(users, *args):
@@ -134,6 +132,14 @@ def test_the_sweep_works_in_chunks_and_lets_the_loop_run_between_them():
         return await sweep_once(users, *args)
 
     eng._sweep_once = counted
+    return eng, store, passes
+
+
+def test_the_sweep_works_in_chunks_and_lets_the_loop_run_between_them():
+    """Planning is synchronous: a sweep over many due users in one go would hold the event loop (and the batches
+    waiting in it) for all of them. In chunks of ``sweep_chunk`` users, a task waiting in the loop runs before the
+    sweep ends, and every due window still closes once."""
+    eng, store, passes = _sweep_in_chunks_of_10(35)
 
     async def sweep_with_a_waiting_task():
         sweeping = asyncio.ensure_future(eng.sweep(24 * H))
@@ -154,23 +160,12 @@ def test_the_sweep_works_in_chunks_and_lets_the_loop_run_between_them():
 
 def test_the_sweep_awaits_the_callers_gap_between_its_chunks():
     """The worker passes ``between`` (stream.handler.BatchesFirst.gap): awaited before every chunk but the first."""
-    store = MemoryStore()
-    eng = engine(store)
-    eng.sweep_chunk = 10
-    run(eng.process_batch([cart(i, user=f"u{i}") for i in range(25)]))
+    eng, _store, passes = _sweep_in_chunks_of_10(25)
     gaps = []
 
     async def between():
         gaps.append(len(passes))
 
-    passes = []
-    sweep_once = eng._sweep_once
-
-    async def counted(users, *args):
-        passes.append(len(users))
-        return await sweep_once(users, *args)
-
-    eng._sweep_once = counted
     res = run(eng.sweep(24 * H, between=between))
     assert passes == [10, 10, 5] and gaps == [1, 2]  # before the second chunk and before the third
     assert len(res.closed) == 25
