@@ -90,7 +90,6 @@ class BatchesFirst:
         self.max_wait_s = float(max_wait_s)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.waited_s = 0.0  # total time gap() waited (for tests and benchmarks)
 
     @contextlib.contextmanager
     def batch(self):
@@ -106,13 +105,10 @@ class BatchesFirst:
         await asyncio.sleep(0)
         if self._idle.is_set():
             return
-        t0 = time.perf_counter()
         try:
             await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
         except asyncio.TimeoutError:
             pass  # batches back to back: this chunk goes beside the next one
-        finally:
-            self.waited_s += time.perf_counter() - t0
 
 
 @dataclass(slots=True)

@@ -257,4 +257,4 @@ def test_a_gap_waits_for_the_batch_on_its_way_at_most_max_wait():
         return task.done(), waited
 
     done, waited = asyncio.run(batch_that_never_ends())
-    assert done and waited >= 0.05 and first.waited_s >= 0.05
+    assert done and waited >= 0.05
