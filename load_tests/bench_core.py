@@ -24,7 +24,9 @@ times until ``n_events`` (each loop is a new population of users on the same cat
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -47,6 +49,17 @@ def _say(msg: str) -> None:
     print(f"bench core: {msg}", file=sys.stderr, flush=True)
 
 
+def looped(base: list[Event]):
+    """``base`` (time-sorted) again and again: loop ``k`` has the ids ``<event id>~k`` and ``<user id>~k`` (new
+    users) and comes after loop ``k - 1`` in event time (shifted by the log's span plus a second)."""
+    span = base[-1].ts - base[0].ts + 1000
+    for loop in itertools.count():
+        shift = loop * span
+        for e in base:
+            yield dataclasses.replace(e, event_id=f"{e.event_id}~{loop}", user_id=f"{e.user_id}~{loop}",
+                                      ts=e.ts + shift)
+
+
 def real_events(n_events: int, path: Path = TAOBAO, fmt: str = "taobao") -> list[Event]:
     """``n_events`` events from a real log, looped with shifted user ids (``<user>~<loop>``) and event times."""
     from stream.evaluate import load_events
@@ -54,21 +67,7 @@ def real_events(n_events: int, path: Path = TAOBAO, fmt: str = "taobao") -> list
     base, _ = load_events(path, fmt, limit=min(n_events, 10**9))
     if not base:
         raise ValueError(f"no events in {path}")
-    span = base[-1].ts - base[0].ts + 1000
-    out: list[Event] = []
-    loop = 0
-    while len(out) < n_events:
-        shift = loop * span
-        for e in base:
-            out.append(Event(
-                event_id=f"{e.event_id}~{loop}", type=e.type, user_id=f"{e.user_id}~{loop}", item_id=e.item_id,
-                ts=e.ts + shift, price=e.price, quantity=e.quantity, category=e.category, session_id=e.session_id,
-                context=e.context,
-            ))
-            if len(out) == n_events:
-                break
-        loop += 1
-    return out
+    return list(itertools.islice(looped(base), n_events))
 
 
 def _counter_rows(events: list[Event], batch_size: int):

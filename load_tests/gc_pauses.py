@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
+import itertools
 import json
 import sys
 import time
 
+from load_tests.bench_core import looped
 from load_tests.forget_hot_user import FILES
-
-
-def looped(events: list, passes: int) -> list:
-    """``events`` (time-sorted) ``passes`` times: pass ``k`` has its own user and event ids, and comes after pass
-    ``k - 1`` in event time."""
-    if not events:
-        return []
-    span = events[-1].ts - events[0].ts + 1000
-    return [dataclasses.replace(e, event_id=f"{e.event_id}~{k}", user_id=f"{e.user_id}~{k}", ts=e.ts + k * span)
-            for k in range(passes) for e in events]
 
 
 async def measure(settings, events: list, batch: int = 200, progress=None) -> dict:
@@ -91,7 +82,8 @@ def run(redis_url: str, passes: int = 3, batch: int = 200, limit: int | None = N
         events += load_events(path, fmt, limit=limit)[0]
     events.sort(key=lambda e: e.ts)
     settings = Settings(_env_file=None, redis_url=redis_url, redis_prefix="gcpause", snapshot_interval_s=3600.0)
-    return asyncio.run(measure(settings, looped(events, passes), batch, progress))
+    events = list(itertools.islice(looped(events), passes * len(events)))  # pass k: new users, later in time
+    return asyncio.run(measure(settings, events, batch, progress))
 
 
 def main(argv=None) -> None:

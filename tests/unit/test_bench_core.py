@@ -63,11 +63,15 @@ def test_gc_pauses_times_every_collection_and_restores_the_collector(redis_url):
     assert gc.get_threshold() == before and gc.isenabled()  # the benchmark restores the collector
 
 
-def test_gc_pauses_loops_the_events_with_new_users_later_in_time():
+def test_looped_events_have_new_users_later_in_time():
+    import itertools
+
     from models.events import Event
 
-    evs = [Event(event_id=f"e{i}", type="view", user_id=f"u{i % 2}", item_id="i", ts=1000 + i) for i in range(3)]
-    out = gc_pauses.looped(evs, 2)
+    evs = [Event(event_id=f"e{i}", type="view", user_id=f"u{i % 2}", item_id="i", ts=1000 + i, price=2.0,
+                 order_id="o") for i in range(3)]
+    out = list(itertools.islice(bench_core.looped(evs), 6))
     assert [e.user_id for e in out] == ["u0~0", "u1~0", "u0~0", "u0~1", "u1~1", "u0~1"]
     assert [e.ts for e in out] == sorted(e.ts for e in out) and out[3].ts == 1000 + 1002
     assert len({e.event_id for e in out}) == 6
+    assert all(e.price == 2.0 and e.order_id == "o" for e in out)  # every other field kept
