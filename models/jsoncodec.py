@@ -71,6 +71,21 @@ def dumps_str(obj) -> str:
     return dumps(obj).decode("utf-8")
 
 
+def _long_number(masked: bytes) -> bool:
+    """Whether ``masked`` (a text with its digits turned to ``0``) may hold a number of 19 digits or more: a run of
+    19 digits not right after a ``"``. A run right after one is a string's first characters (or invalid JSON, which
+    orjson refuses): a long numeric id (REES46's category ids, many shops' 64-bit ids) is no reason to leave orjson.
+    A run inside a string after other characters counts: slower, never wrong. C-speed search and split: a regex
+    over the text costs as much as the parse.
+
+    >>> _long_number(b'{"c":"0000000000000000000"}'), _long_number(b'{"c": -0000000000000000000}')
+    (False, True)
+    """
+    if masked.find(_LONG_RUN) < 0:
+        return False
+    return any(before[-1:] != b'"' for before in masked.split(_LONG_RUN)[:-1])
+
+
 def _json_loads(raw):
     return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
 
@@ -83,12 +98,15 @@ def loads(raw: bytes | bytearray | memoryview | str, fallback: Callable = _json_
 
     * NaN and infinity literals, numbers beyond a float's range (json reads ``1e400`` as ``inf``), lone surrogate
       escapes: orjson refuses them;
-    * integers beyond 64 bits: orjson reads them as floats, json as integers. Any run of 19 digits or more sends the
-      text to ``fallback`` (a long id inside a string too: slower, never wrong). The engine's documents hold none:
-      timestamps have 13 digits and floats at most 17.
+    * integers beyond 64 bits: orjson reads them as floats, json as integers. A number of 19 digits or more sends
+      the text to ``fallback``: a run of 19 digits where a value may start (after ``[``, ``:`` or ``,``, or at the
+      start). A long id inside a string stays with orjson; a string that holds such a pattern itself (``":1234..."``)
+      is read by ``fallback``: slower, never wrong. The engine's own numbers have at most 17 digits (timestamps 13).
 
     >>> loads(b'{"ts": 1700000000000, "p": 0.1}'), loads("12345678901234567890123")
     ({'ts': 1700000000000, 'p': 0.1}, 12345678901234567890123)
+    >>> loads('{"cat": "2053013555631882655", "n": [1, -12345678901234567890]}')
+    {'cat': '2053013555631882655', 'n': [1, -12345678901234567890]}
     """
     data = raw
     if type(data) is not bytes:
@@ -96,7 +114,7 @@ def loads(raw: bytes | bytearray | memoryview | str, fallback: Callable = _json_
             data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         except UnicodeEncodeError:  # a lone surrogate in the text: not UTF-8, so not for orjson
             return fallback(raw)
-    if data.translate(_DIGITS_AS_ZERO).find(_LONG_RUN) < 0:  # C-speed; a regex costs as much as the parse
+    if not _long_number(data.translate(_DIGITS_AS_ZERO)):  # C-speed masking and search; a regex costs a parse
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

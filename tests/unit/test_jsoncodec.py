@@ -14,6 +14,9 @@ TEXTS = [
     '{"a":1,"a":2}', '{"":1}', "9223372036854775807", "18446744073709551615", "-9223372036854775809",
     "123456789012345678901234567890", '{"id": "12345678901234567890123"}', "1e400", "-1e400", "1.7976931348623157e309",
     "NaN", "Infinity", "-Infinity", '{"ts": NaN}', '"\\uDE00\\uD83D"', '"\\ud800"',
+    # integers beyond 64 bits wherever a value starts, and long ids inside strings (read by orjson)
+    '[1, 18446744073709551616]', '{"a":\n\t -9223372036854775809}', ' 18446744073709551616', '[\r18446744073709551616]',
+    '{"cat": "2053013555631882655", "s": "x,12345678901234567890", "n": 1234567890123456789}',
     # not JSON: the same error class from both
     '"a\x01b"', "01", "+1", ".5", "1.", "-", '{"a":1}x', "[1 2]", '"\\x41"', '{"a":"\t"}', "1e5e5", "[1,]", "",
     "\ufeff{}",
@@ -44,6 +47,9 @@ def test_loads_uses_the_callers_fallback_for_what_orjson_does_not_read():
     assert jsoncodec.loads('{"a": 1}', strict) == {"a": 1} and seen == []
     assert jsoncodec.loads('{"a": NaN}', strict) == "fallback"
     assert jsoncodec.loads("[12345678901234567890]", strict) == "fallback"
+    assert jsoncodec.loads('{"b": 1, "a": [0,\n 12345678901234567890]}', strict) == "fallback"
+    assert jsoncodec.loads('{"cat": "2053013555631882655"}', strict) == {"cat": "2053013555631882655"}
+    assert len(seen) == 3  # a long id inside a string is no reason to leave orjson
     assert jsoncodec.loads("not json", strict) == "fallback"
 
 
