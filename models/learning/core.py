@@ -322,7 +322,9 @@ class LearningCore:
         ts = max(e.ts for e in events)
         if ts > self.watermark:
             self.watermark = ts
-        self.purchase_model.advance(self.watermark)
+        # capped as in learn_batch: a restart after a long pause closes many labels at once, and this runs in the
+        # worker's event loop before the partition's first batch; what is left closes in the next batches
+        self.purchase_model.advance(self.watermark, self.labels_per_batch)
         self.n_events += len(events)
 
     def item_batch(self, events: list[Event]) -> ItemBatch:

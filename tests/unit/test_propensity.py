@@ -216,3 +216,19 @@ def test_the_learning_core_caps_the_labels_of_one_batch():
     with pytest.raises(ValueError, match="labels_per_batch"):
         LearningCore(labels_per_batch=0)
     assert LearningCore(labels_per_batch=7).clone().labels_per_batch == 7
+
+
+def test_relearning_after_a_restart_closes_labels_within_the_same_cap():
+    """``LearningCore.relearn`` (a restarted worker reading back the batches after its snapshot) advances the
+    labels with ``labels_per_batch`` too; the next batches close the rest."""
+    from models.events import Event
+    from models.learning.core import LearningCore
+
+    core = LearningCore(labels_per_batch=3, horizon_h=1.0)
+    model = core.purchase_model
+    for i in range(10):
+        model.observe(f"u{i}", i, {"x": 1.0})
+    core.relearn([Event("e1", "view", "late", "i1", 10 * 3_600_000)])
+    assert model.n_labels == 3 and len(model) == 7
+    core.relearn([Event("e2", "view", "late", "i1", 10 * 3_600_000 + 1)])
+    assert model.n_labels == 6
