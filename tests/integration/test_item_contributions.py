@@ -38,7 +38,7 @@ def events():
     return evs
 
 
-def run(redis_url: str, prefix: str, batches, crash_after_commit=()) -> None:
+def run(redis_url: str, prefix: str, batches, crash_after_commit=(), config=None) -> None:
     """Replay ``batches``; those whose index is in ``crash_after_commit`` stop after the commit (as a worker
     killed before applying its contributions), and what they parked is applied at the end by ``apply_parked``
     (the next worker's maintenance)."""
@@ -52,8 +52,9 @@ def run(redis_url: str, prefix: str, batches, crash_after_commit=()) -> None:
 
     async def go():
         client = aioredis.Redis.from_url(redis_url)
-        # neighbour maps uncapped here: evicting the smallest pair counts depends on arrival order
-        store = RedisItemStore.from_url(redis_url, prefix=prefix, config=SimilarityConfig(max_neighbours=10_000))
+        # neighbour maps uncapped by default: evicting the smallest pair counts depends on arrival order
+        store = RedisItemStore.from_url(redis_url, prefix=prefix,
+                                        config=config or SimilarityConfig(max_neighbours=10_000))
         core = LearningCore(store, horizon_h=1.0)
         engine = Engine(RedisStore(client, prefix=prefix), learning=core, holdout_pct=0.0)
         assert core.items_via_commit
@@ -171,3 +172,16 @@ def test_a_contribution_parked_in_the_earlier_payload_format_is_applied_alike(re
         assert asyncio.run(apply()) == 1
         states.append(dump_state(redis_client, prefix))  # keys without the prefix: comparable
     assert states[0] and not compare_states(states[0], states[1])
+
+
+def test_applied_contributions_keep_neighbour_maps_and_popularity_within_their_bounds(events, redis_url, redis_client):
+    """The apply script checks a set's size only where an increment added a member (``lua/apply.lua``): every
+    neighbour map still ends at most ``max_neighbours`` long, and the popularity set at most twice
+    ``max_popular``."""
+    from models.state.item_store import SimilarityConfig
+
+    prefix = f"icn{uuid.uuid4().hex[:6]}"
+    run(redis_url, prefix, chunks(events, 100), config=SimilarityConfig(max_neighbours=3, max_popular=5))
+    sizes = [redis_client.zcard(k) for k in redis_client.scan_iter(match=f"{prefix}:sim:*:nb", count=1000)]
+    assert len(sizes) > 500 and max(sizes) == 3, Counter(sizes)
+    assert 5 <= redis_client.zcard(f"{prefix}:sim:{{pop}}:z") <= 10

@@ -9,7 +9,8 @@
 -- adding to the statistics.
 local function f17(x) return string.format('%.17g', x) end
 local rk = KEYS[1]
-local cj = redis.call('HGET', rk, ARGV[1])
+local got = redis.call('HMGET', rk, ARGV[1], 'capped')
+local cj = got[1]
 if not cj then return 0 end
 local function unpark()  -- the parked field goes in the same call that applies (or skips) it: exactly once
   redis.call('HDEL', rk, ARGV[1])
@@ -20,8 +21,7 @@ local function unpark()  -- the parked field goes in the same call that applies 
 end
 local c = cjson.decode(cj)
 local cap = tonumber(ARGV[3]) or 0
-if cap > 0 and (redis.call('HEXISTS', rk, 'capped') == 1
-                or redis.call('HLEN', rk) + #c.i + #c.p + #c.q > cap) then
+if cap > 0 and (got[2] or redis.call('HLEN', rk) + #c.i + #c.p + #c.q > cap) then
   redis.call('HSET', rk, 'capped', '1')
   unpark()
   return 2
@@ -39,18 +39,18 @@ local function epoch(item, g)
     e = tonumber(redis.call('HGET', k, 't'))
     if e == nil then
       e = g
-      redis.call('HSET', k, 'n', '0', 't', f17(e))
+      redis.call('HSET', k, 'n', '0', 't', e)
     end
   end
   if g > e then
     local f = 2 ^ (-(g - e) / hl)
     local n = tonumber(redis.call('HGET', k, 'n')) or 0
-    redis.call('HSET', k, 'n', f17(n * f), 't', f17(g))
+    redis.call('HSET', k, 'n', (n * f), 't', g)
     local all = redis.call('ZRANGE', k .. ':nb', 0, -1, 'WITHSCORES')
     local add, del = {}, {}
     for i = 1, #all, 2 do
       local v = tonumber(all[i + 1]) * f
-      if v < minsc then del[#del + 1] = all[i] else add[#add + 1] = f17(v); add[#add + 1] = all[i] end
+      if v < minsc then del[#del + 1] = all[i] else add[#add + 1] = v; add[#add + 1] = all[i] end
     end
     if #del > 0 then redis.call('ZREM', k .. ':nb', unpack(del)) end
     if #add > 0 then redis.call('ZADD', k .. ':nb', unpack(add)) end
@@ -59,28 +59,34 @@ local function epoch(item, g)
   eps[item] = e
   return e
 end
+local gname = {}  -- a payload's entries share one or two grid epochs: format each once
 local function rec(kind, g, name, v)
-  redis.call('HINCRBYFLOAT', rk, kind .. ':' .. f17(g) .. ':' .. name, f17(v))
+  local gs = gname[g]
+  if gs == nil then gs = f17(g); gname[g] = gs end
+  redis.call('HINCRBYFLOAT', rk, kind .. ':' .. gs .. ':' .. name, v)
 end
 local idx = P .. ':sim:idx'
 for _, x in ipairs(c.i) do
   local item, g, v = x[1], x[2], x[3]
   local e = epoch(item, g)
-  redis.call('HINCRBYFLOAT', ikey(item), 'n', f17(v * 2 ^ (-(e - g) / hl)))
-  redis.call('ZADD', idx, 'GT', f17(x[4]), item)
+  redis.call('HINCRBYFLOAT', ikey(item), 'n', (v * 2 ^ (-(e - g) / hl)))
+  redis.call('ZADD', idx, 'GT', x[4], item)
   rec('i', g, item, v)
 end
-local touched = {}
+-- a neighbour set grows only by a new member, whose score is then the increment itself (no member scores 0:
+-- rescaling drops scores under min_score); only such sets can be past max_neighbours, and are trimmed at the end
+local grown = {}
+local function zinc(item, inc, other)
+  if tonumber(redis.call('ZINCRBY', ikey(item) .. ':nb', inc, other)) == inc then grown[item] = true end
+end
 for _, x in ipairs(c.p) do
   local a, b, g, v = x[1], x[2], x[3], x[4]
   local ea, eb = epoch(a, g), epoch(b, g)
-  redis.call('ZINCRBY', ikey(a) .. ':nb', f17(v * 2 ^ (-(ea - g) / hl)), b)
-  redis.call('ZINCRBY', ikey(b) .. ':nb', f17(v * 2 ^ (-(eb - g) / hl)), a)
-  touched[a] = true
-  touched[b] = true
+  zinc(a, v * 2 ^ (-(ea - g) / hl), b)
+  zinc(b, v * 2 ^ (-(eb - g) / hl), a)
   rec('p', g, a .. '\31' .. b, v)
 end
-for item, _ in pairs(touched) do
+for item, _ in pairs(grown) do
   local card = redis.call('ZCARD', ikey(item) .. ':nb')
   if card > maxnb then redis.call('ZREMRANGEBYRANK', ikey(item) .. ':nb', 0, card - maxnb - 1) end
 end
@@ -91,18 +97,22 @@ if #c.q > 0 then
   local pe = tonumber(redis.call('GET', pt))
   if pe == nil then
     pe = gmax
-    redis.call('SET', pt, f17(pe))
+    redis.call('SET', pt, pe)
   elseif gmax > pe then
-    redis.call('ZUNIONSTORE', pz, 1, pz, 'WEIGHTS', f17(2 ^ (-(gmax - pe) / phl)))
+    redis.call('ZUNIONSTORE', pz, 1, pz, 'WEIGHTS', (2 ^ (-(gmax - pe) / phl)))
     pe = gmax
-    redis.call('SET', pt, f17(pe))
+    redis.call('SET', pt, pe)
   end
+  local new = false  -- as for the neighbour sets: only a new member can take the set past its bound
   for _, x in ipairs(c.q) do
-    redis.call('ZINCRBY', pz, f17(x[3] * 2 ^ (-(pe - x[2]) / phl)), x[1])
+    local inc = x[3] * 2 ^ (-(pe - x[2]) / phl)
+    if tonumber(redis.call('ZINCRBY', pz, inc, x[1])) == inc then new = true end
     rec('q', x[2], x[1], x[3])
   end
-  local card = redis.call('ZCARD', pz)
-  if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
+  if new then
+    local card = redis.call('ZCARD', pz)
+    if card > 2 * maxpop then redis.call('ZREMRANGEBYRANK', pz, 0, card - maxpop - 1) end
+  end
 end
 unpark()
 return 1

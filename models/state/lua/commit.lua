@@ -23,30 +23,30 @@
 local n = tonumber(ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'ver') or ''
 if cur ~= ARGV[#ARGV] then return 0 end
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[1 + i]) == 1 then return 0 end
+for i = 2, n + 1, 1000 do  -- one EXISTS per thousand markers (it counts the keys that exist)
+  if redis.call('EXISTS', unpack(KEYS, i, math.min(i + 999, n + 1))) > 0 then return 0 end
 end
-redis.call('HSET', KEYS[1], 'ver', tostring((tonumber(cur) or 0) + 1))
 for i = 1, n do
   redis.call('SET', KEYS[1 + i], '1', 'EX', ARGV[2])
 end
 local nf = tonumber(ARGV[5])
 local pos = 6
-for j = 0, nf - 1 do
-  redis.call('HSET', KEYS[1], ARGV[pos + 2 * j], ARGV[pos + 2 * j + 1])
-end
+local fields = {'ver', tostring((tonumber(cur) or 0) + 1)}  -- the version and the fields in one HSET
+for j = pos, pos + 2 * nf - 1 do fields[#fields + 1] = ARGV[j] end
+redis.call('HSET', KEYS[1], unpack(fields))
 pos = pos + 2 * nf
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local m = #KEYS - 1 - n
 for j = 1, m do
-  redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
+  local ctx = ARGV[pos + m + j - 1]
+  if ctx ~= '' then
+    redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0', 'ctx', ctx)
+  else
+    redis.call('HSET', KEYS[1 + n + j], 'json', ARGV[pos + j - 1], 'sent', '0')
+  end
   redis.call('EXPIRE', KEYS[1 + n + j], ARGV[4])
 end
-pos = pos + m
-for j = 1, m do
-  if ARGV[pos + j - 1] ~= '' then redis.call('HSET', KEYS[1 + n + j], 'ctx', ARGV[pos + j - 1]) end
-end
-pos = pos + m
+pos = pos + 2 * m
 local lmax = tonumber(ARGV[pos])
 local nl = tonumber(ARGV[pos + 1])
 if nl > 0 and lmax > 0 then
