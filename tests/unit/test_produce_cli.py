@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,12 @@ from aiokafka.partitioner import DefaultPartitioner
 from click.testing import CliRunner
 
 from stream.cli import PromoError, cli
+from stream.procs import free_port
 from stream.produce import Pacer, _Errors, produce_events, produce_file
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "stream" / "data" / "rees46_sample.csv"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], env: dict | None = None):
