@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from load_tests import bench_core, gc_pauses, similarity_memory
+from load_tests import bench_core, gc_pauses, redis_per_event, similarity_memory
 
 
 def test_bench_core_report():
@@ -75,3 +75,13 @@ def test_looped_events_have_new_users_later_in_time():
     assert [e.ts for e in out] == sorted(e.ts for e in out) and out[3].ts == 1000 + 1002
     assert len({e.event_id for e in out}) == 6
     assert all(e.price == 2.0 and e.order_id == "o" for e in out)  # every other field kept
+
+
+def test_redis_per_event_reports_the_work_of_the_batch_path_and_splits_it_by_script():
+    r = redis_per_event.run(n_events=1200, batch=50, by_script=True)
+    assert r["events"] == 900 and r["batch"] == 50  # a quarter of 1,200 warms up
+    assert r["client_cpu_us_per_event"] > 0 and r["redis_cpu_us_per_event"] > 0
+    assert r["redis_commands_per_event"] > 5 and r["script_us_per_event"] > 0
+    # every user's commit and the applying of its contributions are scripts of their own
+    assert {"script:commit", "script:apply"} <= set(r["by_script"])
+    assert r["by_script"]["script:commit"]["calls"] > 0.3 and r["by_script"]["script:apply"]["usec"] > 0
