@@ -98,10 +98,10 @@ def loads(raw: bytes | bytearray | memoryview | str, fallback: Callable = _json_
 
     * NaN and infinity literals, numbers beyond a float's range (json reads ``1e400`` as ``inf``), lone surrogate
       escapes: orjson refuses them;
-    * integers beyond 64 bits: orjson reads them as floats, json as integers. A number of 19 digits or more sends
-      the text to ``fallback``: a run of 19 digits where a value may start (after ``[``, ``:`` or ``,``, or at the
-      start). A long id inside a string stays with orjson; a string that holds such a pattern itself (``":1234..."``)
-      is read by ``fallback``: slower, never wrong. The engine's own numbers have at most 17 digits (timestamps 13).
+    * integers beyond 64 bits: orjson reads them as floats, json as integers. A run of 19 digits or more that does
+      not follow a ``"`` sends the text to ``fallback`` (:func:`_long_number`): a long id that is a whole string
+      stays with orjson; one inside a string after other characters is read by ``fallback``: slower, never wrong.
+      The engine's own numbers have at most 17 digits (timestamps 13).
 
     >>> loads(b'{"ts": 1700000000000, "p": 0.1}'), loads("12345678901234567890123")
     ({'ts': 1700000000000, 'p': 0.1}, 12345678901234567890123)
