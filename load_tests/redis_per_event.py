@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import json
 import sys
 import time
@@ -85,9 +84,11 @@ async def _replay(settings, events: list, batch: int, r, by_script: bool) -> dic
 
 def _by_script(log: list, n: int) -> dict:
     """Calls and microseconds per event of each script (by name) and command in the slow log."""
+    from models.state.redis_async import Scripts
+
     lua = files("models.state").joinpath("lua")
-    names = {hashlib.sha1(p.read_text(encoding="utf-8").encode()).hexdigest(): p.name[:-4]
-             for p in lua.iterdir() if p.name.endswith(".lua")}
+    scripts = Scripts(*(p.name[:-4] for p in lua.iterdir() if p.name.endswith(".lua")))
+    names = {sha: name for name, sha in scripts.sha.items()}  # the SHA1s the stores call them by
     agg: dict = collections.defaultdict(lambda: [0, 0])
     for entry in log:
         words = entry["command"].split()

@@ -23,6 +23,11 @@ def promo(env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def port_of(url: str) -> int:
+    """The port of ``127.0.0.1:<port>`` or ``redis://127.0.0.1:<port>/0``."""
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 @pytest.fixture
 def stack_env(tmp_path):
     env = {
@@ -106,7 +111,7 @@ def test_down_stops_only_what_up_started(stack_env, tmp_path):
 @pytest.mark.parametrize("which", ["kafka", "redis"])
 def test_taken_port_is_a_one_line_error_naming_port_and_variable(stack_env, which):
     var = "PROMO_KAFKA_BOOTSTRAP" if which == "kafka" else "PROMO_REDIS_URL"
-    port = int(stack_env[var].rsplit(":", 1)[1].split("/")[0])
+    port = port_of(stack_env[var])
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
@@ -117,11 +122,11 @@ def test_taken_port_is_a_one_line_error_naming_port_and_variable(stack_env, whic
     assert lines[0].startswith("promo: error:") and str(port) in lines[0] and var in lines[0]
     # both ports are checked before anything starts: a taken broker port leaves no Redis running
     other = "PROMO_REDIS_URL" if which == "kafka" else "PROMO_KAFKA_BOOTSTRAP"
-    assert not port_open("127.0.0.1", int(stack_env[other].rsplit(":", 1)[1].split("/")[0]))
+    assert not port_open("127.0.0.1", port_of(stack_env[other]))
 
 
 def test_one_port_for_both_is_a_one_line_error_and_starts_nothing(stack_env):
-    port = int(stack_env["PROMO_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    port = port_of(stack_env["PROMO_REDIS_URL"])
     env = {**stack_env, "PROMO_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
     res = promo(env, "stack", "up")
     assert res.returncode != 0
