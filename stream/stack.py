@@ -221,6 +221,9 @@ def _check_local(host: str, what: str, var: str) -> None:
         raise StackError(f"the embedded {what} only runs on 127.0.0.1, but {var} points at {host}")
 
 
+_NAMES = {"redis-server": "Redis", "tansu": "broker"}
+
+
 def up(settings: Settings, timeout_s: float = 30.0) -> dict:
     """Start the broker and Redis if needed, create the topics; idempotent."""
     p = _paths(settings)
@@ -248,11 +251,29 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
             f"127.0.0.1:<free port> to run the embedded broker elsewhere, or stop that process"
         )
 
+    started: list[tuple[Path, str]] = []  # what this call started: stopped again if it fails before the end
+    try:
+        _start(settings, p, report, rpid, kpid, started, timeout_s)
+    except BaseException as exc:  # a broker that never answers, topics refused, Ctrl-C: leave nothing running
+        for pid_file, name in reversed(started):
+            _stop(pid_file, name)
+        if isinstance(exc, StackError) and started:
+            raise StackError(f"{exc}; stopped the {' and '.join(_NAMES[n] for _, n in started)} this command had "
+                             "started") from exc
+        raise
+    report["ok"] = True
+    return report
+
+
+def _start(settings: Settings, p: dict, report: dict, rpid: int | None, kpid: int | None,
+           started: list[tuple[Path, str]], timeout_s: float) -> None:
+    """:func:`up`'s starting part; appends to ``started`` each process it spawns, before waiting for it."""
     # Redis first (fast), then the broker.
     if rpid is None:
         p["redis_dir"].mkdir(parents=True, exist_ok=True)
         cmd = [str(redis_binary()), *redis_args(settings.redis_port, p["redis_dir"], APPENDFSYNC if settings.durable else None)]
         rpid = _spawn(cmd, p["redis_log"], p["redis_pid"])
+        started.append((p["redis_pid"], "redis-server"))
         _wait(lambda: _redis_ping(settings), timeout_s, f"Redis on port {settings.redis_port}", p["redis_log"])
         report["redis"] = {"pid": rpid, "port": settings.redis_port, "state": "started",
                            **(redis_durability(settings) or {"durable": settings.durable})}
@@ -269,6 +290,7 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
         cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]
         kpid = _spawn(cmd, p["kafka_log"], p["kafka_pid"])
+        started.append((p["kafka_pid"], "tansu"))
         _wait(lambda: port_open("127.0.0.1", settings.kafka_port), timeout_s,
               f"broker on port {settings.kafka_port}", p["kafka_log"])
         _wait(lambda: _kafka_answers(settings), timeout_s, f"broker on port {settings.kafka_port}", p["kafka_log"])
@@ -279,8 +301,6 @@ def up(settings: Settings, timeout_s: float = 30.0) -> dict:
     from stream.topics import ensure_topics
 
     report["topics"] = ensure_topics(settings)
-    report["ok"] = True
-    return report
 
 
 def _stop(pid_file: Path, must_contain: str, timeout_s: float = 10.0) -> str:

@@ -250,3 +250,25 @@ def test_stack_down_with_a_worker_attached_warns_and_the_worker_stops_quickly(st
         assert "refuses connections, so nothing more can be committed" in worker.log_tail(5), worker.log_tail()
     finally:
         worker.stop()
+
+
+def test_up_that_fails_after_starting_redis_stops_it_again(stack_env, monkeypatch):
+    """The broker's port taken after the check (another process won the race): the broker never answers, and
+    ``stack up`` stops the Redis it had started instead of leaving it running."""
+    from stream import stack
+    from stream.settings import Settings
+
+    monkeypatch.setattr(stack, "_port_free", lambda host, port: True)  # the race: the check saw the port free
+    for var, value in stack_env.items():
+        monkeypatch.setenv(var, value)
+    settings = Settings()
+    with socket.socket() as squatter:  # accepts connections, never speaks Kafka
+        squatter.bind(("127.0.0.1", settings.kafka_port))
+        squatter.listen()
+        with pytest.raises(stack.StackError) as err:
+            stack.up(settings, timeout_s=3.0)
+    assert f"broker on port {settings.kafka_port} did not answer" in str(err.value)
+    assert str(err.value).endswith("stopped the Redis and broker this command had started")
+    assert not port_open("127.0.0.1", settings.redis_port)
+    paths = stack._paths(settings)
+    assert not paths["redis_pid"].exists() and not paths["kafka_pid"].exists()
