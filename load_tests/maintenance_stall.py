@@ -9,6 +9,11 @@ on the same event loop sleeps 1 ms at a time:
   users due (expired attribution windows, fired timers), as a worker finds them after a pause or a restart, so
   the sweep takes its largest share (1,000 users a period);
 * ``snapshots``: the snapshot step (``Maintenance.snapshot``), written by a forked child where ``fork`` exists.
+  Each also reports the worker's resident memory at the start (``worker_rss_mb``) and the most private memory the
+  child held while it ran (``child_private_mb``, sampled from ``/proc`` every 2 ms): the pages it copied on write
+  and what it allocated (the pickle). That is the memory a worker needs above its own size while it snapshots:
+  a container limit below ``worker_rss_mb + child_private_mb`` gets the child killed (``ChildDied``). Here the
+  worker is idle meanwhile; a busy one also copies the pages it writes during the child's life.
 
 Prints one JSON object: the events, the users the models hold, and per run its duration, the loop's longest stall
 and the sum of its stalls over 5 ms. A decision waiting in the loop waits for the longest stall.
@@ -23,11 +28,78 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
+import threading
 import time
 
 from load_tests.forget_hot_user import FILES
+
+
+class ChildMemory:
+    """The largest private memory (``Private_Dirty``, MB) any child of this process's main thread reaches while
+    :meth:`watching` runs; Linux only (``/proc``), None elsewhere."""
+
+    def __init__(self, period_s: float = 0.002) -> None:
+        self.period_s = period_s
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def watching(self):
+        children = f"/proc/{os.getpid()}/task/{threading.main_thread().native_id}/children"
+        if not os.path.exists(children):
+            yield self
+            return
+        self.peak_mb = 0.0
+        thread = threading.Thread(target=self._sample, args=(children,), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def _sample(self, children: str) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                pids = open(children).read().split()
+            except OSError:
+                continue
+            for pid in pids:
+                self.peak_mb = max(self.peak_mb, private_dirty_mb(pid))
+
+
+def private_dirty_mb(pid: int | str = "self") -> float:
+    """A process's private dirty memory in MB (``/proc/<pid>/smaps_rollup``); 0.0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Private_Dirty:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (``/proc/self/statm``; 0.0 where there is no ``/proc``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+async def _snapshot_stalls(step) -> dict:
+    """:func:`_stalls` of a snapshot, with the worker's size and the child's peak private memory."""
+    before = rss_mb()
+    with ChildMemory().watching() as child:
+        out = await _stalls(step)
+    return {**out, "worker_rss_mb": round(before, 1),
+            "child_private_mb": None if child.peak_mb is None else round(child.peak_mb, 1)}
 
 
 async def _stalls(step) -> dict:
@@ -71,7 +143,7 @@ async def _measure(settings, events: list, repeat: int) -> dict:
         report["periods"].append(await _stalls(maintenance.run))
         print(f"maintenance_stall: period {report['periods'][-1]}", file=sys.stderr, flush=True)
     for _ in range(repeat):
-        report["snapshots"].append(await _stalls(maintenance.snapshot))
+        report["snapshots"].append(await _snapshot_stalls(maintenance.snapshot))
         print(f"maintenance_stall: snapshot {report['snapshots'][-1]}", file=sys.stderr, flush=True)
     return report
 
