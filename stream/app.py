@@ -476,7 +476,8 @@ def build_engine(settings: Settings, guard: EpochGuard | None = None) -> Engine:
         watched(item_store.r)
         item_store.on_new_client = watched  # the asynchronous client of the batch's reads, made in the loop
         learning = LearningCore(item_store, horizon_h=settings.purchase_horizon_h, seed=settings.seed,
-                                labels_per_batch=WORKER_LABELS_PER_BATCH)
+                                labels_per_batch=WORKER_LABELS_PER_BATCH, max_users=settings.model_max_users,
+                                max_pending=settings.model_max_users)
     store = RedisStore.from_settings(settings)
     budget_store = RedisBudgetStore.from_settings(settings)
     watched(store.r)

@@ -173,6 +173,11 @@ class Settings(BaseSettings):
         "0 turns reading back off"
     )
     learning: bool = Field(True, description="online learning core (similarity, propensity, segments) on")
+    model_max_users: int = Field(
+        200_000, ge=1000, description="users whose recent windows the in-memory models keep (the least recently "
+        "seen evicted beyond), and decision points waiting for their purchase label (the oldest dropped beyond): "
+        "bounds the worker's memory (README, a snapshot needs memory)"
+    )
     similarity_max_neighbours: int = Field(
         50, ge=1, description="neighbours kept per item; beyond it the smallest pair counts are evicted, which "
         "makes the kept set depend on arrival order (item statistics are otherwise order-independent)"

@@ -228,10 +228,15 @@ class UserWindows:
     >>> w.slots_for(["a", "b"]).tolist(), w.slots_for(["c"]).tolist(), sorted(w.slot)
     ([0, 1], [0], ['b', 'c'])
 
-    Pickled, only the occupied slots travel:
+    The arrays are allocated for the first user: the live worker, whose item statistics come with the users'
+    commits (:mod:`models.learning.contrib`), never uses its windows, and 200,000 users' rows are 40 MB. Pickled,
+    only the occupied slots travel:
 
     >>> import pickle
     >>> big = UserWindows(capacity=200_000, width=8)
+    >>> big.data.nbytes
+    0
+    >>> _ = big.slots_for(["a"])
     >>> len(pickle.dumps(big)) < 10_000 < big.data.nbytes
     True
     """
@@ -244,16 +249,27 @@ class UserWindows:
         self.clear()
 
     def clear(self) -> None:
+        """No user; nothing allocated until the next one (:meth:`_allocate`)."""
         self.slot: dict[str, int] = {}
-        self.owner: list[str | None] = [None] * self.capacity
+        self.owner: list[str | None] = []
+        self.used = np.full(0, 0, np.int64)
+        self.data = np.full((0, 1 + 3 * self.width), 0.0, np.float64)
+        self.buf_i = np.full(0, 0, np.int64)  # kernel scratch, grown on demand
+        self.buf_f = np.full(0, 0.0, np.float64)
+        self.free: list[int] = []
+        self.tick = 0
+
+    @property
+    def allocated(self) -> bool:
+        return len(self.owner) == self.capacity
+
+    def _allocate(self) -> None:
+        self.owner = [None] * self.capacity
         self.used = np.full(self.capacity, 0, np.int64)
         # one row per user: [length, item, ts, w, item, ts, w, ...]; np.full writes every page now, so the
         # kernel's hot loop takes no page faults later
         self.data = np.full((self.capacity, 1 + 3 * self.width), 0.0, np.float64)
-        self.buf_i = np.full(0, 0, np.int64)  # kernel scratch, grown on demand
-        self.buf_f = np.full(0, 0.0, np.float64)
         self.free = list(range(self.capacity - 1, -1, -1))
-        self.tick = 0
 
     def __getstate__(self) -> dict:
         """Only the occupied slots: the preallocated arrays of an empty or small window set are mostly zeros, and
@@ -277,6 +293,10 @@ class UserWindows:
             return
         self.capacity, self.width = state["capacity"], state["width"]
         self.clear()
+        self.tick = state["tick"]
+        if not state["users"]:  # nobody held: allocated at the next user, as a fresh one
+            return
+        self._allocate()
         slots = state["slots"]
         self.slot = dict(zip(state["users"], slots.tolist()))
         for u, s in self.slot.items():
@@ -285,10 +305,40 @@ class UserWindows:
         self.data[slots] = state["rows"]
         n_head = state["free_head"]
         self.free = list(range(self.capacity - 1, self.capacity - 1 - n_head, -1)) + state["free_tail"].tolist()
-        self.tick = state["tick"]
+
+    def resized(self, capacity: int) -> "UserWindows":
+        """The same windows with room for ``capacity`` users: the most recently used ones when fewer fit.
+
+        >>> w = UserWindows(capacity=4, width=2)
+        >>> for u in "abc":
+        ...     _ = w.slots_for([u])
+        >>> small = w.resized(2)
+        >>> small.capacity, sorted(small.slot), len(small.free), w.resized(4) is w
+        (2, ['b', 'c'], 0, True)
+        >>> sorted(small.resized(3).slot), small.resized(3).slots_for(["d"]).tolist()
+        (['b', 'c'], [2])
+        """
+        if capacity == self.capacity:
+            return self
+        new = UserWindows(capacity, self.width)
+        new.tick = self.tick
+        keep = sorted(self.slot, key=lambda u: self.used[self.slot[u]], reverse=True)[:capacity]
+        if not keep:
+            return new
+        new._allocate()
+        old = np.fromiter((self.slot[u] for u in keep), np.int64, len(keep))
+        n = len(keep)
+        new.slot = dict(zip(keep, range(n)))
+        new.owner[:n] = keep
+        new.used[:n] = self.used[old]
+        new.data[:n] = self.data[old]
+        new.free = list(range(capacity - 1, n - 1, -1))
+        return new
 
     def slots_for(self, users) -> np.ndarray:
         """Slot of each user (allocating, and evicting the least recently used half when full)."""
+        if not self.allocated:
+            self._allocate()
         self.tick += 1
         tick = self.tick
         slot = self.slot
@@ -350,6 +400,8 @@ class UserWindows:
 
 def count_pairs(slots, items, ts, weights, windows: UserWindows, window_ms: int):
     """Kernel + aggregation: the aggregated ``(a, b, inc)`` of one batch; updates ``windows``."""
+    if not windows.allocated:  # slots given directly (not from slots_for): the kernel indexes the rows unchecked
+        windows._allocate()
     need = 2 * len(slots) * windows.width  # what count_pairs_kernel writes at most (buf_i: two halves)
     if windows.buf_i.shape[0] < need:
         windows.buf_i = np.full(need, 0, np.int64)

@@ -125,6 +125,9 @@ def restore_core(core, data: bytes) -> dict:
     core.item_conv = state["item_conv"]
     core.cat_conv = state["cat_conv"]
     core.purchase_model = _restored_purchase_model(core.purchase_model, state["labels"])
+    # the bounds are the running core's (PROMO_MODEL_MAX_USERS), not those the snapshot was written with
+    core.windows = core.windows.resized(core.max_users)
+    core.purchase_model.max_pending = core.max_pending
     core.segments = state["segments"]
     core.last_sample = state["last_sample"]
     core.watermark = state["watermark"]

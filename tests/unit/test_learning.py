@@ -111,6 +111,32 @@ def test_snapshot_restores_models_and_offsets_exactly():
     assert other.quality() == core.quality()
 
 
+def test_a_restored_snapshot_takes_the_running_cores_user_bound():
+    """PROMO_MODEL_MAX_USERS lowered across a restart: the restored windows keep the most recently seen users
+    within the new bound, and the waiting decision points obey it from the next one on."""
+    evs = synthetic_events(600, n_users=60)
+    core = LearningCore(MemoryItemStore(), max_users=5000, max_pending=5000)
+    feed(core, evs)  # batches of 40: the last batch's users were seen last
+    held = len(core.windows.slot)
+    last_batch = {e.user_id for e in evs[-40:]}
+    assert held > 40 and len(core.purchase_model.queue) > 12 and len(last_batch) > 10
+    small = LearningCore(MemoryItemStore(), max_users=10, max_pending=12)
+    small.restore(core.snapshot({}))
+    assert small.windows.capacity == 10 and len(small.windows.slot) == 10 and set(small.windows.slot) <= last_batch
+    for u, s in small.windows.slot.items():  # each kept window is the one the user had
+        assert (small.windows.data[s] == core.windows.data[core.windows.slot[u]]).all()
+    assert small.purchase_model.max_pending == 12
+    later = synthetic_events(80, seed=8, n_users=60, t0=evs[-1].ts + 60 * MIN)
+    observed = small.purchase_model.n_observed
+    feed(small, later, batch=5)
+    assert small.purchase_model.n_observed > observed  # new points came, and the bound held
+    assert len(small.purchase_model.queue) <= 12 and len(small.windows.slot) <= 10
+    # and a restore into a larger bound keeps every user
+    big = LearningCore(MemoryItemStore(), max_users=20_000, max_pending=20_000)
+    big.restore(core.snapshot({}))
+    assert big.windows.capacity == 20_000 and len(big.windows.slot) == held
+
+
 def test_bad_snapshots_are_refused_with_a_clear_message():
     core = LearningCore(MemoryItemStore())
     with pytest.raises(ValueError, match="cannot be read"):
