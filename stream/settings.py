@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     model_max_users: int = Field(
         200_000, ge=1000, description="users whose recent windows the in-memory models keep (the least recently "
         "seen evicted beyond), and decision points waiting for their purchase label (the oldest dropped beyond): "
-        "bounds the worker's memory (README, a snapshot needs memory)"
+        "bounds the worker's memory (README, known limitations: worker memory)"
     )
     similarity_max_neighbours: int = Field(
         50, ge=1, description="neighbours kept per item; beyond it the smallest pair counts are evicted, which "

@@ -261,6 +261,7 @@ class UserWindows:
 
     @property
     def allocated(self) -> bool:
+        """Whether the arrays exist (they do from the first user on)."""
         return len(self.owner) == self.capacity
 
     def _allocate(self) -> None:
