@@ -39,8 +39,9 @@ from load_tests.forget_hot_user import FILES
 
 
 class ChildMemory:
-    """The largest private memory (``Private_Dirty``, MB) any child of this process's main thread reaches while
-    :meth:`watching` runs; Linux only (``/proc``), None elsewhere."""
+    """The largest private memory (``Private_Dirty``, MB) any child of this process's main thread started while
+    :meth:`watching` runs reaches meanwhile (children already running, a broker or Redis this process started,
+    are not counted); Linux only (``/proc``), None elsewhere."""
 
     def __init__(self, period_s: float = 0.002) -> None:
         self.period_s = period_s
@@ -54,7 +55,8 @@ class ChildMemory:
             yield self
             return
         self.peak_mb = 0.0
-        thread = threading.Thread(target=self._sample, args=(children,), daemon=True)
+        before = set(open(children).read().split())
+        thread = threading.Thread(target=self._sample, args=(children, before), daemon=True)
         thread.start()
         try:
             yield self
@@ -62,10 +64,10 @@ class ChildMemory:
             self._stop.set()
             thread.join()
 
-    def _sample(self, children: str) -> None:
+    def _sample(self, children: str, before: set[str]) -> None:
         while not self._stop.wait(self.period_s):
             try:
-                pids = open(children).read().split()
+                pids = set(open(children).read().split()) - before
             except OSError:
                 continue
             for pid in pids:
