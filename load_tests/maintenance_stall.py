@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 
+from load_tests.bench_pipeline import proc_memory_mb
 from load_tests.forget_hot_user import FILES
 
 
@@ -86,21 +87,12 @@ def private_dirty_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
-def rss_mb() -> float:
-    """This process's resident memory in MB (``/proc/self/statm``; 0.0 where there is no ``/proc``)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
-
-
 async def _snapshot_stalls(step) -> dict:
     """:func:`_stalls` of a snapshot, with the worker's size and the child's peak private memory."""
-    before = rss_mb()
+    before = proc_memory_mb(os.getpid())["rss_mb"]
     with ChildMemory().watching() as child:
         out = await _stalls(step)
-    return {**out, "worker_rss_mb": round(before, 1),
+    return {**out, "worker_rss_mb": before,
             "child_private_mb": None if child.peak_mb is None else round(child.peak_mb, 1)}
 
 

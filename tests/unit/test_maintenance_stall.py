@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from load_tests.maintenance_stall import ChildMemory, private_dirty_mb, rss_mb
+from load_tests.bench_pipeline import proc_memory_mb
+from load_tests.maintenance_stall import ChildMemory, private_dirty_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -46,5 +47,5 @@ def test_child_memory_counts_the_pages_a_child_writes_not_those_it_shares():
         os.close(fd)
     older.communicate(b"", timeout=30)
     assert 48 <= watch.peak_mb < 64, watch.peak_mb  # its own 48 MB, not the 64 MB it only shared
-    assert rss_mb() >= 64 and private_dirty_mb() >= 64
+    assert proc_memory_mb(os.getpid())["rss_mb"] >= 64 and private_dirty_mb() >= 64
     assert private_dirty_mb(pid) == 0.0  # gone
