@@ -264,6 +264,12 @@ class UserWindows:
         """Whether the arrays exist (they do from the first user on)."""
         return len(self.owner) == self.capacity
 
+    def ensure_allocated(self) -> None:
+        """The arrays, made now if they are not yet: before anything indexes them (:meth:`slots_for`, the
+        kernel of :func:`count_pairs`, which does not check bounds)."""
+        if not self.allocated:
+            self._allocate()
+
     def _allocate(self) -> None:
         self.owner = [None] * self.capacity
         self.used = np.full(self.capacity, 0, np.int64)
@@ -338,8 +344,7 @@ class UserWindows:
 
     def slots_for(self, users) -> np.ndarray:
         """Slot of each user (allocating, and evicting the least recently used half when full)."""
-        if not self.allocated:
-            self._allocate()
+        self.ensure_allocated()
         self.tick += 1
         tick = self.tick
         slot = self.slot
@@ -401,8 +406,7 @@ class UserWindows:
 
 def count_pairs(slots, items, ts, weights, windows: UserWindows, window_ms: int):
     """Kernel + aggregation: the aggregated ``(a, b, inc)`` of one batch; updates ``windows``."""
-    if not windows.allocated:  # slots given directly (not from slots_for): the kernel indexes the rows unchecked
-        windows._allocate()
+    windows.ensure_allocated()  # slots may come straight from the caller, not from slots_for
     need = 2 * len(slots) * windows.width  # what count_pairs_kernel writes at most (buf_i: two halves)
     if windows.buf_i.shape[0] < need:
         windows.buf_i = np.full(need, 0, np.int64)
