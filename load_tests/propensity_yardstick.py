@@ -18,8 +18,10 @@ JSON object on stdout (progress on stderr):
 
 Keys: ``horizon_h``, ``points_train``, ``points_test``, ``positives_train``, ``positives_test``, ``features``,
 ``auc`` (``gbm``, ``engine``, ``frequency`` on the test points), ``ratio`` (``engine`` and ``frequency`` AUC over
-``gbm``'s), ``gap_to_gbm`` (``gbm`` minus ``engine``), and what describes the run. An AUC is ``null`` when the test
-points hold one class only.
+``gbm``'s), ``gap_to_gbm`` (``gbm`` minus ``engine``), ``ci95`` (each AUC's DeLong interval), ``gap_to_gbm_ci95``
+(the paired interval of the gap: both models score the same test points, so what they share cancels; an interval
+that holds 0 is no measured gap), and what describes the run. An AUC is ``null`` when the test points hold one
+class only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.evaluation.intervals import auc_difference, auc_interval
 from models.evaluation.prequential import closed_predictions, evaluate_events, roc_auc
 from models.events import Event
 from models.learning.core import LearningCore
@@ -99,16 +102,25 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, ts: np.ndarray, online: np.ndarr
     train, test = ts < cut, ts >= cut
     out = {"points_train": int(train.sum()), "points_test": int(test.sum()),
            "positives_train": int(y[train].sum()), "positives_test": int(y[test].sum()), "cut_ts": cut}
-    gbm = None
+    gbm = gbm_p = None
     if 0 < y[train].sum() < train.sum():
         model = HistGradientBoostingClassifier(**GBM_OPTIONS).fit(X[train], y[train])
-        gbm = roc_auc(y[test], model.predict_proba(X[test])[:, 1])
+        gbm_p = model.predict_proba(X[test])[:, 1]
+        gbm = roc_auc(y[test], gbm_p)
     engine, frequency = roc_auc(y[test], online[test, 0]), roc_auc(y[test], online[test, 1])
     out["auc"] = {"gbm": gbm, "engine": engine, "frequency": frequency}
     out["ratio"] = {name: (round(a / gbm, 4) if a is not None and gbm else None)
                     for name, a in (("engine", engine), ("frequency", frequency))}
     out["gap_to_gbm"] = round(gbm - engine, 4) if gbm is not None and engine is not None else None
+    out["ci95"] = {name: _rounded(auc_interval(y[test], p) if p is not None else None)
+                   for name, p in (("gbm", gbm_p), ("engine", online[test, 0]), ("frequency", online[test, 1]))}
+    gap = auc_difference(y[test], gbm_p, online[test, 0]) if gbm_p is not None else None
+    out["gap_to_gbm_ci95"] = _rounded(gap["ci95"]) if gap is not None else None
     return out
+
+
+def _rounded(values: list[float] | None) -> list[float] | None:
+    return None if values is None else [round(v, 4) for v in values]
 
 
 def run(events: list[Event], horizon_h: float = 1.0, batch_size: int = 100, train_share: float = TRAIN_SHARE,

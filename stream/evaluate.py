@@ -88,7 +88,14 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
         say("AUC engine / frequency by horizon: " + ", ".join(
             f"{h} h {fmt_score(m['engine'])} / {fmt_score(m['frequency'])}"
             for h, m in report["auc_by_horizon_h"].items()))
+        say("engine over each baseline, HR@20 / MRR@20 with 95 % intervals: " + ", ".join(
+            f"{name} {_ratio(v['hr_at_20'])} / {_ratio(v['mrr_at_20'])}"
+            for name, v in report["engine_vs_baselines"].items()))
     return report
+
+
+def _ratio(r: dict | None) -> str:
+    return "n/a" if r is None else f"{r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
 
 
 def evaluate_policy_file(path: str | Path, fmt: str = "jsonl", seed: int = 0, policies: tuple[str, ...] = ("thompson",),

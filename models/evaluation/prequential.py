@@ -34,9 +34,20 @@ The events are replayed in batches of ``batch_size`` events, as the worker would
 Output keys (contract): ``events``, ``events_per_s``, ``engine`` and ``baseline`` with ``hr_at_20``,
 ``mrr_at_20``, ``auc``, ``logloss``; ``baselines`` with ``{"<name>": {"hr_at_20", "mrr_at_20"}}`` for
 ``popularity`` (the same numbers as ``baseline``) and each baseline of :mod:`models.evaluation.baselines`;
-``auc_by_horizon_h`` with ``{"<H>": {"engine", "frequency", "scored_points", "scored_positives"}}``; more
-keys describe the run (``baselines_s``: time the baselines spent learning and recommending). Undefined values
-(no label yet, one class only) are ``null``.
+``auc_by_horizon_h`` with ``{"<H>": {"engine", "frequency", "scored_points", "scored_positives", "engine_ci95",
+"frequency_ci95", "engine_minus_frequency"}}``; ``engine_vs_baselines`` with ``{"<name>": {"hr_at_20", "mrr_at_20"}}``
+for every baseline, each ``{"ratio", "ci95"}``: the engine's figure over the baseline's. More keys describe the run
+(``baselines_s``: time the baselines spent learning and recommending). Undefined values (no label yet, one class
+only) are ``null``.
+
+Uncertainty
+-----------
+The public slices have few positives and many targets from few users, so every comparison comes with a 95 %
+interval (:mod:`models.evaluation.intervals`): ``engine_ci95`` and ``frequency_ci95`` are DeLong intervals of the
+AUCs, ``engine_minus_frequency`` is their paired difference with its interval (``{"difference", "ci95"}``), and
+``engine_vs_baselines`` gives each ratio of HR@20 and MRR@20 with an interval whose variance is computed over users
+(one user's targets are not independent). A ratio whose interval holds 1, or a difference whose interval holds 0, is
+not a measured difference.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.evaluation.baselines import NextItemBaseline, make_baselines
+from models.evaluation.intervals import auc_difference, auc_interval, ratio_interval
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
@@ -149,8 +161,17 @@ def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int]
 def _horizon_scores(core: LearningCore) -> dict:
     preds = closed_predictions(core)
     y = [t[0] for t in preds]
-    return {"engine": roc_auc(y, [t[1] for t in preds]), "frequency": roc_auc(y, [t[2] for t in preds]),
-            "scored_points": len(preds), "scored_positives": int(sum(y))}
+    engine, frequency = [t[1] for t in preds], [t[2] for t in preds]
+    diff = auc_difference(y, engine, frequency)
+    return {"engine": roc_auc(y, engine), "frequency": roc_auc(y, frequency),
+            "scored_points": len(preds), "scored_positives": int(sum(y)),
+            "engine_ci95": _rounded(auc_interval(y, engine)), "frequency_ci95": _rounded(auc_interval(y, frequency)),
+            "engine_minus_frequency": None if diff is None else {"difference": round(diff["difference"], 4),
+                                                                 "ci95": _rounded(diff["ci95"])}}
+
+
+def _rounded(values: list[float] | None, digits: int = 4) -> list[float] | None:
+    return None if values is None else [round(v, digits) for v in values]
 
 
 @dataclass
@@ -161,6 +182,15 @@ class _NextItem:
     targets: int = 0
     hits: dict[str, int] = field(default_factory=dict)
     rr: dict[str, float] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)  # user id -> index, in order of their first target
+    # name -> user index -> [hits, reciprocal ranks] of the user's targets: the clusters of ratio_interval
+    by_user: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    user: int = -1  # the index of the current target's user
+
+    def target(self, user_id: str) -> None:
+        """A new target, of ``user_id``: the methods' :meth:`score` calls that follow are for it."""
+        self.targets += 1
+        self.user = self.users.setdefault(user_id, len(self.users))
 
     def score(self, name: str, proposed: list[str], item: str) -> None:
         try:
@@ -169,6 +199,26 @@ class _NextItem:
             return
         self.hits[name] = self.hits.get(name, 0) + 1
         self.rr[name] = self.rr.get(name, 0.0) + 1.0 / (r + 1)
+        per_user = self.by_user.setdefault(name, {}).setdefault(self.user, [0.0, 0.0])
+        per_user[0] += 1.0
+        per_user[1] += 1.0 / (r + 1)
+
+    def per_user(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Hits and summed reciprocal ranks of ``name`` per user (0 for a user it never hit)."""
+        hits, rr = np.zeros(len(self.users)), np.zeros(len(self.users))
+        for u, (h, r) in self.by_user.get(name, {}).items():
+            hits[u], rr[u] = h, r
+        return hits, rr
+
+    def versus(self, name: str, other: str) -> dict:
+        """``name``'s HR@20 and MRR@20 over ``other``'s at the same targets, each ``{"ratio", "ci95"}`` (None when
+        ``other`` never hit), the variance over users."""
+        (h1, r1), (h2, r2) = self.per_user(name), self.per_user(other)
+        out = {}
+        for metric, a, b in (("hr_at_20", h1, h2), ("mrr_at_20", r1, r2)):
+            r = ratio_interval(a, b)
+            out[metric] = None if r is None else {"ratio": round(r["ratio"], 4), "ci95": _rounded(r["ci95"])}
+        return out
 
     def hit_rate(self, name: str) -> float | None:
         return self.hits.get(name, 0) / self.targets if self.targets else None
@@ -242,7 +292,7 @@ def _replay(events: list[Event], core: LearningCore, batch_size: int, k: int, pr
 
 def _predict_next_item(core: LearningCore, prof: Profile, e: Event, k: int, tally: _NextItem) -> None:
     """The engine's and the baseline's ``k`` items for the user before ``e``, scored against ``e``'s item."""
-    tally.targets += 1
+    tally.target(e.user_id)
     recs = core.recommend(prof, k, now_ms=e.ts)
     base = [i for i, _ in core.store.popular(k + 1, e.ts) if i != prof.recent_items[-1]][:k]
     tally.score("engine", recs, e.item_id)
@@ -262,6 +312,8 @@ def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: 
         "baseline": _model_scores(next_item, "baseline", y, [t[2] for t in preds]),
         "baselines": {name: {"hr_at_20": next_item.hit_rate(key), "mrr_at_20": next_item.mrr(key)}
                       for name, key in [("popularity", "baseline")] + [(b, b) for b in run.baselines]},
+        "engine_vs_baselines": {name: next_item.versus("engine", key)
+                                for name, key in [("popularity", "baseline")] + [(b, b) for b in run.baselines]},
         "next_item_targets": next_item.targets,
         "horizon_h": core.horizon_h,
         "decision_points": core.purchase_model.n_observed,

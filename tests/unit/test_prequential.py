@@ -110,12 +110,14 @@ def test_auc_is_reported_at_several_horizons_from_one_replay():
     r = evaluate_events(events, horizon_h=0.05, baselines={}, report_horizons_h=(0.01, 0.05, 24.0))
     by_h = r["auc_by_horizon_h"]
     assert list(by_h) == ["0.01", "0.05", "24"]
-    assert set(by_h["0.05"]) == {"engine", "frequency", "scored_points", "scored_positives"}
+    assert set(by_h["0.05"]) == {"engine", "frequency", "scored_points", "scored_positives", "engine_ci95",
+                                 "frequency_ci95", "engine_minus_frequency"}
     assert by_h["0.05"]["engine"] == r["engine"]["auc"] and by_h["0.05"]["frequency"] == r["baseline"]["auc"]
     assert by_h["0.05"]["scored_points"] == r["scored_points"]
     assert by_h["0.01"]["scored_points"] > 0 and by_h["0.01"]["engine"] is not None
     assert by_h["0.01"]["scored_positives"] <= by_h["0.05"]["scored_positives"]  # a shorter window, fewer buys
-    assert by_h["24"] == {"engine": None, "frequency": None, "scored_points": 0, "scored_positives": 0}
+    assert by_h["24"] == {"engine": None, "frequency": None, "scored_points": 0, "scored_positives": 0,
+                          "engine_ci95": None, "frequency_ci95": None, "engine_minus_frequency": None}
     assert r["horizons_s"] >= 0.0
 
 

@@ -37,6 +37,14 @@ def test_the_gradient_boosted_model_learns_something(report):
     assert report["auc"]["gbm"] > 0.5
 
 
+def test_every_auc_and_the_gap_come_with_an_interval(report):
+    assert set(report["ci95"]) == {"gbm", "engine", "frequency"}
+    for name, (low, high) in report["ci95"].items():
+        assert low <= report["auc"][name] <= high and high - low > 0.0
+    low, high = report["gap_to_gbm_ci95"]
+    assert low <= report["gap_to_gbm"] <= high
+
+
 def test_the_cut_leaves_later_points_to_test():
     ts = np.array([5, 1, 2, 3, 4, 100, 6, 7, 8, 9])
     cut = yardstick.time_cut(ts, 0.7)
