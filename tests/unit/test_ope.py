@@ -184,3 +184,30 @@ def test_the_engine_replay_gives_the_policy_each_rows_trigger():
     assert (at_cart.trigger, abandoned.trigger) == ("cart", "cart_abandonment")
     assert "trigger" not in abandoned.features
     assert replay.policy.cell(abandoned) == replay.policy.cell(at_cart) + ("cart_abandonment",)
+
+
+def _uniform_rows(n: int, paying) -> list[LoggedRow]:
+    """``n`` rows logged uniformly over actions a0..a9; row ``t`` pays 1 when its action is ``paying(t)``."""
+    actions = [f"a{i}" for i in range(10)]
+    return [LoggedRow({"s": "x"}, actions[t % 10], 0.1, 1.0 if actions[t % 10] == paying(t) else 0.0)
+            for t in range(n)]
+
+
+def test_the_cross_fitted_best_constant_is_not_fooled_by_a_lucky_action():
+    """a3 pays only in the first half and a7 only in the second: chosen in hindsight, either looks good; chosen on
+    one half and scored on the other, neither earns anything."""
+    rep = evaluate_rows(_uniform_rows(200, lambda t: "a3" if t < 100 else "a7"))
+    assert rep["policies"][rep["best_constant_ips"]]["ips"] == pytest.approx(0.5)
+    cross = rep["best_constant_cross_fitted"]
+    assert [h["policy"] for h in cross["halves"]] == ["always:a3", "always:a7"]
+    assert [h["ips_where_chosen"] for h in cross["halves"]] == [1.0, 1.0]
+    assert cross["ips"] == 0.0 and all(h["ips_on_other_half"] == 0.0 for h in cross["halves"])
+
+
+def test_the_cross_fitted_best_constant_keeps_an_action_that_pays_throughout():
+    rep = evaluate_rows(_uniform_rows(200, lambda t: "a5"))
+    cross = rep["best_constant_cross_fitted"]
+    assert [h["policy"] for h in cross["halves"]] == ["always:a5", "always:a5"]
+    assert cross["ips"] == pytest.approx(rep["policies"]["always:a5"]["ips"]) == pytest.approx(1.0)
+    low, high = cross["halves"][0]["ci95"]
+    assert low <= 1.0 <= high

@@ -15,7 +15,9 @@ Evaluated policies (values are mean reward per decision):
 * ``learned``: learned progressively - row ``t`` is scored by a policy trained on rows ``< t`` only
   (greedy on a shrinkage reward model, ties split uniformly), then the row is learned;
 * ``logging``: the policy that produced the log (its on-policy mean reward);
-* ``always:<a>``: every constant single-action policy.
+* ``always:<a>``: every constant single-action policy; ``best_constant_ips`` names the best of them in hindsight,
+  and ``best_constant_cross_fitted`` gives the best chosen on one half of the log and scored on the other (both
+  ways round), which the winner's curse does not inflate.
 
 IPS = mean of ``w r``; SNIPS = ``sum(w r) / sum(w)``; DR = mean of ``sum_a pi(a|x) rhat(x, a) + w (r - rhat(x, a_t))``,
 with ``w = pi(a_t | x) / p_t`` and ``rhat`` the same progressive reward model (trained on earlier rows,
