@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.intervals import auc_difference, auc_interval
+from models.evaluation.intervals import auc_difference, auc_interval, rounded
 from models.evaluation.prequential import closed_predictions, evaluate_events, roc_auc
 from models.events import Event
 from models.learning.core import LearningCore
@@ -112,15 +112,11 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, ts: np.ndarray, online: np.ndarr
     out["ratio"] = {name: (round(a / gbm, 4) if a is not None and gbm else None)
                     for name, a in (("engine", engine), ("frequency", frequency))}
     out["gap_to_gbm"] = round(gbm - engine, 4) if gbm is not None and engine is not None else None
-    out["ci95"] = {name: _rounded(auc_interval(y[test], p) if p is not None else None)
+    out["ci95"] = {name: rounded(auc_interval(y[test], p) if p is not None else None)
                    for name, p in (("gbm", gbm_p), ("engine", online[test, 0]), ("frequency", online[test, 1]))}
     gap = auc_difference(y[test], gbm_p, online[test, 0]) if gbm_p is not None else None
-    out["gap_to_gbm_ci95"] = _rounded(gap["ci95"]) if gap is not None else None
+    out["gap_to_gbm_ci95"] = rounded(gap["ci95"]) if gap is not None else None
     return out
-
-
-def _rounded(values: list[float] | None) -> list[float] | None:
-    return None if values is None else [round(v, 4) for v in values]
 
 
 def run(events: list[Event], horizon_h: float = 1.0, batch_size: int = 100, train_share: float = TRAIN_SHARE,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "delong", "auc_interval", "auc_difference", "ratio_interval"]
+__all__ = ["Z95", "delong", "auc_interval", "auc_difference", "ratio_interval", "rounded"]
 
 Z95 = 1.959963984540054
 """The standard normal quantile of a two-sided 95 % interval."""
@@ -123,3 +123,8 @@ def ratio_interval(numerator, denominator, z: float = Z95) -> dict | None:
     var = n / (n - 1) * float(np.sum((a - ratio * b) ** 2)) / total**2
     half = z * math.sqrt(var)
     return {"ratio": ratio, "ci95": [ratio - half, ratio + half]}
+
+
+def rounded(values: list[float] | None, digits: int = 4) -> list[float] | None:
+    """An interval as the reports give it: each end rounded; ``None`` stays ``None``."""
+    return None if values is None else [round(v, digits) for v in values]

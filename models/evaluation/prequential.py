@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.evaluation.baselines import NextItemBaseline, make_baselines
-from models.evaluation.intervals import auc_difference, auc_interval, ratio_interval
+from models.evaluation.intervals import auc_difference, auc_interval, ratio_interval, rounded
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
@@ -165,13 +165,9 @@ def _horizon_scores(core: LearningCore) -> dict:
     diff = auc_difference(y, engine, frequency)
     return {"engine": roc_auc(y, engine), "frequency": roc_auc(y, frequency),
             "scored_points": len(preds), "scored_positives": int(sum(y)),
-            "engine_ci95": _rounded(auc_interval(y, engine)), "frequency_ci95": _rounded(auc_interval(y, frequency)),
+            "engine_ci95": rounded(auc_interval(y, engine)), "frequency_ci95": rounded(auc_interval(y, frequency)),
             "engine_minus_frequency": None if diff is None else {"difference": round(diff["difference"], 4),
-                                                                 "ci95": _rounded(diff["ci95"])}}
-
-
-def _rounded(values: list[float] | None, digits: int = 4) -> list[float] | None:
-    return None if values is None else [round(v, digits) for v in values]
+                                                                 "ci95": rounded(diff["ci95"])}}
 
 
 @dataclass
@@ -217,7 +213,7 @@ class _NextItem:
         out = {}
         for metric, a, b in (("hr_at_20", h1, h2), ("mrr_at_20", r1, r2)):
             r = ratio_interval(a, b)
-            out[metric] = None if r is None else {"ratio": round(r["ratio"], 4), "ci95": _rounded(r["ci95"])}
+            out[metric] = None if r is None else {"ratio": round(r["ratio"], 4), "ci95": rounded(r["ci95"])}
         return out
 
     def hit_rate(self, name: str) -> float | None:
@@ -305,15 +301,15 @@ def _report(core: LearningCore, run: _Replay, n: int, batch_size: int, t_start: 
     y = [t[0] for t in preds]
     q = core.quality()
     next_item = run.next_item
+    baselines = [("popularity", "baseline")] + [(b, b) for b in run.baselines]  # (report name, tally name)
     return {
         "events": n,
         "events_per_s": round(n / run.learn_s, 1) if run.learn_s > 0 else None,
         "engine": _model_scores(next_item, "engine", y, [t[1] for t in preds]),
         "baseline": _model_scores(next_item, "baseline", y, [t[2] for t in preds]),
         "baselines": {name: {"hr_at_20": next_item.hit_rate(key), "mrr_at_20": next_item.mrr(key)}
-                      for name, key in [("popularity", "baseline")] + [(b, b) for b in run.baselines]},
-        "engine_vs_baselines": {name: next_item.versus("engine", key)
-                                for name, key in [("popularity", "baseline")] + [(b, b) for b in run.baselines]},
+                      for name, key in baselines},
+        "engine_vs_baselines": {name: next_item.versus("engine", key) for name, key in baselines},
         "next_item_targets": next_item.targets,
         "horizon_h": core.horizon_h,
         "decision_points": core.purchase_model.n_observed,
