@@ -41,7 +41,8 @@ by putting the other offers into ``ctx.blocked`` before ``policy.choose`` (``non
 carries its ``trigger``. The policy's ``propensity`` is the true no-offer rate at the visit's trigger (the learning
 core's estimate, made perfect).
 
-Run: ``.venv/bin/python tests/sim/promo_sim.py --users 50000 --seed 1`` (JSON on stdout, progress on stderr). Per
+Run: ``.venv/bin/python tests/sim/promo_sim.py --users 50000 --seed 1`` (JSON on stdout, progress on stderr;
+``--policy-option temper=6`` sets the learned policy's settings, ``--no-singles`` skips the single offers). Per
 policy, ``by_trigger`` reports each trigger's decisions, incremental margin (realised and expected) and ``share`` of
 the policy's realised incremental margin (None when that is not positive: a share of a loss or of nothing is no
 share).
@@ -505,11 +506,15 @@ def _check_caps(cat: Catalogue, hist: list[tuple[int, str]], now: int, oid: str,
 
 
 def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, progress=None,
-             singles: bool = True) -> dict:
-    """Run the learned policy, the oracle, every single offer and always-none on one user stream."""
+             singles: bool = True, policy_options: dict | None = None) -> dict:
+    """Run the learned policy, the oracle, every single offer and always-none on one user stream.
+
+    ``policy_options``: keyword arguments of :class:`models.policy.thompson.ThompsonPolicy` for the learned policy
+    (e.g. ``{"temper": 6.0}``), to compare its settings on the same visits; reported as ``policy_options``."""
     visits = make_visits(n_users, seed)
+    options = dict(policy_options or {})
     runs = {
-        "learned": run_policy("learned", lambda c, p: ThompsonPolicy(c, holdout_pct=holdout_pct, pacing=p),
+        "learned": run_policy("learned", lambda c, p: ThompsonPolicy(c, holdout_pct=holdout_pct, pacing=p, **options),
                               visits, holdout_pct, progress=progress),
         "oracle": run_policy("oracle", lambda c, p: OraclePolicy(c, holdout_pct, pacing=p, visits=visits), visits,
                              holdout_pct, progress=progress),
@@ -529,6 +534,7 @@ def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, pro
         "visits": len(visits),
         "visits_by_trigger": {t: sum(v.trigger == t for v in visits) for t in TRIGGERS},
         "seed": seed,
+        "policy_options": options,
         "ratio_vs_oracle": round(learned.incremental / oracle.incremental, 4),
         "expected_ratio_vs_oracle": round(learned.expected_incremental / oracle.expected_incremental, 4),
         "best_single": best_single,
@@ -543,9 +549,44 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--holdout-pct", type=float, default=5.0)
+    ap.add_argument("--policy-option", action="append", default=[], metavar="NAME=NUMBER",
+                    help="a numeric ThompsonPolicy setting for the learned policy, e.g. temper=6 (repeatable)")
+    ap.add_argument("--no-singles", action="store_true", help="skip the single-offer runs (faster)")
     a = ap.parse_args()
-    out = simulate(a.users, a.seed, a.holdout_pct, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        options = policy_options(a.policy_option)
+    except ValueError as exc:
+        ap.error(str(exc))
+    out = simulate(a.users, a.seed, a.holdout_pct, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                   singles=not a.no_singles, policy_options=options)
     print(json.dumps(out))
+
+
+NUMERIC_POLICY_OPTIONS = ("floor", "n_draws", "prior_strength", "temper")
+"""The :class:`ThompsonPolicy` settings ``--policy-option`` may set."""
+
+
+def policy_options(pairs: list[str]) -> dict:
+    """``["temper=6", "floor=0.01"]`` -> ``{"temper": 6.0, "floor": 0.01}`` (``n_draws`` an int).
+
+    >>> policy_options(["temper=6", "n_draws=32"])
+    {'temper': 6.0, 'n_draws': 32}
+    >>> policy_options(["tempr=6"])
+    Traceback (most recent call last):
+    ...
+    ValueError: --policy-option tempr=6: unknown setting 'tempr' (one of floor, n_draws, prior_strength, temper)
+    """
+    out: dict = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in NUMERIC_POLICY_OPTIONS:
+            raise ValueError(f"--policy-option {pair}: unknown setting {name!r} (one of "
+                             f"{', '.join(NUMERIC_POLICY_OPTIONS)})")
+        try:
+            out[name] = int(value) if name == "n_draws" else float(value)
+        except ValueError:
+            raise ValueError(f"--policy-option {pair}: {value!r} is not a number") from None
+    return out
 
 
 if __name__ == "__main__":
