@@ -19,6 +19,10 @@ from models.state.budget_redis import RedisBudgetStore
 from models.state.budget_store import UNITS
 
 BUDGET = 60.0
+WARM_UP = 3
+"""Decisions each worker makes before it waits for the other once more: together at most 2 * 3 * 7 = 42 of a
+campaign's 60, so both workers hold part of the budget whichever of them a busy machine starts first (without the
+second wait, one could spend it all before the other's first decision)."""
 CATALOGUE = f"""
 margin_rate: 0.3
 offers:
@@ -48,6 +52,8 @@ def _worker(redis_url: str, prefix: str, wid: int, n: int, barrier, out) -> None
         open_decisions = []
         barrier.wait()
         for i in range(n):
+            if i == WARM_UP:
+                barrier.wait()
             now = 1_000 + i
             await gate.refresh(now)
             ctx = DecisionContext(f"w{wid}-u{i}", now, rnd.uniform(20, 120), ["x"], ["c"], False, 1, 0, 0.2, 0.3)
