@@ -18,10 +18,10 @@ JSON object on stdout (progress on stderr):
 
 Keys: ``horizon_h``, ``points_train``, ``points_test``, ``positives_train``, ``positives_test``, ``features``,
 ``auc`` (``gbm``, ``engine``, ``frequency`` on the test points), ``ratio`` (``engine`` and ``frequency`` AUC over
-``gbm``'s), ``gap_to_gbm`` (``gbm`` minus ``engine``), ``ci95`` (each AUC's DeLong interval), ``gap_to_gbm_ci95``
-(the paired interval of the gap: both models score the same test points, so what they share cancels; an interval
-that holds 0 is no measured gap), and what describes the run. An AUC is ``null`` when the test points hold one
-class only.
+``gbm``'s), ``gap_to_gbm`` (``gbm`` minus ``engine``), ``ci95`` (each AUC's DeLong interval, its variance computed
+over users), ``gap_to_gbm_ci95`` (the paired interval of the gap: both models score the same test points, so what
+they share cancels; an interval that holds 0 is no measured gap), and what describes the run. An AUC is ``null``
+when the test points hold one class only.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ def _say(msg: str) -> None:
     print(f"propensity yardstick: {msg}", file=sys.stderr, flush=True)
 
 
-def decision_point_table(core: LearningCore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def decision_point_table(core: LearningCore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str],
+                                                       np.ndarray]:
     """The core's scored decision points as arrays: features ``X`` (the dense features, then every context key
     seen, 0 where absent), labels ``y``, point times ``ts``, the predictions ``online`` (engine, baseline) made
-    at each point, and the column names."""
+    at each point, the column names, and each point's user (the intervals' clusters)."""
     model = core.purchase_model
     closed = core.watermark - model.horizon_ms
     rows = [(t, f) for t, f in zip(model.predictions, model.kept_features) if t[3] <= closed]
@@ -73,7 +74,8 @@ def decision_point_table(core: LearningCore) -> tuple[np.ndarray, np.ndarray, np
     y = np.array([t[0] for t, _ in rows], dtype=np.int64)
     ts = np.array([t[3] for t, _ in rows], dtype=np.int64)
     online = np.array([(t[1], t[2]) for t, _ in rows], dtype=np.float64).reshape(-1, 2)
-    return X, y, ts, online, names
+    users = np.array([t[4] for t, _ in rows], dtype=object)
+    return X, y, ts, online, names, users
 
 
 def time_cut(ts: np.ndarray, train_share: float = TRAIN_SHARE, split: str = "points") -> int:
@@ -91,9 +93,10 @@ def time_cut(ts: np.ndarray, train_share: float = TRAIN_SHARE, split: str = "poi
 
 
 def fit_and_score(X: np.ndarray, y: np.ndarray, ts: np.ndarray, online: np.ndarray,
-                  train_share: float = TRAIN_SHARE, split: str = "points") -> dict:
+                  train_share: float = TRAIN_SHARE, split: str = "points", users: np.ndarray | None = None) -> dict:
     """Split the points in time (:func:`time_cut`), fit the gradient-boosted model on the earlier ones, and score
-    it, the engine and the baseline on the later ones."""
+    it, the engine and the baseline on the later ones. ``users``: each point's user, over whom the intervals'
+    variance is computed (None: every point independent)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     if len(y) == 0:
@@ -112,9 +115,10 @@ def fit_and_score(X: np.ndarray, y: np.ndarray, ts: np.ndarray, online: np.ndarr
     out["ratio"] = {name: (round(a / gbm, 4) if a is not None and gbm else None)
                     for name, a in (("engine", engine), ("frequency", frequency))}
     out["gap_to_gbm"] = round(gbm - engine, 4) if gbm is not None and engine is not None else None
-    out["ci95"] = {name: rounded(auc_interval(y[test], p) if p is not None else None)
+    clusters = users[test] if users is not None else None
+    out["ci95"] = {name: rounded(auc_interval(y[test], p, clusters=clusters) if p is not None else None)
                    for name, p in (("gbm", gbm_p), ("engine", online[test, 0]), ("frequency", online[test, 1]))}
-    gap = auc_difference(y[test], gbm_p, online[test, 0]) if gbm_p is not None else None
+    gap = auc_difference(y[test], gbm_p, online[test, 0], clusters=clusters) if gbm_p is not None else None
     out["gap_to_gbm_ci95"] = rounded(gap["ci95"]) if gap is not None else None
     return out
 
@@ -128,11 +132,11 @@ def run(events: list[Event], horizon_h: float = 1.0, batch_size: int = 100, trai
     core.purchase_model.keep_features = True
     evaluate_events(events, horizon_h=horizon_h, batch_size=batch_size, core=core, baselines={},
                     report_horizons_h=(), progress=progress)
-    X, y, ts, online, names = decision_point_table(core)
+    X, y, ts, online, names, users = decision_point_table(core)
     if progress:
         progress(f"{len(y)} scored decision points ({int(y.sum())} positive), {len(names)} features; fitting")
     out = {"horizon_h": horizon_h, "events": len(events), "features": len(names)}
-    out.update(fit_and_score(X, y, ts, online, train_share, split))
+    out.update(fit_and_score(X, y, ts, online, train_share, split, users))
     out.update(train_share=train_share, split=split)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out

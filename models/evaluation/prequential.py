@@ -43,11 +43,11 @@ only) are ``null``.
 Uncertainty
 -----------
 The public slices have few positives and many targets from few users, so every comparison comes with a 95 %
-interval (:mod:`models.evaluation.intervals`): ``engine_ci95`` and ``frequency_ci95`` are DeLong intervals of the
-AUCs, ``engine_minus_frequency`` is their paired difference with its interval (``{"difference", "ci95"}``), and
-``engine_vs_baselines`` gives each ratio of HR@20 and MRR@20 with an interval whose variance is computed over users
-(one user's targets are not independent). A ratio whose interval holds 1, or a difference whose interval holds 0, is
-not a measured difference.
+interval (:mod:`models.evaluation.intervals`), its variance computed over users (one user's decision points, or
+next-item targets, are not independent): ``engine_ci95`` and ``frequency_ci95`` are DeLong intervals of the AUCs,
+``engine_minus_frequency`` is their paired difference with its interval (``{"difference", "ci95"}``), and
+``engine_vs_baselines`` gives each ratio of HR@20 and MRR@20 with its interval. A ratio whose interval holds 1, or
+a difference whose interval holds 0, is not a measured difference.
 """
 
 from __future__ import annotations
@@ -150,8 +150,9 @@ def _propensity_core(core: LearningCore, horizon_h: float) -> LearningCore:
     return other
 
 
-def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int]]:
-    """The ``(label, engine p, baseline p, ts)`` of the core's points whose horizon closed before its watermark."""
+def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int, str]]:
+    """The ``(label, engine p, baseline p, ts, user)`` of the core's points whose horizon closed before its
+    watermark."""
     # score only points whose horizon closed before the log ends: positives close early, negatives only at
     # the horizon, so scoring every label seen would compare late positives with early negatives
     closed = core.watermark - core.purchase_model.horizon_ms
@@ -161,11 +162,12 @@ def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int]
 def _horizon_scores(core: LearningCore) -> dict:
     preds = closed_predictions(core)
     y = [t[0] for t in preds]
-    engine, frequency = [t[1] for t in preds], [t[2] for t in preds]
-    diff = auc_difference(y, engine, frequency)
+    engine, frequency, users = [t[1] for t in preds], [t[2] for t in preds], [t[4] for t in preds]
+    diff = auc_difference(y, engine, frequency, clusters=users)
     return {"engine": roc_auc(y, engine), "frequency": roc_auc(y, frequency),
             "scored_points": len(preds), "scored_positives": int(sum(y)),
-            "engine_ci95": rounded(auc_interval(y, engine)), "frequency_ci95": rounded(auc_interval(y, frequency)),
+            "engine_ci95": rounded(auc_interval(y, engine, clusters=users)),
+            "frequency_ci95": rounded(auc_interval(y, frequency, clusters=users)),
             "engine_minus_frequency": None if diff is None else {"difference": round(diff["difference"], 4),
                                                                  "ci95": rounded(diff["ci95"])}}
 

@@ -77,7 +77,8 @@ class DelayedLabelLearner:
     max_pending
         Decision points waiting for a label; the oldest beyond are dropped (counted in ``n_dropped``).
     keep_predictions
-        Also keep every ``(label, engine p, baseline p, point ts)`` (offline evaluation: exact AUC).
+        Also keep every ``(label, engine p, baseline p, point ts, user)`` (offline evaluation: exact AUC, and its
+        interval clustered by user).
     keep_features
         With ``keep_predictions``, also keep each of those points' ``(dense values, extra)`` in
         :attr:`kept_features` (same order): offline models can then learn from the very points the engine is
@@ -144,7 +145,7 @@ class DelayedLabelLearner:
         self.n_open = 0
         self.n_negative_seen = 0
         self.n_scored = 0
-        self.predictions: list[tuple[int, float, float, int]] = []
+        self.predictions: list[tuple[int, float, float, int, str]] = []
         self.kept_features: list[tuple[tuple[float, ...], dict | None]] = []
 
     def clone(self) -> "DelayedLabelLearner":
@@ -302,7 +303,7 @@ class DelayedLabelLearner:
         self.n_positive += y
         if self.keep_predictions:
             p, b = pt.preds
-            self.predictions.append((y, p, b, pt.ts))
+            self.predictions.append((y, p, b, pt.ts, pt.user))
             if self.keep_features:
                 self.kept_features.append((tuple(pt.values), pt.extra))
         if self.learn_at == "label":
