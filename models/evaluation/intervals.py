@@ -46,9 +46,10 @@ def delong(y, scores: Sequence, clusters=None) -> tuple[np.ndarray, np.ndarray] 
     >>> aucs, cov = delong([0, 0, 1, 1], [[0.1, 0.4, 0.35, 0.8]])
     >>> float(aucs[0]), round(float(cov[0, 0]), 6)
     (0.75, 0.125)
-    >>> _, cov = delong([0, 0, 1, 1], [[0.1, 0.4, 0.35, 0.8]], clusters=["a", "b", "a", "b"])
-    >>> round(float(cov[0, 0]), 6)
-    0.0
+    >>> _, once = delong([0, 0, 1, 1], [[0.1, 0.4, 0.35, 0.8]], clusters=["a", "b", "c", "d"])
+    >>> _, thrice = delong([0, 0, 1, 1] * 3, [[0.1, 0.4, 0.35, 0.8] * 3], clusters=["a", "b", "c", "d"] * 3)
+    >>> round(float(once[0, 0]), 6), round(float(thrice[0, 0]), 6)  # each user's points thrice: no more evidence
+    (0.083333, 0.083333)
     """
     y = np.asarray(y, dtype=np.int64)
     pos = y == 1
