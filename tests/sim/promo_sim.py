@@ -514,7 +514,8 @@ def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, pro
     visits = make_visits(n_users, seed)
     options = dict(policy_options or {})
     runs = {
-        "learned": run_policy("learned", lambda c, p: ThompsonPolicy(c, holdout_pct=holdout_pct, pacing=p, **options),
+        "learned": run_policy("learned",
+                              lambda c, p: ThompsonPolicy(c, holdout_pct=holdout_pct, pacing=p, **options),
                               visits, holdout_pct, progress=progress),
         "oracle": run_policy("oracle", lambda c, p: OraclePolicy(c, holdout_pct, pacing=p, visits=visits), visits,
                              holdout_pct, progress=progress),
@@ -544,24 +545,6 @@ def simulate(n_users: int = 50_000, seed: int = 1, holdout_pct: float = 5.0, pro
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=50_000)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--holdout-pct", type=float, default=5.0)
-    ap.add_argument("--policy-option", action="append", default=[], metavar="NAME=NUMBER",
-                    help="a numeric ThompsonPolicy setting for the learned policy, e.g. temper=6 (repeatable)")
-    ap.add_argument("--no-singles", action="store_true", help="skip the single-offer runs (faster)")
-    a = ap.parse_args()
-    try:
-        options = policy_options(a.policy_option)
-    except ValueError as exc:
-        ap.error(str(exc))
-    out = simulate(a.users, a.seed, a.holdout_pct, progress=lambda m: print(m, file=sys.stderr, flush=True),
-                   singles=not a.no_singles, policy_options=options)
-    print(json.dumps(out))
-
-
 NUMERIC_POLICY_OPTIONS = ("floor", "n_draws", "prior_strength", "temper")
 """The :class:`ThompsonPolicy` settings ``--policy-option`` may set."""
 
@@ -587,6 +570,24 @@ def policy_options(pairs: list[str]) -> dict:
         except ValueError:
             raise ValueError(f"--policy-option {pair}: {value!r} is not a number") from None
     return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=50_000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--holdout-pct", type=float, default=5.0)
+    ap.add_argument("--policy-option", action="append", default=[], metavar="NAME=NUMBER",
+                    help="a numeric ThompsonPolicy setting for the learned policy, e.g. temper=6 (repeatable)")
+    ap.add_argument("--no-singles", action="store_true", help="skip the single-offer runs (faster)")
+    a = ap.parse_args()
+    try:
+        options = policy_options(a.policy_option)
+    except ValueError as exc:
+        ap.error(str(exc))
+    out = simulate(a.users, a.seed, a.holdout_pct, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                   singles=not a.no_singles, policy_options=options)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
