@@ -22,14 +22,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "delong", "auc_interval", "auc_difference", "ratio_interval", "rounded"]
+__all__ = ["Z95", "midranks", "delong", "auc_interval", "auc_difference", "ratio_interval", "rounded"]
 
 Z95 = 1.959963984540054
 """The standard normal quantile of a two-sided 95 % interval."""
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x``, ties given their average rank."""
+def midranks(x) -> np.ndarray:
+    """1-based ranks of ``x``, ties given their average rank.
+
+    >>> midranks([0.3, 0.1, 0.3]).tolist()
+    [2.5, 1.0, 2.5]
+    """
     _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
     return (ends - (counts - 1) / 2.0)[inv]
@@ -62,8 +66,8 @@ def delong(y, scores: Sequence, clusters=None) -> tuple[np.ndarray, np.ndarray] 
     v_neg = np.empty((k, n))  # per negative: the share of positives that outrank it
     for i, s in enumerate(scores):
         s = np.asarray(s, dtype=np.float64)
-        ranks = _midranks(s)
-        rx, ry = _midranks(s[pos]), _midranks(s[~pos])
+        ranks = midranks(s)
+        rx, ry = midranks(s[pos]), midranks(s[~pos])
         aucs[i] = (ranks[pos].sum() - m * (m + 1) / 2.0) / (m * n)
         v_pos[i] = (ranks[pos] - rx) / n
         v_neg[i] = 1.0 - (ranks[~pos] - ry) / m

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.evaluation.baselines import NextItemBaseline, make_baselines
-from models.evaluation.intervals import auc_difference, auc_interval, ratio_interval, rounded
+from models.evaluation.intervals import auc_difference, auc_interval, midranks, ratio_interval, rounded
 from models.events import Event
 from models.state.item_memory import MemoryItemStore
 from models.learning.core import LearningCore
@@ -86,10 +86,7 @@ def roc_auc(y, p) -> float | None:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
-    ranks = avg_rank[inv]
+    ranks = midranks(p)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 

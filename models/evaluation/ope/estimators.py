@@ -22,8 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-Z95 = 1.959963984540054
-"""The standard normal quantile of a two-sided 95 % interval."""
+from models.evaluation.intervals import Z95
 
 
 class OffPolicyEstimator(ABC):

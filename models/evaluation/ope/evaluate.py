@@ -15,7 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from models.evaluation.ope.engine import EnginePolicyReplay
-from models.evaluation.ope.estimators import (ESTIMATORS, Z95, InverseProbabilityWeighting, OffPolicyEstimator,
+from models.evaluation.intervals import Z95
+from models.evaluation.ope.estimators import (ESTIMATORS, InverseProbabilityWeighting, OffPolicyEstimator,
                                               SelfNormalisedIPS)
 from models.evaluation.ope.logged import LoggedRow, PolicyDataError
 from models.evaluation.ope.reward_model import ShrinkageRewardModel, greedy
@@ -29,6 +30,11 @@ def _reported(x: float) -> float | None:
     if x != x:
         return None
     return round(float(x), 8)
+
+
+def _reported_interval(value: float, se: float) -> list[float | None]:
+    """The 95 % normal interval ``value ± Z95 se`` as the report gives it (:func:`_reported` ends)."""
+    return [_reported(value - Z95 * se), _reported(value + Z95 * se)]
 
 
 class _Estimates:
@@ -47,7 +53,7 @@ class _Estimates:
         for name, estimator in self.each.items():
             value, se = estimator.estimate(i)
             out[name] = _reported(value)
-            out[f"{name}_ci95"] = [_reported(value - Z95 * se), _reported(value + Z95 * se)]
+            out[f"{name}_ci95"] = _reported_interval(value, se)
         snips = self.each["snips"]
         assert isinstance(snips, SelfNormalisedIPS)
         return {"ips": out["ips"], "snips": out["snips"], "dr": out["dr"], "ci95": out["dr_ci95"],
@@ -217,11 +223,12 @@ class _ProgressiveEvaluation:
             return None
         halves = []
         for name, chooser, scorer in (("first", first, second), ("second", second, first)):
-            best = int(np.argmax([chooser.estimate(i)[0] for i in range(len(self.actions))]))
+            where_chosen = [chooser.estimate(i)[0] for i in range(len(self.actions))]
+            best = int(np.argmax(where_chosen))
             value, se = scorer.estimate(best)
             halves.append({"chosen_on": f"{name} half", "policy": f"always:{self.actions[best]}",
-                           "ips_where_chosen": _reported(chooser.estimate(best)[0]), "ips_on_other_half":
-                           _reported(value), "ci95": [_reported(value - Z95 * se), _reported(value + Z95 * se)]})
+                           "ips_where_chosen": _reported(where_chosen[best]), "ips_on_other_half": _reported(value),
+                           "ci95": _reported_interval(value, se)})
         mean = (halves[0]["ips_on_other_half"] + halves[1]["ips_on_other_half"]) / 2.0
         return {"ips": _reported(mean), "halves": halves}
 
@@ -230,7 +237,7 @@ class _ProgressiveEvaluation:
         n = self.n_rows
         mean = self.logged_mean()
         se = math.sqrt(max(self.logged_reward_sq_sum / n - mean * mean, 0.0) / n)
-        ci95 = [_reported(mean - Z95 * se), _reported(mean + Z95 * se)]
+        ci95 = _reported_interval(mean, se)
         return {"ips": _reported(mean), "snips": _reported(mean), "dr": _reported(mean), "ci95": ci95,
                 "ips_ci95": ci95, "snips_ci95": ci95, "dr_ci95": ci95, "ess": float(n)}
 
