@@ -35,6 +35,18 @@ def test_learned_policy_earns_its_cost(report):
     assert lc[-2] / oc[-2] > lc[0] / oc[0]
 
 
+def test_learning_curve_shows_where_the_shortfall_lies(report):
+    curve = report["expected_ratio_vs_oracle_curve"]
+    learned, oracle = report["runs"]["learned"]["curve"], report["runs"]["oracle"]["curve"]
+    assert curve["by_tenth"] == [round(x / o, 4) for x, o in zip(learned, oracle)]
+    assert len(curve["by_tenth"]) == 10
+    # the whole campaign's ratio is a weighted mean of its halves' (the curve's margins are rounded to cents)
+    assert curve["first_half"] - 1e-3 <= report["expected_ratio_vs_oracle"] <= curve["second_half"] + 1e-3
+    # most of the shortfall is the cost of learning: once it has learnt, the policy is within 5 % of the oracle
+    assert curve["first_half"] < curve["second_half"], curve
+    assert curve["second_half"] >= 0.95, curve
+
+
 def test_constraints_checked_and_binding(report):
     for name, r in report["runs"].items():
         assert r["checks"] >= r["decisions"], name  # budgets checked after every decision (and settlement)
