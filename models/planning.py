@@ -33,6 +33,13 @@ OPEN_FIELD = "open"  # the user's open decisions (attribution windows), kept bes
 DAY_MS = 86_400_000
 
 
+def _profile(doc: dict) -> Profile:
+    """The profile of a stored document, without the open decisions beside it (:data:`OPEN_FIELD`)."""
+    if OPEN_FIELD in doc:
+        doc = {k: v for k, v in doc.items() if k != OPEN_FIELD}
+    return Profile.from_dict(doc)
+
+
 def basket_value(prof: Profile, e: Event, trigger: str) -> float:
     """The basket an offer decided at ``trigger`` is weighed against (``DecisionContext.cart_value``): the cart's
     value; at another moment with an empty cart (after an order, a return, browsing) the order the offer aims at
@@ -177,10 +184,9 @@ class Planner:
 
     @staticmethod
     def profile_of(load) -> Profile:
-        """The profile a store load holds (without the open decisions beside it)."""
-        raw = dict(load.profile)
-        raw.pop(OPEN_FIELD, None)
-        return Profile.from_dict(raw)
+        """The profile a store load holds (without the open decisions beside it), to read: it shares the load's
+        containers, so only a plan, which takes its own (:meth:`UserLoad.take_profile`), may change them."""
+        return _profile(load.profile)
 
     def due_seeds(self, prof: Profile) -> list[str]:
         """The items that seed the recommendations of a decision made on ``prof`` as it is (a timer's)."""
@@ -230,9 +236,9 @@ class Planner:
         that expired by then, and settle the user's timer-fired decisions (``load.stored`` holds them): drop those
         marked sent, send again those a crash left unsent unless ``inflight`` (this process is sending them).
         ``owned``: the partitions whose timers this worker fires (None: all)."""
-        raw = dict(load.profile)
-        open_raw = raw.pop(OPEN_FIELD, None)
-        prof = Profile.from_dict(raw)
+        doc = load.take_profile()  # this plan's own: a plan made again from the same load starts afresh
+        open_raw = doc.get(OPEN_FIELD)
+        prof = _profile(doc)
         if isinstance(open_raw, (str, bytes)):  # written by an earlier version: JSON text
             open_raw = jsoncodec.loads(open_raw)
         open_ = [OpenDecision.from_dict(d) for d in open_raw] if open_raw else []

@@ -169,3 +169,19 @@ def consume_all(settings: Settings, topic: str, done, timeout: float = 60.0) -> 
 
 def event_bytes(e: dict) -> bytes:
     return json.dumps(e, separators=(",", ":")).encode()
+
+
+def choosing(offer_id: str):
+    """A Thompson policy class that always chooses ``offer_id`` when it is eligible, else ``none`` (a test that
+    needs that offer's budget reserved); otherwise the production policy."""
+    from models.policy.thompson import ThompsonPolicy
+
+    class Choosing(ThompsonPolicy):
+        def choice_distribution(self, ctx, eligible, rng):
+            probs, scores = super().choice_distribution(ctx, eligible, rng)
+            probs[:] = [1.0 if s.offer_id == offer_id else 0.0 for s in eligible]
+            if not probs.any():
+                probs[0] = 1.0  # eligible[0] is none
+            return probs, scores
+
+    return Choosing

@@ -43,8 +43,10 @@ class MemoryStore(EngineStore):
     async def load(self, event_ids, triggers):
         out = {}
         for uid, eids in event_ids.items():
+            packed = self.profiles.get(uid)
             out[uid] = UserLoad(
-                profile=jsoncodec.loads(self.profiles.get(uid, "{}")),  # a fresh copy, as from Redis
+                profile=jsoncodec.loads(packed) if packed else {},  # a fresh copy, as from Redis
+                packed=packed,
                 version=str(self.versions[uid]) if uid in self.versions else "",
                 token=self.tokens.get(uid, ""),
                 seen={e for e in eids if (uid, e) in self.seen},

@@ -191,7 +191,7 @@ class RedisStore(EngineStore):
         for uid, eids, trig in plan:
             packed, ver, tok = res[i]
             load = UserLoad(profile=jsoncodec.loads(packed) if packed else {}, version=ver.decode() if ver else "",
-                            token=tok.decode() if tok else "")
+                            token=tok.decode() if tok else "", packed=packed)
             i += 1
             if eids:
                 if res[i] == len(eids):

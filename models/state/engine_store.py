@@ -45,16 +45,43 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from models import jsoncodec
+
 
 @dataclass(slots=True)
 class UserLoad:
-    """What the store knows about one user of a batch, read before planning."""
+    """What the store knows about one user of a batch, read before planning.
+
+    A plan changes the profile it is given in place (its counts, cart and windows), and a user may be planned
+    more than once from one load (a budget reservation refused: :meth:`models.engine.Engine._plan_and_reserve`).
+    So each plan takes its profile with :meth:`take_profile`: the first the decoded :attr:`profile`, every later one
+    its own copy decoded again from :attr:`packed`, the document as stored.
+
+    >>> load = UserLoad({"counts": {"cart": 1}}, packed=b'{"counts":{"cart":1}}')
+    >>> load.take_profile()["counts"]["cart"] += 1   # a first plan folds an add-to-cart
+    >>> load.take_profile()                           # a plan made again starts from the stored profile
+    {'counts': {'cart': 1}}
+    """
 
     profile: dict
     seen: set[str] = field(default_factory=set)
     stored: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # trigger event id -> (json, sent)
     version: str = ""  # the profile version read; a commit succeeds only if it is still current
     token: str = ""  # the token of the user's last commit (models.batch.BatchProgress: a commit in doubt)
+    packed: bytes | str | None = None  # the profile document as stored (None: a new user, or not kept)
+    taken: bool = False  # whether a plan took :attr:`profile` (see :meth:`take_profile`)
+
+    def take_profile(self) -> dict:
+        """The stored profile for one plan to change: :attr:`profile` the first time, then a fresh copy each time.
+
+        A store that keeps no :attr:`packed` document gets one encoded here, at the first take, before any plan
+        could change the profile."""
+        if not self.taken:
+            self.taken = True
+            if self.packed is None and self.profile:
+                self.packed = jsoncodec.dumps(self.profile)
+            return self.profile
+        return jsoncodec.loads(self.packed) if self.packed else {}
 
 
 @dataclass(slots=True)

@@ -63,6 +63,20 @@ class EngineStoreContract:
         refused = UserCommit("u1", {"n": "3"}, ["e1"], [], version="2", ledger=['{"i":"never"}'])
         assert run(store.commit([refused])) == [False] and run(store.ledger("u1", 1)) == ['{"i":59}']
 
+    def test_every_plan_after_the_first_takes_a_fresh_copy_of_the_stored_profile(self):
+        store = self.make_store()
+        stored = {"counts": {"cart": 1}, "cart": {"i1": [1, 50.0, None]}}
+        assert run(store.commit([UserCommit("u1", stored, ["e1"], [])])) == [True]
+        load = run(store.load({"u1": ["e2"]}, {}))["u1"]
+        first = load.take_profile()
+        assert first == stored
+        first["counts"]["cart"] += 1  # a plan folds an add-to-cart in place
+        first["cart"]["i1"][0] += 1
+        again = load.take_profile()
+        assert again == stored and again is not first
+        assert run(store.load({"u1": []}, {}))["u1"].take_profile() == stored  # nothing written back
+        assert run(store.load({"nobody": []}, {}))["nobody"].take_profile() == {}
+
     def test_load_tells_which_events_each_user_has_seen_all_some_or_none(self):
         store = self.make_store()
         commits = [UserCommit("all", {"n": "1"}, ["a1", "a2"], []), UserCommit("some", {"n": "1"}, ["s1"], [])]
