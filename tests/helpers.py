@@ -185,3 +185,23 @@ def choosing(offer_id: str):
             return probs, scores
 
     return Choosing
+
+
+def refusing_first_reservation():
+    """An in-memory budget store whose first reservation call is refused as a whole (another worker took the
+    budget after this one last read it); ``refusals`` counts it. Later calls reserve as usual."""
+    from models.state.budget_memory import MemoryBudgetStore
+    from models.state.budget_store import ReserveResult
+
+    class RefusesFirst(MemoryBudgetStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refusals = 0
+
+        async def reserve(self, reqs):
+            if not self.refusals and reqs:
+                self.refusals = 1
+                return [ReserveResult(False, 0.0) for _ in reqs]
+            return await super().reserve(reqs)
+
+    return RefusesFirst()

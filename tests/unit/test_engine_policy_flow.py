@@ -13,7 +13,7 @@ from models.policy.catalogue import parse_catalogue
 from models.engine import Engine
 from models.events import Event
 from models.state.engine_memory import MemoryStore
-from tests.helpers import choosing
+from tests.helpers import choosing, refusing_first_reservation
 
 CAT = """
 offers:
@@ -317,34 +317,22 @@ def test_a_user_planned_again_after_a_refused_reservation_folds_the_batch_once()
     from the same load: the second plan starts from the stored profile, so the batch's events are folded once (a
     plan folded them into the loaded profile in place, and the cart counted twice)."""
 
-    class RefuseFirst(MemoryBudgetStore):
-        def __init__(self):
-            super().__init__()
-            self.refusals = 0
-
-        async def reserve(self, reqs):
-            if self.refusals == 0 and reqs:
-                self.refusals = 1
-                from models.state.budget_store import ReserveResult
-
-                return [ReserveResult(False, 0.0) for _ in reqs]
-            return await super().reserve(reqs)
-
     folded = {}
-    for budgets in (MemoryBudgetStore(), RefuseFirst()):
+    for name, budgets in (("plain", MemoryBudgetStore()), ("refused", refusing_first_reservation())):
         store = MemoryStore()
         cat = parse_catalogue(CAT)
         eng = Engine(store, choosing("c5")(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
                      budget=BudgetGate(cat, budgets, window_ms=24 * H), conversions=OutcomeStats(),
                      clock_ms=lambda: 0, decision_cooldown_s=0)
         run(eng.process_batch([Event("v1", "view", "u1", "i0", 0, price=20.0)]))  # a stored profile to load
-        (d,) = run(eng.process_batch([Event("v2", "view", "u1", "i1", 1_000, price=50.0), cart(1, ts=2_000)])).decisions
-        assert d.offer.offer_id == ("none" if budgets.__class__ is RefuseFirst else "c5")
+        batch = [Event("v2", "view", "u1", "i1", 1_000, price=50.0), cart(1, ts=2_000)]
+        (d,) = run(eng.process_batch(batch)).decisions
+        assert d.offer.offer_id == ("none" if name == "refused" else "c5")
         prof = json.loads(store.profiles["u1"])
-        folded[type(budgets).__name__] = {k: prof[k] for k in ("counts", "cart", "recent_items", "cat_aff",
+        folded[name] = {k: prof[k] for k in ("counts", "cart", "recent_items", "cat_aff",
                                                                  "item_aff", "session_events", "session_carts")}
-    assert folded["RefuseFirst"] == folded["MemoryBudgetStore"]
-    assert folded["RefuseFirst"]["counts"] == {**folded["RefuseFirst"]["counts"], "view": 2, "cart": 1}
+    assert folded["refused"] == folded["plain"]
+    assert folded["refused"]["counts"] == {**folded["refused"]["counts"], "view": 2, "cart": 1}
 
 
 def test_the_policy_setting_picks_the_policy():

@@ -21,10 +21,10 @@ from models.policy.catalogue import CatalogueError, parse_catalogue
 from models.policy.rules import RulePolicy
 from models.profile import DAY_MS
 from models.state.budget_memory import MemoryBudgetStore
-from models.state.budget_store import ReserveResult
 from models.state.engine_memory import MemoryStore
 from models.triggers import TRIGGERS, build_triggers, trigger_names
 from models.triggers.base import timer_trigger_id
+from tests.helpers import refusing_first_reservation
 
 CAT = """
 offers:
@@ -227,22 +227,11 @@ def test_offers_not_listed_for_a_trigger_are_never_given_there():
 
 
 def test_a_sweep_decides_again_from_the_stored_profile_when_a_reservation_is_refused():
-    """The sweep reads each due user's profile once for its own use and hands it to the user's first plan; a plan
-    made again (another worker took the budget meanwhile) must start from the stored profile, not from the one the
-    first plan changed (its timer already fired there, so the decision would be lost)."""
+    """A timer's decision planned again in the sweep (another worker took the budget meanwhile) starts from the
+    stored profile, not from the one the first plan changed: the timer already fired there, so the decision was
+    lost."""
 
-    class RefusesFirst(MemoryBudgetStore):
-        def __init__(self) -> None:
-            super().__init__()
-            self.refusals = 0
-
-        async def reserve(self, reqs):
-            if not self.refusals and reqs:
-                self.refusals = 1
-                return [ReserveResult(False, 0.0) for _ in reqs]
-            return await super().reserve(reqs)
-
-    budgets = RefusesFirst()
+    budgets = refusing_first_reservation()
     eng = engine(names=["cart_abandonment"], budgets=budgets)
     run(eng.process_batch([ev("c1", "cart", "u1", T0)]))
     swept = run(eng.sweep(T0 + H))
