@@ -69,6 +69,23 @@ MIN_ALPHA = 1e-6
 order's margin), so a cell's sum may fall to or below 0, where the Gamma posterior is undefined."""
 
 
+_UNREAD = object()
+
+
+def _parse_field(raw: bytes | str) -> tuple[str, tuple, int] | None:
+    """``(offer id, cell, 0 for alpha or 1 for beta)`` of a shared-hash field name (:meth:`ThompsonPolicy.cell_field`
+    after ``a:`` or ``b:``); None for the hash's other fields.
+
+    >>> _parse_field(b'b:["pct_10",[3,"retention"]]'), _parse_field("n")
+    (('pct_10', (3, 'retention'), 1), None)
+    """
+    name = raw.decode() if isinstance(raw, bytes) else raw
+    if name[:2] not in ("a:", "b:"):
+        return None
+    offer_id, cell = json.loads(name[2:])
+    return offer_id, tuple(cell), 0 if name[0] == "a" else 1
+
+
 def _cell_value(ctx: DecisionContext, key: str):
     if key == "segment":
         return ctx.segment
@@ -141,6 +158,8 @@ class ThompsonPolicy(Policy):
         self.defer_exposure = defer_exposure
         self.cells: dict[tuple[str, tuple], list[float]] = {}  # (offer, cell) -> [alpha, beta]
         self.n_learned = 0
+        # the store's field names parsed once (load_state reads the whole hash after every batch that decided)
+        self._field_names: dict[bytes | str, tuple[str, tuple, int] | None] = {}
 
     # --- response model ----------------------------------------------------------------------
     def cell(self, ctx: DecisionContext) -> tuple:
@@ -371,15 +390,21 @@ class ThompsonPolicy(Policy):
         ({('pct_10', (3,)): [2.5, 4.0]}, 7)
         """
         cells: dict[tuple[str, tuple], list[float]] = {}
+        names = self._field_names
+        if len(names) > 2 * len(state) + 64:  # names of fields the hash no longer has: start again
+            names.clear()
+        offers = self.catalogue.offers
         for raw, value in state.items():
-            name = raw.decode() if isinstance(raw, bytes) else raw
-            if name[:2] not in ("a:", "b:"):
+            field = names.get(raw, _UNREAD)
+            if field is _UNREAD:
+                field = names[raw] = _parse_field(raw)
+            if field is None or field[0] not in offers:  # not a posterior, or an offer no longer in the catalogue
                 continue
-            offer_id, cell = json.loads(name[2:])
-            if offer_id not in self.catalogue.offers:
-                continue  # an offer no longer in the catalogue
-            ab = cells.setdefault((offer_id, tuple(cell)), [0.0, 0.0])
-            ab[0 if name[0] == "a" else 1] = float(value)
+            offer_id, cell, i = field
+            ab = cells.get((offer_id, cell))
+            if ab is None:
+                ab = cells[(offer_id, cell)] = [0.0, 0.0]
+            ab[i] = float(value)
         self.cells = cells
         n = state.get(b"n", state.get("n"))
         self.n_learned = int(float(n)) if n is not None else 0

@@ -222,3 +222,28 @@ def test_learns_each_trigger_on_its_own():
     assert at_cart["none"] > 250, at_cart
     assert abandoned["pct"] > 250, abandoned
 
+
+
+def test_loading_the_shared_hash_again_and_again_reads_what_it_holds_now():
+    """The worker reads the whole shared hash after every batch that decided, and parses each field name once: every
+    load still gives exactly what the hash holds then - a cell gone from it is gone, a value changed is taken, an
+    offer no longer in the catalogue is left out - and the parsed names do not outgrow the hash."""
+    def field(kind: str, offer: str, cell: list) -> bytes:
+        return f"{kind}:{ThompsonPolicy.cell_field(offer, tuple(cell))}".encode()
+
+    p = ThompsonPolicy(CAT, holdout_pct=0.0)
+    big = {field(k, o, [s, t] if t else [s]): str(s + 0.5).encode()
+           for k in "ab" for o in ("cheap", "dear", "gone") for s in range(30) for t in (None, "retention")}
+    big[b"n"] = b"9"
+    p.load_state(big)
+    assert len(p.cells) == 2 * 30 * 2 and ("gone", (0,)) not in p.cells
+    assert p.cells[("dear", (7, "retention"))] == [7.5, 7.5] and p.n_learned == 9
+    small = {field("a", "cheap", [1]): b"2", field("b", "cheap", [1]): b"3", field("a", "pct", [1]): b"4"}
+    for _ in range(2):  # the second load reads names the first one parsed
+        p.load_state(small)
+        assert p.cells == {("cheap", (1,)): [2.0, 3.0], ("pct", (1,)): [4.0, 0.0]} and p.n_learned == 0
+    assert len(p._field_names) <= 2 * len(small) + 64  # the big hash's names were dropped
+    fresh = ThompsonPolicy(CAT, holdout_pct=0.0)
+    fresh.load_state(big)
+    p.load_state(big)
+    assert p.cells == fresh.cells
