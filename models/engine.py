@@ -54,6 +54,10 @@ from models.triggers.cart import CartTrigger
 
 log = logging.getLogger("promo.engine")
 
+RESERVE_ROUNDS = 3
+"""Times a batch's users may see a budget reservation refused and decide again with that offer blocked; the last
+time every budgeted offer is blocked for them (:meth:`Engine._plan_and_reserve`)."""
+
 SWEEP_CHUNK = 50
 """Users the expiry sweep loads, plans and commits at a time. Planning is synchronous: a sweep that found 1,000
 users due (timers, expired windows) planned them in one go and stopped the event loop, and every batch waiting in
@@ -348,16 +352,28 @@ class Engine:
 
     async def _plan_and_reserve(self, users: list[str], plan, blocked: dict[str, dict[str, str]]) -> list[UserPlan]:
         """``plan(user)`` for each user, and the budgets of their decisions reserved: a refused reservation (another
-        decision took the rest of the budget) makes the user decide again with that offer in ``blocked``."""
+        decision took the rest of the budget) makes the user decide again with that offer in ``blocked``.
+
+        After :data:`RESERVE_ROUNDS` refusals a user decides once more with every budgeted offer blocked, a plan
+        that needs no reservation: every plan returned is reserved or reserves nothing, so no budgeted offer is
+        ever committed and sent without its budget held."""
         plans = [plan(u) for u in users]
-        if self.budget is not None:
-            for _ in range(3):
-                refused = await self.budget.reserve_for(plans)
-                if not refused:
-                    break
-                for u, offers in refused.items():
-                    blocked.setdefault(u, {}).update(offers)
-                plans = [plan(p.user_id) if p.user_id in refused else p for p in plans]
+        if self.budget is None:
+            return plans
+        for last in [False] * (RESERVE_ROUNDS - 1) + [True]:
+            refused = await self.budget.reserve_for(plans)
+            if not refused:
+                return plans
+            for u, offers in refused.items():
+                no = blocked.setdefault(u, {})
+                no.update(offers)
+                if last:
+                    for oid in self.budget.budgets:
+                        no.setdefault(oid, f"budget contended: {RESERVE_ROUNDS} reservations refused in this batch")
+            plans = [plan(p.user_id) if p.user_id in refused else p for p in plans]
+        unreserved = [p.user_id for p in plans if p.user_id in refused and p.requests]
+        if unreserved:  # the gate's budgeted offers and its requests disagree: a bug, never a decision unreserved
+            raise RuntimeError(f"{len(unreserved)} plan(s) still need a budget with every budgeted offer blocked")
         return plans
 
     async def _prefetch_items(self, pending: dict[str, list[Event]], loads: dict, triggers: dict[str, list[str]]):

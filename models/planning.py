@@ -250,7 +250,13 @@ class Planner:
         stored_json: list[tuple[str, bytes]] = []
         # the whole order, at its first line (lines of one order share order_id, else ts): orders_from_events
         # groups them in first-seen order, the same order as their first lines
-        purchases = [e for e in evs if e.type == "purchase" and e.event_id not in load.seen]
+        # (each line once, its first copy: a line delivered twice in one batch is a duplicate, as the fold below
+        # counts it)
+        lines: dict[str, Event] = {}
+        for e in evs:
+            if e.type == "purchase" and e.event_id not in load.seen:
+                lines.setdefault(e.event_id, e)
+        purchases = list(lines.values())
         first_lines: dict[str, str] = {}
         for e in purchases:
             first_lines.setdefault(e.order_id or f"ts:{e.ts}", e.event_id)

@@ -343,3 +343,50 @@ def test_the_policy_setting_picks_the_policy():
     assert isinstance(rules.policy, RulePolicy) and not rules.shares_policy and rules.shares_outcomes
     default = Engine.from_settings(Settings(_env_file=None), MemoryStore())
     assert isinstance(default.policy, ThompsonPolicy) and default.shares_policy and default.shares_outcomes
+
+
+def test_a_user_refused_in_every_round_decides_without_a_budgeted_offer():
+    """Another worker took every campaign's budget after this worker last read the spends. Each reservation the
+    user's plan asks for is refused, and the user decides again with that offer blocked; after the last round no
+    plan may be committed unreserved: the user decides with every budgeted offer blocked, and no campaign is
+    overspent."""
+    from models.policy.rules import RulePolicy
+    from models.engine import RESERVE_ROUNDS
+
+    cat = parse_catalogue("offers:\n" + "".join(
+        f"  - {{offer_id: {o}, kind: coupon, value: 5, prior_uplift: {0.9 - i / 10}, budget: 10}}\n"
+        for i, o in enumerate("abcd")))
+    assert len(cat.budgets()) > RESERVE_ROUNDS  # more offers than rounds: the last plan would pick a fresh one
+    budgets = MemoryBudgetStore()
+    other = BudgetGate(cat, budgets)
+    for o in "abcd":
+        assert run(other.reserve([other.request(f"x-{o}-{k}", o, 100.0, 0) for k in (1, 2)])) == [True, True]
+    eng = Engine(MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                 budget=BudgetGate(cat, budgets), clock_ms=lambda: 0, decision_cooldown_s=0)
+    (d,) = run(eng.process_batch([Event("e1", "cart", "u1", "i1", 1_000, price=100.0)])).decisions
+    assert d.offer.offer_id == "none"
+    assert any("budget contended" in r for r in d.reasons), d.reasons
+    spent = run(budgets.spend(list("abcd")))
+    assert all(s.spent <= 10.0 for s in spent.values()), spent
+
+
+def test_a_purchase_line_delivered_twice_in_one_batch_counts_once_in_its_order():
+    """A producer's retry can put one purchase line twice into a batch. The fold counts the copy as a duplicate,
+    and the order the open decision is attributed with holds the line once: the outcome, revenue and cost are those
+    of the line delivered once (a threshold offer's minimum spend is not reached by counting the line twice)."""
+    from models.policy.rules import RulePolicy
+
+    closed = {}
+    for copies in (1, 2):
+        cat = parse_catalogue("offers:\n  - {offer_id: t100, kind: threshold, value: 15, min_spend: 100, "
+                              "prior_uplift: 0.9}\n")
+        eng = Engine(MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                     clock_ms=lambda: 0, decision_cooldown_s=0)
+        (d,) = run(eng.process_batch([Event("c1", "cart", "u1", "i1", 1_000, price=60.0)])).decisions
+        assert d.offer.offer_id == "t100"
+        line = Event("p1", "purchase", "u1", "i1", 2_000, price=60.0, order_id="o1", decision_id=d.decision_id)
+        res = run(eng.process_batch([line] * copies))
+        assert res.duplicates == copies - 1 and res.applied == {"purchase": 1}
+        (c,) = res.closed
+        closed[copies] = (c.outcome, c.revenue, c.cost, c.reward)
+    assert closed[2] == closed[1] == ("converted", 60.0, 0.0, 15.0)
