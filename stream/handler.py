@@ -188,8 +188,10 @@ class _Decoded:
 
     valid: list[Event] = field(default_factory=list)
     clear_ids: dict[str, str] = field(default_factory=dict)  # pseudonym -> clear id, for outgoing decisions only
-    msg_by_event: dict[str, RawMessage] = field(default_factory=dict)
-    recv_by_event: dict[str, int] = field(default_factory=dict)  # receipt time, for the decision latency
+    # keyed by (user id as the engine sees it, event id), the engine's identity of an event: two users' events may
+    # share an id (a shop's per-store counters), and a poison event must be dead-lettered as its own message
+    msg_by_event: dict[tuple[str, str], RawMessage] = field(default_factory=dict)
+    recv_by_event: dict[tuple[str, str], int] = field(default_factory=dict)  # receipt time, for decision latency
     decoder_failed: list[tuple[RawMessage, bytes]] = field(default_factory=list)  # DLQ records, after the limit
 
 
@@ -311,12 +313,34 @@ class BatchHandler:
                 failing.add(self._transient(what, fault, exc, attempt, component))
                 await asyncio.sleep(backoff.next())
                 continue
-            for comp in sorted(failing):
-                if self.health.recover(comp):
-                    log.info("%s answers again after %d failed attempt(s) at %s; resuming", comp, attempt, what)
-                    if self.on_recovered is not None:
-                        await self.on_recovered(comp)
+            await self._recovered(what, failing, attempt, backoff, component)
             return out
+
+    async def _recovered(self, what: str, failing: set[str], attempt: int, backoff: Backoff, default: str) -> None:
+        """The components that failed during ``what`` answer again: ``/readyz`` recovers each, and
+        :attr:`on_recovered` checks it (the epoch guard reads its marker from Redis). A transient error of that
+        check is retried as the step's own errors are, with the component failing meanwhile (it was a step of the
+        batch in hand: stopping the worker for it would break the retry promise); anything else raises."""
+        todo = sorted(failing)
+        while todo:
+            comp = todo[0]
+            if self.health.recover(comp):
+                log.info("%s answers again after %d failed attempt(s) at %s; resuming", comp, attempt, what)
+                if self.on_recovered is not None:
+                    try:
+                        await self.on_recovered(comp)
+                    except Exception as exc:  # classified as the step's own: transient retried, the rest raised
+                        fault = classify_fault(exc)
+                        if fault.verdict is not Verdict.RETRY:
+                            raise
+                        attempt += 1
+                        blamed = self._transient(f"checking {comp} after {what}", fault, exc, attempt, default)
+                        self.health.fail(comp, describe(exc))  # checked again once it answers
+                        if blamed not in todo:
+                            todo.append(blamed)
+                        await asyncio.sleep(backoff.next())
+                        continue
+            todo.pop(0)
 
     def _transient(self, what: str, fault: Fault, exc: BaseException, attempt: int, default: str) -> str:
         comp = fault.component or default
@@ -349,8 +373,8 @@ class BatchHandler:
                 raise RuntimeError("failpoint bug (PROMO_FAILPOINT): an unexpected error after the users' commits")
             decisions = result.to_send()
             for d in result.decisions:
-                d.latency_ms = round((time.perf_counter_ns() - batch.recv_by_event.get(d.trigger_event_id, t0)) / 1e6,
-                                     3)
+                received_ns = batch.recv_by_event.get((d.user_id, d.trigger_event_id), t0)
+                d.latency_ms = round((time.perf_counter_ns() - received_ns) / 1e6, 3)
                 await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
             for d in result.resend:
                 await outbox.put(*self._decision_record(d, batch.clear_ids), fault_point="decision_ack")
@@ -444,8 +468,8 @@ class BatchHandler:
                 ev.user_id = pseudonymise(clear, self.pseudonym_key)
                 batch.clear_ids[ev.user_id] = clear
             batch.valid.append(ev)
-            batch.recv_by_event.setdefault(ev.event_id, msg.recv_ns)
-            batch.msg_by_event.setdefault(ev.event_id, msg)
+            batch.recv_by_event.setdefault((ev.user_id, ev.event_id), msg.recv_ns)
+            batch.msg_by_event.setdefault((ev.user_id, ev.event_id), msg)
         if invalid:
             for reason, n in invalid.items():
                 m.EVENTS_INVALID.labels(reason=reason).inc(n)
@@ -464,6 +488,11 @@ class BatchHandler:
         except WorkerStop:
             raise
         except Exception as exc:  # not transient: find the event(s) it belongs to
+            if progress.pending is None:  # failed before the engine took up any event: no event's fault
+                log.error("applying a batch failed before any of its %d events was taken up (%s): not an event's "
+                          "fault, so the worker stops without acknowledging the batch", len(batch.valid),
+                          describe(exc))
+                raise
             result, poison = await self._isolate(progress, exc)
         # raises WorkerStop before any of it is dead-lettered
         failed = len(batch.decoder_failed)
@@ -471,7 +500,7 @@ class BatchHandler:
         for msg, record in batch.decoder_failed:
             await outbox.put(self.topic_dlq, msg.key, record)
         for ev, exc in poison:
-            msg = batch.msg_by_event[ev.event_id]
+            msg = batch.msg_by_event[(ev.user_id, ev.event_id)]
             reason, error = classify(exc)
             m.EVENTS_INVALID.labels(reason=reason).inc()
             log.error("event %s (%s[%d]@%d) fails in the engine when applied alone against a healthy store, so it "
@@ -543,7 +572,7 @@ class BatchHandler:
             m.EVENTS_DUPLICATE.inc(result.duplicates)
         observe_decisions(result)
         for d in result.decisions:
-            m.DECISION_LATENCY.observe((sent_ns - recv_by_event.get(d.trigger_event_id, t0)) / 1e9)
+            m.DECISION_LATENCY.observe((sent_ns - recv_by_event.get((d.user_id, d.trigger_event_id), t0)) / 1e9)
         m.BATCH_SIZE.observe(len(msgs))
         m.BATCH_SECONDS.observe((time.perf_counter_ns() - t0) / 1e9)
         if result.new_events:

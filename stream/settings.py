@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "policy" / "default_offers.yaml"
@@ -25,7 +25,8 @@ DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "models" / "policy"
 class Settings(BaseSettings):
     """Engine configuration. Each field ``x`` is read from ``PROMO_X``."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore")
+    # no infinite or NaN number anywhere: PROMO_REDIS_RETRY_S=inf would make the first transient error wait forever
+    model_config = SettingsConfigDict(env_prefix="PROMO_", extra="ignore", allow_inf_nan=False)
 
     # --- connections ------------------------------------------------------------------------
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
@@ -210,6 +211,23 @@ class Settings(BaseSettings):
     def trigger_names(self) -> list[str]:
         """``triggers`` as a list; empty: the catalogue decides (:func:`models.triggers.trigger_names`)."""
         return [n.strip() for n in self.triggers.split(",") if n.strip()]
+
+    @field_validator("pseudonymise_key")
+    @classmethod
+    def _key_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        # an empty key (an unresolved ${SECRET} in a deployment) would silently keep user ids in the clear
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("PROMO_PSEUDONYMISE_KEY is set but empty: give the secret key, or unset the variable to "
+                             "keep user ids in the clear")
+        return v
+
+    @model_validator(mode="after")
+    def _retry_pauses(self) -> "Settings":
+        if self.redis_retry_s > self.retry_max_s:
+            raise ValueError(f"PROMO_REDIS_RETRY_S ({self.redis_retry_s:g} s), the first pause before a retry, is "
+                             f"longer than PROMO_RETRY_MAX_S ({self.retry_max_s:g} s), the longest: raise "
+                             "PROMO_RETRY_MAX_S or lower PROMO_REDIS_RETRY_S")
+        return self
 
     @field_validator("failpoint")
     @classmethod

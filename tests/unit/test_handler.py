@@ -258,3 +258,83 @@ def test_a_gap_waits_for_the_batch_on_its_way_at_most_max_wait():
 
     done, waited = asyncio.run(batch_that_never_ends())
     assert done and waited >= 0.05
+
+
+def test_a_failure_before_the_engine_takes_up_any_event_stops_the_batch_unacknowledged():
+    """An error before the engine grouped the batch (a catalogue swap that cannot be built, a clock bug) belongs to no
+    event: the batch must neither be acknowledged with nothing applied nor dead-lettered event by event. The error
+    propagates (the worker stops, the group redelivers the batch)."""
+    store = MemoryStore()
+    s, h, sink = make(store)
+
+    def broken(events):
+        raise ValueError("a bug before the batch is grouped")
+
+    h.engine.observe_clock = broken
+    with pytest.raises(ValueError, match="before the batch is grouped"):
+        asyncio.run(handled(h, [msg(ev("a1", "cart"), 0), msg(ev("b1", user="u2"), 1, b"u2")]))
+    assert store.seen == set() and sink.sent == []
+
+
+class MarkSentTimesOutOnce(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    async def mark_sent(self, sent):
+        if not self.failed:
+            self.failed = True
+            import redis.exceptions
+
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return await super().mark_sent(sent)
+
+
+def test_a_transient_error_of_the_check_after_recovery_is_retried_not_fatal():
+    """Redis answers again after a transient error, and the check run then (the epoch guard's GET of its marker)
+    times out once: that is as transient as the error before it, so the step is not failed (the worker would
+    stop); the check is retried with /readyz at 503 and passes."""
+    import redis.exceptions
+
+    store = MarkSentTimesOutOnce()
+    settings = Settings(_env_file=None, redis_retry_s=0.01, holdout_pct=0.0)
+    checks, not_ready = [], []
+
+    async def on_recovered(component):
+        checks.append(component)
+        if len(checks) == 1:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    health = Health()
+    fail = health.fail
+    health.fail = lambda component, error: (not_ready.append(component), fail(component, error))
+    h = BatchHandler(settings, Engine(store, holdout_pct=0.0), Sink(), health, on_recovered=on_recovered)
+    asyncio.run(handled(h, [msg(ev("a1", "cart"), 0)]))
+    assert store.failed and checks == ["redis", "redis"]
+    assert set(not_ready) == {"redis"} and len(not_ready) >= 2  # 503 for the step's error, and for the check's
+    assert [sent for _, sent, _ in store.decisions.values()] == [True]
+    assert h.health.ok
+
+
+class PoisonForU2(MemoryStore):
+    async def load(self, event_ids, triggers):
+        if "u2" in event_ids:
+            raise ValueError("the models cannot handle this user's event")
+        return await super().load(event_ids, triggers)
+
+
+def test_a_poison_event_is_dead_lettered_as_its_own_message_when_another_user_has_the_same_event_id():
+    """The engine's identity of an event is (user, event id): two users' events may share an id (a shop's per-store
+    counters). The event that fails alone is dead-lettered with its own bytes, key and offset, not those of the
+    other user's event, which was applied."""
+    store = PoisonForU2()
+    s, h, sink = make(store)
+
+    def same_id(user: str) -> bytes:
+        return json.dumps({"event_id": "42", "type": "view", "user_id": user, "item_id": "i1", "ts": NOW}).encode()
+
+    asyncio.run(handled(h, [msg(same_id("u1"), 10, b"u1"), msg(same_id("u2"), 11, b"u2")]))
+    assert ("u1", "42") in store.seen and ("u2", "42") not in store.seen
+    (rec,) = sink.on(s.topic_dlq)
+    assert rec["offset"] == 11 and json.loads(rec["raw"])["user_id"] == "u2"
+    assert [k for t, k, _ in sink.sent if t == s.topic_dlq] == [b"u2"]

@@ -56,3 +56,34 @@ async def test_worker_consumer_fetch_wait_follows_the_setting():
     consumer = thread._create_worker_consumer(app.transport)
     assert consumer._fetch_max_wait_ms == 7
     await consumer._client.close()
+
+
+def test_an_empty_pseudonymisation_key_is_refused_not_taken_for_off(monkeypatch):
+    """``PROMO_PSEUDONYMISE_KEY=${SECRET}`` with the secret unresolved is an empty string: taken as "no key", the
+    worker would keep clear user ids in Redis while the operator believes they are pseudonymised."""
+    import pydantic
+    import pytest
+
+    for empty in ("", "   "):
+        monkeypatch.setenv("PROMO_PSEUDONYMISE_KEY", empty)
+        with pytest.raises(pydantic.ValidationError, match="PROMO_PSEUDONYMISE_KEY is set but empty"):
+            Settings(_env_file=None)
+    monkeypatch.delenv("PROMO_PSEUDONYMISE_KEY")
+    assert Settings(_env_file=None).pseudonymise_key is None
+
+
+def test_retry_pauses_that_the_back_off_cannot_take_are_refused_at_start(monkeypatch):
+    """A first retry pause above the longest one passed the settings and failed every batch at its first retry;
+    an infinite one waited forever. Both are refused when the settings are read, naming the variables."""
+    import pydantic
+    import pytest
+
+    monkeypatch.setenv("PROMO_REDIS_RETRY_S", "10")
+    with pytest.raises(pydantic.ValidationError, match="PROMO_REDIS_RETRY_S .* PROMO_RETRY_MAX_S"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("PROMO_RETRY_MAX_S", "30")
+    assert Settings(_env_file=None).redis_retry_s == 10.0
+    for bad in ("inf", "nan"):
+        monkeypatch.setenv("PROMO_REDIS_RETRY_S", bad)
+        with pytest.raises(pydantic.ValidationError, match="finite"):
+            Settings(_env_file=None)
