@@ -1,5 +1,5 @@
 """The engine store on Redis (production): the key layout is in :mod:`models.state.engine_store`, the scripts
-in ``models/state/lua/`` (``commit``, ``apply``, ``reindex``, ``clock``)."""
+in ``models/state/lua/`` (``commit``, ``apply``, ``reindex``, ``clock``, ``mark_sent``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from models.keys import user_tag
 from models.state.engine_store import EngineStore, UserLoad
 from models.state.redis_async import Scripts, async_client
 
-SCRIPTS = Scripts("commit", "apply", "reindex", "clock")
+SCRIPTS = Scripts("commit", "apply", "reindex", "clock", "mark_sent")
 
 
 def forgotten_key(prefix: str) -> str:
@@ -252,9 +252,9 @@ class RedisStore(EngineStore):
         if not sent:
             return
         pipe = self.r.pipeline(transaction=False)
-        for uid, trig in sent:
-            pipe.hset(self.decision_key(uid, trig), "sent", "1")
-        await pipe.execute()
+        for uid, trig in sent:  # a decision forgotten or expired meanwhile is not created again
+            self.scripts.queue(pipe, "mark_sent", [self.decision_key(uid, trig)], [])
+        await self.scripts.execute(self.r, pipe)
 
     async def ledger(self, user_id: str, n: int = 0) -> list[str]:
         return [r.decode() for r in await self.r.lrange(self.ledger_key(user_id), -n if n > 0 else 0, -1)]

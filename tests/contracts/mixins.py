@@ -105,8 +105,9 @@ class EngineStoreContract:
     def test_mark_sent(self):
         store = self.make_store()
         run(store.commit([UserCommit("u1", {}, ["e1"], [("e1", b"{}")])]))
-        run(store.mark_sent([("u1", "e1"), ("u1", "unknown")]))
-        assert run(store.load({"u1": []}, {"u1": ["e1"]}))["u1"].stored == {"e1": (b"{}", True)}
+        run(store.mark_sent([("u1", "e1"), ("u1", "unknown"), ("u9", "e1")]))  # no such decisions: none created
+        assert run(store.load({"u1": []}, {"u1": ["e1", "unknown"]}))["u1"].stored == {"e1": (b"{}", True)}
+        assert run(store.load({"u9": []}, {"u9": ["e1"]}))["u9"].stored == {}
 
     def test_ping(self):
         assert run(self.make_store().ping()) is True

@@ -123,3 +123,47 @@ def test_buffered_replies_read_without_a_timer_equal_redis_py_s_own_reads(redis_
     assert got == want
     assert got[1] == b"v" and got[2] is None and got[7] == big and got[5].startswith("ResponseError:")
     assert fresh == b"v"
+
+
+def test_a_decision_forgotten_between_commit_and_send_is_not_created_again_by_mark_sent(redis_url, redis_client):
+    """``promo forget`` may run between a decision's commit and its ``mark_sent``: marking must not create the
+    decision's hash again (no TTL, the user's id in its key) - nothing of the user is left in Redis."""
+    from stream.forget import forget_everything
+    from stream.settings import Settings
+
+    prefix = "ms" + uuid.uuid4().hex[:6]
+
+    async def step(fn):
+        store = RedisStore(aioredis.Redis.from_url(redis_url), prefix=prefix)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    assert asyncio.run(step(lambda s: s.commit([UserCommit("U", {"n": 1}, ["e1"], [("e1", b'{"d":1}')])]))) == [True]
+    forget_everything(Settings(_env_file=None, redis_url=redis_url, redis_prefix=prefix), redis_client, "U")
+    asyncio.run(step(lambda s: s.mark_sent([("U", "e1")])))
+    assert list(redis_client.scan_iter(match=prefix + ":{u:U}:*")) == []
+
+
+def test_the_ledger_and_the_contribution_record_live_as_long_as_the_profile(redis_url, redis_client):
+    """A commit that adds neither contributions nor ledger records (a timer, a closing, a cart removal) keeps the
+    user active: it renews the ledger's and the contribution record's TTL with the profile's, or they would
+    expire first, and a later forget would find no record to subtract from the item statistics."""
+    prefix = "lr" + uuid.uuid4().hex[:6]
+
+    async def go():
+        store = RedisStore(aioredis.Redis.from_url(redis_url), prefix=prefix, profile_ttl_s=1000)
+        try:
+            assert await store.commit([UserCommit("U", {"n": 1}, ["e1"], [], ledger=['{"closed":1}'],
+                                                  contrib='{"i":[],"p":[],"q":[]}')]) == [True]
+            tag = store.profile_key("U")[:-1]
+            for suffix in ("l", "c"):  # as if most of their TTL had passed
+                await store.r.expire(tag + suffix, 5)
+            assert await store.commit([UserCommit("U", {"n": 2}, ["e2"], [], version="1")]) == [True]
+            return [await store.r.ttl(tag + s) for s in ("p", "l", "c")]
+        finally:
+            await store.close()
+
+    ttl_profile, ttl_ledger, ttl_record = asyncio.run(go())
+    assert 990 <= ttl_profile <= 1000 and 990 <= ttl_ledger <= 1000 and 990 <= ttl_record <= 1000

@@ -53,7 +53,6 @@ if nl > 0 and lmax > 0 then
   local lk = string.sub(KEYS[1], 1, -2) .. 'l'
   for j = 1, nl do redis.call('RPUSH', lk, ARGV[pos + 1 + j]) end
   redis.call('LTRIM', lk, -lmax, -1)
-  redis.call('EXPIRE', lk, ARGV[3])
 end
 pos = pos + 2 + nl
 local ph = ARGV[pos]
@@ -74,9 +73,15 @@ if ARGV[#ARGV - 2] ~= '' then
   local rk = string.sub(KEYS[1], 1, -2) .. 'c'
   redis.call('HSET', rk, 'w:' .. tostring((tonumber(cur) or 0) + 1), ARGV[#ARGV - 2])
   redis.call('HINCRBY', rk, 'parked', 1)
-  redis.call('EXPIRE', rk, ARGV[3])
   redis.call('SADD', ARGV[#ARGV - 1], rk)
 end
+-- the user's ledger and contribution record live as long as the profile, whatever this commit adds to them: a
+-- commit without contributions (a timer, a closing, a cart removal) keeps the user active, and a record expired
+-- before the profile would leave its contributions in the item statistics after a forget (EXPIRE of a key that
+-- does not exist does nothing)
+local base = string.sub(KEYS[1], 1, -2)
+redis.call('EXPIRE', base .. 'l', ARGV[3])
+redis.call('EXPIRE', base .. 'c', ARGV[3])
 if ARGV[#ARGV - 4] ~= '' then
   redis.call('ZADD', ARGV[#ARGV - 6], ARGV[#ARGV - 4], ARGV[#ARGV - 5])
 elseif ARGV[#ARGV - 3] == '1' then
