@@ -156,7 +156,7 @@ class Planner:
             offers_today=prof.offers_since(day_start),
             last_offer_ms=prof.last_offer_ts(),
             offer_counts_today={k: sum(1 for t in v if t >= day_start) for k, v in prof.offer_history.items()},
-            offer_counts_total={k: len(v) for k, v in prof.offer_history.items()},
+            offer_counts_total=prof.offers_total(),
         )
         if learning is not None:
             ctx.features = learning.features(prof, e.ts, e.context or None)

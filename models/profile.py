@@ -93,6 +93,7 @@ class Profile:
     """
 
     RECENT = 20
+    DAY_LOG_MAX = 1000  # decisions a day kept per offer and per trigger (the daily caps' bound)
     TOP_CATEGORIES = 10
     TOP_ITEMS = 20
     AFFINITY_HALF_LIFE_MS = 3 * DAY_MS
@@ -113,7 +114,8 @@ class Profile:
     item_window: list = field(default_factory=list)
     last_decision_ts: int = 0
     n_decisions: int = 0
-    offer_history: dict[str, list[int]] = field(default_factory=dict)
+    offer_history: dict[str, list[int]] = field(default_factory=dict)  # the last RECENT times of each offer
+    offer_totals: dict[str, int] = field(default_factory=dict)  # every time, counted (per-user total caps)
     # --- learning-core fields ----------------------------------------------------------------
     cat_aff: dict[str, list] = field(default_factory=dict)
     item_aff: dict[str, list] = field(default_factory=dict)
@@ -340,17 +342,52 @@ class Profile:
         self.last_decision_ts = ts
         self.n_decisions += 1
         if trigger:
-            log = self.trigger_log.setdefault(trigger, [])
-            log.append(ts)
-            del log[:-self.RECENT]
+            self._log_time(self.trigger_log.setdefault(trigger, []), ts)
         if offer_id and offer_id != "none":
             hist = self.offer_history.setdefault(offer_id, [])
-            hist.append(ts)
-            del hist[:-self.RECENT]
+            # the total counts on past the times kept (a profile written before the totals existed has its
+            # history's length for a start)
+            self.offer_totals[offer_id] = max(self.offer_totals.get(offer_id, 0), len(hist)) + 1
+            self._log_time(hist, ts)
+
+    def _log_time(self, log: list[int], ts: int) -> None:
+        """Append ``ts`` to a decision log, which keeps its last :attr:`RECENT` times and every time of ``ts``'s day
+        (the daily caps count them: a cap above RECENT would otherwise never be reached), at most
+        :attr:`DAY_LOG_MAX` (the largest daily cap a catalogue may set).
+
+        >>> p = Profile()
+        >>> for t in range(30):
+        ...     p.mark_decision(DAY_MS + t, "c5")  # thirty on one day: all kept
+        >>> p.mark_decision(2 * DAY_MS, "c5")  # the next day: the last RECENT
+        >>> len(p.offer_history["c5"]), p.offers_total()["c5"]
+        (20, 31)
+        """
+        log.append(ts)
+        excess = len(log) - self.RECENT
+        if excess > 0:
+            day_start = ts - ts % DAY_MS
+            old = 0
+            while old < excess and log[old] < day_start:
+                old += 1
+            del log[:old]
+            del log[:-self.DAY_LOG_MAX]
 
     def offers_since(self, since_ts: int) -> int:
         """How many offers (any kind but ``none``) the user got at or after event time ``since_ts``."""
         return sum(1 for h in self.offer_history.values() for t in h if t >= since_ts)
+
+    def offers_total(self) -> dict[str, int]:
+        """How many times the user got each offer (the per-user total caps), beyond the :attr:`RECENT` times of
+        :attr:`offer_history`.
+
+        >>> p = Profile()
+        >>> for day in range(25):
+        ...     p.mark_decision(day * DAY_MS, "c5")
+        >>> len(p.offer_history["c5"]), p.offers_total()
+        (20, {'c5': 25})
+        """
+        totals = self.offer_totals
+        return {k: max(len(v), totals.get(k, 0)) for k, v in self.offer_history.items()}
 
     def last_offer_ts(self) -> dict[str, int]:
         return {k: max(v) for k, v in self.offer_history.items() if v}

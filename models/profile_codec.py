@@ -26,8 +26,8 @@ from models.events import EVENT_TYPES
 
 __all__ = ["ProfileCodec", "JSON_FIELDS", "TEXT_FIELDS"]
 
-JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "cat_aff", "item_aff", "item_window", "timers",
-               "fired", "trigger_log")
+JSON_FIELDS = ("counts", "cart", "recent_items", "offer_history", "offer_totals", "cat_aff", "item_aff", "item_window",
+               "timers", "fired", "trigger_log")
 RENAMED_FIELDS = {"win": "item_window"}
 """Fields written by earlier versions under another name: read under the new one."""
 """Fields held as JSON text in the Redis hash (containers)."""

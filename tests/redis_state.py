@@ -103,6 +103,7 @@ DECISION_DERIVED: tuple[tuple[str, str, str], ...] = (
     ("{u:*}:d:*", ".json.scores", "the policy's scores"),
     ("{u:*}:d:*", ".json.reasons", "the policy's reasons, and p_buy of the propensity model"),
     ("{u:*}:p", ".v.offer_history", "which offers the user got"),
+    ("{u:*}:p", ".v.offer_totals", "how many times the user got each offer"),
     ("{u:*}:p", ".v.open[*].offer_id", "an open decision's offer"),
     ("{u:*}:p", ".v.open[*].propensity", "an open decision's choice probability"),
     # the decision context, where it is kept: in the user's open decisions, beside the stored decision (for
@@ -410,7 +411,7 @@ def difference_classes(a: dict, b: dict, rel: float = 1e-9) -> set[str]:
         # members of id-keyed collections (item ids in sorted sets, decision ids in budget hashes) are one class
         generic = re.sub(r"^\.(?:\d+|[0-9a-f]{16,}|[A-Za-z]+-\w+)(?=$|[.\[])", ".<id>", generic)
         # maps keyed by offer id (which offers a run happened to choose is run-dependent as a whole)
-        generic = re.sub(r"\.(offer_history|scores|last_offer_ms|offer_counts_today|offer_counts_total|blocked)"
+        generic = re.sub(r"\.(offer_history|offer_totals|scores|last_offer_ms|offer_counts_today|offer_counts_total|blocked)"
                          r"\.[^.\[]+", r".\1.<offer>", generic)
         out.add(f"{key_class(key)} {generic}")
     return out

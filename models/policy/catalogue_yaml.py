@@ -134,7 +134,7 @@ def parse(text: str, name: str = "<catalogue>") -> Catalogue:
     if "caps" in top:
         g = v.mapping(top["caps"][1], "caps", _GCAPS_KEYS)
         gcaps = GlobalCaps(
-            max_offers_per_day=(int(v.number(g["max_offers_per_day"][1], "caps.max_offers_per_day", 0, integer=True))
+            max_offers_per_day=(_day_cap(v, g["max_offers_per_day"][1], "caps.max_offers_per_day")
                                 if "max_offers_per_day" in g and v.value(g["max_offers_per_day"][1]) is not None
                                 else None),
             min_gap_s=int(v.number(g["min_gap_s"][1], "caps.min_gap_s", 0, integer=True)) if "min_gap_s" in g else 0,
@@ -154,6 +154,19 @@ def parse(text: str, name: str = "<catalogue>") -> Catalogue:
         offers[spec.offer_id] = spec
     triggers = _parse_triggers(v, top["triggers"][1], offers) if "triggers" in top else {}
     return Catalogue(offers=offers, margin_rate=margin_rate, caps=gcaps, path=name, triggers=triggers)
+
+
+def _day_cap(v: _Validator, node: yaml.Node, what: str) -> int:
+    """A per-user daily cap: at most :attr:`models.profile.Profile.DAY_LOG_MAX`, the decisions of one day a profile
+    keeps per offer and per trigger, which daily caps are counted from (a larger cap could not be enforced)."""
+    from models.profile import Profile
+
+    n = int(v.number(node, what, 0, integer=True))
+    if n > Profile.DAY_LOG_MAX:
+        raise v.err(node, f"{what} must be <= {Profile.DAY_LOG_MAX} (a user's profile keeps at most "
+                          f"{Profile.DAY_LOG_MAX} decisions a day per offer and per trigger, which daily caps are "
+                          f"counted from), got {n}")
+    return n
 
 
 def _parse_triggers(v: _Validator, node: yaml.Node, offers: dict[str, OfferSpec]) -> dict:
@@ -184,6 +197,8 @@ def _parse_triggers(v: _Validator, node: yaml.Node, offers: dict[str, OfferSpec]
         def count(key: str) -> int | None:
             if key not in t or v.value(t[key][1]) is None:
                 return None
+            if key == "max_per_day":
+                return _day_cap(v, t[key][1], f"{w}.{key}")
             return int(v.number(t[key][1], f"{w}.{key}", 0, integer=True))
 
         params = {}
@@ -258,6 +273,8 @@ def _parse_offer(v: _Validator, node: yaml.Node, default_margin: float, default_
         def cap(key: str) -> int | None:
             if key not in c or v.value(c[key][1]) is None:
                 return None
+            if key == "per_user_per_day":
+                return _day_cap(v, c[key][1], f"{w}: caps.{key}")
             return int(v.number(c[key][1], f"{w}: caps.{key}", 0, integer=True))
 
         caps = OfferCaps(per_user_per_day=cap("per_user_per_day"), per_user_total=cap("per_user_total"),

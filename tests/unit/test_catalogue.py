@@ -178,3 +178,17 @@ def test_catalogue_check_command_reports_the_offers_or_one_line_with_file_and_li
     res = CliRunner().invoke(cli, ["catalogue", "check", str(bad), "--json"])
     assert res.exit_code == 2
     assert res.output.strip() == f"promo: error: {bad}:3: offer c6: value must be > 0, got -1"
+
+
+@pytest.mark.parametrize("text, what", [
+    ("caps: {max_offers_per_day: 1001}\noffers: [{offer_id: a, kind: coupon, value: 5}]", "caps.max_offers_per_day"),
+    ("offers:\n  - {offer_id: a, kind: coupon, value: 5, caps: {per_user_per_day: 5000}}", "caps.per_user_per_day"),
+    ("offers: [{offer_id: a, kind: coupon, value: 5}]\ntriggers: {cart: {max_per_day: 1001}}",
+     "triggers.cart.max_per_day"),
+])
+def test_a_daily_cap_the_profile_cannot_count_is_refused(text, what):
+    """Daily caps are counted from the decisions of the day a profile keeps (at most Profile.DAY_LOG_MAX per offer
+    and per trigger): a larger cap would silently never be enforced, so the catalogue refuses it."""
+    with pytest.raises(CatalogueError, match=rf"{what} must be <= 1000 \(a user's profile keeps at most 1000"):
+        parse_catalogue(text, "c.yaml")
+    parse_catalogue(text.replace("1001", "1000").replace("5000", "1000"), "c.yaml")  # the bound itself is fine

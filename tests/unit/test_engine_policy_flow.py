@@ -390,3 +390,27 @@ def test_a_purchase_line_delivered_twice_in_one_batch_counts_once_in_its_order()
         (c,) = res.closed
         closed[copies] = (c.outcome, c.revenue, c.cost, c.reward)
     assert closed[2] == closed[1] == ("converted", 60.0, 0.0, 15.0)
+
+
+def test_caps_above_the_twenty_decisions_a_profile_kept_are_enforced():
+    """A profile kept the last 20 times of each offer and trigger, and the caps were counted from them, so a cap
+    above 20 was never reached: per_user_total 25 gave the offer on 40 days out of 40, per_user_per_day 25 and a
+    trigger's max_per_day 25 gave it 30 times on one day. Each now stops at its cap."""
+    from models.policy.rules import RulePolicy
+
+    def given(caps: str, trigger_caps: str, days: int, per_day: int) -> int:
+        cat = parse_catalogue(f"offers:\n  - {{offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.9{caps}}}\n"
+                              f"caps: {{min_gap_s: 0}}\ntriggers:\n  cart: {{cooldown_s: 0{trigger_caps}}}\n")
+        eng = Engine(MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                     clock_ms=lambda: 0, decision_cooldown_s=0, trigger_names=["cart"])
+        n = 0
+        for day in range(days):
+            for k in range(per_day):
+                e = Event(f"c{day}-{k}", "cart", "u1", f"i{k}", 1_000 + day * 24 * H + k * 1_000, price=50.0)
+                n += sum(d.offer.offer_id == "c5" for d in run(eng.process_batch([e])).decisions)
+        return n
+
+    assert given(", caps: {per_user_total: 25}", "", days=40, per_day=1) == 25
+    assert given(", caps: {per_user_per_day: 25}", "", days=2, per_day=30) == 50
+    assert given("", ", max_per_day: 25", days=2, per_day=30) == 50
+    assert given("", "", days=1, per_day=30) == 30  # no cap: every cart
