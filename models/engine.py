@@ -152,6 +152,7 @@ class Engine:
             triggers=triggers or [CartTrigger(cooldown_ms=self._cart_cooldown_ms)], window_ms=attribution_window_s * 1000,
             recommend_k=recommend_k, clock_ms=self.clock_ms, event_clock=self.clock, contribution=contribution,
             resend_after_ms=int(resend_after_s * 1000))
+        self._warn_validity(self.catalogue)
         # what decisions teach travels in the users' commits and is read back from the store (see learn): the
         # policy's posteriors, and the conversion counts behind the conversion and uplift gauges
         self.shares_policy = self.planner.shares_policy
@@ -239,6 +240,16 @@ class Engine:
         self._next_catalogue = None
         log.info("offer catalogue %s in use (%d offers, budgets %s)", version, len(catalogue) - 1,
                  catalogue.budgets() or "none")
+        self._warn_validity(catalogue)
+
+    def _warn_validity(self, catalogue: Catalogue) -> None:
+        window_s = self.planner.window_ms // 1000
+        longer = sorted(o for o, s in catalogue.offers.items() if s.kind != "none" and s.validity_s > window_s)
+        if longer:
+            log.warning("offer(s) %s are valid longer (validity_s) than the attribution window "
+                        "(PROMO_ATTRIBUTION_WINDOW_S=%d s): their decisions say they expire when the window ends, "
+                        "since a later redemption would be neither attributed nor charged to a budget; raise the "
+                        "window or shorten the offers' validity", ", ".join(longer), window_s)
 
     @property
     def watermark_ms(self) -> int:

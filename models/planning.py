@@ -19,7 +19,7 @@ from models.decision import Decision, decision_id_for
 from models.events import Event
 from models.learning.contrib import Contribution
 from models.learning.recommend import possible_seeds
-from models.policy.attribution import OpenDecision, close_on_purchase, expire, orders_from_events
+from models.policy.attribution import OpenDecision, close_on_purchase, expire, order_key, orders_from_events
 from models.policy.base import DecisionContext, Policy
 from models.policy.ledger import ledger_record
 from models.policy.catalogue import Catalogue
@@ -199,7 +199,9 @@ class Planner:
         ctx = self.context(e, prof, blocked, trigger)
         choice = self.policy.choose(ctx, random.Random(did))
         offer = choice.offer
-        if offer.kind != "none" and offer.expires_at is None:
+        # an offer is never said to be valid past its attribution window: a redemption after it would not be
+        # attributed, and its budget is held that long only (Engine warns of such a catalogue)
+        if offer.kind != "none" and (offer.expires_at is None or offer.expires_at > e.ts + self.window_ms):
             offer.expires_at = e.ts + self.window_ms
         if self.learning is not None:
             items = self.learning.recommend(prof, self.k, e.ts, reads)
@@ -259,7 +261,7 @@ class Planner:
         purchases = list(lines.values())
         first_lines: dict[str, str] = {}
         for e in purchases:
-            first_lines.setdefault(e.order_id or f"ts:{e.ts}", e.event_id)
+            first_lines.setdefault(order_key(e.order_id, e.ts), e.event_id)
         orders = dict(zip(first_lines.values(), orders_from_events(purchases)))
         timers = self.timer_triggers
         for e in evs:
@@ -326,7 +328,8 @@ class Planner:
                 plan.requests.append(req)
         plan.open.append(OpenDecision(d.decision_id, plan.user_id, d.offer.offer_id, d.group, ts=e.ts,
                                       expires_ms=e.ts + self.window_ms, cart_value=ctx.cart_value,
-                                      propensity=d.propensity, ctx=ctx.to_dict()))
+                                      propensity=d.propensity, ctx=ctx.to_dict(),
+                                      after_order=order_key(e.order_id, e.ts) if e.type == "purchase" else None))
 
     def _fire_due(self, plan: UserPlan, prof: Profile, now_ms: int, owned, blocked, reads, stored_json) -> None:
         """Fire the user's timers due by event time ``now_ms`` (of ``owned`` partitions, None: all), earliest first.

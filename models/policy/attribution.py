@@ -53,6 +53,9 @@ class OpenDecision:
     cart_value: float = 0.0
     propensity: float = 1.0
     ctx: dict = field(default_factory=dict)
+    # the order whose purchase made this decision (post_purchase), as order_key gives it: another line of that order,
+    # in a later batch, is the order the decision followed, never one it earned
+    after_order: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-able dict, kept in the user's profile document while the decision is open.
@@ -67,7 +70,7 @@ class OpenDecision:
         """
         return {"decision_id": self.decision_id, "user_id": self.user_id, "offer_id": self.offer_id,
                 "group": self.group, "ts": self.ts, "expires_ms": self.expires_ms, "cart_value": self.cart_value,
-                "propensity": self.propensity, "ctx": dict(self.ctx)}
+                "propensity": self.propensity, "ctx": dict(self.ctx), "after_order": self.after_order}
 
     @classmethod
     def from_dict(cls, d: dict) -> "OpenDecision":
@@ -102,6 +105,15 @@ class Closed:
         return self.outcome != "expired"
 
 
+def order_key(order_id: str | None, ts: int) -> str:
+    """What groups purchase lines into one order: the ``order_id``, else the lines' timestamp.
+
+    >>> order_key("o1", 5), order_key(None, 5)
+    ('o1', 'ts:5')
+    """
+    return order_id if order_id else f"ts:{ts}"
+
+
 def orders_from_events(events) -> list[Purchase]:
     """Group ``purchase`` events (event v1 lines) into orders, keeping first-seen order.
 
@@ -116,7 +128,7 @@ def orders_from_events(events) -> list[Purchase]:
     for e in events:
         if e.type != "purchase":
             continue
-        key = (e.user_id, e.order_id if e.order_id else f"ts:{e.ts}")
+        key = (e.user_id, order_key(e.order_id, e.ts))
         o = orders.get(key)
         if o is None:
             orders[key] = Purchase(e.user_id, e.ts, e.value, e.decision_id, e.order_id)
@@ -134,6 +146,7 @@ def close_on_purchase(
 
     The decision named by ``p.decision_id`` (if open, and ``p.ts`` before its window's end) is redeemed; other open
     decisions of the user whose window contains ``p.ts`` convert. The most recent closed decision gets the revenue.
+    A decision made at an order (``after_order``) is not closed by that order's lines.
 
     >>> from models.policy.catalogue import load_catalogue
     >>> d = OpenDecision("d1", "u1", "coupon_5", "treatment", ts=0, expires_ms=1000)
@@ -143,9 +156,11 @@ def close_on_purchase(
     """
     hits: list[OpenDecision] = []
     rest: list[OpenDecision] = []
+    key = order_key(p.order_id, p.ts)
     for d in pending:
         named = p.decision_id is not None and d.decision_id == p.decision_id
-        if d.user_id == p.user_id and (d.ts <= p.ts or named) and p.ts < d.expires_ms:
+        if (d.user_id == p.user_id and (d.ts <= p.ts or named) and p.ts < d.expires_ms
+                and (d.after_order is None or d.after_order != key)):
             hits.append(d)
         else:
             rest.append(d)

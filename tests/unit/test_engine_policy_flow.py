@@ -414,3 +414,21 @@ def test_caps_above_the_twenty_decisions_a_profile_kept_are_enforced():
     assert given(", caps: {per_user_per_day: 25}", "", days=2, per_day=30) == 50
     assert given("", ", max_per_day: 25", days=2, per_day=30) == 50
     assert given("", "", days=1, per_day=30) == 30  # no cap: every cart
+
+
+def test_an_offer_is_never_said_valid_past_its_attribution_window(caplog):
+    """An offer valid 3 days (validity_s) under a 1-day attribution window told the shop it could be redeemed on day
+    3, when the redemption would be neither attributed nor charged to its budget (the reservation lapses with the
+    window). The decision's expires_at is the window's end, and the engine warns of such a catalogue."""
+    from models.policy.rules import RulePolicy
+
+    cat = parse_catalogue("offers:\n  - {offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.5, budget: 100, "
+                          "validity_s: 259200}\n  - {offer_id: brief, kind: coupon, value: 1, validity_s: 600}\n")
+    with caplog.at_level("WARNING", logger="promo.engine"):
+        eng = Engine(MemoryStore(), RulePolicy(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0,
+                     budget=BudgetGate(cat, MemoryBudgetStore(), window_ms=24 * H), attribution_window_s=86_400,
+                     clock_ms=lambda: 0, decision_cooldown_s=0)
+    (warning,) = [r.getMessage() for r in caplog.records if "valid longer" in r.getMessage()]
+    assert "offer(s) c5 are" in warning and "brief" not in warning and "PROMO_ATTRIBUTION_WINDOW_S=86400" in warning
+    (d,) = run(eng.process_batch([cart(1, ts=1_000, price=80.0)])).decisions
+    assert d.offer.offer_id == "c5" and d.offer.expires_at == 1_000 + 24 * H

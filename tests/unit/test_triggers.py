@@ -208,6 +208,21 @@ def test_post_purchase_decides_once_per_order_with_complementary_items_and_its_o
     assert d.offer.offer_id in ("next5", "none") and "i1" not in d.items
 
 
+@pytest.mark.parametrize("order_id", ["o1", None])
+def test_a_post_purchase_decision_is_not_credited_with_the_order_it_followed(order_id):
+    """An order's lines may reach the engine in two batches (a batch boundary between them). The post-purchase
+    decision made at the first line followed that order: the second line closes nothing (it would have counted the
+    order as the decision's conversion); the user's next order does. Without order ids, lines at one time are one
+    order."""
+    eng = engine(names=["post_purchase"])
+    (d,) = run(eng.process_batch([ev("p1", "purchase", "u1", T0, item="i1", order_id=order_id)])).decisions
+    assert d.trigger == "post_purchase"
+    second_line = run(eng.process_batch([ev("p2", "purchase", "u1", T0, item="i2", order_id=order_id)]))
+    assert second_line.closed == [] and second_line.decisions == []
+    nxt = run(eng.process_batch([ev("p3", "purchase", "u1", T0 + H, item="i3", order_id=order_id and "o2")]))
+    assert [(c.decision.decision_id, c.outcome) for c in nxt.closed] == [(d.decision_id, "converted")]
+
+
 def test_retention_fires_at_a_customers_return_after_a_long_absence_with_retention_offers_only():
     eng = engine(names=["retention"])
     run(eng.process_batch([ev("p1", "purchase", "u1", T0, order_id="o1"), ev("p2", "purchase", "u2", T0)]))
