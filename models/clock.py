@@ -143,14 +143,13 @@ class EventClock:
 
     def observe(self, partition: Hashable, ts_ms: int) -> None:
         """Record one event time of ``partition`` (a Kafka partition number; ``None`` for a single stream)."""
-        p = self._parts.get(partition)
-        if p is None:
-            if self._expected and partition is not None:
-                now = self.wall_ms()
-                for q in self._expected:  # from now on each holds the clock until it has a watermark (or is idle)
-                    self._get(q).seen_ms = now
-                self._expected = []
-            p = self._get(partition)
+        if self._expected and partition is not None:  # the first event with a partition, whether or not a
+            now = self.wall_ms()                        # restore (merge) made some partitions known already
+            for q in self._expected:  # from now on each holds the clock until it has a watermark (or is idle)
+                e = self._get(q)
+                e.seen_ms = max(e.seen_ms, now)
+            self._expected = []
+        p = self._get(partition)
         p.recent.append(ts_ms)
         p.fresh = True
 

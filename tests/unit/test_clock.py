@@ -182,3 +182,25 @@ def test_a_partition_expected_from_the_start_holds_the_clock_until_it_shows_wher
     assert feed(quiet, 0, [T0 + 10]) == T0 + 5
     one_stream = clock(wall, partitions=range(3))  # events without a partition (no worker): nothing expected
     assert feed(one_stream, None, [T0 + i for i in range(5)]) == T0 + 2
+
+
+def test_partitions_not_heard_from_hold_the_clock_after_a_restore_that_covers_only_some():
+    """After a restart the restored watermarks may cover some partitions only (the others never published). The
+    partitions expected but not heard from still hold the clock once events arrive, as without a restore: else
+    the sweep would close windows and fire timers ahead of their events."""
+    wall = [1_000_000]
+
+    def clock():
+        return EventClock(range(3), min_events=1, idle_ms=60_000, wall_ms=lambda: wall[0])
+
+    fresh, restored = clock(), clock()
+    restored.merge({"0": [50, 999_000]}, restored=True)
+    for c in (fresh, restored):
+        for t in (100, 200, 300):
+            c.observe(0, t)
+    assert fresh.advance() == 0
+    assert restored.advance() == 0  # partitions 1 and 2 have sent nothing: held
+    wall[0] += 61_000  # they stay silent past idle_ms: idle, they no longer hold it
+    for c in (fresh, restored):
+        c.observe(0, 400)
+    assert fresh.advance() == restored.advance() > 0
