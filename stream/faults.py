@@ -10,8 +10,10 @@ Three verdicts (in the spirit of Quix Streams' error callbacks, which decide "su
 * :attr:`Verdict.DEAD_LETTER` - an error that is **deterministic for one event**: the event fails again when it
   is applied alone against a healthy store. Only the batch handler can establish that (it retries the batch
   event by event, :meth:`stream.handler.BatchHandler.handle`); :func:`classify_fault` never returns it.
-* :attr:`Verdict.STOP` - **anything else**: a bug, a misconfiguration (wrong Redis password, an unknown topic),
-  a broker that lost its log, lost Redis state, a dead-letter rate above its limit (:class:`DlqLimit`). The worker
+* :attr:`Verdict.STOP` - **anything else**: a bug, a misconfiguration (wrong Redis password, a record the broker
+  refuses as too large, a path or permission the file system refuses; a topic that does not exist stops the worker
+  at start, while a partition missing from the metadata for a moment is retried), a broker that lost its log, lost
+  Redis state, a dead-letter rate above its limit (:class:`DlqLimit`). The worker
   process stops with one line on stderr and a non-zero exit, without acknowledging the batch in hand, so the
   consumer group redelivers it to a fresh worker (:class:`WorkerStop` carries the line).
 
@@ -36,11 +38,16 @@ Fault(verdict='retry', component='kafka', kind='timeout')
 Fault(verdict='stop', component='kafka', kind='error')
 >>> classify_fault(KeyError("segment"))
 Fault(verdict='stop', component=None, kind='error')
+>>> classify_fault(OSError("Multiple exceptions: [Errno 111] Connect call failed ('127.0.0.1', 6379)"))
+Fault(verdict='retry', component=None, kind='connection')
+>>> classify_fault(PermissionError(13, "Permission denied", "/data/promo")).verdict
+'stop'
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -112,10 +119,18 @@ _KAFKA_KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (kex.KafkaConnectionError, "connection"),
     (kex.NodeNotReadyError, "connection"),
     (kex.NoBrokersAvailable, "connection"),
+    (kex.BrokerNotAvailableError, "connection"),  # a broker restarting (not marked retriable by aiokafka)
     (kex.NotLeaderForPartitionError, "not_leader"),
     (kex.LeaderNotAvailableError, "not_leader"),
     (kex.UnknownTopicOrPartitionError, "unknown_topic"),
 )
+
+
+_LOCAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                           errno.EROFS, errno.ENAMETOOLONG})
+"""``OSError`` numbers of a file system's answer, not a network's: a misconfiguration (a path, a permission) that a
+retry cannot fix, so the worker stops. Every other ``OSError`` (refused, reset, unreachable, a DNS failure, the
+``Multiple exceptions`` of asyncio's connect, a full disk) is retried."""
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -143,6 +158,8 @@ def classify_fault(exc: BaseException) -> Fault:
         return Fault(Verdict.STOP, "kafka", "error")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return Fault(Verdict.RETRY, None, "timeout")
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.errno in _LOCAL_ERRNOS:
+        return Fault(Verdict.STOP, None, "error")  # a missing file or a permission: no retry can fix it
     if isinstance(exc, (ConnectionError, OSError)):
         return Fault(Verdict.RETRY, None, "connection")
     return Fault(Verdict.STOP, None, "error")
