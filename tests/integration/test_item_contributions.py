@@ -185,3 +185,43 @@ def test_applied_contributions_keep_neighbour_maps_and_popularity_within_their_b
     sizes = [redis_client.zcard(k) for k in redis_client.scan_iter(match=f"{prefix}:sim:*:nb", count=1000)]
     assert len(sizes) > 500 and max(sizes) == 3, Counter(sizes)
     assert 5 <= redis_client.zcard(f"{prefix}:sim:{{pop}}:z") <= 10
+
+
+def test_an_item_the_cap_pruned_and_a_pair_brought_back_is_under_the_cap_again(redis_url, redis_client):
+    """The item cap prunes the least recently updated items by their index entry. A user whose window still holds
+    a pruned item pairs it with the next item viewed, and the pair brings the item's keys back: they must be in
+    the index again, or the cap never sees them and they stay for ever."""
+    import redis.asyncio as aioredis
+
+    from models.learning.contrib import Contribution
+    from models.state.engine_redis import RedisStore
+    from models.state.engine_store import UserCommit, parked_field
+    from models.state.item_redis import RedisItemStore
+    from models.state.item_store import SimilarityConfig
+
+    prefix = "cap" + uuid.uuid4().hex[:8]
+    items = RedisItemStore(redis_client, prefix, SimilarityConfig(max_items=1))
+    t0 = 1_700_000_000_000
+    windows: dict[str, list] = defaultdict(list)
+    versions: dict[str, str] = defaultdict(str)
+
+    async def view(user: str, item: str, ts: int) -> None:
+        store = RedisStore(aioredis.Redis.from_url(redis_url), prefix=prefix)
+        c = Contribution(7 * 86_400_000, 6 * 3_600_000)
+        c.add_event(windows[user], item, ts, 1.0, width=8, window_ms=3_600_000)
+        commit = UserCommit(user, {"n": 1}, [uuid.uuid4().hex], [], version=versions[user],
+                            contrib=c.to_json(items.contribution_header()))
+        assert await store.commit([commit]) == [True]
+        assert await store.apply_contributions([(user, parked_field(versions[user]))]) == 1
+        versions[user] = str(int(versions[user] or 0) + 1)
+        await store.close()
+
+    asyncio.run(view("a", "x", t0))
+    asyncio.run(view("c", "z", t0 + 1_000))
+    assert items.enforce_item_cap() == 1 and not redis_client.exists(items.item_key("x"))  # x pruned
+    asyncio.run(view("a", "y", t0 + 2_000))  # a's window still holds x: the pair (y, x) brings x's keys back
+    assert redis_client.exists(items.item_key("x"))
+    indexed = {m.decode() for m in redis_client.zrange(items.idx_key, 0, -1)}
+    assert {"x", "y", "z"} <= indexed
+    items.enforce_item_cap()
+    assert [it for it in "xyz" if redis_client.exists(items.item_key(it))] == ["y"]

@@ -40,6 +40,10 @@ local function epoch(item, g)
     if e == nil then
       e = g
       redis.call('HSET', k, 'n', '0', 't', e)
+      -- an item created here only as a pair's partner (the cap pruned it while a user's window held it) is
+      -- indexed too, or the item cap, which prunes by the index, would never see it again; as the least recently
+      -- updated (0: the order payloads are applied in does not change the index)
+      redis.call('ZADD', P .. ':sim:idx', 'NX', 0, item)
     end
   end
   if g > e then
