@@ -212,6 +212,31 @@ class Settings(BaseSettings):
         """``triggers`` as a list; empty: the catalogue decides (:func:`models.triggers.trigger_names`)."""
         return [n.strip() for n in self.triggers.split(",") if n.strip()]
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _host_ports(cls, v: str) -> str:
+        for server in v.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"PROMO_KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port (a comma-separated "
+                                 "list of host:port, e.g. kafka-1:9092,kafka-2:9092)")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.upper() not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
+            raise ValueError(f"PROMO_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {v!r}")
+        return v.upper()
+
+    @field_validator("kafka_security_protocol")
+    @classmethod
+    def _security_protocol(cls, v: str) -> str:
+        if v.upper() not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ValueError("PROMO_KAFKA_SECURITY_PROTOCOL must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, "
+                             f"got {v!r}")
+        return v.upper()  # as aiokafka and Faust spell it
+
     @field_validator("pseudonymise_key")
     @classmethod
     def _key_not_empty(cls, v: SecretStr | None) -> SecretStr | None:

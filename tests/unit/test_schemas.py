@@ -134,3 +134,17 @@ def test_invalid_example_is_rejected_with_its_reason(case):
 )
 def test_invalid_example_is_rejected_by_schema_too(case):
     assert not EVENT.is_valid(json.loads(_raw(case)))
+
+
+def test_the_limits_the_event_schema_states_in_words_are_the_settings_defaults():
+    """The event schema names limits JSON Schema cannot express, with their values: they are the defaults of
+    ``stream.settings.Settings`` (the skew said 86,400 s while the setting was 300 s)."""
+    import re
+
+    from stream.settings import Settings
+
+    text = json.loads((SCHEMAS / "event.v1.json").read_text())["description"]
+    stated = {name: int(value) for name, value in re.findall(r"(max_\w+) \((\d+)(?: s| bytes)?\)", text)}
+    assert {"max_event_bytes", "max_future_skew_s"} <= set(stated)
+    defaults = Settings(_env_file=None)
+    assert stated == {name: getattr(defaults, name) for name in stated}

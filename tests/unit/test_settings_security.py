@@ -87,3 +87,24 @@ def test_retry_pauses_that_the_back_off_cannot_take_are_refused_at_start(monkeyp
         monkeypatch.setenv("PROMO_REDIS_RETRY_S", bad)
         with pytest.raises(pydantic.ValidationError, match="finite"):
             Settings(_env_file=None)
+
+
+def test_connection_settings_that_would_fail_later_are_refused_when_read(monkeypatch):
+    """A bootstrap entry without its port passed the settings and the preflight, then stopped the worker with an
+    IndexError; a misspelt log level or security protocol failed only when the worker started. Each is refused
+    when the settings are read, naming the variable; the protocol is normalised to the case aiokafka expects."""
+    import pydantic
+    import pytest
+
+    for var, bad in (("PROMO_KAFKA_BOOTSTRAP", "kafka"), ("PROMO_KAFKA_BOOTSTRAP", "kafka-1:9092,kafka-2"),
+                     ("PROMO_KAFKA_BOOTSTRAP", "kafka:port"), ("PROMO_LOG_LEVEL", "verbose"),
+                     ("PROMO_KAFKA_SECURITY_PROTOCOL", "TLS")):
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(pydantic.ValidationError, match=var):
+            Settings(_env_file=None)
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("PROMO_KAFKA_BOOTSTRAP", "kafka-1:9092, kafka-2:9093")
+    monkeypatch.setenv("PROMO_KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
+    s = Settings(_env_file=None)
+    assert s.kafka_port == 9092 and s.kafka_security_protocol == "SASL_SSL"
+    assert isinstance(s.kafka_client_kwargs()["ssl_context"], ssl.SSLContext)
