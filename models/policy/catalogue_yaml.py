@@ -81,6 +81,9 @@ class _Validator:
         if isinstance(v, bool):
             raise self.err(node, f"{what} must be an RFC 3339 time or epoch ms, got {v!r}")
         if isinstance(v, int):
+            if 946_684_800 <= v < 4_102_444_800:  # 2000-2100 in epoch seconds, which as ms is January 1970
+                raise self.err(node, f"{what}: {v} looks like epoch seconds; give epoch milliseconds "
+                                     f"({v * 1000}) or an RFC 3339 time (e.g. 2019-10-01T00:00:00Z)")
             return v
         if isinstance(v, str):
             try:
@@ -202,9 +205,10 @@ def _parse_triggers(v: _Validator, node: yaml.Node, offers: dict[str, OfferSpec]
             return int(v.number(t[key][1], f"{w}.{key}", 0, integer=True))
 
         params = {}
-        for key, (default, low) in cls.PARAMS.items():
+        for key, (default, low, *high) in cls.PARAMS.items():
             if key in t:
-                params[key] = v.number(t[key][1], f"{w}.{key}", low, integer=isinstance(default, int))
+                params[key] = v.number(t[key][1], f"{w}.{key}", low, high[0] if high else None,
+                                       integer=isinstance(default, int))
         out[name] = TriggerSpec(name, enabled, allowed, count("cooldown_s"), count("max_per_day"), params)
     return out
 

@@ -81,13 +81,14 @@ class Trigger(ABC):
     max_per_day
         Its decisions per user and UTC day; None: no cap.
     **params
-        The trigger's own settings, named in :attr:`PARAMS` (``{name: (default, lowest allowed)}``).
+        The trigger's own settings, named in :attr:`PARAMS` (``{name: (default, lowest allowed[, highest
+        allowed])}``).
     """
 
     name: ClassVar[str]
     timer: ClassVar[bool] = False
     DEFAULT_COOLDOWN_MS: ClassVar[int] = 86_400_000
-    PARAMS: ClassVar[dict[str, tuple[float, float]]] = {}
+    PARAMS: ClassVar[dict[str, tuple[float, ...]]] = {}
 
     def __init__(self, offers: tuple[str, ...] | list[str] | None = None, cooldown_ms: int | None = None,
                  max_per_day: int | None = None, **params) -> None:
@@ -102,10 +103,12 @@ class Trigger(ABC):
         self.offers = frozenset(offers) if offers is not None else None
         self.cooldown_ms = int(cooldown_ms)
         self.max_per_day = max_per_day
-        for key, (default, low) in self.PARAMS.items():
+        for key, (default, low, *high) in self.PARAMS.items():
             value = params.get(key, default)
             if value < low:
                 raise ValueError(f"trigger {self.name!r}: {key} must be >= {low}, got {value}")
+            if high and value > high[0]:
+                raise ValueError(f"trigger {self.name!r}: {key} must be <= {high[0]}, got {value}")
             setattr(self, key, type(default)(value))
 
     @classmethod

@@ -30,7 +30,7 @@ from models.triggers.base import Trigger, register
 class RetentionTrigger(Trigger):
     name = "retention"
     DEFAULT_COOLDOWN_MS = 7 * 86_400_000
-    PARAMS = {"min_churn_risk": (0.6, 0.0)}
+    PARAMS = {"min_churn_risk": (0.6, 0.0, 1.0)}  # a churn risk is a probability: above 1 it would never fire
     min_churn_risk: float
 
     def may_fire(self, event: Event) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -192,3 +193,16 @@ def test_a_daily_cap_the_profile_cannot_count_is_refused(text, what):
     with pytest.raises(CatalogueError, match=rf"{what} must be <= 1000 \(a user's profile keeps at most 1000"):
         parse_catalogue(text, "c.yaml")
     parse_catalogue(text.replace("1001", "1000").replace("5000", "1000"), "c.yaml")  # the bound itself is fine
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("offers:\n  - {offer_id: a, kind: coupon, value: 5, period: {start: 1700000000}}",
+     "period.start: 1700000000 looks like epoch seconds; give epoch milliseconds (1700000000000)"),
+    ("offers: [{offer_id: a, kind: coupon, value: 5}]\ntriggers: {retention: {min_churn_risk: 1.5}}",
+     "triggers.retention.min_churn_risk must be <= 1"),
+])
+def test_values_that_validate_but_would_silently_do_nothing_are_refused(text, fragment):
+    """Epoch seconds in a period were read as milliseconds (a campaign of January 1970, never running), and a
+    retention trigger needing a churn risk above 1 never fired: both are refused, with the line."""
+    with pytest.raises(CatalogueError, match=re.escape(fragment)):
+        parse_catalogue(text, "c.yaml")
