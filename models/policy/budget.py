@@ -132,8 +132,12 @@ class BudgetGate:
     async def reserve(self, reqs: list[ReserveRequest]) -> list[bool]:
         """Reserve (one pipelined round trip); ``False`` where the budget could not cover the request."""
         res = await self.store.reserve(reqs)
+        # what the store holds now replaces this batch's planned amounts: a decision planned again (a refused
+        # reservation or commit) asked again for the same amount, which counted twice would block offers early
+        spent: dict[str, float] = {}
         for q, r in zip(reqs, res):
-            self.local[q.offer_id] = max(self.local.get(q.offer_id, 0.0), r.spent)
+            spent[q.offer_id] = max(spent.get(q.offer_id, 0.0), r.spent)
+        self.local.update(spent)
         for q, r in zip(reqs, res):
             if not r.ok:
                 self.metrics.increment("promo_budget_refused", labels={"offer_id": q.offer_id})

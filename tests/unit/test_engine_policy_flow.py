@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from models.policy.attribution import OutcomeStats
+from models.policy.base import DecisionContext
 from models.policy.thompson import ThompsonPolicy
 from models.policy.budget import BudgetGate
 from models.state.budget_memory import MemoryBudgetStore
@@ -432,3 +433,20 @@ def test_an_offer_is_never_said_valid_past_its_attribution_window(caplog):
     assert "offer(s) c5 are" in warning and "brief" not in warning and "PROMO_ATTRIBUTION_WINDOW_S=86400" in warning
     (d,) = run(eng.process_batch([cart(1, ts=1_000, price=80.0)])).decisions
     assert d.offer.offer_id == "c5" and d.offer.expires_at == 1_000 + 24 * H
+
+
+def test_a_decision_planned_again_is_counted_once_in_the_budget_left():
+    """A user planned again after a refused reservation asks for the same decision's amount again. The gate's view
+    of the spend (what blocks offers until its next refresh) is what the store holds after the reservations, not
+    the amount asked twice: otherwise the offer looks exhausted early."""
+    budgets = refusing_first_reservation()
+    cat = parse_catalogue("offers:\n  - {offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.5, budget: 12}\n")
+    gate = BudgetGate(cat, budgets, window_ms=24 * H)
+    eng = Engine(MemoryStore(), choosing("c5")(cat, holdout_pct=0.0), catalogue=cat, holdout_pct=0.0, budget=gate,
+                 clock_ms=lambda: 0, decision_cooldown_s=0)
+    (d,) = run(eng.process_batch([cart(1, ts=1_000)])).decisions
+    assert budgets.refusals == 1 and d.offer.offer_id == "none"  # refused: decided again, c5 blocked for it
+    (d2,) = run(eng.process_batch([cart(2, user="u2", ts=2_000)])).decisions
+    assert d2.offer.offer_id == "c5"
+    assert gate.local["c5"] == run(budgets.spend(["c5"]))["c5"].spent == 5.0
+    assert gate.blocked(DecisionContext("u3", 3_000, 50.0, [], [], False, 0, None, 0.0, 0.1)) == {}  # 7 left
