@@ -273,7 +273,9 @@ class Engine:
         # close windows ahead of them when they are redelivered)
         published = self.clock.state() if self._open_batch is None else self._clock_committed
         self.clock.merge(await self.store.sync_clock(published))
-        return self.clock.advance()
+        if self._open_batch is not None:  # a batch retrying: its plans close windows by the clock they began with,
+            return self.clock.time_ms     # so it moves at the next batch (else a re-plan could close differently
+        return self.clock.advance()       # from a first plan whose budget settlements already landed)
 
     # ------------------------------------------------------------------------------------------
     # ------------------------------------------------------------------------------------------

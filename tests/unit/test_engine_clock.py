@@ -192,3 +192,36 @@ def test_closings_do_not_depend_on_batching_or_partition_interleaving():
     assert {o for o, *_ in one.values()} == {"expired", "converted", "redeemed"}
     assert replay(2, 50) == one
     assert replay(3, 7) == one
+
+
+def test_the_clock_does_not_move_while_a_batch_is_being_retried():
+    """The maintenance timer syncs the clock while a batch waits to retry a transient error. A batch's plans close
+    windows by the clock it began with (its first plan may have settled budgets already): the merged watermarks
+    move the clock only once the batch is committed."""
+    from models.batch import BatchProgress
+
+    class CommitFailsOnce(MemoryStore):
+        failed = False
+
+        async def commit(self, commits):
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("Connection reset by peer")
+            return await super().commit(commits)
+
+    wall = Wall()
+    store = CommitFailsOnce()
+    eng = engine(store, wall=wall)
+    batch = [ev(f"v{i}", "view", f"u{i}", T0 + i * MIN, partition=0) for i in range(6)]
+    progress = BatchProgress()
+    try:
+        run(eng.process_batch(batch, progress=progress))
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the first commit should have failed")
+    began = eng.clock.time_ms
+    store.clock["0"] = [T0 + 5 * H, wall.ms]  # partition 0's previous owner published a later watermark
+    assert run(eng.sync_clock()) == began == eng.clock.time_ms
+    run(eng.process_batch(batch, progress=progress))  # the retry commits the batch
+    assert run(eng.sync_clock()) == T0 + 5 * H
