@@ -211,3 +211,47 @@ def test_the_cross_fitted_best_constant_keeps_an_action_that_pays_throughout():
     assert cross["ips"] == pytest.approx(rep["policies"]["always:a5"]["ips"]) == pytest.approx(1.0)
     low, high = cross["halves"][0]["ci95"]
     assert low <= 1.0 <= high
+
+
+def test_holdout_rows_of_a_ledger_export_are_left_out_not_counted_as_earning_nothing(tmp_path):
+    """A ledger export holds the control group's decisions (always none, propensity 1, "group": "holdout"). No
+    target policy could give an offer there, so IPS counted those rows as earning nothing under every offer and
+    undervalued each offer by about the holdout share (0.38 for a true 0.40, outside its own interval)."""
+    from models.evaluation.ope import iter_jsonl
+
+    rnd = random.Random(1)
+    p_buy = {"none": 0.2, "coupon": 0.4}
+    lines = []
+    for i in range(40_000):
+        a, p, group = ("none", 1.0, "holdout") if rnd.random() < 0.05 else (rnd.choice(["none", "coupon"]), 0.5,
+                                                                             "treatment")
+        lines.append(json.dumps({"context": {"segment": "segment_1"}, "action": a, "propensity": p,
+                                 "reward": float(rnd.random() < p_buy[a]), "decision_id": f"d{i}", "group": group}))
+    path = tmp_path / "ledger.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = evaluate_rows(iter_jsonl(path))
+    assert 0 < report["holdout_rows_left_out"] == 40_000 - report["rows"]
+    lo, hi = report["policies"]["always:coupon"]["ips_ci95"]
+    assert lo <= 0.4 <= hi
+
+
+def test_a_constant_policy_that_falls_back_to_the_logged_action_is_weighted_as_the_logging_policy():
+    """Where an action and `none` are both ineligible, `always:<a>` takes the logged action: it is the logging
+    policy on that row, weight 1. Weighted 1/p, IPS estimated the sum of the actions' rewards (0.99 for 0.5)."""
+    rnd = random.Random(0)
+    rows: list = [["x", "y", "z"]]  # z declared, eligible on no row
+    for _ in range(20_000):
+        a = rnd.choice(["x", "y"])
+        rows.append(LoggedRow({"s": "a"}, a, 0.5, float(rnd.random() < 0.5), actions=["x", "y"]))
+    z = evaluate_rows(rows, true_reward=lambda ctx, a: 0.5 if a in "xy" else 0.0)["policies"]["always:z"]
+    for estimate in ("ips", "dr"):
+        lo, hi = z[f"{estimate}_ci95"]
+        assert lo <= 0.5 <= hi, (estimate, z)
+
+
+def test_a_value_of_exactly_zero_outranks_a_loss():
+    """Rewards are margins net of cost, so they can be negative: `always:none` at exactly 0 is better than an offer
+    that loses money (0.0 was ranked as minus infinity)."""
+    rows = [LoggedRow({"seg": "a"}, a, 0.5, r) for _ in range(200) for a, r in (("none", 0.0), ("coupon", -1.0))]
+    report = evaluate_rows(rows)
+    assert report["best_constant_ips"] == report["best_constant"] == "always:none"

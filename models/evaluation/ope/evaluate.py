@@ -171,6 +171,13 @@ class _ProgressiveEvaluation:
     def _add_constant(self, row: LoggedRow, logged: int, rhat: np.ndarray, constant_actions: np.ndarray) -> None:
         w = (constant_actions == logged) / row.propensity
         dr = rhat[constant_actions] + w * (row.reward - rhat[logged])
+        eligible = self._eligible(row)
+        if eligible is not None:
+            # a constant policy whose action and `none` are both ineligible here takes the logged action, so on
+            # this row it IS the logging policy: weight 1 (not 1/p), and its value the reward earned
+            follows = ~eligible & ~(eligible[self.none_index] if self.none_index is not None else False)
+            w = np.where(follows, 1.0, w)
+            dr = np.where(follows, row.reward, dr)
         self.constant.add(w, row.reward, dr)
         self.constant_halves[self.n_rows >= self.half].add(w, row.reward, dr)
 
@@ -262,6 +269,13 @@ def evaluate_rows(
     The progressive greedy learner is deterministic; ``seed`` seeds the replayed Thompson policy's draws.
     """
     declared, logged = _logged_rows(rows, source)
+    # the engine's control group decided `none` whatever the policy (propensity 1): no target policy could give
+    # an offer there, so those rows would count as earning nothing under every offer; the rest are a hash sample
+    # of users, as representative as all of them
+    holdout = sum(row.holdout for row in logged)
+    logged = [row for row in logged if not row.holdout]
+    if not logged:
+        raise PolicyDataError(f"{source}:0: no logged decisions to evaluate ({holdout} holdout rows left out)")
     actions = _action_list(declared, logged)
     p_min = min(row.propensity for row in logged)
     engines = [EnginePolicyReplay(name, actions, p_min, catalogue=catalogue, learning=learning, seed=seed)
@@ -273,16 +287,20 @@ def evaluate_rows(
             progress(evaluation.n_rows)
     policies = evaluation.policies()
     constants = [name for name in policies if name.startswith("always:")]
-    best = max(constants, key=lambda name: policies[name]["dr"] or -math.inf)
+    def by(estimate: str):  # None (undefined) ranks last; 0.0 is a value like any other
+        return lambda name: -math.inf if policies[name][estimate] is None else policies[name][estimate]
+
+    best = max(constants, key=by("dr"))
     return {
         "rows": len(logged),
+        "holdout_rows_left_out": holdout,
         "actions": len(actions),
         "seed": seed,
         "learning": "progressive (row t scored by a policy trained on rows < t)",
         "engine_learning": learning if engines else None,
         "mean_reward": _reported(evaluation.logged_mean()),
         "best_constant": best,
-        "best_constant_ips": max(constants, key=lambda name: policies[name]["ips"] or -math.inf),
+        "best_constant_ips": max(constants, key=by("ips")),
         "best_constant_cross_fitted": evaluation.best_constant_cross_fitted(),
         "policies": policies,
     }

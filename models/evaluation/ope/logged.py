@@ -18,7 +18,9 @@ class PolicyDataError(ValueError):
 @dataclass(slots=True)
 class LoggedRow:
     """One logged decision: the ``context`` it was taken in, the logged ``action``, the ``propensity`` the logging
-    policy gave it, the ``reward`` it earned, the ``actions`` eligible then (``None``: all) and its ``line``."""
+    policy gave it, the ``reward`` it earned, the ``actions`` eligible then (``None``: all) and its ``line``.
+    ``holdout``: the decision was the engine's control group's (``"group": "holdout"`` in a ledger export), always
+    no offer whatever the policy, so no target policy could act there (:func:`evaluate_rows` leaves it out)."""
 
     context: dict
     action: str
@@ -26,6 +28,7 @@ class LoggedRow:
     reward: float
     actions: list[str] | None = None
     line: int = 0
+    holdout: bool = False
 
 
 def iter_jsonl(path: str | Path) -> Iterator[LoggedRow | list[str]]:
@@ -82,7 +85,8 @@ def _parse_row(obj: dict, path: Path, line: int) -> LoggedRow:
         eligible = [str(a) for a in eligible]
         if str(action) not in eligible:
             raise PolicyDataError(f"{path}:{line}: logged action '{action}' is not among the row's eligible actions")
-    return LoggedRow(context, str(action), float(propensity), float(reward), eligible, line)
+    return LoggedRow(context, str(action), float(propensity), float(reward), eligible, line,
+                     holdout=obj.get("group") == "holdout")
 
 
 def obd_csv(path: Path) -> Path:
