@@ -436,7 +436,7 @@ class Engine:
 
     def _learn_in_memory(self, result: BatchResult) -> None:
         if self.learning is not None and result.new_events:
-            self.learning.learn_batch(result.new_events, result.profiles)
+            self.learning.learn_batch(result.new_events, result.profiles, watermark=self.clock.time_ms)
         if self.conversions is not None and result.closed:
             self.conversions.update(result.closed)
         if self.shares_policy or not result.closed:

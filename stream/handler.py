@@ -280,7 +280,7 @@ class BatchHandler:
                         ev.user_id = pseudonymise(ev.user_id, self.pseudonym_key)
                     events.append(ev)
             events.sort(key=lambda e: e.ts)  # stable: partition order within a millisecond
-            learning.relearn(events)
+            learning.relearn(events, watermark=self.engine.clock.time_ms)
             wanted = sum(end - start for start, end in gaps.values())
             log.info("models re-learnt %d events of %d partition(s) (%d offsets) lost with the previous worker, "
                      "in %.0f ms", len(events), len(gaps), wanted, (time.perf_counter() - t0) * 1000)

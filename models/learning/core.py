@@ -220,8 +220,13 @@ class LearningCore:
         )
 
     # --- learning ---------------------------------------------------------------------------------
-    def learn_batch(self, events: list[Event], profiles: dict[str, Profile]) -> None:
-        """Learn from one batch (de-duplicated, partition order); ``profiles``: the users' profiles AFTER it."""
+    def learn_batch(self, events: list[Event], profiles: dict[str, Profile], watermark: int | None = None) -> None:
+        """Learn from one batch (de-duplicated, partition order); ``profiles``: the users' profiles AFTER it.
+
+        ``watermark``: the event time the purchase labels close by, the engine's clock (robust to an event far
+        ahead, held back by a lagging partition: :mod:`models.clock`); None, the latest event time seen, which
+        only a replay in time order can use (one event stamped years ahead would close every later point as a
+        negative the moment it is made)."""
         if not events:
             return
         t0 = time.perf_counter()
@@ -237,8 +242,9 @@ class LearningCore:
             t2 = time.perf_counter()
         # --- category price reference, purchases, decision points ---------------------------------
         last, seen, carts = self._learn_events(events)
-        if batch_ts > self.watermark:
-            self.watermark = batch_ts
+        mark = batch_ts if watermark is None else watermark
+        if mark > self.watermark:
+            self.watermark = mark
         self._observe_decision_points(last, seen, carts, profiles)
         self.purchase_model.advance(self.watermark, self.labels_per_batch)
         self.n_events += n
@@ -311,17 +317,18 @@ class LearningCore:
         self.cat_conv.add_totals(n_cat, n_cat_pur, n_cat_cart)
         return last, seen, carts
 
-    def relearn(self, events: list[Event]) -> None:
+    def relearn(self, events: list[Event], watermark: int | None = None) -> None:
         """Learn again from events a previous worker applied after the snapshot these models were restored from
         (they come back only as duplicates): category prices, conversion counts and the purchase labels of
         pending decision points (without them those points would expire as negatives). No new decision points
-        (they need each profile as it was then) and no item statistics (the users' commits hold them)."""
+        (they need each profile as it was then) and no item statistics (the users' commits hold them).
+        ``watermark`` as :meth:`learn_batch`'s."""
         if not events:
             return
         self._learn_events(events)
-        ts = max(e.ts for e in events)
-        if ts > self.watermark:
-            self.watermark = ts
+        mark = max(e.ts for e in events) if watermark is None else watermark
+        if mark > self.watermark:
+            self.watermark = mark
         # capped as in learn_batch: a restart after a long pause closes many labels at once, and this runs in the
         # worker's event loop before the partition's first batch; what is left closes in the next batches
         self.purchase_model.advance(self.watermark, self.labels_per_batch)

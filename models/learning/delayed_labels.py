@@ -203,7 +203,8 @@ class DelayedLabelLearner:
                 self._close_horizon(old)  # labelled, waiting for its horizon: learn it as it leaves
 
     def purchase(self, user: str, ts: int) -> None:
-        """A purchase by ``user`` at ``ts``: open points before it within H become positive (older: 0)."""
+        """A purchase by ``user`` at ``ts``: open points before it within H become positive (older: 0, and so do
+        points the clock had already put past their horizon, which a capped :meth:`advance` left open)."""
         pts = self.by_user.get(user)
         if not pts:
             return
@@ -211,10 +212,10 @@ class DelayedLabelLearner:
         for pt in pts:
             if pt.ts >= ts:
                 keep.append(pt)  # not before the purchase: stays open
-            elif ts - pt.ts <= self.horizon_ms:
+            elif ts - pt.ts <= self.horizon_ms and pt.ts >= self.expired_before:
                 self._label(pt, 1)
-            else:
-                self._label(pt, 0)
+            else:  # past its horizon, or past the clock's (an advance would have closed it already, uncapped
+                self._label(pt, 0)  # and whatever the queue's order: the label must not depend on either)
         if keep:
             self.by_user[user] = keep
         else:

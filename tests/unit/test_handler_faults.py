@@ -95,7 +95,7 @@ def test_a_learning_step_retried_after_a_redis_timeout_teaches_the_models_once()
         n = 0
         items_via_commit = False
 
-        def learn_batch(self, events, profiles):
+        def learn_batch(self, events, profiles, watermark=None):
             self.n += len(events)
 
         recommend_options: dict = {}

@@ -333,3 +333,50 @@ def test_a_snapshot_written_before_the_propensity_split_still_loads(monkeypatch)
     for name in (b"DelayedLabelLearner", b"_Point", b"ConversionRates", b"RollingLogLoss", b"CategoryStats"):
         assert name in legacy
     _assert_restores_as(core, profiles, legacy)
+
+
+def test_an_event_stamped_years_ahead_does_not_close_every_later_decision_point_as_negative():
+    """The learning core closed purchase labels by the latest event time it had seen: one valid event stamped now
+    in a replay of 2019 (or a partition far ahead of a lagging one) put every later decision point past its horizon
+    the moment it was made, and a purchase a minute later labelled nothing. Under the engine the labels close by
+    its event-time clock, which one event cannot move."""
+    import asyncio
+
+    from models.engine import Engine
+    from models.policy.catalogue import parse_catalogue
+    from models.state.engine_memory import MemoryStore
+
+    t0 = 1_570_000_000_000  # October 2019
+    core = LearningCore(MemoryItemStore(), horizon_h=1.0, sample_gap_ms=0)
+    cat = parse_catalogue("offers:\n  - {offer_id: c5, kind: coupon, value: 5}\n")
+    eng = Engine(MemoryStore(), catalogue=cat, holdout_pct=0.0, learning=core, clock_ms=lambda: 1_760_000_000_000,
+                 decision_cooldown_s=0)
+    run = asyncio.run
+    run(eng.process_batch([Event(f"w{k}", "view", f"w{k}", "i1", t0 + k) for k in range(10)]))
+    run(eng.process_batch([Event("o", "view", "other", "j", 1_760_000_000_000)]))  # valid: not in the future
+    run(eng.process_batch([Event("c", "cart", "u", "a", t0 + MIN, price=5.0)]))  # a decision point
+    run(eng.process_batch([Event("p", "purchase", "u", "a", t0 + 2 * MIN, price=5.0)]))  # bought a minute later
+    assert core.purchase_model.n_positive == 1
+
+
+@pytest.mark.parametrize("arrangement", ["capped", "reordered"])
+def test_a_purchase_labels_a_point_the_same_whether_or_not_an_advance_left_it_open(arrangement):
+    """A point the clock put past its horizon is negative. The worker closes at most labels_per_batch points per
+    batch, oldest queued first, so such a point may still be open when a late purchase arrives: it must stay
+    negative, or its label would depend on the cap and on the order points were queued in."""
+    from models.learning.delayed_labels import DelayedLabelLearner
+
+    def positives(points, cap):
+        learner = DelayedLabelLearner(horizon_ms=10)
+        for user, ts in points:
+            learner.observe(user, ts, {"carts": 1.0})
+        learner.advance(500, max_points=cap)
+        learner.purchase("b", 5)  # within b's horizon in event time, after the clock passed it
+        learner.advance(10_000)
+        return learner.n_positive
+
+    if arrangement == "capped":
+        points = [("a", 0), ("c", 0), ("b", 0)]
+        assert positives(points, cap=2) == positives(points, cap=None) == 0
+    else:
+        assert positives([("a", 1000), ("b", 0)], None) == positives([("b", 0), ("a", 1000)], None) == 0
