@@ -60,7 +60,7 @@ def decision_point_table(core: LearningCore) -> tuple[np.ndarray, np.ndarray, np
     at each point, the column names, and each point's user (the intervals' clusters)."""
     model = core.purchase_model
     closed = core.watermark - model.horizon_ms
-    rows = [(t, f) for t, f in zip(model.predictions, model.kept_features) if t[3] <= closed]
+    rows = [(t, f) for t, f in zip(model.predictions, model.kept_features) if t[3] < closed]  # as closed_predictions
     assert len(rows) == len(closed_predictions(core)), "kept features out of step with the predictions"
     extra_keys = sorted({k for _, (_, extra) in rows if extra for k in extra})
     names = list(MODEL_FEATURE_NAMES) + extra_keys

@@ -152,8 +152,10 @@ def closed_predictions(core: LearningCore) -> list[tuple[int, float, float, int,
     watermark."""
     # score only points whose horizon closed before the log ends: positives close early, negatives only at
     # the horizon, so scoring every label seen would compare late positives with early negatives
+    # (strictly before, as the label learner closes a point: at the boundary itself a positive would be scored and
+    # its negative twin, still open, not)
     closed = core.watermark - core.purchase_model.horizon_ms
-    return [t for t in core.purchase_model.predictions if t[3] <= closed]
+    return [t for t in core.purchase_model.predictions if t[3] < closed]
 
 
 def _horizon_scores(core: LearningCore) -> dict:

@@ -2,8 +2,9 @@
 arrives (:class:`models.learning.delayed_labels.DelayedLabelLearner`).
 
 River is not called per event: a user has at most one decision point per batch, at their last event of the batch
-if it is not a purchase (then the profile after the batch is the profile at that event, with no leak of a later
-purchase), and at most one per ``gap_ms`` of event time. With ``milestones`` a point is taken only when the batch
+if it is not a purchase and the profile after the batch holds no later event (then the profile after the batch is
+the profile at that event, with no leak of a later purchase or cart removal), and at most one per ``gap_ms`` of
+event time. With ``milestones`` a point is taken only when the batch
 holds a ``cart`` of the user (the engine's trigger) or the user's session reached its 2nd, 4th, 8th, ... event in
 it (:func:`reached_milestone`): points where an offer could be made, a logarithmic number per session; without,
 one at every batch of the user.
@@ -54,6 +55,8 @@ def batch_decision_points(last_events: dict[str, Event], events_per_user: dict[s
         prof = profiles.get(u)
         if prof is None:
             continue
+        if prof.last_ts > e.ts:  # the profile holds a later event (a removal, a purchase delivered before an
+            continue             # earlier-stamped event): its features would leak it into the point
         if milestones and u not in users_with_cart and not reached_milestone(prof.session_events, events_per_user[u]):
             continue
         yield u, e, prof

@@ -380,3 +380,22 @@ def test_a_purchase_labels_a_point_the_same_whether_or_not_an_advance_left_it_op
         assert positives(points, cap=2) == positives(points, cap=None) == 0
     else:
         assert positives([("a", 1000), ("b", 0)], None) == positives([("b", 0), ("a", 1000)], None) == 0
+
+
+@pytest.mark.parametrize("later", ["remove_from_cart", "purchase_delivered_first"])
+def test_no_decision_point_whose_profile_holds_a_later_event(later):
+    """A decision point's features are the profile after the batch, so the point is placed only where that profile
+    is the profile at the point's event: not at a cart followed by its removal (the features said the cart was
+    empty), nor at a view stamped before a purchase delivered ahead of it (the features held the purchase, the label
+    said no purchase followed)."""
+    t0 = 1_570_000_000_000
+    core = LearningCore(MemoryItemStore(), horizon_h=1.0, sample_gap_ms=0, decision_points="batch")
+    if later == "remove_from_cart":
+        batch = [Event("c", "cart", "u", "a", t0, price=50.0), Event("r", "remove_from_cart", "u", "a", t0 + MIN)]
+    else:
+        batch = [Event("p", "purchase", "u", "a", t0 + 2 * MIN, price=5.0), Event("v", "view", "u", "b", t0 + MIN)]
+    prof = Profile()
+    for e in batch:
+        prof.apply(e)
+    core.learn_batch(batch, {"u": prof})
+    assert core.purchase_model.n_observed == 0

@@ -126,3 +126,17 @@ def load_events_from_docs(docs):
 
     evs = [decode_event(json.dumps(d).encode(), Limits(max_future_skew_s=10**9), 4_102_444_800_000) for d in docs]
     return sorted(evs, key=lambda e: e.ts), {}
+
+
+def test_points_at_the_horizon_boundary_are_scored_alike_whatever_their_label():
+    """Two carts at one millisecond, one bought within the horizon, the log ending exactly one horizon later: a point
+    still open at the boundary (the negative) must not be left out while its bought twin is scored, which biased
+    the AUC towards positives."""
+    from models.evaluation.prequential import evaluate_events
+    from models.events import Event
+
+    h = 3_600_000
+    evs = [Event("1", "cart", "a", "i1", 1000, price=10.0), Event("2", "cart", "b", "i2", 1000, price=10.0),
+           Event("3", "purchase", "a", "i1", 1000 + h // 2, price=10.0), Event("4", "view", "c", "i3", 1000 + h)]
+    r = evaluate_events(evs, horizon_h=1.0, batch_size=1, baselines={}, report_horizons_h=())
+    assert r["decision_points"] == 2 and (r["scored_points"], r["scored_positives"]) in {(2, 1), (0, 0)}
