@@ -90,6 +90,23 @@ WORKER_LABELS_PER_BATCH = 1000
 HOUR_MS = 3_600_000
 
 
+def _batch_users(events: list[Event]) -> tuple[dict[str, Event], dict[str, int], set[str]]:
+    """Each user's last event of the batch but removals, events per user, and the users with a cart: what the
+    batch's decision points are chosen by (:func:`models.learning.decision_points.batch_decision_points`)."""
+    last: dict[str, Event] = {}
+    seen: dict[str, int] = {}
+    carts: set[str] = set()
+    for e in events:
+        u = e.user_id
+        seen[u] = seen.get(u, 0) + 1
+        if e.type == "remove_from_cart":
+            continue
+        if e.type == "cart":
+            carts.add(u)
+        last[u] = e
+    return last, seen, carts
+
+
 class LearningCore:
     """Facade over similarity, propensity and segments (see the module docstring).
 
@@ -240,12 +257,15 @@ class LearningCore:
             t1 = time.perf_counter()
             self.store.apply(batch)
             t2 = time.perf_counter()
-        # --- category price reference, purchases, decision points ---------------------------------
-        last, seen, carts = self._learn_events(events)
+        # --- decision points, then category price reference, conversion counts and purchase labels ---------
+        # the points first: their features and predictions are those the engine served at them, made before this
+        # batch's events were counted and its labels learnt (a point is a user's last event of the batch, so no
+        # purchase of this batch can label it)
+        self._observe_decision_points(*_batch_users(events), profiles)
+        self._learn_events(events)
         mark = batch_ts if watermark is None else watermark
         if mark > self.watermark:
             self.watermark = mark
-        self._observe_decision_points(last, seen, carts, profiles)
         self.purchase_model.advance(self.watermark, self.labels_per_batch)
         self.n_events += n
         self.n_batches += 1
@@ -264,7 +284,7 @@ class LearningCore:
         points = batch_decision_points(last, seen, carts, profiles, last_sample, self.sample_gap_ms,
                                        self.decision_points == "milestones")
         for u, e, prof in points:
-            values = model_values(prof, e.ts, self.stats, self.item_conv, self.cat_conv)
+            values = self._served_values(prof, e.ts)
             model.observe_values(u, e.ts, values, context_features(e.context, self.context_keys),
                                  model.baseline.predict_profile(prof))
             last_sample[u] = e.ts
@@ -275,20 +295,25 @@ class LearningCore:
             self.last_sample = {u: t for u, t in last_sample.items() if t >= limit}
             self._last_sample_purge = len(self.last_sample)
 
-    def _learn_events(self, events: list[Event]) -> tuple[dict[str, Event], dict[str, int], set[str]]:
-        """What depends on the events alone: category prices, conversion counts, purchase labels. Returns each
-        user's last event, events per user and the users with a cart, for the decision points."""
+    def _served_values(self, prof: Profile, ts: int) -> list[float]:
+        """The dense features the engine served a decision at ``ts`` with: a decision made at that event was
+        recorded in the profile (``n_decisions``) after its features were computed."""
+        if prof.n_decisions and prof.last_decision_ts == ts:
+            prof.n_decisions -= 1
+            try:
+                return model_values(prof, ts, self.stats, self.item_conv, self.cat_conv)
+            finally:
+                prof.n_decisions += 1
+        return model_values(prof, ts, self.stats, self.item_conv, self.cat_conv)
+
+    def _learn_events(self, events: list[Event]) -> None:
+        """What depends on the events alone: category prices, conversion counts, purchase labels."""
         stats_update = self.stats.update
-        last: dict[str, Event] = {}
-        seen: dict[str, int] = {}  # user -> events in this batch
-        carts: set[str] = set()
         model = self.purchase_model
         iev, ipur = self.item_conv.events, self.item_conv.purchases
         cev, cpur, ccart = self.cat_conv.events, self.cat_conv.purchases, self.cat_conv.carts
         n_conv = n_pur = n_cat = n_cat_pur = n_cat_cart = 0
         for e in events:
-            u = e.user_id
-            seen[u] = seen.get(u, 0) + 1
             etype = e.type
             if etype == "remove_from_cart":
                 continue
@@ -306,16 +331,12 @@ class LearningCore:
                     cpur[cat] = cpur.get(cat, 0) + 1
                     n_cat_pur += 1
                 n_pur += 1
-                model.purchase(u, e.ts)
-            elif etype == "cart":
-                carts.add(u)
-                if cat:
-                    ccart[cat] = ccart.get(cat, 0) + 1
-                    n_cat_cart += 1
-            last[u] = e
+                model.purchase(e.user_id, e.ts)
+            elif etype == "cart" and cat:
+                ccart[cat] = ccart.get(cat, 0) + 1
+                n_cat_cart += 1
         self.item_conv.add_totals(n_conv, n_pur)
         self.cat_conv.add_totals(n_cat, n_cat_pur, n_cat_cart)
-        return last, seen, carts
 
     def relearn(self, events: list[Event], watermark: int | None = None) -> None:
         """Learn again from events a previous worker applied after the snapshot these models were restored from

@@ -122,9 +122,41 @@ def test_the_engine_learns_the_features_it_predicts_with():
     prof = Profile()
     e = Event("z", "cart", "z", "i1", T0 + 7_000_000, category="tv", context={"channel": "web", "basket": 3})
     prof.apply(e)
-    core.learn_batch([e], {"z": prof})
+    served, without_context = core.propensity(prof, e.ts, e.context), core.propensity(prof, e.ts)
+    core.learn_batch([e], {"z": prof})  # after the decision, as the engine learns
     point = core.purchase_model.queue[-1]
     assert point.user == "z" and point.extra == {"ctx_channel=web": 1.0, "ctx_basket": 3.0}
-    assert core.propensity(prof, e.ts, e.context) == point.preds[0]
-    assert core.propensity(prof, e.ts) != point.preds[0]  # without the context: what the planner asked before
+    assert served == point.preds[0]
+    assert without_context != point.preds[0]  # without the context: what the planner asked before
     assert len(MODEL_FEATURE_NAMES) == len(point.values)
+
+
+def test_the_features_learnt_at_a_decision_are_those_the_decision_was_served_with():
+    """Through the engine: the features the planner served a cart decision with are the features its decision
+    point learns with. The point's features were computed after the batch's events were counted (the item's and
+    category's conversion and share, purchases per cart) and after the decision was recorded (n_decisions)."""
+    import asyncio
+
+    from models.engine import Engine
+    from models.learning.features import MODEL_FEATURE_NAMES as NAMES
+    from models.policy.catalogue import parse_catalogue
+    from models.policy.thompson import ThompsonPolicy
+    from models.state.engine_memory import MemoryStore
+    from models.state.item_memory import MemoryItemStore
+
+    cat = parse_catalogue("offers:\n  - {offer_id: c5, kind: coupon, value: 5, prior_uplift: 0.5}\n")
+    core = LearningCore(MemoryItemStore(), horizon_h=1.0, sample_gap_ms=0, keep_predictions=True)
+    core.purchase_model.keep_features = True
+    policy = ThompsonPolicy(cat, holdout_pct=0.0, floor=0.2)
+    served = []
+    choose = policy.choose
+    policy.choose = lambda ctx, rng: (served.append(dict(ctx.features)), choose(ctx, rng))[1]
+    eng = Engine(MemoryStore(), policy, catalogue=cat, holdout_pct=0.0, learning=core, clock_ms=lambda: T0,
+                 decision_cooldown_s=0)
+    asyncio.run(eng.process_batch([Event(f"w{k}", "view", f"w{k}", "i1", T0 + k, category="hats", price=5.0)
+                                   for k in range(30)]))
+    asyncio.run(eng.process_batch([Event("c1", "cart", "u", "i1", T0 + 60_000, price=5.0, category="hats")]))
+    (features,) = served
+    core.purchase_model.advance(T0 + 10 * 3_600_000)  # close the cart's point (its features are kept)
+    ((values, _),) = core.purchase_model.kept_features
+    assert {k: v for k, v in zip(NAMES, values) if abs(features[k] - v) > 1e-12} == {}
