@@ -344,6 +344,11 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                     uid = json.loads(text)["user_id"]
                 if not isinstance(uid, str) or not uid or len(uid) > settings.max_string_len:
                     raise ValueError(f"user_id must be a string of 1..{settings.max_string_len} characters")
+                # as an event's user_id (stream.validation): a lone surrogate cannot name a Redis key (encoding it
+                # failed and stopped the worker, on every restart), and ids carry no control characters
+                uid.encode("utf-8")
+                if any(c < " " or c == "\x7f" for c in uid):
+                    raise ValueError("user_id contains a control character (U+0000-U+001F or U+007F); ids may not")
             except Exception as exc:  # the error names no id: json and codec messages carry positions only
                 m.EVENTS_INVALID.labels(reason="bad_value").inc()
                 log.warning("invalid forget request %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset,
