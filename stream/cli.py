@@ -7,6 +7,7 @@ to stderr; an error is one line on stderr (``promo: error: ...``) and a non-zero
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("promo: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+            sys.exit(0)
         except Exception as exc:  # last resort: still one line, never a traceback wall
             click.echo(f"promo: error: {type(exc).__name__}: {exc}", err=True)
             sys.exit(1)
@@ -137,6 +141,8 @@ def demo(rate: float, file: Path | None, fmt: str, once: bool) -> None:
     report = run_demo(_settings(), rate=rate, file=file, fmt=fmt, once=once)
     if report is not None:
         emit(report, True)
+        if report["replay"].get("skipped") or report["replay"].get("failed"):
+            sys.exit(1)  # --once: a replay that left rows out is not a clean run (stderr said which)
 
 
 @cli.command()
@@ -288,12 +294,16 @@ def ledger_export(since: str | None, output: Path | None) -> None:
     from stream.tail import parse_since
 
     since_ms = parse_since(since) if since else None
-    fh = output.open("w") if output is not None else None
-    try:
-        report = export(_settings(), (lambda line: fh.write(line + "\n")) if fh else click.echo, since_ms)
-    finally:
-        if fh is not None:
-            fh.close()
+    if output is None:
+        report = export(_settings(), click.echo, since_ms)
+    else:  # written aside and moved onto --output whole: a failed export leaves an earlier file as it was
+        part = output.with_name(output.name + ".part")
+        try:
+            with part.open("w") as fh:
+                report = export(_settings(), lambda line: fh.write(line + "\n"), since_ms)
+            os.replace(part, output)
+        finally:
+            part.unlink(missing_ok=True)
     click.echo(f"promo ledger export: {report['rows']} closed decisions {report['by_outcome']}", err=True)
 
 

@@ -181,11 +181,16 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
                 raise PromoError(f"replay failed: {produced['error']}")
             if not done and replay_done(produced, s, t.is_alive()):
                 done = True
+                skipped = _skipped(produced)  # rows of the file that are no event: said, never dropped quietly
                 if once:
                     print("", file=out)
+                    if skipped:
+                        print(f"[demo] {skipped}", file=out, flush=True)
                     return {"replay": produced, "summary": s}
                 print(("\n" if tty else "") + f"[demo] replay done: {produced.get('sent', 0)} events sent, every one "
                       "processed; the worker keeps running (Ctrl-C stops everything)", file=out, flush=True)
+                if skipped:
+                    print(f"[demo] {skipped}", file=out, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("\n[demo] stopping", file=out)
@@ -198,3 +203,20 @@ def run_demo(settings: Settings, rate: float = 200.0, file: Path | None = None, 
             print("[demo] stopped the worker and the embedded stack", file=out)
         elif interrupted:
             print("[demo] stopped the worker (the stack was already running and stays up)", file=out)
+
+
+def _skipped(produced: dict) -> str | None:
+    """What the replay left out of the file, in one line (None: nothing).
+
+    >>> _skipped({"skipped": 1, "failed": 0, "errors": [{"line": 2, "error": "not a JSON object"}]})
+    '1 unmappable row(s) of the file skipped (first: line 2: not a JSON object)'
+    >>> _skipped({"skipped": 0, "failed": 0}) is None
+    True
+    """
+    n, failed = produced.get("skipped", 0), produced.get("failed", 0)
+    if not n and not failed:
+        return None
+    first = (produced.get("errors") or [{}])[0]
+    where = f" (first: line {first['line']}: {first['error']})" if first else ""
+    return (f"{n} unmappable row(s) of the file skipped{where}" if n else "") + \
+        (f"{'; ' if n else ''}{failed} event(s) the broker did not take" if failed else "")

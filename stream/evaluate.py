@@ -7,7 +7,9 @@ logged decisions, :func:`models.evaluation.ope.evaluate_rows`)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
+import zlib
 from pathlib import Path
 
 from models.evaluation.ope import evaluate_rows, iter_jsonl, iter_obd
@@ -61,8 +63,8 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
     ``horizon_h`` defaults to 1 hour (the sample logs cover 2-3 hours).
     """
     path = Path(path)
-    if horizon_h is not None and not horizon_h > 0:
-        raise PromoError(f"--horizon-h must be > 0 hours, got {horizon_h}")
+    if horizon_h is not None and not (horizon_h > 0 and math.isfinite(horizon_h)):
+        raise PromoError(f"--horizon-h must be a finite number > 0 of hours, got {horizon_h}")
     if limit is not None and limit < 0:
         raise PromoError(f"--limit must be >= 0, got {limit}")
     say = _stderr if progress else None
@@ -70,6 +72,8 @@ def evaluate_file(path, fmt: str, limit: int | None = None, horizon_h: float | N
         events, dropped = load_events(path, fmt, limit, progress=say)
     except OSError as exc:
         raise PromoError(f"cannot read {path}: {exc.strerror or exc}; check the path") from exc
+    except (EOFError, zlib.error) as exc:  # a truncated (EOFError) or corrupt (zlib.error) .gz file
+        raise PromoError(f"cannot read {path}: {type(exc).__name__}: {exc}; the compressed file is damaged") from exc
     except ValueError as exc:  # stream.sources.SourceError
         raise PromoError(f"{exc}") from exc
     if say:

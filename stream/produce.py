@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -398,8 +399,9 @@ def produce_file(
             for event in source:
                 mapped += 1
                 yield event
-        except OSError as exc:  # e.g. a truncated .gz file
-            raise PromoError(f"cannot read {path} after {mapped + errors.total} rows: {exc}") from None
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated .gz (EOFError) or a corrupt one (zlib.error)
+            raise PromoError(f"cannot read {path} after {mapped + errors.total} rows "
+                             f"({type(exc).__name__}: {exc}); the rows before were sent") from None
 
     result = asyncio.run(produce_events(settings, counted(), rate=rate, progress=progress,
                                         producer_factory=producer_factory))

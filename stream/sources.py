@@ -112,6 +112,8 @@ def _read(f: IO[bytes], path: Path, fmt: str, limit: int | None, errors: list | 
             if limit is not None and rows >= limit:
                 return
             raw = raw.rstrip(b"\r\n")
+            if line_no == 1:  # a UTF-8 byte order mark belongs to the file, not to the first field or line
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
                 continue
             try:

@@ -42,6 +42,8 @@ def parse_since(text: str, now_ms: int | None = None) -> int:
     1569888000000
     >>> parse_since("2019-10-01 02:00")
     1569895200000
+    >>> parse_since("100000d", now_ms=1_000_000_000), parse_since("1969-01-01")  # before 1970: the beginning
+    (0, 0)
     >>> parse_since("yesterday")
     Traceback (most recent call last):
     ...
@@ -49,8 +51,8 @@ def parse_since(text: str, now_ms: int | None = None) -> int:
     """
     now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     m = _DURATION.match(text.strip())
-    if m:
-        return now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000)
+    if m:  # further back than 1970 is from the beginning (Kafka refuses a negative time)
+        return max(0, now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000))
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -58,7 +60,7 @@ def parse_since(text: str, now_ms: int | None = None) -> int:
                          "as 2026-12-01T08:00:00Z") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=timezone.utc)
-    return int(t.timestamp() * 1000)
+    return max(0, int(t.timestamp() * 1000))
 
 
 def _value(raw: bytes | None):
