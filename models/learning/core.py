@@ -22,8 +22,9 @@ are the users' profiles AFTER the batch. River is not called per event: a user h
 point** per batch, at most one per ``sample_gap_ms`` of event time, with ``decision_points="milestones"``
 (default) only at a cart or at the 2nd, 4th, 8th, ... event of a session, with ``"batch"`` at every batch of the
 user (:mod:`models.learning.decision_points`). A decision point's features are :mod:`models.learning.features`.
-Purchases of the batch label the user's pending points first; then the watermark (largest event time seen)
-expires points older than the horizon as negatives. Segments count every ``segment_every``-th point (they learn
+A batch's points are observed first, with the features and predictions the engine served at them (counts and model
+before the batch); then its purchases label the users' pending points, and the watermark (the engine's event-time
+clock; offline, the largest event time seen) expires points older than the horizon as negatives. Segments count every ``segment_every``-th point (they learn
 nothing: their rules are fixed).
 
 Decision time: :meth:`recommend` (from :meth:`prefetch_items`' reads), :meth:`propensity` and :meth:`segment` read

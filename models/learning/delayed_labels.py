@@ -5,8 +5,8 @@ user at event time ``ts`` and the models' predictions for it, made before any la
 later, in event time:
 
 * ``1`` when the user purchases at ``ts' > ts`` with ``ts' - ts <= H`` (:meth:`~DelayedLabelLearner.purchase`);
-* ``0`` when the watermark (the largest event time seen) passes ``ts + H`` first
-  (:meth:`~DelayedLabelLearner.advance`).
+* ``0`` when the watermark (the engine's event-time clock; offline, the largest event time seen) passes ``ts + H``
+  first (:meth:`~DelayedLabelLearner.advance`).
 
 When a point's horizon closes, the online metrics (River ``RollingROCAUC`` and a rolling log loss,
 :class:`models.learning.rolling_logloss.RollingLogLoss`, over the last ``metric_window`` points: what the
