@@ -329,6 +329,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
 
         from stream.dlq import dlq_record
         from stream.forget import engine_user_id, forget_everything, keys_removed
+        from stream.validation import has_control_character
 
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
         if epoch_guard is not None:  # a forget done on a Redis that lost the state would be undone by its restore
@@ -347,7 +348,7 @@ def make_app(settings: Settings, engine: Engine | None = None, epoch: Epoch | No
                 # as an event's user_id (stream.validation): a lone surrogate cannot name a Redis key (encoding it
                 # failed and stopped the worker, on every restart), and ids carry no control characters
                 uid.encode("utf-8")
-                if any(c < " " or c == "\x7f" for c in uid):
+                if has_control_character(uid):
                     raise ValueError("user_id contains a control character (U+0000-U+001F or U+007F); ids may not")
             except Exception as exc:  # the error names no id: json and codec messages carry positions only
                 m.EVENTS_INVALID.labels(reason="bad_value").inc()

@@ -13,9 +13,9 @@ Three verdicts (in the spirit of Quix Streams' error callbacks, which decide "su
 * :attr:`Verdict.STOP` - **anything else**: a bug, a misconfiguration (wrong Redis password, a record the broker
   refuses as too large, a path or permission the file system refuses; a topic that does not exist stops the worker
   at start, while a partition missing from the metadata for a moment is retried), a broker that lost its log, lost
-  Redis state, a dead-letter rate above its limit (:class:`DlqLimit`). The worker
-  process stops with one line on stderr and a non-zero exit, without acknowledging the batch in hand, so the
-  consumer group redelivers it to a fresh worker (:class:`WorkerStop` carries the line).
+  Redis state, a dead-letter rate above its limit (:class:`DlqLimit`). The worker process stops with one line on
+  stderr and a non-zero exit, without acknowledging the batch in hand, so the consumer group redelivers it to a
+  fresh worker (:class:`WorkerStop` carries the line).
 
 Examples
 --------

@@ -177,6 +177,16 @@ def _kind(value) -> str:
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds U+0000-U+001F or U+007F, which no id may (ids name Redis keys; U+001F separates a
+    pair's items in a contribution record).
+
+    >>> has_control_character("u1"), has_control_character("u\x01")
+    (False, True)
+    """
+    return _CONTROL.search(text) is not None
+
+
 def _describe(value) -> str:
     """Short, safe description of a JSON value for error messages."""
     t = type(value)

@@ -24,8 +24,8 @@ point** per batch, at most one per ``sample_gap_ms`` of event time, with ``decis
 user (:mod:`models.learning.decision_points`). A decision point's features are :mod:`models.learning.features`.
 A batch's points are observed first, with the features and predictions the engine served at them (counts and model
 before the batch); then its purchases label the users' pending points, and the watermark (the engine's event-time
-clock; offline, the largest event time seen) expires points older than the horizon as negatives. Segments count every ``segment_every``-th point (they learn
-nothing: their rules are fixed).
+clock; offline, the largest event time seen) expires points older than the horizon as negatives. Segments count
+every ``segment_every``-th point (they learn nothing: their rules are fixed).
 
 Decision time: :meth:`recommend` (from :meth:`prefetch_items`' reads), :meth:`propensity` and :meth:`segment` read
 only (no learning).
